@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv, installs pinned deps + the offline demo data, runs the main job
+#   make test   creates .venv if needed, runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= recipes/mobilenet.yaml
+
+.PHONY: demo test venv data bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist (offline); elsewhere torchvision downloads it.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  echo "fashion-mnist: found in /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	else \
+	  echo "fashion-mnist: apt not available; set data.download=true to let torchvision fetch it"; \
+	fi
+
+demo: venv data
+	$(PY) -m toolchain compress $(RECIPE)
+
+test: venv data
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) benchmarks/prune_latency.py
+
+clean:
+	rm -rf export/*/ mlruns/mlflow.db mlruns/*/ .pytest_cache

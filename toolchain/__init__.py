@@ -1,0 +1,3 @@
+"""Deployment-oriented model compression: KD -> pruning -> ONNX -> onnxruntime benchmark."""
+
+__version__ = "0.1.0"

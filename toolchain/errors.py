@@ -1,0 +1,44 @@
+"""User-facing errors.
+
+A ToolchainError is a user mistake or an environment problem the user can fix: the
+CLI prints its message on one line and exits with code 2. Anything else is a bug and
+keeps its traceback.
+"""
+
+
+class ToolchainError(Exception):
+    """Base class: message says what went wrong, where, and how to fix it."""
+
+    exit_code = 2
+
+
+class RecipeError(ToolchainError):
+    """The recipe file or an override is invalid."""
+
+
+class DataError(ToolchainError):
+    """A dataset is missing, corrupt or misconfigured."""
+
+
+class CheckpointError(ToolchainError):
+    """A checkpoint cannot be loaded safely or does not fit the model."""
+
+
+class ExportError(ToolchainError):
+    """ONNX export, checking or the parity gate failed."""
+
+
+class BenchError(ToolchainError):
+    """The onnxruntime benchmark cannot run as asked."""
+
+
+class TrainingError(ToolchainError):
+    """Training diverged (non-finite loss) or cannot proceed."""
+
+
+class TrackingError(ToolchainError):
+    """The MLflow tracking store is unreachable or misconfigured."""
+
+
+class OutputError(ToolchainError):
+    """An output location cannot be written."""

@@ -1,0 +1,300 @@
+"""The recipe: YAML -> typed, validated configuration.
+
+This module is the single place where user input is validated. Every model has
+extra="forbid" (a typo is an error, not a silently ignored key) and every field a
+description (shown by `python -m toolchain validate`). Downstream code trusts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_name(registry_getter, value: str) -> str:
+    registry = registry_getter()
+    if value not in registry:
+        raise ValueError(registry.unknown_message(value))
+    return value
+
+
+def _models():
+    from .models import MODELS
+
+    return MODELS
+
+
+def _datasets():
+    from .data import DATASETS
+
+    return DATASETS
+
+
+def _losses():
+    from .losses import LOSSES
+
+    return LOSSES
+
+
+def _pruners():
+    from .prune.registry import PRUNERS
+
+    return PRUNERS
+
+
+class DataConfig(Section):
+    name: str = Field("fashion_mnist", description="Dataset registry name (fashion_mnist, cifar10, cifar100, imagefolder).")
+    root: Optional[str] = Field(None, description="Where the dataset files are; None uses the dataset's default location.")
+    download: bool = Field(False, description="Allow torchvision to download the dataset when the files are missing (needs internet).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the training split held out (seeded) for validation / model selection.")
+    subset: Optional[int] = Field(None, ge=20, description="Use only this many training images (seeded) for quick runs; None uses all.")
+    test_subset: Optional[int] = Field(None, ge=10, description="Use only this many test images; None uses all.")
+    batch_size: int = Field(128, ge=1, le=65536, description="Training batch size (per process under torchrun).")
+    eval_batch_size: int = Field(512, ge=1, le=65536, description="Batch size for evaluation.")
+    augment: bool = Field(True, description="Random horizontal flip (and random crop for CIFAR/imagefolder) during training.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (imagefolder only; in-memory datasets need none).")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return _check_name(_datasets, v)
+
+
+class ModelConfig(Section):
+    model: str = Field(..., description="Model registry name, e.g. resnet18, mobilenet_v2, cifar_resnet20.")
+    cifar_stem: bool = Field(
+        False,
+        description="Replace the ImageNet stem (stride-2 conv + maxpool) by a stride-1 3x3 conv, as in CIFAR papers. "
+        "More accurate on 32x32 inputs, but 10-30x more MACs: meant for GPU runs.",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _check_name(_models, v)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(2, ge=0, le=10000, description="Training epochs (0 skips training).")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.1, gt=0, le=10, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (nesterov).")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="Weight decay.")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field(
+        "onecycle", description="LR schedule, stepped per batch. onecycle converges fastest in few epochs."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy term.")
+    loss: str = Field("ce", description="Loss registry name: ce (plain classification) or kd (Hinton distillation from the teacher).")
+    temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T (the soft term is scaled by T^2).")
+    alpha: float = Field(0.9, ge=0, le=1, description="KD weight of the soft (teacher) term; 1-alpha weights the hard-label CE.")
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        return _check_name(_losses, v)
+
+
+class TeacherConfig(ModelConfig):
+    checkpoint: Optional[str] = Field(None, description="Load this state_dict (.pt, weights only) instead of training.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="How to train the teacher when no checkpoint is given.")
+
+    @model_validator(mode="after")
+    def _train_or_load(self) -> "TeacherConfig":
+        if self.checkpoint is None and self.train.epochs == 0:
+            raise ValueError("teacher needs a checkpoint or train.epochs >= 1")
+        if self.train.loss == "kd":
+            raise ValueError("teacher.train.loss cannot be kd (the teacher has no teacher); use ce")
+        return self
+
+
+class StudentConfig(ModelConfig):
+    checkpoint: Optional[str] = Field(None, description="Start the student from this state_dict instead of random init.")
+
+
+class PruneConfig(Section):
+    method: Literal["weight", "channel"] = Field(..., description="weight: unstructured zeros (smaller when compressed); channel: structured, channels physically removed (faster).")
+    pruner: str = Field("l1", description="Pruner registry name; weight: level; channel: l1, l2, fpgm, taylor, slim.")
+    engine: Literal["nni", "torch_pruning"] = Field("nni", description="Pruning engine. nni is the default; torch_pruning must be chosen explicitly.")
+    sparsity: float = Field(0.5, gt=0, lt=1, description="Target sparsity: fraction of weights (weight) or channels (channel) removed.")
+    scope: Literal["layer", "global"] = Field("layer", description="layer: same sparsity in every layer; global: one threshold across layers (weight only).")
+    op_types: List[str] = Field(default_factory=lambda: ["Conv2d", "Linear"], description="Module types to prune.")
+    exclude: List[str] = Field(default_factory=list, description="Module names (fnmatch patterns) never pruned, in addition to the classifier.")
+    prune_classifier: bool = Field(False, description="Also prune the final classifier layer (off: its outputs are the classes).")
+    align: int = Field(8, ge=1, le=256, description="Round kept channel counts to a multiple of this (8 for AVX2/NEON, 16 for AVX-512).")
+    dependency_aware: bool = Field(True, description="Prune coupled channels (residual adds, concats, depthwise groups) together.")
+    schedule: Literal["one_shot", "iterative"] = Field("one_shot", description="Prune once, or in `steps` increasing steps with fine-tuning between.")
+    steps: int = Field(3, ge=1, le=100, description="Number of steps for the iterative schedule.")
+    step_epochs: int = Field(1, ge=0, le=1000, description="KD fine-tuning epochs between iterative steps.")
+
+    @field_validator("pruner")
+    @classmethod
+    def _known_pruner(cls, v: str) -> str:
+        return _check_name(_pruners, v)
+
+
+class ExportConfig(Section):
+    exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="torch.onnx exporter, chosen explicitly.")
+    opset: int = Field(18, ge=11, le=23, description="ONNX opset version.")
+    dynamic_batch: bool = Field(True, description="Export with a dynamic batch axis.")
+    parity_atol: float = Field(1e-3, gt=0, le=1, description="Max abs difference of logits allowed between PyTorch and onnxruntime.")
+    parity_min_agreement: float = Field(0.99, ge=0, le=1, description="Minimum top-1 agreement between PyTorch and onnxruntime on a validation batch.")
+
+
+class BenchConfig(Section):
+    providers: List[Literal["cpu", "cuda", "tensorrt"]] = Field(default_factory=lambda: ["cpu"], description="onnxruntime execution providers to benchmark; a requested one that is not active is an error.")
+    batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to measure.")
+    intra_op_threads: int = Field(0, ge=0, le=1024, description="onnxruntime intra-op threads (0: one per physical core).")
+    inter_op_threads: int = Field(1, ge=1, le=1024, description="onnxruntime inter-op threads.")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field("all", description="onnxruntime graph optimisation level.")
+    warmup: int = Field(10, ge=0, le=100000, description="Warm-up runs per input shape (not timed).")
+    iterations: int = Field(200, ge=1, le=1000000, description="Max timed runs per batch size.")
+    time_budget_s: float = Field(3.0, gt=0, le=3600, description="Max timed seconds per batch size (whichever of iterations / budget ends first).")
+    references: bool = Field(True, description="Also benchmark the teacher and the unpruned student in the same run, for speedup ratios.")
+    compare_torch: bool = Field(True, description="Also time PyTorch eager on the same model and batch.")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_batches(cls, v: List[int]) -> List[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch_sizes must be a non-empty list of integers >= 1")
+        return v
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="Log to MLflow.")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; None uses $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db.")
+    experiment: str = Field("toolchain", min_length=1, description="MLflow experiment name.")
+
+
+class Recipe(Section):
+    name: str = Field(..., pattern=RUN_NAME_PATTERN, description="Run name; becomes export/<name>/ (letters, digits, . _ -; no path separators).")
+    seed: int = Field(0, ge=0, description="Seed for data split, init, shuffling.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto picks cuda when available.")
+    output_dir: str = Field("export", description="Where export/<name>/ (summary, ONNX, checkpoints) is written.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loaders.")
+    teacher: Optional[TeacherConfig] = Field(None, description="Teacher: trained here or loaded from a checkpoint.")
+    student: StudentConfig = Field(..., description="The student architecture to distil into and compress.")
+    distill: TrainConfig = Field(default_factory=lambda: TrainConfig(loss="kd"), description="Student training (loss kd needs a teacher).")
+    prune: Optional[PruneConfig] = Field(None, description="Pruning stage; omit to skip.")
+    finetune: Optional[TrainConfig] = Field(None, description="Fine-tuning after pruning (loss kd or ce).")
+    export: Optional[ExportConfig] = Field(default_factory=ExportConfig, description="ONNX export with parity gate; null to skip.")
+    bench: Optional[BenchConfig] = Field(default_factory=BenchConfig, description="onnxruntime benchmark; null to skip.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    @field_validator("name")
+    @classmethod
+    def _no_dot_names(cls, v: str) -> str:
+        if set(v) <= {"."}:
+            raise ValueError("run name cannot be '.' or '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _kd_needs_teacher(self) -> "Recipe":
+        for key, section in (("distill", self.distill), ("finetune", self.finetune)):
+            if section is not None and section.loss == "kd" and self.teacher is None:
+                raise ValueError(f"{key}.loss is kd but the recipe has no teacher section; add one or set {key}.loss: ce")
+        if self.finetune is not None and self.prune is None:
+            raise ValueError("finetune is set but prune is not; fine-tuning follows pruning")
+        if self.bench is not None and self.export is None:
+            raise ValueError("bench needs the export stage (it measures the exported ONNX file)")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply dotted overrides (a.b=value), validate."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    for item in overrides:
+        _apply_override(raw, item, path)
+    return validate_dict(raw, source=str(path))
+
+
+def validate_dict(raw: Dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_first_error(exc)}") from None
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found; pass the path to a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}: malformed YAML{where}: {problem}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a UTF-8 text file; a recipe is YAML text") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the recipe must be a YAML mapping (key: value), got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: Dict[str, Any], item: str, path: Path) -> None:
+    key, sep, text = str(item).partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise RecipeError(f"{path}: override {item!r} is not of the form section.key=value (e.g. distill.epochs=1)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"{path}: override {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key; check the spelling (see `python -m toolchain validate --help` and recipes/)"
+    if err["type"] == "missing":
+        return f"{loc}: required key is missing"
+    got = err.get("input")
+    got_text = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{loc}: {msg}{got_text}"
+
+
+# ---------------------------------------------------------------- hashing
+
+
+def stable_hash(obj: Any) -> str:
+    """Content hash of a JSON-able object; keys sorted so dict order does not matter."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    return stable_hash(recipe.model_dump(mode="json"))
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
