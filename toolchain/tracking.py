@@ -1,0 +1,234 @@
+"""MLflow tracking: one parent run per `compress`, one child run per stage.
+
+The embedded default store is SQLite (MLflow 3 refuses the old ./mlruns file store),
+with artifacts under mlruns/artifacts. SQLite with several writers can raise
+"database is locked", so every MLflow call goes through `retry`.
+Only rank 0 tracks under torchrun: the other ranks get a NullTracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional
+
+from .errors import TrackingError
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns/artifacts"
+TAG_PREFIX = "toolchain."
+
+
+def quiet_library_logs() -> None:
+    """MLflow/alembic/NNI log at INFO on every call; the user's terminal is for our progress."""
+    for name in ("mlflow", "alembic", "alembic.runtime.migration", "nni", "urllib3", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def resolve_uri(uri: Optional[str]) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def retry(fn: Callable, *args, attempts: int = 12, **kwargs):
+    """Call fn, retrying with jittered exponential backoff while SQLite says it is locked."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # MlflowException / sqlalchemy OperationalError wrap the message
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(min(5.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+class StageRun:
+    """Handle a stage uses to log into its child run."""
+
+    def __init__(self, mlflow, run_id: str):
+        self._mlflow = mlflow
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Dict[str, Any], step: Optional[int] = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if clean:
+            retry(self._mlflow.log_metrics, clean, step=step)
+
+    def log_params(self, params: Dict[str, Any]) -> None:
+        if params:
+            retry(self._mlflow.log_params, {k: str(v)[:500] for k, v in params.items()})
+
+    def set_tags(self, tags: Dict[str, Any]) -> None:
+        retry(self._mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        retry(self._mlflow.log_dict, obj, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        retry(self._mlflow.log_artifact, str(path), artifact_path)
+
+
+class NullStageRun(StageRun):
+    def __init__(self):
+        self.run_id = None
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_params(self, params):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def log_dict(self, obj, artifact_file):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+
+class NullTracker:
+    uri = None
+    experiment_id = None
+    parent_run_id = None
+
+    @contextmanager
+    def run(self, run_name: str, params: Dict[str, Any], tags: Dict[str, Any]) -> Iterator[StageRun]:
+        yield NullStageRun()
+
+    @contextmanager
+    def stage(self, name: str, params: Optional[Dict[str, Any]] = None, tags: Optional[Dict[str, Any]] = None) -> Iterator[StageRun]:
+        yield NullStageRun()
+
+
+class Tracker(NullTracker):
+    def __init__(self, uri: Optional[str], experiment: str):
+        quiet_library_logs()
+        import mlflow
+
+        self.mlflow = mlflow
+        self.uri = resolve_uri(uri)
+        self.experiment_name = experiment
+        self._common_tags: Dict[str, Any] = {}
+
+    def connect(self) -> None:
+        """Set the URI and experiment; fail early (before any training) when the store is unreachable."""
+        sqlite_path = _sqlite_path(self.uri)
+        if sqlite_path is not None:
+            from .fsutil import ensure_dir
+
+            ensure_dir(sqlite_path.parent if str(sqlite_path.parent) else Path("."))
+        self.mlflow.set_tracking_uri(self.uri)
+        try:
+            self.experiment_id = retry(self._get_or_create_experiment, sqlite_path is not None)
+        except TrackingError:
+            raise
+        except Exception as exc:
+            raise TrackingError(f"MLflow tracking store {self.uri} is unreachable ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); start the server or set "
+                                "tracking.uri / MLFLOW_TRACKING_URI") from None
+        self.mlflow.set_experiment(experiment_id=self.experiment_id)
+
+    def _get_or_create_experiment(self, local: bool) -> str:
+        client = self.mlflow.MlflowClient(self.uri)
+        found = client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if local else None
+        try:
+            return client.create_experiment(self.experiment_name, artifact_location=location)
+        except Exception as exc:  # another process created it between our get and create
+            found = client.get_experiment_by_name(self.experiment_name)
+            if found is None:
+                raise exc
+            return found.experiment_id
+
+    def mark_stale_runs(self, run_name: str) -> list:
+        """Runs of this name left RUNNING by a hard kill (their process is gone) -> KILLED."""
+        client = self.mlflow.MlflowClient(self.uri)
+        query = f"tags.`{TAG_PREFIX}run_name` = '{run_name}' and attributes.status = 'RUNNING'"
+        stale = []
+        for run in retry(client.search_runs, [self.experiment_id], query, max_results=200):
+            if _process_alive(run.data.tags):
+                continue
+            retry(client.set_terminated, run.info.run_id, "KILLED")
+            retry(client.set_tag, run.info.run_id, f"{TAG_PREFIX}killed_reason", "process gone (hard kill or crash)")
+            if run.data.tags.get(f"{TAG_PREFIX}stage") == "compress":
+                stale.append(run.info.run_id)
+        return stale
+
+    @contextmanager
+    def run(self, run_name: str, params: Dict[str, Any], tags: Dict[str, Any]) -> Iterator[StageRun]:
+        """The parent run. Ctrl-C marks it KILLED, an exception FAILED."""
+        self._common_tags = {**tags, f"{TAG_PREFIX}run_name": run_name}
+        process_tags = {f"{TAG_PREFIX}pid": os.getpid(), f"{TAG_PREFIX}host": socket.gethostname()}
+        run = retry(self.mlflow.start_run, run_name=run_name,
+                    tags={**self._common_tags, **process_tags, f"{TAG_PREFIX}stage": "compress"})
+        self.parent_run_id = run.info.run_id
+        handle = StageRun(self.mlflow, run.info.run_id)
+        with self._ended_on_exit():
+            handle.log_params(params)
+            yield handle
+
+    @contextmanager
+    def stage(self, name: str, params: Optional[Dict[str, Any]] = None, tags: Optional[Dict[str, Any]] = None) -> Iterator[StageRun]:
+        all_tags = {**self._common_tags, f"{TAG_PREFIX}stage": name, f"{TAG_PREFIX}pid": os.getpid(),
+                    f"{TAG_PREFIX}host": socket.gethostname(), **(tags or {})}
+        run = retry(self.mlflow.start_run, run_name=name, nested=True, tags={k: str(v) for k, v in all_tags.items()})
+        handle = StageRun(self.mlflow, run.info.run_id)
+        with self._ended_on_exit():
+            handle.log_params(params or {})
+            yield handle
+
+    @contextmanager
+    def _ended_on_exit(self):
+        try:
+            yield
+        except KeyboardInterrupt:
+            retry(self.mlflow.end_run, status="KILLED")
+            raise
+        except BaseException:
+            retry(self.mlflow.end_run, status="FAILED")
+            raise
+        retry(self.mlflow.end_run, status="FINISHED")
+
+
+def _process_alive(tags: Dict[str, str]) -> bool:
+    if tags.get(f"{TAG_PREFIX}host") != socket.gethostname():
+        return True  # cannot tell for another machine: leave it alone
+    try:
+        os.kill(int(tags.get(f"{TAG_PREFIX}pid", "0")), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(tags.get(f"{TAG_PREFIX}pid", "0")) > 0
+
+
+def make_tracker(cfg, is_main: bool = True):
+    """cfg is a recipe TrackingConfig."""
+    if not cfg.enabled or not is_main:
+        return NullTracker()
+    tracker = Tracker(cfg.uri, cfg.experiment)
+    tracker.connect()
+    return tracker

@@ -1,0 +1,206 @@
+"""One training loop for every stage; a task object decides what the loss sees.
+
+ClassificationTask trains on labels; DistillationTask adds a frozen teacher's logits
+(timm's distillation task is the model). Teacher training, KD distillation, iterative
+pruning steps and fine-tuning all go through `fit`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import distributed as dist
+from .checkpoint import load_state, save_state
+from .errors import TrainingError
+from .losses import LOSSES, needs_teacher
+
+
+class ClassificationTask:
+    def __init__(self, loss_name: str = "ce", **loss_kwargs):
+        self.loss_fn = LOSSES.get(loss_name)
+        self.loss_kwargs = loss_kwargs
+
+    def teacher_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        teacher = self.teacher_logits(x)
+        logits = model(x)
+        return self.loss_fn(logits, y, teacher, **self.loss_kwargs), logits
+
+
+class DistillationTask(ClassificationTask):
+    def __init__(self, teacher: nn.Module, loss_name: str = "kd", **loss_kwargs):
+        super().__init__(loss_name, **loss_kwargs)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x)
+
+
+def make_task(cfg, teacher: Optional[nn.Module] = None) -> ClassificationTask:
+    """cfg is a recipe TrainConfig; the recipe schema already checked kd has a teacher."""
+    if needs_teacher(cfg.loss):
+        return DistillationTask(teacher, cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
+                                label_smoothing=cfg.label_smoothing)
+    return ClassificationTask(cfg.loss, label_smoothing=cfg.label_smoothing)
+
+
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    """Stepped per batch, so few-epoch runs still get a full schedule."""
+    total_steps = max(1, total_steps)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> Dict[str, float]:
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    for x, y in batches:
+        logits = model(x)
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+
+
+@dataclass
+class FitResult:
+    history: List[Dict[str, float]] = field(default_factory=list)
+    best_val_accuracy: float = 0.0
+    best_epoch: int = -1
+    seconds: float = 0.0
+    resumed_from_epoch: Optional[int] = None
+
+
+def fit(
+    model: nn.Module,
+    task: ClassificationTask,
+    train_batches,
+    val_batches,
+    cfg,
+    *,
+    stage: str,
+    state_path: Optional[Path] = None,
+    on_epoch: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    after_step: Optional[Callable[[], None]] = None,
+) -> FitResult:
+    """Train `model` in place for cfg.epochs; keep the weights of the best validation epoch.
+
+    state_path: a per-epoch resume checkpoint (model, optimizer, scheduler, epoch, RNG);
+    if it exists, training continues after its epoch. after_step runs after every
+    optimizer step (weight pruning re-applies its masks there).
+    """
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, cfg.epochs * len(train_batches))
+    result, best_state = FitResult(), None
+    start_epoch = 0
+    if state_path is not None and Path(state_path).is_file():
+        start_epoch, best_state = _restore(state_path, model, optimizer, scheduler, result)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        train_metrics = _train_epoch(model, task, train_batches, optimizer, scheduler, epoch, cfg.epochs, stage, after_step)
+        val = evaluate(dist.unwrap(model), val_batches)
+        metrics = {**train_metrics, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "lr": scheduler.get_last_lr()[0]}
+        result.history.append(metrics)
+        if val["accuracy"] >= result.best_val_accuracy:
+            result.best_val_accuracy, result.best_epoch = val["accuracy"], epoch
+            best_state = copy.deepcopy(dist.unwrap(model).state_dict())
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        if state_path is not None and dist.is_main():
+            _save(state_path, model, optimizer, scheduler, epoch, result, best_state)
+        _log_epoch(stage, epoch, cfg.epochs, metrics)
+    if best_state is not None:
+        dist.unwrap(model).load_state_dict(best_state)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _train_epoch(model, task, batches, optimizer, scheduler, epoch, epochs, stage, after_step) -> Dict[str, float]:
+    model.train()
+    if hasattr(batches, "set_epoch"):
+        batches.set_epoch(epoch)
+    loss_sum, correct, n = 0.0, 0, 0
+    bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{epochs}", leave=False, disable=None if dist.is_main() else True)
+    t0 = time.perf_counter()
+    for x, y in bar:
+        loss, logits = task.loss(model, x, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"{stage}: loss became {loss_value} in epoch {epoch + 1}; lower the learning rate "
+                f"({stage}.lr) or check the data normalisation"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if after_step:
+            after_step()
+        loss_sum += loss_value * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+        bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
+    seconds = time.perf_counter() - t0
+    return {"train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1),
+            "epoch_seconds": seconds, "images_per_second": n / max(seconds, 1e-9)}
+
+
+def _log_epoch(stage: str, epoch: int, epochs: int, m: Dict[str, float]) -> None:
+    if dist.is_main():
+        tqdm.write(f"  {stage} epoch {epoch + 1}/{epochs}: loss {m['train_loss']:.3f}  "
+                   f"val acc {m['val_accuracy']:.4f}  ({m['epoch_seconds']:.0f}s, {m['images_per_second']:.0f} img/s)")
+
+
+def _save(path, model, optimizer, scheduler, epoch, result: FitResult, best_state) -> None:
+    save_state({
+        "model": dist.unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": torch.tensor(epoch),
+        "torch_rng": torch.get_rng_state(),
+        "history": [{k: torch.tensor(v) for k, v in h.items()} for h in result.history],
+        "best": best_state or {},
+        "best_epoch": torch.tensor(result.best_epoch),
+        "best_val_accuracy": torch.tensor(result.best_val_accuracy),
+    }, path)
+
+
+def _restore(path, model, optimizer, scheduler, result: FitResult):
+    state = load_state(path)
+    dist.unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    result.history = [{k: float(v) for k, v in h.items()} for h in state["history"]]
+    result.best_epoch = int(state["best_epoch"])
+    result.best_val_accuracy = float(state["best_val_accuracy"])
+    result.resumed_from_epoch = int(state["epoch"])
+    return int(state["epoch"]) + 1, (state["best"] or None)
