@@ -36,3 +36,12 @@ def launched_by_torchrun() -> bool:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside a DDP wrapper (state_dicts, export and pruning use this)."""
     return model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_for_training(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP-wrap under torchrun (gradients all-reduced); the plain model otherwise."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

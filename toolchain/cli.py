@@ -1,0 +1,113 @@
+"""Thin CLI commands (python-fire). Importing this module must stay cheap: no torch here.
+
+A ToolchainError (user mistake) prints one line on stderr and exits 2; Ctrl-C exits 130;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Sequence
+
+
+class Commands:
+    """Deployment-oriented model compression: teacher -> KD student -> pruning -> KD fine-tune ->
+    ONNX export with parity gate -> onnxruntime benchmark, tracked in MLflow.
+
+    Start with: python -m toolchain compress recipes/mobilenet.yaml
+    """
+
+    def compress(self, recipe: str, *overrides: str, force: bool = False):
+        """Run every stage of RECIPE (YAML). Finished stages are reused; see README "Failure behaviour".
+
+        Args:
+          recipe: path to a YAML recipe, e.g. recipes/mobilenet.yaml
+          overrides: dotted section.key=value pairs, e.g. distill.epochs=1 data.subset=2000
+          force: recompute every stage instead of reusing finished outputs
+        """
+        from .pipeline import compress
+
+        _quiet()
+        compress(_load(recipe, overrides), force=force)
+
+    def validate(self, recipe: str, *overrides: str):
+        """Print the resolved recipe (defaults filled in) or the first error, one line, exit 2.
+
+        Args:
+          recipe: path to a YAML recipe
+          overrides: dotted section.key=value pairs
+        """
+        from .recipe import to_yaml
+
+        print(to_yaml(_load(recipe, overrides)), end="")
+
+    def bench(self, onnx: str, *args: str):
+        """Benchmark an ONNX file with onnxruntime (torch-free; same as python -m toolchain.bench).
+
+        Args:
+          onnx: path to model.onnx
+          args: options of `python -m toolchain.bench --help`, e.g. --batch-sizes 1,32 --providers cpu
+        """
+        from .bench import main
+
+        code = main([onnx, *args])
+        if code:
+            raise SystemExit(code)
+
+    def list(self, kind: str = "all"):
+        """List registry names: models, datasets, pruners, losses (or all)."""
+        print("\n".join(_registry_lines(kind)))
+
+
+def _registry_lines(kind: str) -> List[str]:
+    from .errors import ToolchainError
+
+    registries = _registries()
+    if kind != "all" and kind not in registries:
+        raise ToolchainError(f"unknown kind {kind!r}; choose one of: all, {', '.join(registries)}")
+    chosen = registries if kind == "all" else {kind: registries[kind]}
+    return [f"{name}: {', '.join(reg.names())}" for name, reg in chosen.items()]
+
+
+def _registries():
+    from .data import DATASETS
+    from .losses import LOSSES
+    from .models import MODELS
+    from .prune.registry import PRUNERS
+
+    return {"models": MODELS, "datasets": DATASETS, "pruners": PRUNERS, "losses": LOSSES}
+
+
+def _load(path: str, overrides: Sequence[str]):
+    from .recipe import load_recipe
+
+    return load_recipe(path, [str(o) for o in overrides])
+
+
+def _quiet() -> None:
+    """Library chatter (deprecations, tracer warnings) is not the user's business."""
+    import warnings
+
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    from .tracking import quiet_library_logs
+
+    quiet_library_logs()
+
+
+def run(argv: List[str]) -> int:
+    import fire
+
+    from .errors import ToolchainError
+
+    try:
+        fire.Fire(Commands(), argv, name="toolchain")
+    except ToolchainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except fire.core.FireExit as exc:
+        return int(exc.code or 0)
+    return 0
