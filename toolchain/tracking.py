@@ -20,7 +20,6 @@ from typing import Any, Callable, Dict, Iterator, Optional
 from .errors import TrackingError
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
-DEFAULT_ARTIFACTS = "mlruns/artifacts"
 TAG_PREFIX = "toolchain."
 
 
@@ -140,7 +139,7 @@ class Tracker(NullTracker):
             ensure_dir(sqlite_path.parent if str(sqlite_path.parent) else Path("."))
         self.mlflow.set_tracking_uri(self.uri)
         try:
-            self.experiment_id = retry(self._get_or_create_experiment, sqlite_path is not None)
+            self.experiment_id = retry(self._get_or_create_experiment, sqlite_path)
         except TrackingError:
             raise
         except Exception as exc:
@@ -149,12 +148,13 @@ class Tracker(NullTracker):
                                 "tracking.uri / MLFLOW_TRACKING_URI") from None
         self.mlflow.set_experiment(experiment_id=self.experiment_id)
 
-    def _get_or_create_experiment(self, local: bool) -> str:
+    def _get_or_create_experiment(self, sqlite_path: Optional[Path]) -> str:
         client = self.mlflow.MlflowClient(self.uri)
         found = client.get_experiment_by_name(self.experiment_name)
         if found is not None:
             return found.experiment_id
-        location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if local else None
+        # Embedded store: artifacts beside the database (mlruns/artifacts), not in MLflow's ./mlartifacts.
+        location = (sqlite_path.parent / "artifacts").resolve().as_uri() if sqlite_path else None
         try:
             return client.create_experiment(self.experiment_name, artifact_location=location)
         except Exception as exc:  # another process created it between our get and create

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny datasets written in the real on-disk formats, tiny recipes."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """idx format: magic (0, 0, 0x08 ubyte, ndim), big-endian dims, raw bytes; gzipped like the real files."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def class_images(n: int, classes: int, shape, seed: int):
+    """Images whose brightness pattern depends on the class, so tiny models can learn something."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    base = rng.integers(0, 60, (n, *shape))
+    stripe = (labels[:, None] * (shape[-1] // classes)).astype(int)
+    images = base.copy()
+    for i in range(n):
+        images[i, ..., stripe[i, 0] : stripe[i, 0] + 3] += 180
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def fmnist_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fashion-mnist")
+    for prefix, n, seed in (("train", 300, 0), ("t10k", 100, 1)):
+        x, y = class_images(n, 10, (28, 28), seed)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", x)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y)
+    return root
+
+
+def write_cifar(root: Path, classes: int) -> Path:
+    """CIFAR python-version layout: pickled dicts with bytes keys, data (N, 3072) uint8."""
+    if classes == 10:
+        folder, train_files, test_file, meta_file, label_key, names_key = (
+            "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", b"labels", b"label_names")
+    else:
+        folder, train_files, test_file, meta_file, label_key, names_key = (
+            "cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names")
+    directory = root / folder
+    directory.mkdir(parents=True)
+    for i, name in enumerate(train_files + [test_file]):
+        x, y = class_images(20, classes, (3, 32, 32), seed=i)
+        batch = {b"data": x.reshape(len(x), -1), label_key: [int(v) for v in y], b"batch_label": name.encode()}
+        (directory / name).write_bytes(pickle.dumps(batch, protocol=2))
+    meta = {names_key: [f"class{i}".encode() for i in range(classes)]}
+    (directory / meta_file).write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, fmnist_root):
+    """A recipe dict that runs the whole pipeline in seconds on the tiny Fashion-MNIST files."""
+
+    def make(**sections):
+        recipe = {
+            "name": "tiny",
+            "output_dir": str(tmp_path / "export"),
+            "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+            "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
+            "student": {"model": "mobilenet_v3_small"},
+            "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
+            "export": None,
+            "bench": None,
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db", "experiment": "tests"},
+        }
+        for key, value in sections.items():
+            recipe[key] = value
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make
