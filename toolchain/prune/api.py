@@ -1,0 +1,105 @@
+"""prune_model: the one entry point the pipeline calls.
+
+    result = prune_model(model, cfg, example_input, finetune_fn=None)
+
+The input model is left untouched; result.model is a pruned copy made of plain torch
+modules (no NNI wrappers): channel pruning physically removes channels (NNI
+ModelSpeedup or Torch-Pruning), weight pruning leaves real zeros in dense weights
+and returns result.after_step to keep them zero during fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..metrics import count_macs, count_nonzero_params, count_params
+from . import layers as layer_stats
+from .channel import nni_channel_step
+from .dependency import channel_groups
+from .registry import PrunerSpec, PruneError, check_fit
+from .schedule import FinetuneFn, run_schedule, sparsity_steps
+from .targets import out_channels, select_targets
+from .tp_engine import tp_stepper
+from .weight import level_step
+
+Number = Union[int, float, str]
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    report: Dict[str, Number]
+    layers: List[Dict[str, Number]] = field(default_factory=list)
+    after_step: Optional[Callable[[], None]] = None
+
+
+def prune_model(model: nn.Module, cfg, example_input: torch.Tensor, finetune_fn: Optional[FinetuneFn] = None) -> PruneResult:
+    """Prune a copy of `model` as `cfg` (a PruneConfig) says; see the module doc."""
+    spec = check_fit(cfg.method, cfg.pruner, cfg.engine, cfg.scope)
+    started = time.perf_counter()
+    model = copy.deepcopy(model)
+    targets = select_targets(model, cfg.op_types, cfg.exclude, cfg.prune_classifier)
+    names = list(targets)
+    before = _totals(model, example_input)
+    shapes_before = layer_stats.snapshot(model, names)
+    sparsities = sparsity_steps(cfg.sparsity, cfg.schedule, cfg.steps)
+    prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input)
+    after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
+    layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
+    report = _report(cfg, before, _totals(model, example_input), layers, time.perf_counter() - started)
+    return PruneResult(model=model, report=report, layers=layers, after_step=after_step if cfg.method == "weight" else None)
+
+
+def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input) -> Callable[[float], Optional[Callable]]:
+    """prune_step(sparsity) for the engine the recipe names (never chosen silently)."""
+    if cfg.method == "weight":
+        return lambda s: level_step(model, {n: model.get_submodule(n) for n in targets}, s, cfg.scope)
+    if cfg.engine == "torch_pruning":
+        return tp_stepper(model, targets, sparsities, spec.engines["torch_pruning"], cfg.align, cfg.dependency_aware, example_input)
+    groups = _groups(model, example_input, targets, cfg.dependency_aware)
+    original = {name: out_channels(m) for name, m in targets.items()}
+
+    def step(sparsity: float) -> None:
+        nni_channel_step(model, groups, original, sparsity, cfg.align, spec.engines["nni"], example_input)
+
+    return step
+
+
+def _groups(model, example_input, targets, aware: bool) -> List[List[str]]:
+    try:
+        return channel_groups(model, example_input, targets, aware)
+    except NotImplementedError as exc:
+        raise PruneError(f"prune: {exc} is not supported by engine nni; set prune.engine: torch_pruning") from None
+
+
+def _totals(model: nn.Module, example_input: torch.Tensor) -> Dict[str, int]:
+    return {
+        "params": count_params(model),
+        "nonzero_params": count_nonzero_params(model),
+        "macs": count_macs(model, (1, *example_input.shape[1:])),
+    }
+
+
+def _report(cfg, before, after, layers, seconds: float) -> Dict[str, Number]:
+    report: Dict[str, Number] = {
+        "method": cfg.method,
+        "pruner": cfg.pruner,
+        "engine": cfg.engine,
+        "sparsity_target": cfg.sparsity,
+        "sparsity_achieved": layer_stats.achieved_sparsity(cfg.method, layers),
+        "layers_selected": len(layers),
+        "layers_pruned": sum(1 for layer in layers if layer["pruned"]),
+        "prune_seconds": round(seconds, 3),
+    }
+    if cfg.method == "channel":
+        report["unaligned_layers"] = layer_stats.unaligned(layers, cfg.align)
+    for key in ("params", "nonzero_params", "macs"):
+        report[f"{key}_before"] = before[key]
+        report[f"{key}_after"] = after[key]
+    return report

@@ -1,0 +1,65 @@
+"""Channel (structured) pruning with NNI: aligned, dependency-aware masks -> speedup.
+
+One step = score filters with the NNI pruner (L1/L2/FPGM), mask whole channels so
+that every coupled group keeps the same, aligned number, then let ModelSpeedup build
+the smaller model. Kept counts come from the ORIGINAL channel counts, so iterative
+steps land on the same aligned sizes as a one-shot run.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from . import nni_compat
+from .alignment import kept_channels, nni_sparse_ratio
+from .speedup import eval_mode, speedup
+from .targets import out_channels
+
+
+def nni_config(
+    model: nn.Module, groups: List[List[str]], original: Dict[str, int], sparsity: float, align: int
+) -> List[dict]:
+    """One NNI config entry per group that still has channels to drop at `sparsity`."""
+    config = []
+    for gid, names in enumerate(groups):
+        current = out_channels(model.get_submodule(names[0]))
+        kept = kept_channels(original[names[0]], sparsity, align)
+        if kept >= current:
+            continue
+        entry = {"op_names": list(names), "sparse_ratio": nni_sparse_ratio(current, kept)}
+        if len(names) > 1:
+            entry["dependency_group_id"] = gid
+        config.append(entry)
+    return config
+
+
+def channel_masks(model: nn.Module, config: List[dict], pruner_class: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Run the NNI pruner once, then take its wrappers off again (masks only)."""
+    nni_compat.import_nni_quietly()
+    import nni.compression.pruning as nni_pruning
+
+    with eval_mode(model), nni_compat.quiet():
+        pruner = getattr(nni_pruning, pruner_class)(model, config)
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+    return masks
+
+
+def nni_channel_step(
+    model: nn.Module,
+    groups: List[List[str]],
+    original: Dict[str, int],
+    sparsity: float,
+    align: int,
+    pruner_class: str,
+    example_input: torch.Tensor,
+) -> nn.Module:
+    """Prune `model` in place to `sparsity` of its original channels."""
+    config = nni_config(model, groups, original, sparsity, align)
+    if not config:
+        return model
+    masks = channel_masks(model, config, pruner_class)
+    return speedup(model, masks, example_input)

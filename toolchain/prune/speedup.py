@@ -1,0 +1,39 @@
+"""Physical channel removal with NNI's ModelSpeedup (through the torch-2.14 shim)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator
+
+import torch
+import torch.nn as nn
+
+from . import nni_compat
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Trace in eval mode: train-mode BN would fold the dummy batch into running stats."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def dummy_batch(example_input: torch.Tensor) -> torch.Tensor:
+    """Speedup infers masks from batch statistics; it needs a batch of 2 or more."""
+    if example_input.shape[0] >= 2:
+        return example_input
+    return example_input.expand(2, *example_input.shape[1:]).contiguous()
+
+
+def speedup(model: nn.Module, masks: Dict[str, Dict[str, torch.Tensor]], example_input: torch.Tensor) -> nn.Module:
+    """Replace masked layers by smaller ones, in place; returns the same model object."""
+    nni_compat.import_nni_quietly()
+    from nni.compression.speedup import ModelSpeedup
+
+    with eval_mode(model), nni_compat.patched(), nni_compat.quiet():
+        ModelSpeedup(model, dummy_batch(example_input), masks).speedup_model()
+    return model

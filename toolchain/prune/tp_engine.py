@@ -1,0 +1,71 @@
+"""The torch-pruning engine (chosen only by `prune.engine: torch_pruning`).
+
+Torch-Pruning builds its own dependency graph (always dependency-aware) and rounds
+kept channels DOWN to `round_to`; we pass `align` as round_to. Layers that are not
+targets (classifier, excluded, other op types) and layers with `align` channels or
+fewer are ignored, as in the NNI engine. Importances: l1/l2 magnitude, FPGM.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+
+from .registry import PruneError
+from .targets import out_channels
+
+
+def _importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "l1":
+        return tp.importance.MagnitudeImportance(p=1)
+    if kind == "l2":
+        return tp.importance.MagnitudeImportance(p=2)
+    return tp.importance.FPGMImportance()
+
+
+def _ignored(model: nn.Module, targets: Dict[str, nn.Module], align: int) -> List[nn.Module]:
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and (name not in targets or out_channels(m) <= align)
+    ]
+
+
+def tp_stepper(
+    model: nn.Module, targets: Dict[str, nn.Module], sparsities: List[float], importance: str,
+    align: int, dependency_aware: bool, example_input: torch.Tensor,
+) -> Callable[[float], None]:
+    """A prune_step(sparsity) that advances a Torch-Pruning MetaPruner one step."""
+    if not dependency_aware:
+        raise PruneError("prune.engine torch_pruning is always dependency-aware; set prune.dependency_aware: true or use engine nni")
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise PruneError("prune.engine torch_pruning needs the torch-pruning package: pip install torch-pruning") from None
+
+    was_training = model.training
+    model.eval()
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example_input,
+        importance=_importance(importance),
+        pruning_ratio=sparsities[-1],
+        iterative_steps=len(sparsities),
+        iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + list(sparsities),
+        ignored_layers=_ignored(model, targets, align),
+        round_to=align if align > 1 else None,
+    )
+    model.train(was_training)
+
+    def step(sparsity: float) -> None:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            pruner.step()
+        model.train(was)
+
+    return step
