@@ -127,13 +127,13 @@ class StudentConfig(ModelConfig):
 
 class PruneConfig(Section):
     method: Literal["weight", "channel"] = Field(..., description="weight: unstructured zeros (smaller when compressed); channel: structured, channels physically removed (faster).")
-    pruner: str = Field("l1", description="Pruner registry name; weight: level; channel: l1, l2, fpgm, taylor, slim.")
+    pruner: str = Field("l1", description="Pruner registry name; weight: level; channel: l1, l2, fpgm. Omitted: level for method weight, l1 for channel.")
     engine: Literal["nni", "torch_pruning"] = Field("nni", description="Pruning engine. nni is the default; torch_pruning must be chosen explicitly.")
     sparsity: float = Field(0.5, gt=0, lt=1, description="Target sparsity: fraction of weights (weight) or channels (channel) removed.")
     scope: Literal["layer", "global"] = Field("layer", description="layer: same sparsity in every layer; global: one threshold across layers (weight only).")
     op_types: List[str] = Field(default_factory=lambda: ["Conv2d", "Linear"], description="Module types to prune.")
     exclude: List[str] = Field(default_factory=list, description="Module names (fnmatch patterns) never pruned, in addition to the classifier.")
-    prune_classifier: bool = Field(False, description="Also prune the final classifier layer (off: its outputs are the classes).")
+    prune_classifier: bool = Field(False, description="Weight method: also prune the final classifier layer. Channel method: never removes class outputs (its inputs shrink with the layer before).")
     align: int = Field(8, ge=1, le=256, description="Round kept channel counts to a multiple of this (8 for AVX2/NEON, 16 for AVX-512).")
     dependency_aware: bool = Field(True, description="Prune coupled channels (residual adds, concats, depthwise groups) together.")
     schedule: Literal["one_shot", "iterative"] = Field("one_shot", description="Prune once, or in `steps` increasing steps with fine-tuning between.")
@@ -144,6 +144,23 @@ class PruneConfig(Section):
     @classmethod
     def _known_pruner(cls, v: str) -> str:
         return _check_name(_pruners, v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_pruner_for_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "pruner" not in data and data.get("method") == "weight":
+            data = {**data, "pruner": "level"}
+        return data
+
+    @model_validator(mode="after")
+    def _pruner_fits(self) -> "PruneConfig":
+        from .prune.registry import PruneError, check_fit
+
+        try:
+            check_fit(self.method, self.pruner, self.engine, self.scope)
+        except PruneError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class ExportConfig(Section):
