@@ -1,0 +1,217 @@
+"""ONNX export: every model family exports, passes the checker and the parity gate, keeps a
+dynamic batch; a changed model is caught; metadata round-trips; MLflow logging works."""
+
+import copy
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from toolchain.errors import ExportError
+from toolchain.models import build_model
+from toolchain.onnx_export import (
+    check_parity,
+    export_onnx,
+    log_onnx_to_mlflow,
+    onnx_accuracy,
+    read_metadata,
+    write_model_card,
+)
+from toolchain.recipe import ExportConfig
+
+METADATA = {
+    "input_name": "input",
+    "input_shape": ["batch", 3, 32, 32],
+    "input_dtype": "float32",
+    "normalization_mean": [0.5, 0.5, 0.5],
+    "class_names": [f"class {i}" for i in range(10)],
+    "test_accuracy": 0.875,
+    "params": 272474,
+    "performance_efficiency": {"vs_teacher.pe_params": 0.61, "missing": None},
+    "flag": True,
+    "recipe_hash": "0123456789abcdef",
+    "numeric_looking_string": "0.9",
+}
+
+
+def _calibrated(name: str) -> torch.nn.Module:
+    """A random-init model whose logits depend on the input.
+
+    Random-init MobileNets/EfficientNet give ~1e-10 logits (depthwise convs get a
+    fan_out init meant for dense convs), so top-1 agreement would be a coin toss;
+    calibrating BatchNorm statistics on random data makes the parity test meaningful.
+    """
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: two batches give settled statistics
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(16, 3, 32, 32))
+        model.eval()
+        # logits of order 1, like a trained classifier (calibrated EfficientNet gives ~300,
+        # where float32 rounding alone exceeds an absolute tolerance of 1e-3)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        scale = model(torch.randn(16, 3, 32, 32)).abs().max().clamp(min=1e-6)
+        head.weight.div_(scale)
+        head.bias.div_(scale)
+    return model
+
+
+def _ort_run(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """cifar_resnet20 exported once (dynamo) and shared by the cheaper tests."""
+    model = _calibrated("cifar_resnet20")
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    info = export_onnx(model, path, torch.randn(2, 3, 32, 32), ExportConfig(), METADATA)
+    return model, path, info
+
+
+# ---------------------------------------------------------------- families
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "efficientnet_b0"])
+def test_family_exports_checks_and_passes_parity(name, resnet, tmp_path):
+    if name == "cifar_resnet20":
+        model, path, info = resnet
+    else:
+        model = _calibrated(name)
+        path = tmp_path / f"{name}.onnx"
+        info = export_onnx(model, path, torch.randn(2, 3, 32, 32), ExportConfig(), METADATA)
+    assert info["exporter"] == "dynamo" and info["opset"] == 18
+    assert info["input_shape"] == ["batch", 3, 32, 32] and info["output_shape"] == ["batch", 10]
+    assert info["file_size_bytes"] == path.stat().st_size > 0
+    onnx.checker.check_model(str(path), full_check=True)
+    parity = check_parity(model, path, torch.randn(16, 3, 32, 32), atol=1e-3, min_agreement=0.99)
+    assert parity["max_abs_diff"] <= 1e-3 and parity["top1_agreement"] == 1.0 and parity["batch_size"] == 16
+    for bs in (1, 7):  # dynamic batch: both sizes run and match PyTorch
+        x = torch.randn(bs, 3, 32, 32)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(_ort_run(path, x.numpy()), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_torchscript_exporter_and_batch_of_one(tmp_path):
+    model = _calibrated("cifar_resnet20").train()  # export must use eval mode and restore train mode
+    path = tmp_path / "ts.onnx"
+    info = export_onnx(model, path, torch.randn(1, 3, 32, 32), ExportConfig(exporter="torchscript", opset=17), {"a": "b"})
+    assert model.training
+    assert info["exporter"] == "torchscript" and info["opset"] == 17 and info["input_shape"][0] == "batch"
+    assert _ort_run(path, np.random.randn(7, 3, 32, 32).astype(np.float32)).shape == (7, 10)
+    check_parity(model, path, torch.randn(8, 3, 32, 32), atol=1e-3, min_agreement=0.99)
+
+
+def test_dynamo_batch_of_one_example_still_gives_dynamic_batch(tmp_path):
+    model = _calibrated("cifar_resnet20")
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, torch.randn(1, 3, 32, 32), ExportConfig(), {})
+    assert _ort_run(path, np.zeros((5, 3, 32, 32), np.float32)).shape == (5, 10)
+
+
+def test_static_batch_export(tmp_path):
+    path = tmp_path / "static.onnx"
+    info = export_onnx(_calibrated("cifar_resnet20"), path, torch.randn(1, 3, 32, 32), ExportConfig(dynamic_batch=False), {})
+    assert info["input_shape"] == [1, 3, 32, 32] and not info["dynamic_batch"]
+
+
+# ---------------------------------------------------------------- parity gate / failures
+
+
+def test_parity_gate_catches_a_changed_model(resnet):
+    model, path, _ = resnet
+    altered = copy.deepcopy(model)  # the exported model, changed after export
+    head = [m for m in altered.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.add_(torch.randn_like(head.weight))
+    with pytest.raises(ExportError) as err:
+        check_parity(altered, path, torch.randn(32, 3, 32, 32), atol=1e-3, min_agreement=0.99)
+    msg = str(err.value)
+    assert "parity" in msg and "atol 0.001" in msg and "exporter" in msg and "\n" not in msg
+
+
+def test_parity_tolerances_are_respected(resnet):
+    model, path, _ = resnet
+    with pytest.raises(ExportError, match="atol 1e-12"):
+        check_parity(model, path, torch.randn(8, 3, 32, 32), atol=1e-12, min_agreement=0.0)
+
+
+class _Boom(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        raise RuntimeError("this model cannot be traced")
+
+
+def test_failed_export_is_export_error_and_leaves_old_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"previous model")
+    for exporter in ("dynamo", "torchscript"):
+        with pytest.raises(ExportError, match="cannot be traced.*try export.exporter"):
+            export_onnx(_Boom(), path, torch.randn(2, 4), ExportConfig(exporter=exporter), {})
+    assert path.read_bytes() == b"previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no temp files left behind
+
+
+# ---------------------------------------------------------------- metadata, accuracy, card
+
+
+def test_metadata_round_trip(resnet):
+    _, path, _ = resnet
+    assert read_metadata(path) == METADATA
+    # strings stay plain strings for other tools (Netron, onnxruntime's custom metadata)
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert meta["recipe_hash"] == "0123456789abcdef" and json.loads(meta["class_names"])[0] == "class 0"
+
+
+def test_onnx_accuracy_with_torch_and_numpy_batches(resnet):
+    model, path, _ = resnet
+    x1, x2 = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        p1, p2 = model(x1).argmax(1), model(x2).argmax(1)
+    batches = [(x1, p1), (x2.numpy(), ((p2 + 1) % 10).numpy())]  # first all right, second all wrong
+    assert onnx_accuracy(path, batches) == pytest.approx(0.5)
+    with pytest.raises(ExportError, match="no batches"):
+        onnx_accuracy(path, [])
+
+
+def test_model_card(tmp_path):
+    card = {"name": "run", "accuracy": 0.9, "path": Path("x")}
+    write_model_card(tmp_path / "model_card.json", card)
+    assert json.loads((tmp_path / "model_card.json").read_text()) == {"name": "run", "accuracy": 0.9, "path": "x"}
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+def test_log_onnx_to_mlflow(resnet, tmp_path):
+    _, path, _ = resnet
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        exp = mlflow.create_experiment("export-test", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp) as run:
+            uri = log_onnx_to_mlflow(path, np.random.randn(2, 3, 32, 32).astype(np.float32))
+        info = mlflow.models.get_model_info(uri)
+        assert info.run_id == run.info.run_id and info.name == "model"
+        assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
+        logged = list((tmp_path / "artifacts").rglob("model.onnx"))
+        assert len(logged) == 1 and (logged[0].parent / "MLmodel").is_file()
+        assert read_metadata(logged[0]) == METADATA  # the logged file is the exported one
+        with pytest.raises(RuntimeError, match="active MLflow run"):
+            log_onnx_to_mlflow(path, np.zeros((1, 3, 32, 32), np.float32))
+    finally:
+        mlflow.set_tracking_uri(None)
