@@ -124,8 +124,8 @@ def test_provider_that_falls_back_silently_is_an_error(model_path, monkeypatch):
     """ORT falls back to CPU when CUDA libs fail to load; the bench must refuse, not mislabel."""
     real_session = ort.InferenceSession
 
-    def cpu_only_session(path, sess_options=None, providers=None):
-        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+    def cpu_only_session(path, sess_options=None, providers=None, **kwargs):
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", cpu_only_session)

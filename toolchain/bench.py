@@ -22,7 +22,8 @@ API (used by the pipeline):
         Each provider gets its own session; a requested provider that is not active
         after session creation raises BenchError (onnxruntime would otherwise fall back to CPU
         silently). Timing: warm-up runs per input shape, then timed runs until `iterations`
-        or `time_budget_s`, whichever ends first.
+        or `time_budget_s`, whichever ends first. Each timed call is session.run() on a numpy
+        input, so on GPU providers it includes the host<->device copies (end-to-end latency).
     create_session(onnx_path, provider="cpu", ...) -> onnxruntime.InferenceSession (checked)
     format_table(results, reference=None) -> str      human table; `reference` (another
         results dict, e.g. torch_bench.torch_eager_latency's) adds a p50 speed-up column.
@@ -144,9 +145,13 @@ def create_session(
     opts.log_severity_level = 3  # errors only: EP fallback warnings are checked below instead
     chain = _provider_chain(ort, provider)
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=chain)
+        # enable_fallback=0: otherwise ORT's Python wrapper prints "EP Error" and quietly
+        # retries on CPU, at creation and again on a failing run()
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=chain, enable_fallback=0)
     except Exception as exc:  # ORT raises pybind-specific types (InvalidProtobuf, Fail, ...)
-        raise BenchError(f"{path}: onnxruntime cannot load this model: {_first_line(exc)}; is it an exported ONNX file?") from None
+        if provider == "cpu":
+            raise BenchError(f"{path}: onnxruntime cannot load this model: {_first_line(exc)}; is it an exported ONNX file?") from None
+        raise BenchError(f"{path}: onnxruntime cannot create a {provider} session: {_first_line(exc)}; {_GPU_HINT[provider]}") from None
     active = session.get_providers()
     if chain[0] not in active:
         raise BenchError(
@@ -343,7 +348,7 @@ def environment(intra_op_threads: int = 0, inter_op_threads: int = 1, graph_opti
         "cpu_affinity": affinity,
         "physical_cores": physical_cores(),
         "intra_op_threads": int(intra_op_threads),
-        "intra_op_threads_note": "0 = onnxruntime default (one per physical core)" if intra_op_threads == 0 else "",
+        "intra_op_threads_effective": int(intra_op_threads) or physical_cores(),  # 0: ORT uses one per physical core
         "inter_op_threads": int(inter_op_threads),
         "graph_optimization": graph_optimization,
         "providers_available": ort.get_available_providers(),
