@@ -126,6 +126,7 @@ class _SafeUnpickler(pickle.Unpickler):
     """Only what CIFAR batches contain: builtins and numpy arrays. No code runs."""
 
     ALLOWED = {
+        ("_codecs", "encode"),  # how Python 3 protocol-2 pickles spell bytes
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from toolchain.checkpoint import load_weights, save_state
+from toolchain.errors import CheckpointError
+from toolchain.models import build_model
+
+
+def test_round_trip(tmp_path):
+    model = build_model("cifar_resnet20", 10)
+    save_state({"model": model.state_dict()}, tmp_path / "m.pt")
+    fresh = load_weights(build_model("cifar_resnet20", 10), tmp_path / "m.pt")
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_bare_state_dict_is_accepted(tmp_path):
+    model = build_model("cifar_resnet20", 10)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    load_weights(build_model("cifar_resnet20", 10), tmp_path / "m.pt")
+
+
+def test_wrong_architecture(tmp_path):
+    torch.save(build_model("cifar_resnet20", 10).state_dict(), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="does not fit architecture 'resnet18'"):
+        load_weights(build_model("resnet18", 10), tmp_path / "m.pt", "resnet18")
+
+
+def test_truncated_file(tmp_path):
+    torch.save(build_model("cifar_resnet20", 10).state_dict(), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "m.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_weights(build_model("cifar_resnet20", 10), tmp_path / "m.pt")
+
+
+def test_pickled_full_model_is_refused(tmp_path):
+    torch.save(build_model("cifar_resnet20", 10), tmp_path / "m.pt")  # the whole module, pickled
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_weights(build_model("cifar_resnet20", 10), tmp_path / "m.pt")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_weights(build_model("cifar_resnet20", 10), tmp_path / "nope.pt")
+
+
+def test_physically_smaller_layers_are_resized_on_load(tmp_path):
+    """A channel-pruned student reloads into its registry architecture."""
+    model = build_model("cifar_resnet20", 10)
+    block = model.layer1[0]
+    block.conv1 = torch.nn.Conv2d(16, 8, 3, 1, 1, bias=False)
+    block.bn1 = torch.nn.BatchNorm2d(8)
+    block.conv2 = torch.nn.Conv2d(8, 16, 3, 1, 1, bias=False)
+    save_state({"model": model.state_dict()}, tmp_path / "m.pt")
+    fresh = load_weights(build_model("cifar_resnet20", 10), tmp_path / "m.pt")
+    assert fresh.layer1[0].conv1.out_channels == 8
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model.eval()(x), fresh.eval()(x))

@@ -1,0 +1,63 @@
+"""End to end: `compress` on tiny Fashion-MNIST files, every stage, in well under a minute."""
+
+import json
+
+import mlflow
+import onnx
+
+from toolchain.cli import run
+
+STAGES = ["teacher", "distill", "prune", "finetune", "export", "bench"]
+
+
+def full_recipe(tiny_recipe, **extra):
+    return tiny_recipe(
+        prune={"method": "channel", "pruner": "l1", "sparsity": 0.5},
+        finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
+        export={"exporter": "dynamo", "opset": 18},
+        bench={"batch_sizes": [1, 4], "warmup": 1, "iterations": 5, "time_budget_s": 0.2},
+        **extra,
+    )
+
+
+def test_compress_end_to_end(tiny_recipe, tmp_path, capsys):
+    path = full_recipe(tiny_recipe)
+    assert run(["compress", str(path)]) == 0
+    out = capsys.readouterr().out + capsys.readouterr().err
+    run_dir = tmp_path / "export" / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and list(summary["stages"]) == STAGES
+
+    stages = summary["stages"]
+    assert stages["prune"]["metrics"]["macs"] < stages["distill"]["metrics"]["macs"]  # channels removed
+    assert stages["prune"]["metrics"]["params"] < stages["distill"]["metrics"]["params"]
+    assert 0 <= stages["finetune"]["metrics"]["test_accuracy"] <= 1
+    assert "vs_teacher.pe_params" in stages["finetune"]["metrics"] and "vs_student.pe_macs" in stages["finetune"]["metrics"]
+    assert stages["export"]["metrics"]["parity_top1_agreement"] >= 0.99
+    assert "speedup_vs_teacher.cpu.bs1" in stages["bench"]["metrics"]
+
+    model = onnx.load(str(run_dir / "model.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["run_name"] == "tiny" and "recipe_hash" in meta
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["onnx_test_accuracy"] == stages["export"]["metrics"]["onnx_test_accuracy"]
+
+    client = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"])
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]])
+    parent = summary["mlflow"]["parent_run_id"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert sorted(children) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert children["distill"].data.metrics["test_accuracy"] == stages["distill"]["metrics"]["test_accuracy"]
+    assert "KD student" in out and "model.onnx" in out
+
+
+def test_rerun_reuses_finished_stages(tiny_recipe, tmp_path):
+    path = tiny_recipe()
+    assert run(["compress", str(path)]) == 0
+    first = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    assert run(["compress", str(path), "distill.lr=0.02"]) == 0
+    second = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    assert second["stages"]["teacher"]["cached"] is True
+    assert second["stages"]["distill"]["cached"] is False  # its section changed
+    assert second["stages"]["teacher"]["metrics"] == first["stages"]["teacher"]["metrics"]
