@@ -44,7 +44,8 @@ def prune_model(model: nn.Module, cfg, example_input: torch.Tensor, finetune_fn:
     spec = check_fit(cfg.method, cfg.pruner, cfg.engine, cfg.scope)
     started = time.perf_counter()
     model = copy.deepcopy(model)
-    targets = select_targets(model, cfg.op_types, cfg.exclude, cfg.prune_classifier)
+    # Channel pruning never removes class outputs, whatever prune_classifier says.
+    targets = select_targets(model, cfg.op_types, cfg.exclude, cfg.prune_classifier and cfg.method == "weight")
     names = list(targets)
     before = _totals(model, example_input)
     shapes_before = layer_stats.snapshot(model, names)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Dict, Iterator
 
 import torch
 import torch.nn as nn
 
 from . import nni_compat
+
+_LOGGER = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -35,5 +38,7 @@ def speedup(model: nn.Module, masks: Dict[str, Dict[str, torch.Tensor]], example
     from nni.compression.speedup import ModelSpeedup
 
     with eval_mode(model), nni_compat.patched(), nni_compat.quiet():
-        ModelSpeedup(model, dummy_batch(example_input), masks).speedup_model()
+        # Without a logger of our own, ModelSpeedup forces its module logger to INFO
+        # and logs every node it touches.
+        ModelSpeedup(model, dummy_batch(example_input), masks, logger=_LOGGER).speedup_model()
     return model

@@ -1,0 +1,245 @@
+"""Pruning engine: every study model x both methods, alignment, schedules, errors.
+
+CPU, 32x32 inputs, batch 2, 10 classes, random weights. One torch thread: on a
+shared 2-core machine two threads per process are several times slower.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from toolchain.errors import RecipeError, ToolchainError
+from toolchain.models import FAMILIES, build_model
+from toolchain.prune import PruneError, PruneResult, keep_sparsity, prune_model
+from toolchain.prune.targets import classifier_name
+from toolchain.recipe import PruneConfig, validate_dict
+
+ALL_MODELS = [name for family in FAMILIES.values() for name in family]
+BIG = {"resnet50", "densenet121", "efficientnet_b0", "mobilenet_v3_large", "resnet34"}
+
+
+def param(name):
+    return pytest.param(name, marks=pytest.mark.slow, id=name) if name in BIG else pytest.param(name, id=name)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def example():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 32, 32)
+
+
+def model_of(name):
+    torch.manual_seed(0)
+    return build_model(name, 10)
+
+
+def assert_plain_torch(model):
+    """No NNI wrappers or NNI module classes left behind."""
+    for module in model.modules():
+        assert not type(module).__module__.startswith("nni"), type(module)
+        assert not hasattr(module, "_nni_wrapper") and "wrapper" not in type(module).__name__.lower()
+
+
+def assert_aligned(result: PruneResult, align: int):
+    for layer in result.layers:
+        if layer["out_before"] > align and layer["out_after"] < layer["out_before"]:
+            assert layer["out_after"] % align == 0, layer
+        if layer["out_before"] > align:
+            assert layer["out_after"] >= align, layer
+
+
+@pytest.mark.parametrize("name", [param(n) for n in ALL_MODELS])
+def test_channel_pruning_shrinks_and_aligns(name):
+    model, x = model_of(name), example()
+    result = prune_model(model, PruneConfig(method="channel", sparsity=0.5), x)
+    out = result.model.eval()(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    report = result.report
+    assert report["params_after"] < 0.5 * report["params_before"]
+    assert report["macs_after"] < 0.5 * report["macs_before"]
+    assert 0.4 <= report["sparsity_achieved"] <= 0.55
+    assert report["unaligned_layers"] == 0
+    assert_aligned(result, 8)
+    assert_plain_torch(result.model)
+    assert classifier_name(result.model) and result.model.get_submodule(classifier_name(result.model)).out_features == 10
+
+
+@pytest.mark.parametrize("name", [param(n) for n in ALL_MODELS])
+def test_weight_pruning_hits_target(name):
+    model, x = model_of(name), example()
+    result = prune_model(model, PruneConfig(method="weight", sparsity=0.6), x)
+    report = result.report
+    assert abs(report["sparsity_achieved"] - 0.6) <= 0.005
+    assert report["params_after"] == report["params_before"]  # dense tensors, real zeros
+    assert report["nonzero_params_after"] < 0.5 * report["nonzero_params_before"]
+    assert report["macs_after"] == report["macs_before"]
+    assert result.after_step is not None
+    assert result.model.eval()(x).shape == (2, 10)
+    assert_plain_torch(result.model)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", param("efficientnet_b0")])
+def test_torch_pruning_engine(name):
+    model, x = model_of(name), example()
+    result = prune_model(model, PruneConfig(method="channel", engine="torch_pruning"), x)
+    assert result.report["engine"] == "torch_pruning"
+    assert result.report["macs_after"] < 0.5 * result.report["macs_before"]
+    assert result.model.eval()(x).shape == (2, 10)
+    assert_aligned(result, 8)
+
+
+@pytest.mark.parametrize("pruner", ["l2", "fpgm"])
+def test_other_channel_criteria(pruner):
+    result = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", pruner=pruner), example())
+    assert result.report["pruner"] == pruner and result.report["macs_after"] < 0.5 * result.report["macs_before"]
+
+
+def test_input_model_is_untouched_and_report_is_flat():
+    model, x = model_of("cifar_resnet20"), example()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = prune_model(model, PruneConfig(method="channel"), x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.model is not model
+    assert all(isinstance(v, (int, float, str)) for v in result.report.values())
+    for key in ("sparsity_target", "sparsity_achieved", "params_before", "params_after", "nonzero_params_before",
+                "nonzero_params_after", "macs_before", "macs_after", "method", "pruner", "engine"):
+        assert key in result.report
+    layer = result.layers[0]
+    assert {"name", "type", "in_before", "in_after", "out_before", "out_after"} <= set(layer)
+
+
+def test_dependency_groups_are_what_remove_residual_channels():
+    """Per-layer masks on a ResNet leave coupled residual channels in place; groups remove them."""
+    x = example()
+    grouped = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", align=1), x)
+    per_layer = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", align=1, dependency_aware=False), x)
+    assert grouped.report["macs_after"] < 0.8 * per_layer.report["macs_after"]
+    # Speedup resolves the conflicting per-layer masks of a residual group by their
+    # union: most coupled channels survive, at odd counts (14 of 16, 59 of 64).
+    assert all(r["out_after"] >= 0.8 * r["out_before"] for r in per_layer.layers if r["name"].endswith("conv2"))
+    assert all(r["out_after"] == r["out_before"] // 2 for r in grouped.layers if r["name"].endswith("conv2"))
+    unaligned = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", dependency_aware=False), x)
+    assert unaligned.report["unaligned_layers"] > 0  # alignment needs the groups
+
+
+def test_exclude_and_small_layers_are_left_whole():
+    x = example()
+    result = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", exclude=["layer3.*"], align=16), x)
+    rows = {r["name"]: r for r in result.layers}
+    assert "layer3.0.conv1" not in rows
+    assert rows["conv1"]["out_after"] == 16  # 16 channels <= align 16: not pruned
+    assert rows["layer2.0.conv1"]["out_after"] == 16  # 32 * 0.5 = 16
+
+
+def test_weight_global_scope_ranks_across_layers():
+    result = prune_model(model_of("cifar_resnet20"), PruneConfig(method="weight", scope="global", sparsity=0.7), example())
+    assert abs(result.report["sparsity_achieved"] - 0.7) <= 0.005
+    per_layer = [r["sparsity"] for r in result.layers]
+    assert max(per_layer) - min(per_layer) > 0.05  # one threshold, different layer sparsities
+
+
+def test_prune_classifier_applies_to_weight_only():
+    x = example()
+    weight = prune_model(model_of("cifar_resnet20"), PruneConfig(method="weight", prune_classifier=True), x)
+    assert "fc" in {r["name"] for r in weight.layers}
+    channel = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", prune_classifier=True), x)
+    assert channel.model.fc.out_features == 10
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_mismatched_pruner_and_method_is_a_clear_error():
+    cfg = PruneConfig.model_construct(**{**PruneConfig(method="channel").model_dump(), "method": "weight", "pruner": "l1"})
+    with pytest.raises(PruneError, match="for method weight use one of: level") as info:
+        prune_model(model_of("cifar_resnet20"), cfg, example())
+    assert isinstance(info.value, ToolchainError)
+
+
+def test_mismatch_is_caught_at_recipe_validation():
+    raw = {"name": "r", "student": {"model": "resnet18"}, "distill": {"loss": "ce"}, "prune": {"method": "channel", "pruner": "level"}}
+    with pytest.raises(RecipeError, match="fpgm, l1, l2"):
+        validate_dict(raw)
+    raw["prune"] = {"method": "weight", "engine": "torch_pruning"}
+    with pytest.raises(RecipeError, match="does not implement"):
+        validate_dict(raw)
+
+
+def test_weight_method_defaults_to_level():
+    assert PruneConfig(method="weight").pruner == "level" and PruneConfig(method="channel").pruner == "l1"
+
+
+def test_no_matching_layers_is_a_clear_error():
+    with pytest.raises(PruneError, match="no layer matches"):
+        prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", op_types=["Conv3d"]), example())
+
+
+# ---------------------------------------------------------------- fine-tuning support
+
+
+def sgd_step(model, x):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def zero_positions(model):
+    return {n: (m.weight == 0) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def test_after_step_keeps_pruned_weights_at_zero():
+    x = example()
+    result = prune_model(model_of("cifar_resnet20"), PruneConfig(method="weight", sparsity=0.8), x)
+    model = result.model.train()
+    zeros = zero_positions(model)
+    sgd_step(model, x)
+    revived = sum(int((m.weight[zeros[n]] != 0).sum()) for n, m in model.named_modules() if n in zeros)
+    assert revived > 0  # without the keeper the optimizer revives pruned weights
+    result.after_step()
+    assert all(bool((model.get_submodule(n).weight[z] == 0).all()) for n, z in zeros.items())
+
+
+def test_keep_sparsity_snapshot_for_resumed_models():
+    x = example()
+    model = prune_model(model_of("cifar_resnet20"), PruneConfig(method="weight", sparsity=0.5), x).model.train()
+    keeper = keep_sparsity(model)
+    zeros = zero_positions(model)
+    sgd_step(model, x)
+    keeper()
+    assert all(bool((model.get_submodule(n).weight[z] == 0).all()) for n, z in zeros.items())
+    assert abs(model.conv1.weight.eq(0).float().mean().item() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("method", ["weight", "channel"])
+def test_iterative_schedule_finetunes_between_steps_and_ends_at_target(method):
+    x = example()
+    calls = []
+
+    def finetune(model, epochs, after_step):
+        calls.append((epochs, after_step, model.conv1.weight.eq(0).float().mean().item(), model.conv1.out_channels))
+        sgd_step(model.train(), x)
+        if after_step is not None:
+            after_step()
+
+    cfg = PruneConfig(method=method, sparsity=0.75, schedule="iterative", steps=3, step_epochs=2, align=4)
+    result = prune_model(model_of("cifar_resnet20"), cfg, x, finetune_fn=finetune)
+    one_shot = prune_model(model_of("cifar_resnet20"), PruneConfig(method=method, sparsity=0.75, align=4), x)
+    assert len(calls) == 2 and all(epochs == 2 for epochs, *_ in calls)
+    if method == "weight":
+        assert all(after_step is not None for _, after_step, *_ in calls)
+        assert calls[0][2] < calls[1][2] < 0.75  # sparsity ramps up between steps
+        assert abs(result.report["sparsity_achieved"] - 0.75) <= 0.005
+    else:
+        assert all(after_step is None for _, after_step, *_ in calls)
+        assert calls[0][3] > calls[1][3] >= 4  # channels shrink step by step
+        assert [r["out_after"] for r in result.layers] == [r["out_after"] for r in one_shot.layers]
+    assert result.model.eval()(x).shape == (2, 10)

@@ -1,0 +1,127 @@
+"""The NNI 3.0 <-> torch 2.14 / Python 3.11 shim (toolchain/prune/nni_compat.py).
+
+If NNI's ModelSpeedup stops working on this stack, these tests fail first. The
+`unpatched` tests document that the shim is still needed: when a torch/NNI upgrade
+makes them fail, the matching part of the shim can go.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from torchvision.ops import StochasticDepth
+
+from toolchain.prune import nni_compat
+from toolchain.prune.speedup import speedup
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TinyResNet(nn.Module):
+    """conv -> residual block (with EfficientNet's StochasticDepth on the branch) -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.drop = StochasticDepth(0.2, "row")
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        x = torch.relu(x + self.drop(y))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def inner_mask(model):
+    """Mask half of conv1's filters (the inner channels of the block)."""
+    mask = torch.ones(16, 1, 1, 1)
+    mask[::2] = 0
+    return {"conv1": {"weight": mask.expand_as(model.conv1.weight).clone()}}
+
+
+def test_speedup_of_a_tiny_resnet_works_with_the_shim():
+    torch.manual_seed(0)
+    model, x = TinyResNet(), torch.randn(2, 3, 32, 32)
+    speedup(model, inner_mask(model), x)
+    assert model.conv1.out_channels == 8 and model.conv2.in_channels == 8 and model.bn1.num_features == 8
+    assert model(x).shape == (2, 10)
+
+
+def test_unpatched_speedup_still_breaks():
+    """Documents why the shim exists (on torch 2.14 / Python 3.11)."""
+    from nni.compression.speedup import ModelSpeedup
+
+    nni_compat.import_nni_quietly()
+    model = TinyResNet().eval()
+    with nni_compat.quiet(), pytest.raises((AttributeError, TypeError, IndexError)):
+        ModelSpeedup(model, torch.randn(2, 3, 32, 32), inner_mask(model)).speedup_model()
+
+
+def test_patch_is_reversible_and_nests():
+    from nni.common.concrete_trace_utils import concrete_proxy, concrete_tracer
+
+    nni_compat.import_nni_quietly()
+    table = concrete_tracer.ConcreteTracer.default_autowrap_leaf_function
+    before = (len(table), concrete_tracer.node_is_impure_wrapper, concrete_proxy.dis, concrete_proxy.ConcreteProxy.jump_opcodes)
+    with nni_compat.patched():
+        patched_state = (len(table), concrete_tracer.node_is_impure_wrapper)
+        with nni_compat.patched():  # nested: no double patching
+            assert (len(table), concrete_tracer.node_is_impure_wrapper) == patched_state
+        assert nni_compat.is_patched() and patched_state[0] < before[0]
+        # torch 2.14 calls Node.is_impure(impure_random); the wrapper must accept it
+        assert patched_state[1].__code__.co_flags & 0x04  # *args
+    assert not nni_compat.is_patched()
+    after = (len(table), concrete_tracer.node_is_impure_wrapper, concrete_proxy.dis, concrete_proxy.ConcreteProxy.jump_opcodes)
+    assert after == before
+
+
+def test_patch_restores_even_when_speedup_fails():
+    from nni.common.concrete_trace_utils import concrete_tracer
+
+    nni_compat.import_nni_quietly()
+    wrapper = concrete_tracer.node_is_impure_wrapper
+    with pytest.raises(RuntimeError):
+        with nni_compat.patched():
+            raise RuntimeError("boom")
+    assert concrete_tracer.node_is_impure_wrapper is wrapper and not nni_compat.is_patched()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="inline caches are new in 3.11")
+def test_code_unit_instruction_table_matches_f_lasti():
+    import dis
+
+    def probe():
+        return sys._getframe().f_lasti
+
+    code = probe.__code__
+    table = nni_compat._CodeUnitDis.get_instructions(code)
+    for inst in dis.get_instructions(code):
+        assert table[inst.offset // 2] is not None and table[inst.offset // 2].offset == inst.offset
+
+
+def test_pruning_prints_nothing():
+    """A fresh process (NNI's import-time handlers included) prints nothing while pruning."""
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from toolchain.models import build_model\n"
+        "from toolchain.prune import prune_model\n"
+        "from toolchain.recipe import PruneConfig\n"
+        "for method in ('channel', 'weight'):\n"
+        "    prune_model(build_model('cifar_resnet20', 10), PruneConfig(method=method), torch.randn(2, 3, 32, 32))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
