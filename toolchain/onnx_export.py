@@ -92,17 +92,16 @@ def _to_proto(model: torch.nn.Module, x: torch.Tensor, cfg) -> onnx.ModelProto:
 
 
 def _export_failed(exc: Exception, cfg) -> ExportError:
-    other = "torchscript" if cfg.exporter == "dynamo" else "dynamo"
-    hint = f"try export.exporter: {other}"
-    if cfg.dynamic_batch:
-        hint += " or export.dynamic_batch: false"
-    if isinstance(exc, ImportError) and "onnxscript" in str(exc):
-        return ExportError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript, or set export.exporter: torchscript")
     root = exc
     while root.__cause__ is not None:  # the dynamo exporter wraps the real reason ("step 1/3 ...")
         root = root.__cause__
+    if isinstance(root, ImportError) and "onnxscript" in str(root):
+        return ExportError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript, or set export.exporter: torchscript")
+    hint = f"try export.exporter: {'torchscript' if cfg.exporter == 'dynamo' else 'dynamo'}"
+    if cfg.dynamic_batch:
+        hint += " or export.dynamic_batch: false"
     stage = f" ({type(exc).__name__})" if root is not exc else ""
-    reason = re.sub(r"\x1b\[[0-9;]*m", "", bench._first_line(root))
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", bench._first_line(root))  # dynamo colours its messages
     return ExportError(f"torch.onnx.export ({cfg.exporter}, opset {cfg.opset}) failed{stage}: {reason}; {hint}")
 
 
@@ -123,7 +122,7 @@ def set_metadata(proto: onnx.ModelProto, metadata: Dict[str, Any]) -> None:
         entry.key, entry.value = key, value
 
 
-def _check(proto: onnx.ModelProto, cfg) -> onnx.ModelProto:
+def _check(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(proto, full_check=True)
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -142,12 +141,10 @@ def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, 
         x = _example(model, example_batch, cfg.dynamic_batch)
         try:
             proto = _to_proto(model, x, cfg)
-        except ExportError:
-            raise
         except Exception as exc:  # exporter errors have many types (torch._dynamo, onnxscript, ...)
             raise _export_failed(exc, cfg) from exc
     set_metadata(proto, metadata)
-    proto = _check(proto, cfg)
+    proto = _check(proto)
     if proto.ByteSize() > 2**31 - 1:
         raise ExportError("the model is over 2 GB, beyond a single ONNX protobuf file; this exporter writes single-file models")
     with atomic_path(path) as tmp:
