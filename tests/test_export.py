@@ -120,6 +120,12 @@ def test_torchscript_exporter_and_batch_of_one(tmp_path):
     check_parity(model, path, torch.randn(8, 3, 32, 32), atol=1e-3, min_agreement=0.99)
 
 
+def test_dynamo_refuses_opsets_below_18(tmp_path):
+    with pytest.raises(ExportError, match="opset >= 18.*torchscript"):
+        export_onnx(torch.nn.Linear(4, 2), tmp_path / "m.onnx", torch.randn(2, 4), ExportConfig(opset=13), {})
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_static_batch_export(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10)).eval()
     model(torch.zeros(1, 3, 32, 32))  # materialise the lazy layer

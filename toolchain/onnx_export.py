@@ -21,7 +21,9 @@ API (used by the pipeline):
 
 Quirks worth knowing (torch 2.14): the dynamo exporter cannot keep a batch axis dynamic
 when the example batch is 1 (torch.export specialises sizes 0/1), so a batch of 1 is
-repeated to 2 here. Opsets below 18 make the dynamo exporter build at 18 and convert down.
+repeated to 2 here. The dynamo exporter implements opset >= 18 only (below, it tries a
+down-conversion that fails quietly for most CNNs), so opset < 18 with dynamo is an ExportError:
+use the torchscript exporter for older runtimes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .fsutil import atomic_path, atomic_write_json
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
+DYNAMO_MIN_OPSET = 18  # torch 2.14's torchlib has no lower implementations
 _JSON_KEYS = "_json_keys"  # metadata key listing which values are JSON-encoded (for an exact round trip)
 
 
@@ -136,6 +139,12 @@ def _io_shape(value_info) -> list:
 
 def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, metadata: Dict[str, Any]) -> Dict[str, Any]:
     """Export, attach metadata, check, write atomically. See the module docstring."""
+    if cfg.exporter == "dynamo" and cfg.opset < DYNAMO_MIN_OPSET:
+        # it would build at 18, try to convert down, and on failure quietly keep 18
+        raise ExportError(
+            f"the dynamo exporter builds opset >= {DYNAMO_MIN_OPSET} (export.opset is {cfg.opset}); "
+            f"set export.opset: {DYNAMO_MIN_OPSET} or higher, or export.exporter: torchscript for older runtimes"
+        )
     start = time.perf_counter()
     with _eval_mode(model), torch.no_grad():
         x = _example(model, example_batch, cfg.dynamic_batch)
@@ -143,6 +152,9 @@ def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, 
             proto = _to_proto(model, x, cfg)
         except Exception as exc:  # exporter errors have many types (torch._dynamo, onnxscript, ...)
             raise _export_failed(exc, cfg) from exc
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset != cfg.opset:
+        raise ExportError(f"export.opset is {cfg.opset} but the {cfg.exporter} exporter produced opset {opset}; choose another export.opset")
     set_metadata(proto, metadata)
     proto = _check(proto)
     if proto.ByteSize() > 2**31 - 1:
@@ -152,7 +164,7 @@ def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, 
     return {
         "path": str(path),
         "exporter": cfg.exporter,
-        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "opset": opset,
         "ir_version": proto.ir_version,
         "dynamic_batch": cfg.dynamic_batch,
         "input_name": INPUT_NAME,
