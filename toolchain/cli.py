@@ -17,18 +17,19 @@ class Commands:
     Start with: python -m toolchain compress recipes/mobilenet.yaml
     """
 
-    def compress(self, recipe: str, *overrides: str, force: bool = False):
+    def compress(self, recipe: str, *overrides: str, force: bool = False, fresh: bool = False):
         """Run every stage of RECIPE (YAML). Finished stages are reused; see README "Failure behaviour".
 
         Args:
           recipe: path to a YAML recipe, e.g. recipes/mobilenet.yaml
           overrides: dotted section.key=value pairs, e.g. distill.epochs=1 data.subset=2000
           force: recompute every stage instead of reusing finished outputs
+          fresh: same as --force
         """
         from .pipeline import compress
 
         _quiet()
-        compress(_load(recipe, overrides), force=force)
+        compress(_load(recipe, overrides), force=force or fresh)
 
     def validate(self, recipe: str, *overrides: str):
         """Print the resolved recipe (defaults filled in) or the first error, one line, exit 2.
@@ -42,17 +43,12 @@ class Commands:
         print(to_yaml(_load(recipe, overrides)), end="")
 
     def bench(self, onnx: str, *args: str):
-        """Benchmark an ONNX file with onnxruntime (torch-free; same as python -m toolchain.bench).
-
-        Args:
-          onnx: path to model.onnx
-          args: options of `python -m toolchain.bench --help`, e.g. --batch-sizes 1,32 --providers cpu
+        """Benchmark an ONNX file with onnxruntime (torch-free). Same options as python -m toolchain.bench --help,
+        e.g. bench export/RUN/model.onnx --batch-sizes 1,32 --providers cpu
         """
         from .bench import main
 
-        code = main([onnx, *args])
-        if code:
-            raise SystemExit(code)
+        return main([onnx, *args])  # run() normally routes `bench` straight to main(), bypassing fire
 
     def list(self, kind: str = "all"):
         """List registry names: models, datasets, pruners, losses (or all)."""
@@ -96,6 +92,13 @@ def _quiet() -> None:
 
 
 def run(argv: List[str]) -> int:
+    if argv[:1] == ["bench"] and "--help" not in argv[1:2]:
+        from .bench import main as bench_main  # argparse CLI, shared with python -m toolchain.bench
+
+        try:
+            return bench_main(argv[1:])
+        except SystemExit as exc:  # argparse exits on a bad option; return its code like the other commands
+            return int(exc.code or 0)
     import fire
 
     from .errors import ToolchainError

@@ -75,7 +75,8 @@ def run_cached(ctx: Context, name: str, key: str, params: Dict[str, Any],
     ctx.keys[name] = key
     stage_dir = ctx.cache_dir / f"{name}-{key}"
     done_file = stage_dir / "result.json"
-    with ctx.tracker.stage(name, params=params, tags={"toolchain.stage_key": key}) as run:
+    with ctx.tracker.stage(name, params=params, tags={"toolchain.stage_key": key}) as run, \
+            stage_lock(ctx.cache_dir / f".{name}-{key}.lock"):
         cached = done_file.is_file() and not ctx.force
         if cached:
             result = json.loads(done_file.read_text())
@@ -95,6 +96,20 @@ def run_cached(ctx: Context, name: str, key: str, params: Dict[str, Any],
     ctx.results[name] = result
     ctx.summary.add_stage(name, result, run.run_id, cached)
     return result
+
+
+@contextmanager
+def stage_lock(path: Path):
+    """Two processes asking for the same stage output (a sweep, a double-started job) take
+    turns: the second waits, then finds result.json and reuses it instead of racing."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _relog_history(run, result: Dict[str, Any]) -> None:

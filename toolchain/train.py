@@ -123,6 +123,8 @@ def fit(
     start_epoch = 0
     if state_path is not None and Path(state_path).is_file():
         start_epoch, best_state = _restore(state_path, model, optimizer, scheduler, result)
+        if dist.is_main():
+            tqdm.write(f"  {stage}: resuming after epoch {start_epoch} of {cfg.epochs} from {state_path}")
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         train_metrics = _train_epoch(model, task, train_batches, optimizer, scheduler, epoch, cfg.epochs, stage, after_step)
