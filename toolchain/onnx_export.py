@@ -28,6 +28,7 @@ use the torchscript exporter for older runtimes.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -86,8 +87,6 @@ def _to_proto(model: torch.nn.Module, x: torch.Tensor, cfg) -> onnx.ModelProto:
             shapes = ({0: torch.export.Dim(BATCH_DIM, min=1)},) if cfg.dynamic_batch else None
             program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=shapes, optimize=True, **common)
             return program.model_proto
-        import io
-
         buf = io.BytesIO()
         axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if cfg.dynamic_batch else None
         torch.onnx.export(model, (x,), buf, dynamo=False, dynamic_axes=axes, do_constant_folding=True, **common)
@@ -155,10 +154,10 @@ def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset != cfg.opset:
         raise ExportError(f"export.opset is {cfg.opset} but the {cfg.exporter} exporter produced opset {opset}; choose another export.opset")
+    if proto.ByteSize() > 2**31 - 1:  # protobuf limit; the checker cannot even take it in memory
+        raise ExportError("the model is over 2 GB, beyond a single ONNX protobuf file; this exporter writes single-file models")
     set_metadata(proto, metadata)
     proto = _check(proto)
-    if proto.ByteSize() > 2**31 - 1:
-        raise ExportError("the model is over 2 GB, beyond a single ONNX protobuf file; this exporter writes single-file models")
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp))
     return {
