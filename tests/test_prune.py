@@ -11,6 +11,8 @@ import torch.nn as nn
 from toolchain.errors import RecipeError, ToolchainError
 from toolchain.models import FAMILIES, build_model
 from toolchain.prune import PruneError, PruneResult, keep_sparsity, prune_model
+from toolchain.prune.alignment import kept_channels, nni_sparse_ratio
+from toolchain.prune.schedule import sparsity_steps
 from toolchain.prune.targets import classifier_name
 from toolchain.recipe import PruneConfig, validate_dict
 
@@ -151,6 +153,39 @@ def test_prune_classifier_applies_to_weight_only():
     assert "fc" in {r["name"] for r in weight.layers}
     channel = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", prune_classifier=True), x)
     assert channel.model.fc.out_features == 10
+
+
+# ---------------------------------------------------------------- alignment and schedule units
+
+
+def test_kept_channels_are_aligned_and_nearest():
+    for align in (1, 4, 8, 16):
+        for channels in range(1, 400):
+            for sparsity in (0.1, 0.3, 0.5, 0.75, 0.9):
+                kept = kept_channels(channels, sparsity, align)
+                if channels <= align:
+                    assert kept == channels
+                    continue
+                assert kept % align == 0 or kept == channels
+                assert align <= kept <= channels
+                exact = channels * (1 - sparsity)
+                if align <= exact <= channels - align:
+                    assert abs(kept - exact) <= align / 2
+    assert kept_channels(24, 0.5, 8) == 8  # an exact tie goes to the smaller, faster layer
+    assert kept_channels(40, 0.5, 8) == 16 and kept_channels(28, 0.5, 8) == 16
+
+
+def test_nni_ratio_prunes_exactly_the_asked_count():
+    for channels in range(2, 2049):
+        for kept in {1, channels // 3, channels // 2, channels - 1} - {0}:
+            assert int(channels * nni_sparse_ratio(channels, kept)) == channels - kept
+
+
+def test_cubic_ramp_increases_to_the_target():
+    steps = sparsity_steps(0.8, "iterative", 4)
+    assert len(steps) == 4 and steps == sorted(steps) and steps[-1] == pytest.approx(0.8)
+    assert steps[0] > 0.8 / 4  # cubic: prunes more early than a linear ramp
+    assert sparsity_steps(0.5, "one_shot", 4) == [0.5]
 
 
 # ---------------------------------------------------------------- errors

@@ -3,7 +3,7 @@
 onnxruntime/oneDNN CPU kernels work on channel blocks of 8 (16 with AVX-512); a layer
 left with 53 channels falls off the fast path and can be slower than the unpruned
 one (docs/pruning.md). So the number of channels a layer keeps is rounded to the
-nearest multiple of `align`, never below `align`; layers with `align` channels or
+nearest multiple of `align` (ties down), never below `align`; layers with `align` channels or
 fewer are left alone (pruning them saves nothing worth a slow kernel).
 """
 
@@ -17,7 +17,9 @@ def kept_channels(channels: int, sparsity: float, align: int) -> int:
     if channels <= align:
         return channels
     exact = channels * (1.0 - sparsity)
-    kept = align * math.floor(exact / align + 0.5)  # round half up: deterministic, unlike round()
+    # Nearest multiple; an exact tie (24 channels at 50% -> 8 or 16) goes to the smaller
+    # layer: both miss the target equally, and the smaller one is faster.
+    kept = align * math.ceil(exact / align - 0.5)
     return min(channels, max(align, kept))
 
 
