@@ -125,3 +125,47 @@ def test_pruning_prints_nothing():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
+
+
+def _bn_zero_preserving(model):
+    """Random BN statistics with BN(0) == 0, so a masked channel stays exactly zero
+    downstream and the masked model is the function the smaller model must compute."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.copy_(m.bias * (m.running_var + m.eps).sqrt() / m.weight)
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, (2.0 / m.weight[0].numel()) ** 0.5)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v3_small", pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
+def test_speedup_computes_exactly_what_the_masks_say(name):
+    """The physically smaller model equals the masked model (float64; NNI rebuilds
+    layers in float32, hence the 1e-5 relative tolerance)."""
+    import copy
+
+    from toolchain.models import build_model
+    from toolchain.prune.channel import channel_masks, nni_config
+    from toolchain.prune.dependency import channel_groups
+    from toolchain.prune.targets import out_channels, select_targets
+
+    torch.manual_seed(0)
+    model, x = build_model(name, 10).eval().double(), torch.randn(2, 3, 32, 32).double()
+    _bn_zero_preserving(model)
+    targets = select_targets(model, ["Conv2d", "Linear"], [], False)
+    groups = channel_groups(model, x, targets, True)
+    masks = channel_masks(model, nni_config(model, groups, {n: out_channels(m) for n, m in targets.items()}, 0.5, 8), "L1NormPruner")
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, tensors in masks.items():
+            for attr, mask in tensors.items():
+                if getattr(masked.get_submodule(layer), attr) is not None:
+                    getattr(masked.get_submodule(layer), attr).mul_(mask.to(torch.float64))
+        expected = masked(x)
+        speedup(model, masks, x)
+        got = model(x)
+    assert sum(p.numel() for p in model.parameters()) < 0.5 * sum(p.numel() for p in masked.parameters())
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

@@ -8,9 +8,12 @@ exactly on the target. Fine-tuning (the pipeline's KD loop) runs between steps.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, List, Optional
 
 import torch.nn as nn
+
+_LOG = logging.getLogger(__name__)
 
 FinetuneFn = Callable[[nn.Module, int, Optional[Callable[[], None]]], None]
 
@@ -32,6 +35,9 @@ def run_schedule(
     """Prune to each sparsity in turn; fine-tune between steps (not after the last:
     that is the pipeline's own fine-tune stage). Returns the last step's after_step."""
     after_step = None
+    if len(sparsities) > 1 and (finetune_fn is None or step_epochs == 0):
+        _LOG.warning("iterative pruning without fine-tuning between steps (no finetune_fn or step_epochs 0): "
+                     "the steps run back to back, which only costs time over one_shot")
     for i, sparsity in enumerate(sparsities):
         after_step = prune_step(sparsity)
         last = i == len(sparsities) - 1

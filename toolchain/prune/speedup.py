@@ -37,8 +37,15 @@ def speedup(model: nn.Module, masks: Dict[str, Dict[str, torch.Tensor]], example
     nni_compat.import_nni_quietly()
     from nni.compression.speedup import ModelSpeedup
 
-    with eval_mode(model), nni_compat.patched(), nni_compat.quiet():
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+
+    # enable_grad: speedup propagates masks backwards through autograd, and fails
+    # (v.grad is None) when a caller runs it under torch.no_grad().
+    with eval_mode(model), nni_compat.patched(), nni_compat.quiet(), torch.enable_grad():
         # Without a logger of our own, ModelSpeedup forces its module logger to INFO
         # and logs every node it touches.
         ModelSpeedup(model, dummy_batch(example_input), masks, logger=_LOGGER).speedup_model()
+    if dtype is not None:
+        model.to(dtype)  # NNI rebuilds layers in the default dtype (float32); keep the model's
     return model
