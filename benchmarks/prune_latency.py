@@ -1,7 +1,7 @@
 """Does channel pruning make the model faster on onnxruntime CPU? Four variants side by side.
 
     python benchmarks/prune_latency.py                      # resnet18, mobilenet_v2, efficientnet_b0
-    python benchmarks/prune_latency.py --models resnet18 --rounds 5
+    python benchmarks/prune_latency.py --models resnet18 --calls-bs1 200 --calls-bs32 20
 
 Variants, all at 50% channel sparsity except the reference (random weights: latency
 does not depend on the values; 10 classes, 32x32 input):
@@ -11,17 +11,16 @@ does not depend on the values; 10 classes, 32x32 input):
   torch-pruning   Torch-Pruning MagnitudeImportance(p=1), round_to=8 (the peer)
 
 Each variant is exported to ONNX (TorchScript exporter, dynamic batch) and timed with
-onnxruntime (all graph optimisations, intra-op threads = cores). Noise on a shared
-machine is handled by interleaving: every round times every variant once per batch
-size, in a rotated order, and the reported p50 is the median over rounds of each
-round's median. Prints a markdown table (MACs ratio = unpruned MACs / variant MACs;
+onnxruntime (all graph optimisations, one intra-op thread unless --threads, no spinning). Noise
+on a shared machine is handled by interleaving call by call: variant A, B, C, D, then
+B, C, D, A, ..., so load bursts from other processes hit all variants alike; p50 is the
+median of each variant's calls. Prints a markdown table (MACs ratio = unpruned MACs / variant MACs;
 speedup = unpruned p50 / variant p50) and the target checks.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -87,26 +86,28 @@ def check_parity(model: torch.nn.Module, sess: ort.InferenceSession) -> float:
     return float(np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max())
 
 
-def time_once(sess: ort.InferenceSession, feed: Dict[str, np.ndarray], calls: int) -> float:
-    """Median seconds of `calls` runs after two warm-up runs."""
-    for _ in range(2):
-        sess.run(None, feed)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_p50(sessions: Dict[str, ort.InferenceSession], batch: int, calls: int) -> Dict[str, dict]:
+    """p50 and IQR (ms) per variant, timing one call of each variant in turn.
 
-
-def interleaved_p50(sessions: Dict[str, ort.InferenceSession], batch: int, rounds: int, calls: int) -> Dict[str, float]:
+    Call-by-call round robin (first variant rotating) means a burst of load from other
+    processes lands on all variants alike, instead of on whichever was being timed.
+    """
     feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)}
     names = list(sessions)
+    for name in names:  # warm-up: allocations, kernel selection
+        for _ in range(3):
+            sessions[name].run(None, feed)
     samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
-            samples[name].append(time_once(sessions[name], feed, calls))
-    return {n: statistics.median(s) * 1000 for n, s in samples.items()}
+    for i in range(calls):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            start = time.perf_counter()
+            sessions[name].run(None, feed)
+            samples[name].append((time.perf_counter() - start) * 1000)
+    out = {}
+    for name, times in samples.items():
+        q1, q2, q3 = statistics.quantiles(times, n=4)
+        out[name] = {"p50": q2, "iqr": (q3 - q1) / q2}
+    return out
 
 
 def bench_model(name: str, args, workdir: Path) -> List[dict]:
@@ -120,9 +121,10 @@ def bench_model(name: str, args, workdir: Path) -> List[dict]:
         assert parity < 1e-3, f"{name} {variant}: ONNX parity {parity}"
         rows.append({"model": name, "variant": variant, "macs": count_macs(model), "params": count_params(model)})
     for batch, calls in ((1, args.calls_bs1), (32, args.calls_bs32)):
-        p50 = interleaved_p50(sessions, batch, args.rounds, calls)
+        stats = interleaved_p50(sessions, batch, calls)
         for row in rows:
-            row[f"bs{batch}"] = p50[row["variant"]]
+            row[f"bs{batch}"] = stats[row["variant"]]["p50"]
+            row[f"iqr_bs{batch}"] = stats[row["variant"]]["iqr"]
     return rows
 
 
@@ -148,6 +150,10 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _median_iqr(rows: List[dict]) -> float:
+    return statistics.median([r[k] for r in rows for k in ("iqr_bs1", "iqr_bs32")])
+
+
 def checks(rows: List[dict], noise: float) -> List[str]:
     """Targets: ours >= torch-pruning (within `noise`), and >= 1.8x at batch 32 for resnet18 / mobilenet_v2."""
     out = []
@@ -167,10 +173,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2", "efficientnet_b0"])
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds; p50 = median over rounds")
-    p.add_argument("--calls-bs1", type=int, default=60)
-    p.add_argument("--calls-bs32", type=int, default=10)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="onnxruntime intra-op threads")
+    p.add_argument("--calls-bs1", type=int, default=600, help="timed calls per variant at batch 1 (interleaved)")
+    p.add_argument("--calls-bs32", type=int, default=80, help="timed calls per variant at batch 32 (interleaved)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime intra-op threads. 1 by default: on a shared machine a multi-threaded pool "
+                        "waits on co-tenants and the ratios become noise (see docs/pruning.md)")
     p.add_argument("--spin", action="store_true", help="let onnxruntime's intra-op workers spin (its default; noisy on shared cores)")
     p.add_argument("--noise", type=float, default=0.05, help="tolerance when comparing to torch-pruning")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
@@ -185,7 +192,8 @@ def main(argv=None) -> int:
             rows += model_rows
     print(table(rows))
     print(f"\nonnxruntime {ort.__version__}, torch {torch.__version__}, intra-op threads {args.threads}, "
-          f"{args.rounds} interleaved rounds, {time.time() - started:.0f} s")
+          f"{args.calls_bs1}/{args.calls_bs32} interleaved calls per variant at bs1/bs32, "
+          f"median IQR/p50 {_median_iqr(rows):.0%}, {time.time() - started:.0f} s")
     verdicts = checks(rows, args.noise)
     print("\n".join(verdicts))
     return 1 if args.strict and any(v.startswith("MISS") for v in verdicts) else 0
