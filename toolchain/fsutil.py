@@ -50,3 +50,16 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     if not os.access(path, os.W_OK):
         raise OutputError(f"output directory {path} is not writable; fix its permissions or choose another output_dir")
     return path
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive advisory lock (flock) on `path`, held for the with-block; waits for other holders."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -32,13 +32,15 @@ class Summary:
 
     path: Path
     data: Dict[str, Any] = field(default_factory=dict)
+    owner: bool = True  # under torchrun only rank 0 writes it
 
     def add_stage(self, name: str, result: Dict[str, Any], run_id: Optional[str], cached: bool) -> None:
         self.data.setdefault("stages", {})[name] = {**result, "mlflow_run_id": run_id, "cached": cached}
         self.write()
 
     def write(self) -> None:
-        atomic_write_json(self.path, self.data)
+        if self.owner:
+            atomic_write_json(self.path, self.data)
 
 
 @dataclass
@@ -70,14 +72,24 @@ def stage_key(name: str, section: Any, *inputs: str) -> str:
 
 
 def run_cached(ctx: Context, name: str, key: str, params: Dict[str, Any],
-               compute: Callable[[Path, Any], Dict[str, Any]], restore: Callable[[Path, Dict[str, Any]], None]) -> Dict[str, Any]:
-    """Run a stage in its child MLflow run, or reuse its finished output."""
+               compute: Callable[[Path, Any], Dict[str, Any]], restore: Callable[[Path, Dict[str, Any]], None],
+               followers: str = "wait") -> Dict[str, Any]:
+    """Run a stage in its child MLflow run, or reuse its finished output.
+
+    Under torchrun only rank 0 runs this body (tracking, cache, files). `followers` says what the
+    other ranks do meanwhile: "train" (join the DDP compute), "load" (wait, then load rank 0's
+    model), "wait" (nothing to load: export, bench). See toolchain/distributed.py.
+    """
+    from . import distributed as dist
+
     ctx.keys[name] = key
     stage_dir = ctx.cache_dir / f"{name}-{key}"
     done_file = stage_dir / "result.json"
+    if not dist.is_main():
+        return dist.follow_stage(ctx, name, followers, compute, restore)
     with ctx.tracker.stage(name, params=params, tags={"toolchain.stage_key": key}) as run, \
             stage_lock(ctx.cache_dir / f".{name}-{key}.lock"):
-        cached = done_file.is_file() and not ctx.force
+        cached = dist.lead_stage(done_file.is_file() and not ctx.force, stage_dir, followers)
         if cached:
             result = json.loads(done_file.read_text())
             restore(stage_dir, result)
@@ -88,13 +100,15 @@ def run_cached(ctx: Context, name: str, key: str, params: Dict[str, Any],
                 shutil.rmtree(stage_dir)
             ensure_dir(stage_dir)
             t0 = time.perf_counter()
-            result = compute(stage_dir, run)
+            with dist.leading(ctx.data, followers):
+                result = compute(stage_dir, run)
             result.setdefault("metrics", {})["stage_seconds"] = time.perf_counter() - t0
             atomic_write_json(done_file, result)  # written last: its presence means "complete"
         run.set_tags({"toolchain.cached": cached})
         run.log_metrics(result.get("metrics", {}))
     ctx.results[name] = result
     ctx.summary.add_stage(name, result, run.run_id, cached)
+    dist.publish_stage(stage_dir, result, followers, None if cached else restore)
     return result
 
 
@@ -102,14 +116,10 @@ def run_cached(ctx: Context, name: str, key: str, params: Dict[str, Any],
 def stage_lock(path: Path):
     """Two processes asking for the same stage output (a sweep, a double-started job) take
     turns: the second waits, then finds result.json and reuses it instead of racing."""
-    import fcntl
+    from .fsutil import file_lock
 
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(path):
+        yield
 
 
 def _relog_history(run, result: Dict[str, Any]) -> None:
@@ -134,9 +144,14 @@ def plan(recipe: Recipe) -> List[str]:
 
 def compress(recipe: Recipe, force: bool = False) -> Dict[str, Any]:
     """Run every stage of the recipe; returns the summary dict (also in export/<name>/summary.json)."""
+    from . import distributed as dist
     from . import stages
 
-    with make_context(recipe, force) as ctx:
+    if recipe.matrix is not None:
+        from .errors import RecipeError
+
+        raise RecipeError(f"recipe {recipe.name!r} has a matrix section (a sweep of variants); run it with `python -m toolchain sweep RECIPE`")
+    with dist.session(recipe.device), make_context(recipe, force) as ctx:  # torchrun: process group
         for name in plan(recipe):
             getattr(stages, f"run_{name}")(ctx)
         stages.finish(ctx)
@@ -203,17 +218,22 @@ def make_context(recipe: Recipe, force: bool = False):
     seed_everything(recipe.seed)
     run_dir = ensure_dir(Path(recipe.output_dir) / recipe.name)
     cache_dir = ensure_dir(Path(recipe.output_dir) / ".cache")
-    tracker = make_tracker(recipe.tracking, dist.is_main())
-    device = resolve_device(recipe.device)
-    data = build_data(recipe.data, recipe.seed, device, dist.world_size(), dist.rank())
+    # under torchrun a user error on any rank (tracking unreachable on rank 0...) stops every rank
+    tracker = dist.agree(lambda: make_tracker(recipe.tracking, dist.is_main()))
+    device = dist.agree(lambda: resolve_device(recipe.device))
+    data = dist.agree(lambda: build_data(recipe.data, recipe.seed, device, dist.world_size(), dist.rank()))
     stale = tracker.mark_stale_runs(recipe.name) if hasattr(tracker, "mark_stale_runs") else []
     tags = recipe_tags(recipe)
+    scale = dist.describe(recipe.data.batch_size)  # world size, backend, effective batch
+    tags.update({f"toolchain.{k}": v for k, v in scale.items()})
     if stale:
         tags["toolchain.resumed_after"] = ",".join(stale)
     summary = Summary(run_dir / "summary.json", {"run_name": recipe.name, "recipe_hash": recipe_hash(recipe),
-                                                  "toolchain_version": __version__, "status": "RUNNING"})
+                                                  "toolchain_version": __version__, "status": "RUNNING",
+                                                  "distributed": scale}, owner=dist.is_main())
     with tracker.run(recipe.name, recipe_params(recipe), tags) as parent:
-        parent.log_artifact(write_recipe_copy(run_dir, recipe))
+        if dist.is_main():
+            parent.log_artifact(write_recipe_copy(run_dir, recipe))
         summary.data["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                                   "parent_run_id": tracker.parent_run_id}
         ctx = Context(recipe, device, data, tracker, run_dir, cache_dir, summary, force=force, parent_run=parent)

@@ -60,6 +60,58 @@ def _sqlite_path(uri: str) -> Optional[Path]:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+# ---------------------------------------------------------------- tracking servers (http/https)
+
+CONNECT_TIMEOUT_ENV = "TOOLCHAIN_TRACKING_CONNECT_TIMEOUT_S"
+# While connecting, MLflow's HTTP client must not retry a dead server (default: 7 retries with
+# exponential backoff, about 4 minutes) before we can say so. A value the user set wins.
+CONNECT_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_http_server(uri: str) -> None:
+    """One plain GET <uri>/health: a refused, unresolvable or silent server fails in seconds.
+    Only a failure to connect is an error here; any HTTP answer means something listens."""
+    import urllib.error
+    import urllib.request
+
+    timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV, "5"))
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        if isinstance(reason, OSError) and reason.strerror:
+            reason = reason.strerror
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+                            "(docs/scale_out.md) or point tracking.uri / MLFLOW_TRACKING_URI at a running one") from None
+
+
+def _fail_fast_on_http(connect: Callable) -> Callable:
+    """Tracker.connect against a server: reachability check first, then MLflow calls without retries."""
+    import functools
+
+    @functools.wraps(connect)
+    def wrapper(self, *args, **kwargs):
+        if not _is_http(self.uri):
+            return connect(self, *args, **kwargs)
+        check_http_server(self.uri)
+        saved = {k: os.environ.get(k) for k in CONNECT_HTTP_ENV}
+        os.environ.update({k: v for k, v in CONNECT_HTTP_ENV.items() if saved[k] is None})
+        try:
+            return connect(self, *args, **kwargs)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+
+    return wrapper
+
+
 class StageRun:
     """Handle a stage uses to log into its child run."""
 
@@ -122,14 +174,15 @@ class NullTracker:
 
 class Tracker(NullTracker):
     def __init__(self, uri: Optional[str], experiment: str):
-        quiet_library_logs()
         import mlflow
 
+        quiet_library_logs()  # after the import: mlflow configures its loggers at import time
         self.mlflow = mlflow
         self.uri = resolve_uri(uri)
         self.experiment_name = experiment
         self._common_tags: Dict[str, Any] = {}
 
+    @_fail_fast_on_http
     def connect(self) -> None:
         """Set the URI and experiment; fail early (before any training) when the store is unreachable."""
         sqlite_path = _sqlite_path(self.uri)
@@ -139,7 +192,8 @@ class Tracker(NullTracker):
             ensure_dir(sqlite_path.parent if str(sqlite_path.parent) else Path("."))
         self.mlflow.set_tracking_uri(self.uri)
         try:
-            self.experiment_id = retry(self._get_or_create_experiment, sqlite_path)
+            with _schema_lock(sqlite_path):
+                self.experiment_id = retry(self._get_or_create_experiment, sqlite_path)
         except TrackingError:
             raise
         except Exception as exc:
@@ -211,6 +265,19 @@ class Tracker(NullTracker):
             retry(self.mlflow.end_run, status="FAILED")
             raise
         retry(self.mlflow.end_run, status="FINISHED")
+
+
+@contextmanager
+def _schema_lock(sqlite_path: Optional[Path]):
+    """MLflow creates/migrates the SQLite schema on first connect; two processes doing it at
+    once fail ("duplicate column"). Serialise the first connect with a lock file beside the DB."""
+    if sqlite_path is None:
+        yield
+        return
+    from .fsutil import file_lock
+
+    with file_lock(f"{sqlite_path}.lock"):
+        yield
 
 
 def _process_alive(tags: Dict[str, str]) -> bool:
