@@ -41,7 +41,9 @@ def load_stage_model(ctx: Context, model_cfg, path: Path) -> torch.nn.Module:
 
 
 def data_key(ctx: Context) -> str:
-    return stage_key("data", ctx.recipe.data, str(ctx.recipe.seed))
+    # under torchrun each process trains on its 1/N shard: N is part of what the data is
+    shards = [f"world_size={dist.world_size()}"] if dist.world_size() > 1 else []
+    return stage_key("data", ctx.recipe.data, str(ctx.recipe.seed), *shards)
 
 
 def file_digest(path: Optional[str]) -> str:
@@ -60,12 +62,16 @@ def train(ctx: Context, model, cfg, stage: str, stage_dir: Optional[Path], run, 
     result = fit(trained, task, ctx.data.train, ctx.data.val, cfg, stage=stage,
                  state_path=None if stage_dir is None else stage_dir / "train_state.pt",
                  on_epoch=lambda epoch, m: run.log_metrics(m, step=epoch), after_step=after_step)
+    dist.debug_record(stage, ctx.data.train, model)
     return result.history
 
 
 def finalize(ctx: Context, name: str, model, stage_dir: Path, history=None, extra=None) -> Dict[str, Any]:
     """Save, evaluate (val for selection, test once for the report), count, score PE."""
     model.eval()
+    if not dist.is_main():  # torchrun: rank 0 saves and scores; the others load its checkpoint after the stage
+        ctx.models[name] = model
+        return {}
     checkpoint = stage_dir / "model.pt"
     save_state({"model": model.state_dict()}, checkpoint)
     metrics = {
@@ -119,7 +125,7 @@ def run_teacher(ctx: Context) -> None:
     def restore(stage_dir: Path, result) -> None:
         ctx.models["teacher"] = load_stage_model(ctx, cfg, stage_dir / "model.pt")
 
-    run_cached(ctx, "teacher", key, {"model": cfg.model}, compute, restore)
+    run_cached(ctx, "teacher", key, {"model": cfg.model}, compute, restore, followers="train")
 
 
 def run_distill(ctx: Context) -> None:
@@ -138,7 +144,8 @@ def run_distill(ctx: Context) -> None:
     def restore(stage_dir: Path, result) -> None:
         ctx.models["distill"] = load_stage_model(ctx, r.student, stage_dir / "model.pt")
 
-    run_cached(ctx, "distill", key, {"student": r.student.model, "loss": r.distill.loss}, compute, restore)
+    run_cached(ctx, "distill", key, {"student": r.student.model, "loss": r.distill.loss}, compute, restore,
+               followers="train")
 
 
 def run_prune(ctx: Context) -> None:
@@ -167,7 +174,7 @@ def run_prune(ctx: Context) -> None:
         if run_log:
             ctx.parent_run.log_dict(run_log, "prune_layers.json")
 
-    run_cached(ctx, "prune", key, flat_section("prune", cfg), compute, restore)
+    run_cached(ctx, "prune", key, flat_section("prune", cfg), compute, restore, followers="load")  # rank 0 prunes
 
 
 def _step_train_cfg(ctx: Context):
@@ -190,7 +197,7 @@ def run_finetune(ctx: Context) -> None:
     def restore(stage_dir: Path, result) -> None:
         ctx.models["finetune"] = load_stage_model(ctx, r.student, stage_dir / "model.pt")
 
-    run_cached(ctx, "finetune", key, flat_section("finetune", r.finetune), compute, restore)
+    run_cached(ctx, "finetune", key, flat_section("finetune", r.finetune), compute, restore, followers="train")
 
 
 def flat_section(name: str, section) -> Dict[str, Any]:

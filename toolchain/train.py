@@ -128,6 +128,7 @@ def fit(
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         train_metrics = _train_epoch(model, task, train_batches, optimizer, scheduler, epoch, cfg.epochs, stage, after_step)
+        dist.sync_buffers(model)  # torchrun: rank 0's BatchNorm stats everywhere, so every rank's val agrees
         val = evaluate(dist.unwrap(model), val_batches)
         metrics = {**train_metrics, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "lr": scheduler.get_last_lr()[0]}
         result.history.append(metrics)

@@ -1,0 +1,137 @@
+"""torchrun DDP on CPU (gloo): two processes run teacher -> KD -> channel pruning -> KD fine-tune.
+
+Checks what DDP must guarantee: each rank trains on its own shard, gradients are
+synchronised (identical weights on both ranks after every training stage), rank 0
+alone tracks (one MLflow run tree) and writes, the pruned model is the same shape as
+a single-process run's, and accuracy lands in the same range.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from toolchain.checkpoint import extract_state_dict, load_state
+from toolchain.cli import run
+
+pytestmark = pytest.mark.slow
+
+TRAIN_STAGES = ["teacher", "distill", "finetune"]
+STAGES = ["teacher", "distill", "prune", "finetune"]
+
+
+@pytest.fixture
+def recipe_for(tiny_recipe, fmnist_root, tmp_path):
+    """A tiny full recipe (3 teacher epochs: enough for the striped images to be learnt) per run name."""
+
+    def make(name, batch_size):
+        path = tiny_recipe(
+            name=name,
+            output_dir=str(tmp_path / name / "export"),
+            data={"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": batch_size, "eval_batch_size": 64},
+            teacher={"model": "cifar_resnet20", "train": {"epochs": 3, "lr": 0.05}},
+            prune={"method": "channel", "pruner": "l1", "sparsity": 0.5},
+            finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
+            tracking={"uri": f"sqlite:///{tmp_path}/{name}/mlruns/mlflow.db", "experiment": "tests"},
+        )
+        return path.rename(path.with_name(f"{name}.yaml"))
+
+    return make
+
+
+def torchrun(args, tmp_path, timeout=240, **env):
+    repo = str(Path(__file__).resolve().parents[1])
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])), **env}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolchain", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment, cwd=tmp_path)
+
+
+def shapes(checkpoint):
+    return {k: tuple(v.shape) for k, v in extract_state_dict(load_state(checkpoint)).items()}
+
+
+def test_torchrun_two_processes_shard_sync_and_track_once(recipe_for, tmp_path):
+    debug_dir = tmp_path / "ranks"
+    ddp_recipe = recipe_for("ddp", batch_size=16)  # 16 x 2 ranks = the single run's 32
+    t0 = time.perf_counter()
+    proc = torchrun(["compress", str(ddp_recipe)], tmp_path, TOOLCHAIN_DIST_DEBUG_DIR=str(debug_dir))
+    ddp_seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # both ranks trained, on disjoint shards covering the training split, with DDP
+    ranks = [json.loads((debug_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [rec["stage"] for rec in ranks[0]] == [rec["stage"] for rec in ranks[1]] == TRAIN_STAGES
+    for rec0, rec1 in zip(*ranks):
+        assert rec0["ddp"] and rec1["ddp"] and rec0["world_size"] == rec1["world_size"] == 2
+        assert rec0["num_samples"] == rec1["num_samples"] == 135  # 300 images - 30 val = 270, halved
+        assert not set(rec0["indices"]) & set(rec1["indices"])
+        assert len(set(rec0["indices"]) | set(rec1["indices"])) == 270
+        # different data, same weights afterwards: gradients were all-reduced
+        assert rec0["param_checksum"] == pytest.approx(rec1["param_checksum"], rel=1e-6, abs=1e-6)
+
+    # rank 0 alone wrote the summary and tracked: exactly one run tree
+    summary = json.loads((tmp_path / "ddp" / "export" / "ddp" / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and list(summary["stages"]) == STAGES
+    assert summary["distributed"] == {"world_size": 2, "backend": "gloo", "effective_batch_size": 32}
+    client = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"])
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]])
+    parents = [r for r in runs if r.data.tags.get("toolchain.stage") == "compress"]
+    assert len(parents) == 1 and parents[0].info.run_id == summary["mlflow"]["parent_run_id"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(STAGES) and len(runs) == 1 + len(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parents[0].data.tags["toolchain.world_size"] == "2"
+    assert parents[0].data.tags["toolchain.effective_batch_size"] == "32"
+    assert not list(tmp_path.glob("toolchain-rank*")), "follower temp folders left behind"
+
+    # the same recipe in one process (batch 32 = the same effective batch)
+    single_recipe = recipe_for("single", batch_size=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like each torchrun rank (OMP_NUM_THREADS=1); 2 threads on a busy 2-core box crawl
+    try:
+        t0 = time.perf_counter()
+        assert run(["compress", str(single_recipe)]) == 0
+        single_seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    single = json.loads((tmp_path / "single" / "export" / "single" / "summary.json").read_text())
+    assert single["distributed"]["world_size"] == 1
+
+    # the pruned + fine-tuned model is physically the same shape
+    ddp_final = shapes(summary["stages"]["finetune"]["paths"]["checkpoint"])
+    assert ddp_final == shapes(single["stages"]["finetune"]["paths"]["checkpoint"])
+    assert summary["stages"]["prune"]["metrics"]["params"] < summary["stages"]["distill"]["metrics"]["params"]
+
+    # accuracy in the same range (tiny data: the teacher learns, the tiny KD student stays near chance)
+    for stage in STAGES:
+        ddp_acc = summary["stages"][stage]["metrics"]["test_accuracy"]
+        single_acc = single["stages"][stage]["metrics"]["test_accuracy"]
+        assert abs(ddp_acc - single_acc) <= 0.25, (stage, ddp_acc, single_acc)
+    assert summary["stages"]["teacher"]["metrics"]["test_accuracy"] > 0.2  # chance is 0.1
+    print(f"torchrun x2: {ddp_seconds:.1f}s, single process: {single_seconds:.1f}s")
+
+
+def test_torchrun_unreachable_tracking_stops_every_rank_at_start(recipe_for, tmp_path):
+    """Rank 0 cannot reach the server: every rank raises the same one-line error before training."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = recipe_for("down", batch_size=16)
+    t0 = time.perf_counter()
+    proc = torchrun(["compress", str(recipe), f"tracking.uri=http://127.0.0.1:{port}"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert time.perf_counter() - t0 < 60
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: MLflow tracking server")]
+    assert len(errors) == 2, proc.stderr[-3000:]  # one line from each rank
+    assert "epoch" not in proc.stdout
+    assert not (tmp_path / "down" / "export" / ".cache").exists() or not any((tmp_path / "down" / "export" / ".cache").iterdir())
