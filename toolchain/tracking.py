@@ -236,8 +236,9 @@ class Tracker(NullTracker):
         """The parent run. Ctrl-C marks it KILLED, an exception FAILED."""
         self._common_tags = {**tags, f"{TAG_PREFIX}run_name": run_name}
         process_tags = {f"{TAG_PREFIX}pid": os.getpid(), f"{TAG_PREFIX}host": socket.gethostname()}
-        run = retry(self.mlflow.start_run, run_name=run_name,
-                    tags={**self._common_tags, **process_tags, f"{TAG_PREFIX}stage": "compress"})
+        all_tags = {**self._common_tags, **process_tags, f"{TAG_PREFIX}stage": "compress"}
+        # str(): SQLite accepts numbers, an HTTP tracking server's protobuf API does not
+        run = retry(self.mlflow.start_run, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
         self.parent_run_id = run.info.run_id
         handle = StageRun(self.mlflow, run.info.run_id)
         with self._ended_on_exit():
