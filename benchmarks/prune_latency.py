@@ -12,9 +12,10 @@ does not depend on the values; 10 classes, 32x32 input):
 
 Each variant is exported to ONNX (TorchScript exporter, dynamic batch) and timed with
 onnxruntime (all graph optimisations, one intra-op thread unless --threads, no spinning). Noise
-on a shared machine is handled by interleaving call by call: variant A, B, C, D, then
-B, C, D, A, ..., so load bursts from other processes hit all variants alike; p50 is the
-median of each variant's calls. Prints a markdown table (MACs ratio = unpruned MACs / variant MACs;
+on a shared machine is handled by interleaving call by call, in a freshly shuffled
+order each round, so load bursts from other processes hit all variants alike; and by
+4 trials that create the sessions in rotated order (a session's place in memory moved
+batch-1 latency by ~5%). p50 is the median of each variant's calls over all trials. Prints a markdown table (MACs ratio = unpruned MACs / variant MACs;
 speedup = unpruned p50 / variant p50) and the target checks.
 """
 
@@ -86,11 +87,12 @@ def check_parity(model: torch.nn.Module, sess: ort.InferenceSession) -> float:
     return float(np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max())
 
 
-def interleaved_p50(sessions: Dict[str, ort.InferenceSession], batch: int, calls: int) -> Dict[str, dict]:
-    """p50 and IQR (ms) per variant, timing one call of each variant in turn.
+def interleaved_samples(sessions: Dict[str, ort.InferenceSession], batch: int, calls: int, seed: int) -> Dict[str, List[float]]:
+    """Latencies (ms) per variant, timing one call of each variant in turn.
 
-    Call-by-call round robin (first variant rotating) means a burst of load from other
-    processes lands on all variants alike, instead of on whichever was being timed.
+    Call-by-call interleaving means a burst of load from other processes lands on all
+    variants alike, instead of on whichever was being timed. The order is shuffled
+    every round, so no variant always runs right after the big unpruned model.
     """
     feed = {"input": np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)}
     names = list(sessions)
@@ -98,33 +100,50 @@ def interleaved_p50(sessions: Dict[str, ort.InferenceSession], batch: int, calls
         for _ in range(3):
             sessions[name].run(None, feed)
     samples: Dict[str, List[float]] = {n: [] for n in names}
-    for i in range(calls):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+    rng = np.random.default_rng(seed)
+    for _ in range(calls):
+        for name in rng.permutation(names):
             start = time.perf_counter()
             sessions[name].run(None, feed)
             samples[name].append((time.perf_counter() - start) * 1000)
-    out = {}
-    for name, times in samples.items():
+    return samples
+
+
+def measure(paths: Dict[str, Path], args) -> Dict[str, Dict[str, float]]:
+    """p50 and IQR/p50 per variant and batch size, pooled over len(paths) trials.
+
+    Where a session sits in memory matters at batch 1: the session created second ran
+    a fixed ~5% slower than the same graph created fourth. So each trial creates fresh
+    sessions in a rotated order (every variant takes every position once).
+    """
+    names = list(paths)
+    pooled = {(n, b): [] for n in names for b in (1, 32)}
+    for trial in range(len(names)):
+        order = names[trial:] + names[:trial]
+        sessions = {n: session(paths[n], args.threads, args.spin) for n in order}
+        for batch, calls in ((1, args.calls_bs1), (32, args.calls_bs32)):
+            for n, times in interleaved_samples(sessions, batch, calls // len(names), seed=trial).items():
+                pooled[(n, batch)] += times
+        del sessions
+    out: Dict[str, Dict[str, float]] = {n: {} for n in names}
+    for (n, batch), times in pooled.items():
         q1, q2, q3 = statistics.quantiles(times, n=4)
-        out[name] = {"p50": q2, "iqr": (q3 - q1) / q2}
+        out[n][f"bs{batch}"], out[n][f"iqr_bs{batch}"] = q2, (q3 - q1) / q2
     return out
 
 
 def bench_model(name: str, args, workdir: Path) -> List[dict]:
-    rows, sessions = [], {}
+    rows, paths = [], {}
     for variant in VARIANTS:
         model = build_variant(name, variant, args.sparsity)
-        path = workdir / f"{name}-{variant}.onnx"
-        export(model, path)
-        sessions[variant] = session(path, args.threads, args.spin)
-        parity = check_parity(model, sessions[variant])
+        paths[variant] = workdir / f"{name}-{variant}.onnx"
+        export(model, paths[variant])
+        parity = check_parity(model, session(paths[variant], args.threads, args.spin))
         assert parity < 1e-3, f"{name} {variant}: ONNX parity {parity}"
         rows.append({"model": name, "variant": variant, "macs": count_macs(model), "params": count_params(model)})
-    for batch, calls in ((1, args.calls_bs1), (32, args.calls_bs32)):
-        stats = interleaved_p50(sessions, batch, calls)
-        for row in rows:
-            row[f"bs{batch}"] = stats[row["variant"]]["p50"]
-            row[f"iqr_bs{batch}"] = stats[row["variant"]]["iqr"]
+    stats = measure(paths, args)
+    for row in rows:
+        row.update(stats[row["variant"]])
     return rows
 
 
