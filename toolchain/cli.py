@@ -29,7 +29,30 @@ class Commands:
         from .pipeline import compress
 
         _quiet()
-        compress(_load(recipe, overrides), force=force or fresh)
+        loaded = _load(recipe, overrides)
+        if loaded.matrix is not None:
+            from .errors import RecipeError
+
+            raise RecipeError(f"{recipe} has a matrix section (a sweep of variants); run: python -m toolchain sweep {recipe}")
+        compress(loaded, force=force or fresh)
+
+    def sweep(self, recipe: str, *overrides: str, force: bool = False, dry_run: bool = False, only: str = ""):
+        """Run every variant of RECIPE's matrix section (or every recipe in a directory), one after another.
+
+        All variants are validated before the first runs; they share finished stages (one teacher).
+        A failed variant is reported and the sweep goes on; the exit code is 1 if any failed.
+
+        Args:
+          recipe: a YAML recipe with a `matrix:` section, or a directory of recipes (e.g. recipes/study/)
+          overrides: dotted section.key=value pairs applied to every variant (not to matrix axes)
+          force: recompute every stage instead of reusing finished outputs
+          dry_run: only validate and list the variants
+          only: run only the variants whose name matches this glob or substring
+        """
+        from .sweep import run_sweep
+
+        _quiet()
+        run_sweep(recipe, [str(o) for o in overrides], force=force, dry_run=dry_run, only=only or None)
 
     def validate(self, recipe: str, *overrides: str):
         """Print the resolved recipe (defaults filled in) or the first error, one line, exit 2.
