@@ -216,6 +216,18 @@ def test_no_matching_layers_is_a_clear_error():
         prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", op_types=["Conv3d"]), example())
 
 
+def test_grouped_convs_point_to_the_torch_pruning_engine():
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, groups=4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+    x = example()
+    with pytest.raises(PruneError, match="set prune.engine: torch_pruning"):
+        prune_model(model, PruneConfig(method="channel"), x)
+    result = prune_model(model, PruneConfig(method="channel", engine="torch_pruning"), x)
+    assert result.report["macs_after"] < result.report["macs_before"] and result.model(x).shape == (2, 10)
+
+
 # ---------------------------------------------------------------- fine-tuning support
 
 
