@@ -29,7 +29,7 @@ the calling instruction as `dis.get_instructions(code)[f_lasti // 2]`.
 `patched()` applies all of them for the duration of a `with` block and restores NNI exactly
 as it was afterwards. It nests (a depth counter) so that callers need not care
 whether an outer block already patched. Only toolchain.prune uses it, and only around
-speedup / dependency tracing: importing the toolchain never changes NNI globally.
+ModelSpeedup: importing the toolchain never changes NNI globally.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _depth = 0
 _saved: dict = {}
 
 # Loggers NNI writes to at import and during tracing / speedup / pruning.
-NNI_LOGGERS = ("nni", "Shape_Dependency", "FixMaskConflict", "concrete_tracer", "torch.fx")
+NNI_LOGGERS = ("nni", "Shape_Dependency", "Shape Dependency", "FixMaskConflict", "concrete_tracer", "torch.fx")
 
 
 _JUMPS_311 = (
