@@ -92,6 +92,14 @@ def test_torchrun_two_processes_shard_sync_and_track_once(recipe_for, tmp_path):
     assert parents[0].data.tags["toolchain.effective_batch_size"] == "32"
     assert not list(tmp_path.glob("toolchain-rank*")), "follower temp folders left behind"
 
+    # rerun: rank 0 reuses every stage and the others load its checkpoints (no training, no race)
+    proc = torchrun(["compress", str(ddp_recipe)], tmp_path, TOOLCHAIN_DIST_DEBUG_DIR=str(debug_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rerun = json.loads((tmp_path / "ddp" / "export" / "ddp" / "summary.json").read_text())
+    assert all(rerun["stages"][s]["cached"] for s in STAGES) and rerun["status"] == "FINISHED"
+    assert all(len(json.loads((debug_dir / f"rank{r}.json").read_text())) == len(TRAIN_STAGES) for r in (0, 1))
+    assert len(client.search_runs([summary["mlflow"]["experiment_id"]])) == 2 * (1 + len(STAGES))
+
     # the same recipe in one process (batch 32 = the same effective batch)
     single_recipe = recipe_for("single", batch_size=32)
     threads = torch.get_num_threads()

@@ -28,7 +28,7 @@ import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -221,13 +221,16 @@ def leading(data, followers: str):
         yield
 
 
-def publish_stage(stage_dir: Path, result: Dict[str, Any], followers: str, restore: Callable) -> None:
-    """Rank 0 at the end of a stage: send the result and the model checkpoint to the others."""
+def publish_stage(stage_dir: Path, result: Dict[str, Any], followers: str, restore: Optional[Callable]) -> None:
+    """Rank 0 at the end of a stage: send the result and the model checkpoint to the others.
+
+    restore: rank 0's own reload after a "load" stage it computed (None when it was reused:
+    rank 0 restored it from the checkpoint already)."""
     if not is_distributed():
         return
     files = _read_files(stage_dir, ["model.pt"]) if followers != "wait" else {}
     share({"result": result, "files": files})
-    if followers == "load":
+    if followers == "load" and restore is not None:
         restore(stage_dir, result)  # continue from the checkpoint like the others: same modules everywhere
 
 
