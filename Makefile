@@ -29,8 +29,10 @@ data:
 demo: venv data
 	$(PY) -m toolchain compress $(RECIPE)
 
+# One torch thread per test process: the suite starts subprocesses (torchrun, concurrent runs),
+# and oversubscribed threads on 2 cores make it several times slower.
 test: venv data
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: venv
 	$(PY) benchmarks/prune_latency.py
