@@ -236,6 +236,7 @@ def make_context(recipe: Recipe, force: bool = False):
             parent.log_artifact(write_recipe_copy(run_dir, recipe))
         summary.data["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                                   "parent_run_id": tracker.parent_run_id}
+        summary.write()  # status RUNNING from the start: a crash before the first stage still leaves a trace
         ctx = Context(recipe, device, data, tracker, run_dir, cache_dir, summary, force=force, parent_run=parent)
         try:
             yield ctx
