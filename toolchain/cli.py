@@ -29,6 +29,7 @@ class Commands:
         from .pipeline import compress
 
         _quiet()
+        _stop_cleanly_on_sigterm()
         loaded = _load(recipe, overrides)
         if loaded.matrix is not None:
             from .errors import RecipeError
@@ -53,6 +54,20 @@ class Commands:
 
         _quiet()
         run_sweep(recipe, [str(o) for o in overrides], force=force, dry_run=dry_run, only=only or None)
+
+    def report(self, experiment: str, out: str = "docs/report", tracking_uri: str = "", log: bool = True):
+        """Table (markdown + CSV) and plots of the finished compress runs of an MLflow experiment.
+
+        Args:
+          experiment: MLflow experiment name (the recipes' tracking.experiment)
+          out: output directory for report.md, report.csv and the PNG plots
+          tracking_uri: MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
+          log: also log the report files to MLflow (a run named report in the experiment); --nolog to skip
+        """
+        from .report import make_report
+
+        _quiet()
+        make_report(str(experiment), out, tracking_uri or None, log_to_mlflow=log)
 
     def validate(self, recipe: str, *overrides: str):
         """Print the resolved recipe (defaults filled in) or the first error, one line, exit 2.
@@ -112,6 +127,17 @@ def _quiet() -> None:
     from .tracking import quiet_library_logs
 
     quiet_library_logs()
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """Schedulers (SLURM, Kubernetes, systemd) stop jobs with SIGTERM: treat it like Ctrl-C so
+    the MLflow runs are marked KILLED and finished stages are kept."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def run(argv: List[str]) -> int:
