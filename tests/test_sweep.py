@@ -230,9 +230,17 @@ def test_tiny_sweep_trains_the_teacher_once(tiny_recipe, tmp_path, capsys, one_t
     channel = summaries[1]["stages"]["prune"]["metrics"]
     assert channel["macs"] < summaries[1]["stages"]["distill"]["metrics"]["macs"]
 
+    # --force recomputes each stage once per sweep: still one teacher, not one per variant
+    teacher_result = next((export / ".cache").glob("teacher-*")) / "result.json"
+    before = teacher_result.stat().st_mtime_ns
+    assert run(["sweep", str(path), "--force", "--only", "mobilenet_v3_small"]) == 0
+    forced = [json.loads((export / n / "summary.json").read_text())["stages"] for n in names[:2]]
+    assert [s["teacher"]["cached"] for s in forced] == [False, True] and teacher_result.stat().st_mtime_ns > before
+    assert [s["prune"]["cached"] for s in forced] == [False, False] and [s["distill"]["cached"] for s in forced] == [False, True]
+
     tracking = summaries[0]["mlflow"]
     assert {s["mlflow"]["experiment_id"] for s in summaries} == {tracking["experiment_id"]}
     client = mlflow.MlflowClient(tracking["tracking_uri"])
     parents = client.search_runs([tracking["experiment_id"]], "tags.`toolchain.stage` = 'compress'")
-    assert sorted(r.data.tags["toolchain.run_name"] for r in parents) == sorted(names)
+    assert sorted(r.data.tags["toolchain.run_name"] for r in parents) == sorted(names + names[:2])
     assert {r.info.status for r in parents} == {"FINISHED"}

@@ -46,13 +46,14 @@ class Commands:
         Args:
           recipe: a YAML recipe with a `matrix:` section, or a directory of recipes (e.g. recipes/study/)
           overrides: dotted section.key=value pairs applied to every variant (not to matrix axes)
-          force: recompute every stage instead of reusing finished outputs
+          force: recompute the stages instead of reusing finished outputs (each once per sweep: still one teacher)
           dry_run: only validate and list the variants
           only: run only the variants whose name matches this glob or substring
         """
         from .sweep import run_sweep
 
         _quiet()
+        _stop_cleanly_on_sigterm()
         run_sweep(recipe, [str(o) for o in overrides], force=force, dry_run=dry_run, only=only or None)
 
     def report(self, experiment: str, out: str = "docs/report", tracking_uri: str = "", log: bool = True):
