@@ -160,7 +160,8 @@ def test_method_comparison_picks_the_higher_pe():
 
 
 def test_report_of_a_tiny_sweep(tiny_recipe, tmp_path):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core machine: two threads per process are several times slower
     try:
         path = tiny_recipe(prune={"method": "weight", "sparsity": 0.5}, finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
                            export={"exporter": "dynamo", "opset": 18},
@@ -174,7 +175,7 @@ def test_report_of_a_tiny_sweep(tiny_recipe, tmp_path):
         path.write_text(yaml.safe_dump(recipe))
         assert run(["sweep", str(path)]) == 0
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     uri = recipe["tracking"]["uri"]
     assert run(["report", "tests", "--tracking_uri", uri, "--out", str(tmp_path / "report")]) == 0
     rows = {r["run_name"]: r for r in read_csv(tmp_path / "report" / "report.csv")}

@@ -344,7 +344,8 @@ def plot_acc_vs_latency(rows, refs, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     _scatter(ax, rows, refs, "latency_p50_ms", _styles(rows))
-    points = [(r["latency_p50_ms"], r["test_accuracy"], r["run_name"]) for r in rows if r.get("latency_p50_ms") is not None]
+    prefix = _common_prefix([r["run_name"] for r in rows])
+    points = [(r["latency_p50_ms"], r["test_accuracy"], r["run_name"][len(prefix):]) for r in rows if r.get("latency_p50_ms") is not None]
     points += [(r["latency_p50_ms"], r["test_accuracy"], f"{r['model']} ({r['role']})") for r in refs if r.get("latency_p50_ms") is not None]
     front = pareto_front(points)
     if front:
@@ -358,6 +359,16 @@ def plot_acc_vs_latency(rows, refs, path: Path, title: str) -> None:
     ax.set_title(f"{title}: accuracy vs latency (red: Pareto front)")
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+def _common_prefix(names: List[str]) -> str:
+    """'study-fmnist-' of study-fmnist-resnet18-weight, ...: labels without what every run shares."""
+    import os
+
+    if len(names) < 2:
+        return ""
+    prefix = os.path.commonprefix(names)
+    return prefix[: prefix.rfind("-") + 1]
 
 
 def plot_pe(rows, path: Path, title: str) -> None:
