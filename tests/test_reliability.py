@@ -33,8 +33,11 @@ def metrics_without_timing(stage):
 
 def start(recipe_path, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A shell's background job (CI runners) ignores SIGINT and children inherit that; restore the
+    # default so the child Python turns SIGINT into KeyboardInterrupt as in a terminal.
     return subprocess.Popen([sys.executable, "-m", "toolchain", "compress", str(recipe_path), *extra], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(pattern: str, root: Path, timeout: float = 120) -> Path:
