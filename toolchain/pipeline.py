@@ -216,6 +216,10 @@ def make_context(recipe: Recipe, force: bool = False):
     from .tracking import make_tracker
 
     seed_everything(recipe.seed)
+    if recipe.threads:
+        import torch
+
+        torch.set_num_threads(recipe.threads)
     run_dir = ensure_dir(Path(recipe.output_dir) / recipe.name)
     cache_dir = ensure_dir(Path(recipe.output_dir) / ".cache")
     # under torchrun a user error on any rank (tracking unreachable on rank 0...) stops every rank

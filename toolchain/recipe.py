@@ -263,6 +263,7 @@ class Recipe(Section):
     name: str = Field(..., pattern=RUN_NAME_PATTERN, description="Run name; becomes export/<name>/ (letters, digits, . _ -; no path separators).")
     seed: int = Field(0, ge=0, description="Seed for data split, init, shuffling.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto picks cuda when available.")
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="torch CPU threads for training and evaluation; None keeps torch's default (one per core). On a machine shared with other jobs, 1 is often faster.")
     output_dir: str = Field("export", description="Where export/<name>/ (summary, ONNX, checkpoints) is written.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loaders.")
     teacher: Optional[TeacherConfig] = Field(None, description="Teacher: trained here or loaded from a checkpoint.")
