@@ -7,6 +7,7 @@ description (shown by `python -m toolchain validate`). Downstream code trusts it
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -341,6 +342,11 @@ def _apply_override(raw: Dict[str, Any], item: str, path: Path) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    set_dotted(raw, key, value, f"{path}: override")
+
+
+def set_dotted(raw: Dict[str, Any], key: str, value: Any, where: str) -> None:
+    """raw[a][b] = value for key 'a.b', creating missing (or null) sections."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -348,9 +354,9 @@ def _apply_override(raw: Dict[str, Any], item: str, path: Path) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise RecipeError(f"{path}: override {key}: {part!r} is not a section")
+            raise RecipeError(f"{where} {key}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = copy.deepcopy(value)
 
 
 def _first_error(exc: ValidationError) -> str:

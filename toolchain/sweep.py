@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from .errors import RecipeError, ToolchainError
-from .recipe import Recipe, _apply_override, _read_yaml, validate_dict
+from .recipe import Recipe, _apply_override, _read_yaml, set_dotted, validate_dict
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -111,7 +111,7 @@ def expand_file(path: Path, overrides: Sequence[str] = ()) -> List[Variant]:
         data = copy.deepcopy(body)
         data["name"] = name
         for key, value in settings.items():
-            set_dotted(data, key, value, f"{path} [variant {name}]")
+            set_dotted(data, key, value, f"{path} [variant {name}]:")
         variants.append(Variant(name, str(path), coords, settings, validate_dict(data, source=f"{path} [variant {name}]")))
     return variants
 
@@ -149,20 +149,6 @@ def _short(leaf: str, value: Any) -> str:
     else:
         text = f"{leaf}{value}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
-
-
-def set_dotted(raw: Dict[str, Any], key: str, value: Any, where: str) -> None:
-    """raw[a][b] = value for key 'a.b', creating missing (or null) sections."""
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"{where}: {key}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
 
 
 def _parse_overrides(overrides: Sequence[str], path: Path) -> Dict[str, Any]:
