@@ -21,7 +21,7 @@ from .checkpoint import load_weights, save_state
 from .metrics import model_stats, performance_efficiency
 from .models import build_model
 from .pipeline import Context, run_cached, stage_key
-from .train import evaluate, fit, make_task
+from .train import evaluate, fit, make_task, memory_layout
 
 MODEL_STAGES = ("teacher", "distill", "prune", "finetune")
 
@@ -58,10 +58,11 @@ def train(ctx: Context, model, cfg, stage: str, stage_dir: Optional[Path], run, 
     stage_dir holds the per-epoch resume checkpoint; None disables mid-stage resume.
     """
     task = make_task(cfg, ctx.models.get("teacher"))
-    trained = dist.wrap_for_training(model, ctx.device)
-    result = fit(trained, task, ctx.data.train, ctx.data.val, cfg, stage=stage,
-                 state_path=None if stage_dir is None else stage_dir / "train_state.pt",
-                 on_epoch=lambda epoch, m: run.log_metrics(m, step=epoch), after_step=after_step)
+    with memory_layout(model, task, cfg.channels_last):
+        trained = dist.wrap_for_training(model, ctx.device)
+        result = fit(trained, task, ctx.data.train, ctx.data.val, cfg, stage=stage,
+                     state_path=None if stage_dir is None else stage_dir / "train_state.pt",
+                     on_epoch=lambda epoch, m: run.log_metrics(m, step=epoch), after_step=after_step)
     dist.debug_record(stage, ctx.data.train, model)
     return result.history
 

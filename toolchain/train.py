@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -76,13 +77,37 @@ def make_scheduler(optimizer, cfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+@contextmanager
+def memory_layout(model: nn.Module, task: ClassificationTask, channels_last: bool):
+    """Student (and teacher) in channels-last layout for the with-block, default layout after.
+
+    oneDNN's depthwise and 1x1 convs run about twice as fast channels-last on CPU; the
+    models go back to the default layout so pruning, export and checkpoints see plain tensors.
+    Enter it before DDP wraps the model (DDP must see the final parameter storage).
+    """
+    modules = [model] + ([task.teacher] if isinstance(task, DistillationTask) else [])
+    if channels_last:
+        for module in modules:
+            module.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        if channels_last:
+            for module in modules:
+                module.to(memory_format=torch.contiguous_format)
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches) -> Dict[str, float]:
+def evaluate(model: nn.Module, batches, channels_last: bool = False) -> Dict[str, float]:
     was_training = model.training
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     for x, y in batches:
-        logits = model(x)
+        logits = model(_layout(x, channels_last))
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
@@ -127,9 +152,10 @@ def fit(
             tqdm.write(f"  {stage}: resuming after epoch {start_epoch} of {cfg.epochs} from {state_path}")
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        train_metrics = _train_epoch(model, task, train_batches, optimizer, scheduler, epoch, cfg.epochs, stage, after_step)
+        train_metrics = _train_epoch(model, task, train_batches, optimizer, scheduler, epoch, cfg.epochs, stage,
+                                     after_step, getattr(cfg, "channels_last", False))
         dist.sync_buffers(model)  # torchrun: rank 0's BatchNorm stats everywhere, so every rank's val agrees
-        val = evaluate(dist.unwrap(model), val_batches)
+        val = evaluate(dist.unwrap(model), val_batches, getattr(cfg, "channels_last", False))
         metrics = {**train_metrics, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "lr": scheduler.get_last_lr()[0]}
         result.history.append(metrics)
         if val["accuracy"] >= result.best_val_accuracy:
@@ -146,7 +172,7 @@ def fit(
     return result
 
 
-def _train_epoch(model, task, batches, optimizer, scheduler, epoch, epochs, stage, after_step) -> Dict[str, float]:
+def _train_epoch(model, task, batches, optimizer, scheduler, epoch, epochs, stage, after_step, channels_last=False) -> Dict[str, float]:
     model.train()
     if hasattr(batches, "set_epoch"):
         batches.set_epoch(epoch)
@@ -154,7 +180,7 @@ def _train_epoch(model, task, batches, optimizer, scheduler, epoch, epochs, stag
     bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{epochs}", leave=False, disable=None if dist.is_main() else True)
     t0 = time.perf_counter()
     for x, y in bar:
-        loss, logits = task.loss(model, x, y)
+        loss, logits = task.loss(model, _layout(x, channels_last), y)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TrainingError(
