@@ -151,8 +151,7 @@ def bench_all(ctx, stage_dir: Path, run) -> Dict[str, Any]:
     table = latency_table(results, eager)
     atomic_write_text(ctx.run_dir / "latency.txt", table + "\n")
     atomic_write_json(ctx.run_dir / "bench.json", {"onnxruntime": results, "torch_eager": eager})
-    run.log_dict({"onnxruntime": results, "torch_eager": eager}, "bench.json")
-    tqdm.write(table)
+    run.log_dict({"onnxruntime": results, "torch_eager": eager}, "bench.json")  # the table prints in the final summary
     return {"metrics": metrics, "table": table, "paths": {"bench": str(ctx.run_dir / "bench.json")}}
 
 
