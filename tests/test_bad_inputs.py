@@ -1,6 +1,5 @@
 """The bad-input corpus: every user mistake is one line on stderr, exit code 2, no success recorded."""
 
-import gzip
 import json
 import shutil
 from pathlib import Path

@@ -60,7 +60,7 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "model") -> nn.
     resize_to_state_dict(model, state)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except RuntimeError:
         missing = [k for k in model.state_dict() if k not in state][:3]
         unexpected = [k for k in state if k not in model.state_dict()][:3]
         raise CheckpointError(

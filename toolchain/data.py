@@ -10,7 +10,6 @@ and pickles through a restricted unpickler that cannot execute code.
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import struct
 from dataclasses import dataclass, field

@@ -130,7 +130,6 @@ def publish(ctx, stage_dir: Path) -> None:
 
 
 def bench_all(ctx, stage_dir: Path, run) -> Dict[str, Any]:
-    from . import bench
     from .stages import pe_against_references
 
     cfg = ctx.recipe.bench

@@ -1,6 +1,5 @@
 """Loss registry: plain classification and Hinton knowledge distillation."""
 
-import torch
 import torch.nn.functional as F
 
 from .registry import Registry

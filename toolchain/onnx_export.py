@@ -44,6 +44,7 @@ import torch
 
 from . import bench
 from .errors import ExportError
+from .train import eval_mode
 from .fsutil import atomic_path, atomic_write_json
 
 INPUT_NAME = "input"
@@ -54,16 +55,6 @@ _JSON_KEYS = "_json_keys"  # metadata key listing which values are JSON-encoded 
 
 
 # ---------------------------------------------------------------- export
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -145,7 +136,7 @@ def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, 
             f"set export.opset: {DYNAMO_MIN_OPSET} or higher, or export.exporter: torchscript for older runtimes"
         )
     start = time.perf_counter()
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         x = _example(model, example_batch, cfg.dynamic_batch)
         try:
             proto = _to_proto(model, x, cfg)
@@ -191,7 +182,7 @@ def _ort_logits(session, images) -> np.ndarray:
 
 def check_parity(model: torch.nn.Module, onnx_path, batch: torch.Tensor, atol: float, min_agreement: float) -> Dict[str, Any]:
     """Compare PyTorch (eval mode) and onnxruntime CPU logits on `batch`; ExportError beyond tolerance."""
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         ref = _numpy(model(batch.to(_device_of(model)))).astype(np.float64)
     got = _ort_logits(bench.create_session(onnx_path, "cpu"), batch).astype(np.float64)
     if ref.shape != got.shape:

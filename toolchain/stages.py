@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 

@@ -78,6 +78,17 @@ def make_scheduler(optimizer, cfg, total_steps: int):
 
 
 @contextmanager
+def eval_mode(model: nn.Module):
+    """The model in eval mode for the with-block (BN uses running stats, dropout off), then its old mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def memory_layout(model: nn.Module, task: ClassificationTask, channels_last: bool):
     """Student (and teacher) in channels-last layout for the with-block, default layout after.
 

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Dict, Iterator
+from typing import Dict
 
 import torch
 import torch.nn as nn
 
+from ..train import eval_mode  # trace in eval mode: train-mode BN would fold the dummy batch into running stats
 from . import nni_compat
 
 _LOGGER = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Trace in eval mode: train-mode BN would fold the dummy batch into running stats."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def dummy_batch(example_input: torch.Tensor) -> torch.Tensor:
