@@ -156,7 +156,9 @@ def run(argv: List[str]) -> int:
     try:
         fire.Fire(Commands(), argv, name="toolchain")
     except ToolchainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # one write per line: under torchrun every rank reports, and print's separate newline write interleaves
+        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.flush()
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)
