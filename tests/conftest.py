@@ -31,6 +31,17 @@ def class_images(n: int, classes: int, shape, seed: int):
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fmnist_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fashion-mnist")

@@ -17,12 +17,7 @@ from toolchain.prune import nni_compat
 from toolchain.prune.speedup import speedup
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # NNI tracing on 2 shared cores: one thread is faster
 
 
 class TinyResNet(nn.Module):

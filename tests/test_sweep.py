@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 import yaml
 
 from toolchain import pipeline
@@ -197,15 +196,6 @@ def test_study_recipes_expand(tmp_path):
 
 
 # ---------------------------------------------------------------- end to end
-
-
-@pytest.fixture
-def one_thread():
-    """On a shared 2-core machine, two threads per process are several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_tiny_sweep_trains_the_teacher_once(tiny_recipe, tmp_path, capsys, one_thread):

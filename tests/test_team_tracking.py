@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
 from toolchain.cli import run
 
@@ -33,14 +32,6 @@ def server():
         pytest.skip("no team MLflow server: start one with `vars=$(.ci/postgres_mlflow.sh start) && eval \"$vars\"` "
                     "(sets MLFLOW_TEST_SERVER_URI; see docs/scale_out.md)")
     return SERVER
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core machine crawl
-    yield
-    torch.set_num_threads(threads)
 
 
 def runs_of(client, experiment_id):
