@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -104,3 +105,19 @@ def test_help_is_fast_and_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "compress" in out.stdout + out.stderr and "validate" in out.stdout + out.stderr
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    assert load_recipe(path).name
+
+
+def test_weight_recipe_reuses_the_demo_teacher_and_student():
+    # recipes/mobilenet_weight.yaml promises that after `make demo` only its prune stage onwards runs:
+    # that holds only while every section before `prune` is identical (the stage cache keys on them).
+    demo, weight = (load_recipe(SHIPPED[0].parent / name) for name in ("mobilenet.yaml", "mobilenet_weight.yaml"))
+    for section in ("seed", "data", "teacher", "student", "distill"):
+        assert getattr(demo, section) == getattr(weight, section), section
