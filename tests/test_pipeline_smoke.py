@@ -61,3 +61,13 @@ def test_rerun_reuses_finished_stages(tiny_recipe, tmp_path):
     assert second["stages"]["teacher"]["cached"] is True
     assert second["stages"]["distill"]["cached"] is False  # its section changed
     assert second["stages"]["teacher"]["metrics"] == first["stages"]["teacher"]["metrics"]
+
+
+def test_taylor_pruner_scores_with_the_pipeline_training_data(tiny_recipe, tmp_path):
+    path = tiny_recipe(prune={"method": "channel", "pruner": "taylor", "sparsity": 0.5, "taylor_batches": 4},
+                       finetune={"epochs": 1, "lr": 0.01, "loss": "kd"})
+    assert run(["compress", str(path)]) == 0
+    stages = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]
+    prune = stages["prune"]["metrics"]
+    assert prune["macs"] < 0.6 * stages["distill"]["metrics"]["macs"] and prune["prune.unaligned_layers"] == 0
+    assert 0 <= stages["finetune"]["metrics"]["test_accuracy"] <= 1

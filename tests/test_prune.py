@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from toolchain.data import Batches
 from toolchain.errors import RecipeError, ToolchainError
 from toolchain.models import FAMILIES, build_model
-from toolchain.prune import PruneError, PruneResult, keep_sparsity, prune_model
+from toolchain.prune import GradientSource, PruneError, PruneResult, keep_sparsity, prune_model
 from toolchain.prune.alignment import kept_channels, nni_sparse_ratio
+from toolchain.prune.channel import channel_masks
 from toolchain.prune.schedule import sparsity_steps
 from toolchain.prune.targets import classifier_name
 from toolchain.recipe import PruneConfig, validate_dict
@@ -96,6 +98,75 @@ def test_torch_pruning_engine(name):
 def test_other_channel_criteria(pruner):
     result = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", pruner=pruner), example())
     assert result.report["pruner"] == pruner and result.report["macs_after"] < 0.5 * result.report["macs_before"]
+
+
+def gradient_source(steps=4):
+    torch.manual_seed(1)
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(3)]
+    return GradientSource(batches, lambda model, x, y: nn.functional.cross_entropy(model(x), y), steps)
+
+
+def test_taylor_pruner_shrinks_and_aligns():
+    model, x = model_of("mobilenet_v2"), example()
+    result = prune_model(model, PruneConfig(method="channel", pruner="taylor"), x, gradients=gradient_source())
+    assert result.report["pruner"] == "taylor" and result.report["macs_after"] < 0.5 * result.report["macs_before"]
+    assert result.model.eval()(x).shape == (2, 10)
+    assert_aligned(result, 8)
+    assert_plain_torch(result.model)
+
+
+def test_taylor_scoring_changes_no_weight_or_batchnorm_statistic():
+    model = model_of("cifar_resnet20")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = channel_masks(model, [{"op_names": ["layer1.0.conv1"], "sparse_ratio": 0.5}], "TaylorPruner", gradient_source())
+    assert float(masks["layer1.0.conv1"]["weight"].float().mean()) == 0.5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_plain_torch(model)
+
+
+def test_taylor_keeps_the_channels_the_loss_needs_not_the_largest():
+    """Filters 0-7 are large but feed nothing (zero gradient); 8-15 are small but used.
+
+    L1 keeps the large, useless half; Taylor, (w * grad)^2, keeps the used half.
+    """
+    def net():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        with torch.no_grad():
+            model[0].weight[:8] *= 10
+            model[2].weight[:, :8] = 0
+        return model
+
+    def kept_filters(pruner, **kwargs):
+        original = net()[0].weight
+        cfg = PruneConfig(method="channel", pruner=pruner, exclude=["2"], dependency_aware=False)
+        pruned = prune_model(net(), cfg, example(), **kwargs).model[0].weight
+        return sorted(int((original - w).abs().flatten(1).sum(1).argmin()) for w in pruned)
+
+    assert kept_filters("l1") == list(range(8))
+    assert kept_filters("taylor", gradients=gradient_source()) == list(range(8, 16))
+
+
+def test_taylor_scores_the_same_batches_whatever_epoch_the_loader_was_left_at():
+    """Stage outputs must not depend on whether earlier stages ran or came from the cache."""
+    torch.manual_seed(0)
+    images, labels = torch.randint(0, 256, (48, 1, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (48,))
+    loader = Batches(images, labels, 8, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), shuffle=True, augment=True)
+    source = GradientSource(loader, lambda model, x, y: nn.functional.cross_entropy(model(x), y), 3)
+    config = [{"op_names": ["layer1.0.conv1"], "sparse_ratio": 0.5}]
+    fresh = channel_masks(model_of("cifar_resnet20"), config, "TaylorPruner", source)
+    loader.set_epoch(5)  # where a finished distillation leaves the shared training loader
+    after_training = channel_masks(model_of("cifar_resnet20"), config, "TaylorPruner", source)
+    assert torch.equal(fresh["layer1.0.conv1"]["weight"], after_training["layer1.0.conv1"]["weight"])
+
+
+def test_taylor_without_training_batches_is_a_clear_error():
+    with pytest.raises(PruneError, match="taylor.*training batches"):
+        prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", pruner="taylor"), example())
+    with pytest.raises(PruneError, match="empty"):
+        prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", pruner="taylor"), example(),
+                    gradients=GradientSource([], lambda m, x, y: m(x).sum(), 4))
 
 
 def test_input_model_is_untouched_and_report_is_flat():

@@ -129,7 +129,7 @@ class StudentConfig(ModelConfig):
 
 class PruneConfig(Section):
     method: Literal["weight", "channel"] = Field(..., description="weight: unstructured zeros (smaller when compressed); channel: structured, channels physically removed (faster).")
-    pruner: str = Field("l1", description="Pruner registry name; weight: level; channel: l1, l2, fpgm. Omitted: level for method weight, l1 for channel.")
+    pruner: str = Field("l1", description="Pruner registry name; weight: level; channel: l1, l2, fpgm, taylor. Omitted: level for method weight, l1 for channel.")
     engine: Literal["nni", "torch_pruning"] = Field("nni", description="Pruning engine. nni is the default; torch_pruning must be chosen explicitly.")
     sparsity: float = Field(0.5, gt=0, lt=1, description="Target sparsity: fraction of weights (weight) or channels (channel) removed.")
     scope: Literal["layer", "global"] = Field("layer", description="layer: same sparsity in every layer; global: one threshold across layers (weight only).")
@@ -141,6 +141,7 @@ class PruneConfig(Section):
     schedule: Literal["one_shot", "iterative"] = Field("one_shot", description="Prune once, or in `steps` increasing steps with fine-tuning between.")
     steps: int = Field(3, ge=1, le=100, description="Number of steps for the iterative schedule.")
     step_epochs: int = Field(1, ge=0, le=1000, description="KD fine-tuning epochs between iterative steps.")
+    taylor_batches: int = Field(32, ge=1, le=100000, description="Pruner taylor only: training batches whose (weight x gradient)^2 scores the channels (the fine-tune section's loss, KD when it distils).")
 
     @field_validator("pruner")
     @classmethod

@@ -159,7 +159,8 @@ def run_prune(ctx: Context) -> None:
         step_cfg = _step_train_cfg(ctx)
         finetune_fn = lambda m, epochs, after: train(  # noqa: E731
             ctx, m, step_cfg.model_copy(update={"epochs": epochs}), "prune-step", None, run, after)
-        result = prune_model(copy.deepcopy(ctx.models["distill"]), cfg, ctx.data.example_batch(2), finetune_fn=finetune_fn)
+        result = prune_model(copy.deepcopy(ctx.models["distill"]), cfg, ctx.data.example_batch(2),
+                             finetune_fn=finetune_fn, gradients=_gradient_source(ctx, step_cfg))
         run.log_dict(result.layers, "layers.json")
         extra = {f"prune.{k}": v for k, v in result.report.items() if isinstance(v, (int, float))}
         out = finalize(ctx, "prune", result.model, stage_dir, extra=extra)
@@ -175,6 +176,14 @@ def run_prune(ctx: Context) -> None:
             ctx.parent_run.log_dict(run_log, "prune_layers.json")
 
     run_cached(ctx, "prune", key, flat_section("prune", cfg), compute, restore, followers="load")  # rank 0 prunes
+
+
+def _gradient_source(ctx: Context, train_cfg):
+    """What the taylor pruner scores channels with: training batches and the fine-tuning loss."""
+    from .prune import GradientSource
+
+    task = make_task(train_cfg, ctx.models.get("teacher"))
+    return GradientSource(ctx.data.train, lambda model, x, y: task.loss(model, x, y)[0], ctx.recipe.prune.taylor_batches)
 
 
 def _step_train_cfg(ctx: Context):

@@ -9,6 +9,7 @@ that `toolchain.prune.registry` stays cheap for recipe validation.
 _LAZY = {
     "prune_model": ".api",
     "PruneResult": ".api",
+    "GradientSource": ".taylor",
     "keep_sparsity": ".weight",
     "PruneError": ".registry",
     "PRUNERS": ".registry",

@@ -1,6 +1,6 @@
 """prune_model: the one entry point the pipeline calls.
 
-    result = prune_model(model, cfg, example_input, finetune_fn=None)
+    result = prune_model(model, cfg, example_input, finetune_fn=None, gradients=None)
 
 The input model is left untouched; result.model is a pruned copy made of plain torch
 modules (no NNI wrappers): channel pruning physically removes channels (NNI
@@ -24,6 +24,7 @@ from .channel import nni_channel_step
 from .dependency import channel_groups
 from .registry import PrunerSpec, PruneError, check_fit
 from .schedule import FinetuneFn, run_schedule, sparsity_steps
+from .taylor import GradientSource
 from .targets import out_channels, select_targets
 from .tp_engine import tp_stepper
 from .weight import level_step
@@ -39,8 +40,17 @@ class PruneResult:
     after_step: Optional[Callable[[], None]] = None
 
 
-def prune_model(model: nn.Module, cfg, example_input: torch.Tensor, finetune_fn: Optional[FinetuneFn] = None) -> PruneResult:
-    """Prune a copy of `model` as `cfg` (a PruneConfig) says; see the module doc."""
+def prune_model(
+    model: nn.Module,
+    cfg,
+    example_input: torch.Tensor,
+    finetune_fn: Optional[FinetuneFn] = None,
+    gradients: Optional[GradientSource] = None,
+) -> PruneResult:
+    """Prune a copy of `model` as `cfg` (a PruneConfig) says; see the module doc.
+
+    `gradients` (training batches + loss) is what the `taylor` pruner scores with.
+    """
     spec = check_fit(cfg.method, cfg.pruner, cfg.engine, cfg.scope)
     started = time.perf_counter()
     model = copy.deepcopy(model)
@@ -50,14 +60,14 @@ def prune_model(model: nn.Module, cfg, example_input: torch.Tensor, finetune_fn:
     before = _totals(model, example_input)
     shapes_before = layer_stats.snapshot(model, names)
     sparsities = sparsity_steps(cfg.sparsity, cfg.schedule, cfg.steps)
-    prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input)
+    prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients)
     after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
     layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
     report = _report(cfg, before, _totals(model, example_input), layers, time.perf_counter() - started)
     return PruneResult(model=model, report=report, layers=layers, after_step=after_step if cfg.method == "weight" else None)
 
 
-def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input) -> Callable[[float], Optional[Callable]]:
+def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients) -> Callable[[float], Optional[Callable]]:
     """prune_step(sparsity) for the engine the recipe names (never chosen silently)."""
     if cfg.method == "weight":
         return lambda s: level_step(model, {n: model.get_submodule(n) for n in targets}, s, cfg.scope)
@@ -67,7 +77,7 @@ def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input) -
     original = {name: out_channels(m) for name, m in targets.items()}
 
     def step(sparsity: float) -> None:
-        nni_channel_step(model, groups, original, sparsity, cfg.align, spec.engines["nni"], example_input)
+        nni_channel_step(model, groups, original, sparsity, cfg.align, spec.engines["nni"], example_input, gradients)
 
     return step
 

@@ -1,14 +1,14 @@
 """Channel (structured) pruning with NNI: aligned, dependency-aware masks -> speedup.
 
-One step = score filters with the NNI pruner (L1/L2/FPGM), mask whole channels so
-that every coupled group keeps the same, aligned number, then let ModelSpeedup build
-the smaller model. Kept counts come from the ORIGINAL channel counts, so iterative
+One step = score filters with the NNI pruner (L1/L2/FPGM, or Taylor on training
+gradients: taylor.py), mask whole channels so that every coupled group keeps the
+same, aligned number, then let ModelSpeedup build the smaller model. Kept counts come from the ORIGINAL channel counts, so iterative
 steps land on the same aligned sizes as a one-shot run.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,7 @@ import torch.nn as nn
 from . import nni_compat
 from .alignment import kept_channels, nni_sparse_ratio
 from .speedup import eval_mode, speedup
+from .taylor import GradientSource, taylor_masks
 from .targets import out_channels
 
 
@@ -36,8 +37,13 @@ def nni_config(
     return config
 
 
-def channel_masks(model: nn.Module, config: List[dict], pruner_class: str) -> Dict[str, Dict[str, torch.Tensor]]:
+def channel_masks(
+    model: nn.Module, config: List[dict], pruner_class: str, gradients: Optional[GradientSource] = None
+) -> Dict[str, Dict[str, torch.Tensor]]:
     """Run the NNI pruner once, then take its wrappers off again (masks only)."""
+    if pruner_class == "TaylorPruner":  # scores with training gradients: needs data, not just weights
+        with eval_mode(model):
+            return taylor_masks(model, config, gradients)
     nni_compat.import_nni_quietly()
     import nni.compression.pruning as nni_pruning
 
@@ -56,10 +62,11 @@ def nni_channel_step(
     align: int,
     pruner_class: str,
     example_input: torch.Tensor,
+    gradients: Optional[GradientSource] = None,
 ) -> nn.Module:
     """Prune `model` in place to `sparsity` of its original channels."""
     config = nni_config(model, groups, original, sparsity, align)
     if not config:
         return model
-    masks = channel_masks(model, config, pruner_class)
+    masks = channel_masks(model, config, pruner_class, gradients)
     return speedup(model, masks, example_input)

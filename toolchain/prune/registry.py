@@ -36,6 +36,8 @@ _SPECS = (
     PrunerSpec("l1", "channel", "filters with the smallest L1 norm removed", {"nni": "L1NormPruner", "torch_pruning": "l1"}),
     PrunerSpec("l2", "channel", "filters with the smallest L2 norm removed", {"nni": "L2NormPruner", "torch_pruning": "l2"}),
     PrunerSpec("fpgm", "channel", "filters nearest the geometric median removed (FPGM)", {"nni": "FPGMPruner", "torch_pruning": "fpgm"}),
+    PrunerSpec("taylor", "channel", "filters whose removal changes the training loss least, (weight x gradient)^2 "
+               "summed over prune.taylor_batches training batches (Molchanov 2019)", {"nni": "TaylorPruner"}),
 )
 for _spec in _SPECS:
     PRUNERS.register(_spec.name)(_spec)
