@@ -24,8 +24,8 @@ from .channel import nni_channel_step
 from .dependency import channel_groups
 from .registry import PrunerSpec, PruneError, check_fit
 from .schedule import FinetuneFn, run_schedule, sparsity_steps
-from .taylor import GradientSource
 from .targets import out_channels, select_targets
+from .taylor import GradientSource
 from .tp_engine import tp_stepper
 from .weight import level_step
 

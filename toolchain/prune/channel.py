@@ -2,8 +2,9 @@
 
 One step = score filters with the NNI pruner (L1/L2/FPGM, or Taylor on training
 gradients: taylor.py), mask whole channels so that every coupled group keeps the
-same, aligned number, then let ModelSpeedup build the smaller model. Kept counts come from the ORIGINAL channel counts, so iterative
-steps land on the same aligned sizes as a one-shot run.
+same, aligned number, then let ModelSpeedup build the smaller model. Kept counts
+come from the ORIGINAL channel counts, so iterative steps land on the same aligned
+sizes as a one-shot run.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch.nn as nn
 from . import nni_compat
 from .alignment import kept_channels, nni_sparse_ratio
 from .speedup import eval_mode, speedup
-from .taylor import GradientSource, taylor_masks
 from .targets import out_channels
+from .taylor import GradientSource, taylor_masks
 
 
 def nni_config(
