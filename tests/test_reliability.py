@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,3 +182,19 @@ def test_source_uses_only_safe_loading():
             assert "weights_only=True" in call, f"{file}: {call}"
         for call in re.findall(r"pickle\.loads?\(", text):
             raise AssertionError(f"{file}: raw {call} (use the restricted unpickler)")
+
+
+def test_a_stage_gives_the_same_result_whether_earlier_stages_ran_or_came_from_the_cache(tiny_recipe, tmp_path):
+    """The cache keys a stage by its inputs, so its output must not depend on what ran before it
+    in the process (here: dropout in fine-tuning drew from an RNG the distillation had advanced)."""
+    path = tiny_recipe(prune={"method": "channel", "sparsity": 0.5}, finetune={"epochs": 1, "loss": "kd"})
+    assert run(["compress", str(path)]) == 0
+    everything_computed = summary(tmp_path)["stages"]["finetune"]
+    for finished in (tmp_path / "export" / ".cache").glob("finetune-*"):
+        shutil.rmtree(finished)
+    assert run(["compress", str(path)]) == 0
+    after_cache = summary(tmp_path)["stages"]
+    assert after_cache["distill"]["cached"] is True and after_cache["finetune"]["cached"] is False
+    assert metrics_without_timing(after_cache["finetune"]) == metrics_without_timing(everything_computed)
+    losses = [[epoch["train_loss"] for epoch in stage["history"]] for stage in (after_cache["finetune"], everything_computed)]
+    assert losses[0] == losses[1]  # bit-identical training, not just an equal accuracy on tiny data

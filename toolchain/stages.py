@@ -28,8 +28,15 @@ MODEL_STAGES = ("teacher", "distill", "prune", "finetune")
 # ---------------------------------------------------------------- helpers
 
 
+def reseed(ctx: Context) -> None:
+    """Restart torch's RNG from the recipe seed. Each model stage does this first, so its
+    output (init, dropout masks) depends only on its cache key, not on which earlier
+    stages ran in this process and which were loaded from the cache."""
+    torch.manual_seed(ctx.recipe.seed)
+
+
 def new_model(ctx: Context, model_cfg) -> torch.nn.Module:
-    torch.manual_seed(ctx.recipe.seed)  # same init for the same recipe, whatever ran before
+    reseed(ctx)
     return build_model(model_cfg.model, ctx.data.num_classes, model_cfg.cifar_stem).to(ctx.device)
 
 
@@ -156,6 +163,7 @@ def run_prune(ctx: Context) -> None:
     key = stage_key("prune", {"prune": cfg.model_dump(), "finetune": _step_train_cfg(ctx).model_dump()}, ctx.keys["distill"])
 
     def compute(stage_dir: Path, run) -> Dict[str, Any]:
+        reseed(ctx)  # iterative steps train (dropout)
         step_cfg = _step_train_cfg(ctx)
         finetune_fn = lambda m, epochs, after: train(  # noqa: E731
             ctx, m, step_cfg.model_copy(update={"epochs": epochs}), "prune-step", None, run, after)
@@ -198,6 +206,7 @@ def run_finetune(ctx: Context) -> None:
     key = stage_key("finetune", r.finetune, ctx.keys["prune"], ctx.keys.get("teacher", ""))
 
     def compute(stage_dir: Path, run) -> Dict[str, Any]:
+        reseed(ctx)
         model = copy.deepcopy(ctx.models["prune"])
         keeper = keep_sparsity(model) if r.prune.method == "weight" else None
         history = train(ctx, model, r.finetune, "finetune", stage_dir, run, after_step=keeper)
