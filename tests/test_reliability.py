@@ -173,6 +173,18 @@ def test_changing_one_section_recomputes_it_and_later_stages_only(tiny_recipe, t
     assert cached == {"teacher": True, "distill": True, "prune": False, "finetune": False}
 
 
+def test_a_new_teacher_recomputes_a_prune_stage_that_distils(tiny_recipe, tmp_path):
+    """taylor scores channels with the KD loss: the teacher is an input of prune even when
+    the student itself was distilled without it (distill.loss: ce)."""
+    path = tiny_recipe(distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+                       prune={"method": "channel", "pruner": "taylor", "taylor_batches": 2},
+                       finetune={"epochs": 1, "loss": "kd"})
+    assert run(["compress", str(path)]) == 0
+    assert run(["compress", str(path), "teacher.train.lr=0.02"]) == 0
+    cached = {k: v["cached"] for k, v in summary(tmp_path)["stages"].items()}
+    assert cached == {"teacher": False, "distill": True, "prune": False, "finetune": False}
+
+
 def test_source_uses_only_safe_loading():
     """No yaml.load / eval / exec / raw pickle.load; torch.load always with weights_only=True."""
     for file in (REPO / "toolchain").rglob("*.py"):

@@ -160,7 +160,9 @@ def run_prune(ctx: Context) -> None:
 
     r = ctx.recipe
     cfg = r.prune
-    key = stage_key("prune", {"prune": cfg.model_dump(), "finetune": _step_train_cfg(ctx).model_dump()}, ctx.keys["distill"])
+    # the teacher is an input too: taylor scores and iterative steps fine-tune with the KD loss
+    key = stage_key("prune", {"prune": cfg.model_dump(), "finetune": _step_train_cfg(ctx).model_dump()},
+                    ctx.keys["distill"], ctx.keys.get("teacher", ""))
 
     def compute(stage_dir: Path, run) -> Dict[str, Any]:
         reseed(ctx)  # iterative steps train (dropout)
