@@ -43,7 +43,7 @@ def with_matrix(tmp_path, matrix, name="recipe.yaml", **base):
 def no_compress(monkeypatch):
     """Record compress calls instead of training."""
     calls = []
-    monkeypatch.setattr(pipeline, "compress", lambda recipe, force=False: calls.append(recipe.name) or {"stages": {}})
+    monkeypatch.setattr(pipeline, "compress", lambda recipe, force=False, recomputed=None: calls.append(recipe.name) or {"stages": {}})
     return calls
 
 
@@ -163,7 +163,7 @@ def test_dry_run_and_only(tmp_path, no_compress, capsys):
 def test_a_failed_variant_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake(recipe, force=False):
+    def fake(recipe, force=False, recomputed=None):
         calls.append(recipe.name)
         if recipe.name == "st-resnet18-channel":
             raise TrainingError("loss is NaN")

@@ -44,8 +44,8 @@ import torch
 
 from . import bench
 from .errors import ExportError
-from .train import eval_mode
 from .fsutil import atomic_path, atomic_write_json
+from .train import eval_mode
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from tqdm.auto import tqdm
 
@@ -55,6 +55,9 @@ class Context:
     cache_dir: Path
     summary: Summary
     force: bool = False
+    # (stage, key) pairs already recomputed under force: a sweep shares one set, so --force
+    # recomputes each stage once per sweep (one teacher), not once per variant
+    recomputed: Set[Tuple[str, str]] = field(default_factory=set)
     keys: Dict[str, str] = field(default_factory=dict)
     results: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     models: Dict[str, Any] = field(default_factory=dict)
@@ -87,16 +90,18 @@ def run_cached(ctx: Context, name: str, key: str, params: Dict[str, Any],
     done_file = stage_dir / "result.json"
     if not dist.is_main():
         return dist.follow_stage(ctx, name, followers, compute, restore)
+    force = ctx.force and (name, key) not in ctx.recomputed
+    ctx.recomputed.add((name, key))
     with ctx.tracker.stage(name, params=params, tags={"toolchain.stage_key": key}) as run, \
             stage_lock(ctx.cache_dir / f".{name}-{key}.lock"):
-        cached = dist.lead_stage(done_file.is_file() and not ctx.force, stage_dir, followers)
+        cached = dist.lead_stage(done_file.is_file() and not force, stage_dir, followers)
         if cached:
             result = json.loads(done_file.read_text())
             restore(stage_dir, result)
             _relog_history(run, result)
             tqdm.write(f"[{name}] reused finished output {stage_dir} (use --force to recompute)")
         else:
-            if ctx.force and stage_dir.exists():
+            if force and stage_dir.exists():
                 shutil.rmtree(stage_dir)
             ensure_dir(stage_dir)
             t0 = time.perf_counter()
@@ -142,8 +147,11 @@ def plan(recipe: Recipe) -> List[str]:
     return stages
 
 
-def compress(recipe: Recipe, force: bool = False) -> Dict[str, Any]:
-    """Run every stage of the recipe; returns the summary dict (also in export/<name>/summary.json)."""
+def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple[str, str]]] = None) -> Dict[str, Any]:
+    """Run every stage of the recipe; returns the summary dict (also in export/<name>/summary.json).
+
+    recomputed: stages already recomputed under force by earlier calls (see Context.recomputed).
+    """
     from . import distributed as dist
     from . import stages
 
@@ -151,7 +159,7 @@ def compress(recipe: Recipe, force: bool = False) -> Dict[str, Any]:
         from .errors import RecipeError
 
         raise RecipeError(f"recipe {recipe.name!r} has a matrix section (a sweep of variants); run it with `python -m toolchain sweep RECIPE`")
-    with dist.session(recipe.device), make_context(recipe, force) as ctx:  # torchrun: process group
+    with dist.session(recipe.device), make_context(recipe, force, recomputed) as ctx:  # torchrun: process group
         for name in plan(recipe):
             getattr(stages, f"run_{name}")(ctx)
         stages.finish(ctx)
@@ -209,7 +217,7 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def make_context(recipe: Recipe, force: bool = False):
+def make_context(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple[str, str]]] = None):
     """Connect tracking first (fail before training), then data, then open the parent run."""
     from . import distributed as dist
     from .data import build_data
@@ -241,7 +249,8 @@ def make_context(recipe: Recipe, force: bool = False):
         summary.data["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                                   "parent_run_id": tracker.parent_run_id}
         summary.write()  # status RUNNING from the start: a crash before the first stage still leaves a trace
-        ctx = Context(recipe, device, data, tracker, run_dir, cache_dir, summary, force=force, parent_run=parent)
+        ctx = Context(recipe, device, data, tracker, run_dir, cache_dir, summary, force=force,
+                      recomputed=set() if recomputed is None else recomputed, parent_run=parent)
         try:
             yield ctx
         except KeyboardInterrupt:

@@ -25,7 +25,6 @@ import re
 import sys
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -197,8 +196,8 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), force: bool = Fal
             print(f"[sweep {i}/{total}] {v.name}: {describe(v)}", file=out)
         return []
     started = time.perf_counter()
-    with each_stage_once() if force else nullcontext():
-        outcomes = [run_variant(v, i, total, force, out) for i, v in enumerate(variants, 1)]
+    recomputed: set = set()  # --force: each stage once per sweep (one teacher), see pipeline.Context
+    outcomes = [run_variant(v, i, total, force, out, recomputed) for i, v in enumerate(variants, 1)]
     print(results_table(outcomes, time.perf_counter() - started), file=out, flush=True)
     write_record(outcomes)
     failed = [o.variant.name for o in outcomes if o.status != "FINISHED"]
@@ -207,13 +206,13 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), force: bool = Fal
     return outcomes
 
 
-def run_variant(variant: Variant, i: int, total: int, force: bool, out) -> Outcome:
+def run_variant(variant: Variant, i: int, total: int, force: bool, out, recomputed: Optional[set] = None) -> Outcome:
     from .pipeline import compress
 
     print(f"\n[sweep {i}/{total}] {variant.name}: {describe(variant)}", file=out, flush=True)
     t0 = time.perf_counter()
     try:
-        summary = compress(variant.recipe, force=force)
+        summary = compress(variant.recipe, force=force, recomputed=recomputed)
     except ToolchainError as exc:
         return _failed(variant, i, total, t0, str(exc), out)
     except Exception as exc:  # a bug: keep its traceback, but the other variants still run
@@ -222,27 +221,6 @@ def run_variant(variant: Variant, i: int, total: int, force: bool, out) -> Outco
     seconds = time.perf_counter() - t0
     print(f"[sweep {i}/{total}] {variant.name}: finished in {seconds:.0f} s", file=out, flush=True)
     return Outcome(variant, "FINISHED", seconds, summary=summary)
-
-
-@contextmanager
-def each_stage_once():
-    """--force in a sweep: recompute every stage the sweep needs once, then let later variants
-    reuse it (one teacher for the sweep, not one per variant). Wraps the stages' run_cached."""
-    from . import stages
-
-    original = stages.run_cached
-    recomputed = set()
-
-    def run_cached(ctx, name, key, *args, **kwargs):
-        ctx.force = (name, key) not in recomputed
-        recomputed.add((name, key))
-        return original(ctx, name, key, *args, **kwargs)
-
-    stages.run_cached = run_cached
-    try:
-        yield
-    finally:
-        stages.run_cached = original
 
 
 def _failed(variant: Variant, i: int, total: int, t0: float, message: str, out) -> Outcome:

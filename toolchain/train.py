@@ -114,15 +114,13 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, channels_last: bool = False) -> Dict[str, float]:
-    was_training = model.training
-    model.eval()
     correct, loss_sum, n = 0, 0.0, 0
-    for x, y in batches:
-        logits = model(_layout(x, channels_last))
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        n += len(y)
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in batches:
+            logits = model(_layout(x, channels_last))
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
     return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
 
 
@@ -161,12 +159,13 @@ def fit(
         start_epoch, best_state = _restore(state_path, model, optimizer, scheduler, result)
         if dist.is_main():
             tqdm.write(f"  {stage}: resuming after epoch {start_epoch} of {cfg.epochs} from {state_path}")
+    channels_last = getattr(cfg, "channels_last", False)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         train_metrics = _train_epoch(model, task, train_batches, optimizer, scheduler, epoch, cfg.epochs, stage,
-                                     after_step, getattr(cfg, "channels_last", False))
+                                     after_step, channels_last)
         dist.sync_buffers(model)  # torchrun: rank 0's BatchNorm stats everywhere, so every rank's val agrees
-        val = evaluate(dist.unwrap(model), val_batches, getattr(cfg, "channels_last", False))
+        val = evaluate(dist.unwrap(model), val_batches, channels_last)
         metrics = {**train_metrics, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "lr": scheduler.get_last_lr()[0]}
         result.history.append(metrics)
         if val["accuracy"] >= result.best_val_accuracy:

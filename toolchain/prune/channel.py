@@ -14,9 +14,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..train import eval_mode
 from . import nni_compat
 from .alignment import kept_channels, nni_sparse_ratio
-from .speedup import eval_mode, speedup
+from .speedup import speedup
 from .targets import out_channels
 from .taylor import GradientSource, taylor_masks
 
