@@ -114,8 +114,8 @@ def test_torchrun_two_processes_shard_sync_and_track_once(recipe_for, tmp_path):
     assert single["distributed"]["world_size"] == 1
 
     # the pruned + fine-tuned model is physically the same shape
-    ddp_final = shapes(summary["stages"]["finetune"]["paths"]["checkpoint"])
-    assert ddp_final == shapes(single["stages"]["finetune"]["paths"]["checkpoint"])
+    ddp_final = shapes(summary["stages"]["finetune"]["paths"]["model"])
+    assert ddp_final == shapes(single["stages"]["finetune"]["paths"]["model"])
     assert summary["stages"]["prune"]["metrics"]["params"] < summary["stages"]["distill"]["metrics"]["params"]
 
     # accuracy in the same range (tiny data: the teacher learns, the tiny KD student stays near chance)

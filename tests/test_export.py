@@ -211,16 +211,16 @@ def test_log_onnx_to_mlflow(resnet, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     try:
         exp = mlflow.create_experiment("export-test", artifact_location=(tmp_path / "artifacts").as_uri())
-        with mlflow.start_run(experiment_id=exp) as run:
-            uri = log_onnx_to_mlflow(path, np.random.randn(2, 3, 32, 32).astype(np.float32))
+        mlflow.set_experiment(experiment_id=exp)
+        runs = [mlflow.MlflowClient().create_run(exp).info.run_id for _ in range(2)]
+        with mlflow.start_run(run_id=runs[1]):  # another run is active: the named one must get the model
+            uri = log_onnx_to_mlflow(path, np.random.randn(2, 3, 32, 32).astype(np.float32), run_id=runs[0])
         info = mlflow.models.get_model_info(uri)
-        assert info.run_id == run.info.run_id and info.name == "model"
+        assert info.run_id == runs[0] and info.name == "model"
         assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
         logged = list((tmp_path / "artifacts").rglob("model.onnx"))
         assert len(logged) == 1 and (logged[0].parent / "MLmodel").is_file()
         assert read_metadata(logged[0]) == METADATA  # the logged file is the exported one
-        with pytest.raises(RuntimeError, match="active MLflow run"):
-            log_onnx_to_mlflow(path, np.zeros((1, 3, 32, 32), np.float32))
     finally:
         mlflow.set_tracking_uri(None)
 

@@ -1,5 +1,5 @@
 from toolchain.bench import STAT_KEYS
-from toolchain.export_stage import _median_of_rounds
+from toolchain.stages.bench import median_of_rounds as _median_of_rounds
 
 
 def round_with(p50):

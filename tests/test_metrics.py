@@ -4,15 +4,17 @@ PE = (acc / acc_ref) * (1 - cost / cost_ref), cost = nonzero params (headline), 
 ORT p50 latency. Weight pruning lowers nonzero params but not MACs; channel pruning both.
 """
 
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from toolchain.export_stage import _p50_smallest
+from toolchain.engine.artifacts import StageResult
+from toolchain.engine.stage import StageOutput
 from toolchain.metrics import count_macs, count_nonzero_params, count_params, model_stats, performance_efficiency
-from toolchain.stages import pe_against_references
+from toolchain.stages.bench import p50_smallest as _p50_smallest
+from toolchain.stages.common import pe_against_references
 
 INPUT = (1, 3, 8, 8)
 
@@ -107,7 +109,8 @@ def test_perfect_and_useless_compression_bounds():
 
 
 def fake_ctx(**results):
-    return SimpleNamespace(results={name: {"metrics": m} for name, m in results.items()})
+    """This run's stage outputs, as the publish step sees them."""
+    return {name: StageOutput(name, "key", Path("."), StageResult(metrics=m)) for name, m in results.items()}
 
 
 def test_pipeline_pe_uses_nonzero_params_against_dense_reference_params():

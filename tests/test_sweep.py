@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import yaml
 
-from toolchain import pipeline
+from toolchain.engine import runner as pipeline
 from toolchain.cli import run
 from toolchain.errors import RecipeError, TrainingError
 from toolchain.sweep import expand, run_sweep, suffix

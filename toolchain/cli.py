@@ -26,7 +26,7 @@ class Commands:
           force: recompute every stage instead of reusing finished outputs
           fresh: same as --force
         """
-        from .pipeline import compress
+        from .engine.runner import compress
 
         _quiet()
         _stop_cleanly_on_sigterm()

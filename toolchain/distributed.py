@@ -6,13 +6,8 @@ How they share the work (docs/scale_out.md has the user's view):
 - `session` opens the process group (gloo on CPU, nccl on CUDA) and closes it at the end.
 - Rank 0 owns MLflow and every file under output_dir (cache, checkpoints, summary,
   ONNX). The other ranks ("followers") get a NullTracker and write nothing there.
-- Each stage says what followers do (`run_cached(..., followers=...)`):
-    train  DDP training stages (teacher, distill, finetune): every rank trains on its
-           DistributedSampler shard, gradients are all-reduced;
-    load   rank 0 computes alone (pruning + speedup), the others wait;
-    wait   rank 0 computes alone and the others need nothing back (export, bench).
-  Rank 0 decides whether a stage is reused from its cache and tells the others, so a
-  result.json appearing mid-stage cannot make ranks disagree.
+- Each stage says what followers do (its `followers` role: train, load or wait); the
+  runner's side of that protocol is toolchain/engine/distributed.py.
 - After every model stage, all ranks continue from rank 0's saved checkpoint, sent over
   the process group (no shared filesystem needed) and loaded with checkpoint.load_weights,
   which resizes layers to the stored shapes: a channel-pruned model arrives physically
@@ -24,16 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict
 
 import torch
 import torch.distributed as dist
 
-FOLLOWER_ROLES = ("train", "load", "wait")
 DEBUG_DIR_ENV = "TOOLCHAIN_DIST_DEBUG_DIR"  # tests: each rank records its shard and weights per stage
 TIMEOUT_ENV = "TOOLCHAIN_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 3 * 3600  # followers wait for rank 0's pruning/export; gloo's 30 min default is too short
@@ -191,76 +184,6 @@ def solo(data=None):
         _solo = previous
         if data is not None:
             data.train = saved
-
-
-# ---------------------------------------------------------------- stages (used by pipeline.run_cached)
-
-
-def _check_role(followers: str) -> None:
-    if followers not in FOLLOWER_ROLES:
-        raise ValueError(f"followers={followers!r}; expected one of {FOLLOWER_ROLES}")
-
-
-def lead_stage(cached: bool, stage_dir: Path, followers: str) -> bool:
-    """Rank 0 at the start of a stage: tell the others whether it is reused, and hand a DDP
-    stage's resume checkpoint to them so every rank restarts at the same epoch."""
-    _check_role(followers)
-    if is_distributed():
-        files = _read_files(stage_dir, ["train_state.pt"]) if followers == "train" and not cached else {}
-        share({"cached": cached, "files": files})
-    return cached
-
-
-@contextmanager
-def leading(data, followers: str):
-    """Rank 0 computes: with the others (train), or alone while they wait (load, wait)."""
-    if is_distributed() and followers != "train":
-        with solo(data):
-            yield
-    else:
-        yield
-
-
-def publish_stage(stage_dir: Path, result: Dict[str, Any], followers: str, restore: Optional[Callable]) -> None:
-    """Rank 0 at the end of a stage: send the result and the model checkpoint to the others.
-
-    restore: rank 0's own reload after a "load" stage it computed (None when it was reused:
-    rank 0 restored it from the checkpoint already)."""
-    if not is_distributed():
-        return
-    files = _read_files(stage_dir, ["model.pt"]) if followers != "wait" else {}
-    share({"result": result, "files": files})
-    if followers == "load" and restore is not None:
-        restore(stage_dir, result)  # continue from the checkpoint like the others: same modules everywhere
-
-
-def follow_stage(ctx, name: str, followers: str, compute: Callable, restore: Callable) -> Dict[str, Any]:
-    """A non-zero rank's side of run_cached: join the DDP computation or wait, then load rank 0's
-    checkpoint. Works in a private temp folder, never in rank 0's output_dir."""
-    from .tracking import NullStageRun
-
-    _check_role(followers)
-    start = share()
-    with tempfile.TemporaryDirectory(prefix=f"toolchain-rank{rank()}-{name}-") as tmp:
-        work = Path(tmp)
-        _write_files(work, start["files"])
-        if followers == "train" and not start["cached"]:
-            compute(work, NullStageRun())
-        end = share()
-        _write_files(work, end["files"])
-        if followers in ("train", "load"):
-            restore(work, end["result"])
-    ctx.results[name] = end["result"]
-    return end["result"]
-
-
-def _read_files(directory: Path, names: Iterable[str]) -> Dict[str, bytes]:
-    return {n: (directory / n).read_bytes() for n in names if (directory / n).is_file()}
-
-
-def _write_files(directory: Path, files: Dict[str, bytes]) -> None:
-    for name, data in files.items():
-        (directory / name).write_bytes(data)
 
 
 # ---------------------------------------------------------------- debugging / tests

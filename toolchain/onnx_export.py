@@ -257,14 +257,11 @@ def _quiet_mlflow() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def log_onnx_to_mlflow(onnx_path, example_input: np.ndarray) -> str:
-    """Log the ONNX file as an MLflow model named "model" in the active run; returns its model URI."""
-    import mlflow
+def log_onnx_to_mlflow(onnx_path, example_input: np.ndarray, run_id: str) -> str:
+    """Log the ONNX file as an MLflow model named "model" in run `run_id`; returns its model URI."""
     import mlflow.onnx
     from mlflow.models import infer_signature
 
-    if mlflow.active_run() is None:
-        raise RuntimeError("log_onnx_to_mlflow needs an active MLflow run (call it inside mlflow.start_run())")
     example = np.asarray(example_input, dtype=np.float32)
     output = _ort_logits(bench.create_session(onnx_path, "cpu"), example)
     proto = onnx.load(str(onnx_path))
@@ -275,5 +272,6 @@ def log_onnx_to_mlflow(onnx_path, example_input: np.ndarray) -> str:
             signature=infer_signature(example, output),
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # skips a slow inference subprocess
             save_as_external_data=False,  # one self-contained .onnx file, as shipped to devices
+            run_id=run_id,
         )
     return info.model_uri

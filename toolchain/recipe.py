@@ -67,7 +67,6 @@ class DataConfig(Section):
     batch_size: int = Field(128, ge=1, le=65536, description="Training batch size (per process under torchrun).")
     eval_batch_size: int = Field(512, ge=1, le=65536, description="Batch size for evaluation.")
     augment: bool = Field(True, description="Random horizontal flip (and random crop for CIFAR/imagefolder) during training.")
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (imagefolder only; in-memory datasets need none).")
 
     @field_validator("name")
     @classmethod
@@ -172,6 +171,7 @@ class ExportConfig(Section):
     dynamic_batch: bool = Field(True, description="Export with a dynamic batch axis.")
     parity_atol: float = Field(1e-3, gt=0, le=1, description="Max abs difference of logits allowed between PyTorch and onnxruntime.")
     parity_min_agreement: float = Field(0.99, ge=0, le=1, description="Minimum top-1 agreement between PyTorch and onnxruntime on a validation batch.")
+    references: bool = Field(True, description="Also export the teacher and the unpruned KD student, so the bench measures speedup ratios against them in the same run.")
 
 
 class BenchConfig(Section):
@@ -183,7 +183,6 @@ class BenchConfig(Section):
     warmup: int = Field(10, ge=0, le=100000, description="Warm-up runs per input shape (not timed).")
     iterations: int = Field(200, ge=1, le=1000000, description="Max timed runs per batch size.")
     time_budget_s: float = Field(3.0, gt=0, le=3600, description="Max timed seconds per batch size (whichever of iterations / budget ends first).")
-    references: bool = Field(True, description="Also benchmark the teacher and the unpruned student in the same run, for speedup ratios.")
     compare_torch: bool = Field(True, description="Also time PyTorch eager on the same model and batch.")
 
     @field_validator("batch_sizes")

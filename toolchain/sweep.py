@@ -196,7 +196,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), force: bool = Fal
             print(f"[sweep {i}/{total}] {v.name}: {describe(v)}", file=out)
         return []
     started = time.perf_counter()
-    recomputed: set = set()  # --force: each stage once per sweep (one teacher), see pipeline.Context
+    recomputed: set = set()  # --force: each stage once per sweep (one teacher), see engine.context.RunContext
     outcomes = [run_variant(v, i, total, force, out, recomputed) for i, v in enumerate(variants, 1)]
     print(results_table(outcomes, time.perf_counter() - started), file=out, flush=True)
     write_record(outcomes)
@@ -207,7 +207,7 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), force: bool = Fal
 
 
 def run_variant(variant: Variant, i: int, total: int, force: bool, out, recomputed: Optional[set] = None) -> Outcome:
-    from .pipeline import compress
+    from .engine.runner import compress
 
     print(f"\n[sweep {i}/{total}] {variant.name}: {describe(variant)}", file=out, flush=True)
     t0 = time.perf_counter()

@@ -113,29 +113,39 @@ def _fail_fast_on_http(connect: Callable) -> Callable:
 
 
 class StageRun:
-    """Handle a stage uses to log into its child run."""
+    """Handle on one MLflow run (the parent or a stage's child). Every call names its run id:
+    nothing here relies on MLflow's fluent "active run", which is whichever run started last."""
 
-    def __init__(self, mlflow, run_id: str):
-        self._mlflow = mlflow
+    def __init__(self, client, run_id: str):
+        self._client = client
         self.run_id = run_id
 
     def log_metrics(self, metrics: Dict[str, Any], step: Optional[int] = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if clean:
-            retry(self._mlflow.log_metrics, clean, step=step)
+            retry(self._client.log_batch, self.run_id, metrics=clean)
 
     def log_params(self, params: Dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         if params:
-            retry(self._mlflow.log_params, {k: str(v)[:500] for k, v in params.items()})
+            retry(self._client.log_batch, self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
 
     def set_tags(self, tags: Dict[str, Any]) -> None:
-        retry(self._mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+        from mlflow.entities import RunTag
+
+        # str(): SQLite accepts numbers, an HTTP tracking server's protobuf API does not
+        retry(self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        retry(self._mlflow.log_dict, obj, artifact_file)
+        retry(self._client.log_dict, self.run_id, obj, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        retry(self._mlflow.log_artifact, str(path), artifact_path)
+        retry(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
 
 class NullStageRun(StageRun):
@@ -200,7 +210,9 @@ class Tracker(NullTracker):
             raise TrackingError(f"MLflow tracking store {self.uri} is unreachable ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); start the server or set "
                                 "tracking.uri / MLFLOW_TRACKING_URI") from None
+        # the process-wide experiment: mlflow.<flavor>.log_model files its LoggedModel there
         self.mlflow.set_experiment(experiment_id=self.experiment_id)
+        self.client = self.mlflow.MlflowClient(self.uri)
 
     def _get_or_create_experiment(self, sqlite_path: Optional[Path]) -> str:
         client = self.mlflow.MlflowClient(self.uri)
@@ -235,37 +247,38 @@ class Tracker(NullTracker):
     def run(self, run_name: str, params: Dict[str, Any], tags: Dict[str, Any]) -> Iterator[StageRun]:
         """The parent run. Ctrl-C marks it KILLED, an exception FAILED."""
         self._common_tags = {**tags, f"{TAG_PREFIX}run_name": run_name}
-        process_tags = {f"{TAG_PREFIX}pid": os.getpid(), f"{TAG_PREFIX}host": socket.gethostname()}
-        all_tags = {**self._common_tags, **process_tags, f"{TAG_PREFIX}stage": "compress"}
-        # str(): SQLite accepts numbers, an HTTP tracking server's protobuf API does not
-        run = retry(self.mlflow.start_run, run_name=run_name, tags={k: str(v) for k, v in all_tags.items()})
-        self.parent_run_id = run.info.run_id
-        handle = StageRun(self.mlflow, run.info.run_id)
-        with self._ended_on_exit():
+        handle = self._start(run_name, {**self._common_tags, f"{TAG_PREFIX}stage": "compress"})
+        self.parent_run_id = handle.run_id
+        with self._ended_on_exit(handle.run_id):
             handle.log_params(params)
             yield handle
 
     @contextmanager
     def stage(self, name: str, params: Optional[Dict[str, Any]] = None, tags: Optional[Dict[str, Any]] = None) -> Iterator[StageRun]:
-        all_tags = {**self._common_tags, f"{TAG_PREFIX}stage": name, f"{TAG_PREFIX}pid": os.getpid(),
-                    f"{TAG_PREFIX}host": socket.gethostname(), **(tags or {})}
-        run = retry(self.mlflow.start_run, run_name=name, nested=True, tags={k: str(v) for k, v in all_tags.items()})
-        handle = StageRun(self.mlflow, run.info.run_id)
-        with self._ended_on_exit():
+        """A child run of the parent opened by `run`."""
+        handle = self._start(name, {**self._common_tags, f"{TAG_PREFIX}stage": name,
+                                    "mlflow.parentRunId": self.parent_run_id, **(tags or {})})
+        with self._ended_on_exit(handle.run_id):
             handle.log_params(params or {})
             yield handle
 
+    def _start(self, run_name: str, tags: Dict[str, Any]) -> StageRun:
+        process = {f"{TAG_PREFIX}pid": os.getpid(), f"{TAG_PREFIX}host": socket.gethostname()}
+        all_tags = {k: str(v) for k, v in {**tags, **process}.items()}
+        run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags)
+        return StageRun(self.client, run.info.run_id)
+
     @contextmanager
-    def _ended_on_exit(self):
+    def _ended_on_exit(self, run_id: str):
         try:
             yield
         except KeyboardInterrupt:
-            retry(self.mlflow.end_run, status="KILLED")
+            retry(self.client.set_terminated, run_id, "KILLED")
             raise
         except BaseException:
-            retry(self.mlflow.end_run, status="FAILED")
+            retry(self.client.set_terminated, run_id, "FAILED")
             raise
-        retry(self.mlflow.end_run, status="FINISHED")
+        retry(self.client.set_terminated, run_id, "FINISHED")
 
 
 @contextmanager

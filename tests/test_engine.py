@@ -1,0 +1,241 @@
+"""The engine's promises: a cached stage never carries another run's identity, a stage's key
+covers exactly what it reads, MLflow artifacts land in the run they are meant for, and the
+package has no import cycles."""
+
+import ast
+import json
+from pathlib import Path
+
+import mlflow
+import onnx
+import pytest
+
+from toolchain.cli import run
+from toolchain.engine.runner import plan, sections_of, stage_key
+from toolchain.recipe import validate_dict
+
+STAGES = ["teacher", "distill", "prune", "finetune", "export", "bench"]
+PACKAGE = Path(__file__).resolve().parents[1] / "toolchain"
+
+
+def full_recipe(tiny_recipe, **extra):
+    return tiny_recipe(
+        prune={"method": "channel", "pruner": "l1", "sparsity": 0.5},
+        finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
+        export={"exporter": "dynamo", "opset": 18},
+        bench={"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "compare_torch": False},
+        **extra,
+    )
+
+
+def onnx_metadata(path: Path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def artifacts_of(client, run_id: str, path: str = "") -> set:
+    return {a.path for a in client.list_artifacts(run_id, path)}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, fmnist_root):
+    """`compress` once as `tiny`, then again with name=copy (every stage reused), then a
+    bench-only change of copy; returns the folders and summaries."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("engine")
+    recipe = {
+        "name": "tiny", "output_dir": str(tmp / "export"),
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+        "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
+        "prune": {"method": "channel", "pruner": "l1", "sparsity": 0.5},
+        "finetune": {"epochs": 1, "lr": 0.01, "loss": "kd"},
+        "export": {"exporter": "dynamo", "opset": 18},
+        "bench": {"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "compare_torch": False},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run(["compress", str(path)]) == 0
+    assert run(["compress", str(path), "name=copy"]) == 0
+    copy_before_bench_change = json.loads((tmp / "export" / "copy" / "summary.json").read_text())
+    assert run(["compress", str(path), "name=copy", "bench.batch_sizes=[1,3]"]) == 0
+
+    def summary(name):
+        return json.loads((tmp / "export" / name / "summary.json").read_text())
+
+    return {"tmp": tmp, "tiny": summary("tiny"), "copy_first": copy_before_bench_change, "copy": summary("copy")}
+
+
+def test_a_copy_run_reuses_every_stage(two_runs):
+    assert all(s["cached"] for s in two_runs["copy_first"]["stages"].values())
+    assert list(two_runs["copy_first"]["stages"]) == STAGES
+
+
+def test_a_copy_run_ships_its_own_identity(two_runs):
+    run_dir = two_runs["tmp"] / "export" / "copy"
+    meta = onnx_metadata(run_dir / "model.onnx")
+    copy = two_runs["copy"]
+    assert meta["run_name"] == "copy" and meta["recipe_hash"] == copy["recipe_hash"] != two_runs["tiny"]["recipe_hash"]
+    assert meta["mlflow_parent_run_id"] == copy["mlflow"]["parent_run_id"]
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["name"] == "copy" and card["run_name"] == "copy"
+    assert card["mlflow"]["parent_run_id"] == copy["mlflow"]["parent_run_id"] != two_runs["tiny"]["mlflow"]["parent_run_id"]
+    assert copy["files"]["model.onnx"] == str(run_dir / "model.onnx")
+    assert "export/copy/model.onnx" in copy["final_table"] and "export/tiny/" not in copy["final_table"]
+    # the latency files of a fully cached run are in its own folder
+    assert (run_dir / "latency.txt").is_file() and json.loads((run_dir / "bench.json").read_text())["onnxruntime"]
+
+
+def test_the_first_run_is_untouched_by_the_copy(two_runs):
+    meta = onnx_metadata(two_runs["tmp"] / "export" / "tiny" / "model.onnx")
+    assert meta["run_name"] == "tiny" and meta["recipe_hash"] == two_runs["tiny"]["recipe_hash"]
+
+
+def test_card_and_model_are_artifacts_of_the_parent_run(two_runs):
+    for name in ("tiny", "copy"):
+        info = two_runs[name]["mlflow"]
+        client = mlflow.MlflowClient(info["tracking_uri"])
+        parent = artifacts_of(client, info["parent_run_id"])
+        assert {"model_card.json", "recipe.yaml"} <= parent
+        models = client.search_logged_models(experiment_ids=[info["experiment_id"]])
+        assert info["parent_run_id"] in {m.source_run_id for m in models}  # the ONNX model (MLflow 3 LoggedModel)
+        export_child = two_runs[name]["stages"]["export"]["mlflow_run_id"]
+        assert "model_card.json" not in artifacts_of(client, export_child)
+        assert "bench.json" in artifacts_of(client, two_runs[name]["stages"]["bench"]["mlflow_run_id"])
+
+
+def test_derived_metrics_reach_the_child_runs_of_a_cached_run(two_runs):
+    info = two_runs["copy_first"]["mlflow"]
+    client = mlflow.MlflowClient(info["tracking_uri"])
+    child = client.get_run(two_runs["copy_first"]["stages"]["finetune"]["mlflow_run_id"])
+    assert child.data.metrics["vs_teacher.pe_params"] == two_runs["tiny"]["stages"]["finetune"]["metrics"]["vs_teacher.pe_params"]
+    parent = client.get_run(info["parent_run_id"])
+    assert "final.test_accuracy" in parent.data.metrics and "vs_student.pe_latency" in parent.data.metrics
+
+
+def test_a_bench_only_change_retimes_this_runs_own_file(two_runs):
+    stages = two_runs["copy"]["stages"]
+    assert [n for n, s in stages.items() if not s["cached"]] == ["bench"]
+    bench = json.loads((two_runs["tmp"] / "export" / "copy" / "bench.json").read_text())
+    assert sorted(r["batch_size"] for r in bench["onnxruntime"]["final"]["results"]) == [1, 3]
+    # it timed the content-keyed export file that this run's model.onnx was stamped from
+    timed = Path(bench["onnxruntime"]["final"]["model"])
+    assert timed.parent == Path(stages["export"]["paths"]["final"]).parent
+    assert ".cache" in timed.parts
+
+
+# ---------------------------------------------------------------- keys
+
+
+def recipe(**changes):
+    body = {"name": "k", "student": {"model": "mobilenet_v2"}, "teacher": {"model": "resnet18"},
+            "prune": {"method": "channel"}, "finetune": {"epochs": 1}}
+    body.update(changes)
+    return validate_dict(body)
+
+
+def keys(r):
+    out, models = {}, []
+    for stage in plan(r):
+        cfg = sections_of(r, stage)
+        inputs = stage.inputs(cfg, models)
+        out[stage.name] = stage_key(stage, cfg, {role: out[n] for role, n in inputs.items()}, "data")
+        if stage.makes_model:
+            models.append(stage.name)
+    return out
+
+
+def test_keys_ignore_what_a_stage_cannot_read():
+    base = keys(recipe())
+    assert keys(recipe(name="other", tracking={"experiment": "x"}, output_dir="elsewhere")) == base
+    bench_changed = keys(recipe(bench={"batch_sizes": [1, 8]}))
+    assert {n for n in base if base[n] != bench_changed[n]} == {"bench"}
+
+
+def test_keys_follow_inputs():
+    base = keys(recipe())
+    teacher_changed = keys(recipe(teacher={"model": "resnet34"}))
+    assert all(base[n] != teacher_changed[n] for n in STAGES)
+    export_changed = keys(recipe(export={"opset": 19}))
+    assert {n for n in base if base[n] != export_changed[n]} == {"export", "bench"}
+
+
+def test_a_student_trained_without_kd_does_not_depend_on_the_teacher():
+    ce = dict(distill={"loss": "ce"}, finetune={"epochs": 1, "loss": "ce"}, prune={"method": "channel"})
+    base, other_teacher = keys(recipe(**ce)), keys(recipe(**ce, teacher={"model": "resnet34"}))
+    assert base["distill"] == other_teacher["distill"] and base["finetune"] == other_teacher["finetune"]
+    assert base["export"] != other_teacher["export"]  # it exports the teacher as a reference
+
+
+# ---------------------------------------------------------------- layering
+
+
+def module_imports(path: Path) -> set:
+    """Every toolchain module a file imports, at module level or inside functions."""
+    name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    package = package.removesuffix(".__init__")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            if base.startswith("toolchain"):
+                found.update(f"{base}.{a.name}" for a in node.names)
+                found.add(base)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("toolchain"))
+    return found
+
+
+def import_graph() -> dict:
+    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in PACKAGE.rglob("*.py")}
+    return {mod: {m for m in module_imports(p) if m in files and m != mod} for mod, p in files.items()}
+
+
+def find_cycle(graph: dict):
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, stack + [nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_no_import_cycles_in_the_package():
+    graph = import_graph()
+    assert "toolchain.engine.runner" in graph and len(graph) > 30
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_layers_point_down():
+    """Libraries never import the engine or the stages; stages never import the runner."""
+    graph = import_graph()
+    upper = ("toolchain.engine", "toolchain.stages", "toolchain.cli", "toolchain.sweep")
+    for mod, deps in graph.items():
+        if mod.startswith(upper) or mod == "toolchain.__main__":
+            continue
+        assert not any(d.startswith(upper) for d in deps), f"{mod} imports {sorted(d for d in deps if d.startswith(upper))}"
+    for mod, deps in graph.items():
+        if mod.startswith("toolchain.stages"):
+            assert "toolchain.engine.runner" not in deps, mod

@@ -1,0 +1,45 @@
+"""What one `compress` run holds while its stages run: the recipe, shared data and device,
+tracking, the run folder, and every finished stage's output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from .stage import STAGES, StageOutput
+from .summary import Summary
+
+
+@dataclass
+class RunContext:
+    recipe: Any  # the validated Recipe: only the runner and publish steps read it whole
+    device: Any
+    data: Any
+    data_key: str
+    tracker: Any
+    parent: Any  # the parent MLflow run's handle
+    run_dir: Path  # export/<run>/: run-specific files, written by publish steps only
+    cache_dir: Path  # export/.cache/: content-keyed stage folders
+    summary: Summary
+    force: bool = False
+    # (stage, key) pairs already recomputed under force: a sweep shares one set, so --force
+    # recomputes each stage once per sweep (one teacher), not once per variant
+    recomputed: Set[Tuple[str, str]] = field(default_factory=set)
+    outputs: Dict[str, StageOutput] = field(default_factory=dict)
+
+    def model_stages(self) -> List[str]:
+        return [name for name in self.outputs if STAGES.get(name).makes_model]
+
+    def final_model(self) -> Optional[StageOutput]:
+        """The model this run ships: the output of its last model stage."""
+        names = self.model_stages()
+        return self.outputs[names[-1]] if names else None
+
+    def identity(self) -> Dict[str, Any]:
+        """Who this run is: stamped into every run-specific output, never into the cache."""
+        from .. import __version__
+        from ..recipe import recipe_hash
+
+        return {"run_name": self.recipe.name, "recipe_hash": recipe_hash(self.recipe),
+                "toolchain_version": __version__, "mlflow": self.summary.data.get("mlflow")}

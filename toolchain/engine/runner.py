@@ -1,0 +1,253 @@
+"""The runner: plan the stages, key them, run or reuse each, track it, publish it.
+
+Each stage's output lives in <output_dir>/.cache/<stage>-<key>/. The runner alone builds
+the key, from exactly what the stage can read: its declared recipe sections (and the files
+they name), its input stages' keys, the data key (dataset section, seed, torchrun shards)
+and the toolchain version. A folder whose result.json exists is reused (so sweeps share a
+teacher, and a rerun after a crash skips finished work); an interrupted training stage
+resumes from its last epoch checkpoint. Everything specific to this run (export/<run>/,
+summary, MLflow artifacts of the parent run, PE against this run's references) is written
+by the stages' publish step, on every run, cache hit or miss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .. import distributed as dist
+from ..errors import RecipeError, ToolchainError
+from ..fsutil import atomic_write_json, atomic_write_text, ensure_dir, file_lock
+from ..recipe import Recipe, recipe_hash, stable_hash, to_yaml
+from ..tracking import NullStageRun, flatten
+from . import distributed as stage_dist
+from .artifacts import StageResult, damaged_files
+from .context import RunContext
+from .stage import STAGES, Job, Stage, StageOutput
+from .summary import Summary, final_table
+
+
+def plan(recipe: Recipe) -> List[Stage]:
+    """The stages this recipe runs, in order."""
+    from .. import stages  # noqa: F401  (registers every stage)
+
+    ordered = sorted((STAGES.get(n) for n in STAGES.names()), key=lambda s: s.order)
+    return [s for s in ordered if s.enabled(recipe)]
+
+
+def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple[str, str]]] = None) -> Dict[str, Any]:
+    """Run every stage of the recipe; returns the summary dict (also in export/<name>/summary.json).
+
+    recomputed: stages already recomputed under force by earlier calls (see RunContext.recomputed).
+    """
+    if recipe.matrix is not None:
+        raise RecipeError(f"recipe {recipe.name!r} has a matrix section (a sweep of variants); run it with `python -m toolchain sweep RECIPE`")
+    with dist.session(recipe.device), open_run(recipe, force, recomputed) as run:  # torchrun: process group
+        for stage in plan(recipe):
+            run_stage(run, stage)
+        finish(run)
+        return run.summary.data
+
+
+# ---------------------------------------------------------------- keys
+
+
+def sections_of(recipe: Recipe, stage: Stage) -> SimpleNamespace:
+    return SimpleNamespace(**{name: getattr(recipe, name) for name in stage.sections})
+
+
+def stage_key(stage: Stage, cfg: SimpleNamespace, input_keys: Dict[str, str], data_key: Optional[str]) -> str:
+    sections = {n: (s.model_dump(mode="json") if s is not None else None) for n, s in vars(cfg).items()}
+    return stable_hash({"stage": stage.name, "sections": sections, "files": stage.fingerprint(cfg),
+                        "inputs": input_keys, "data": data_key, "version": __version__})
+
+
+def data_key(recipe: Recipe) -> str:
+    # under torchrun each process trains on its 1/N shard: N is part of what the data is
+    shards = {"world_size": dist.world_size()} if dist.world_size() > 1 else {}
+    return stable_hash({"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed, **shards})
+
+
+# ---------------------------------------------------------------- one stage
+
+
+def run_stage(run: RunContext, stage: Stage) -> StageOutput:
+    cfg = sections_of(run.recipe, stage)
+    inputs = {role: run.outputs[name] for role, name in stage.inputs(cfg, run.model_stages()).items()}
+    key = stage_key(stage, cfg, {role: out.key for role, out in inputs.items()}, run.data_key if stage.uses_data else None)
+    job = Job(stage.name, cfg, inputs, run.data, run.device, run.recipe.seed, run.cache_dir / f"{stage.name}-{key}", NullStageRun())
+    output = stage_dist.follow_stage(stage, job, key) if not dist.is_main() else _lead(run, stage, job, key)
+    run.outputs[stage.name] = output
+    return output
+
+
+def _lead(run: RunContext, stage: Stage, job: Job, key: str) -> StageOutput:
+    """Rank 0 (or the only process): reuse or compute, track, publish."""
+    force = run.force and (stage.name, key) not in run.recomputed
+    run.recomputed.add((stage.name, key))
+    done = job.stage_dir / "result.json"
+    # two processes asking for the same stage output (a sweep, a double-started job) take turns:
+    # the second waits, then finds result.json and reuses it instead of racing
+    with run.tracker.stage(stage.name, stage.params(job.cfg), {"toolchain.stage_key": key}) as child, \
+            file_lock(run.cache_dir / f".{stage.name}-{key}.lock"):
+        job.run = child
+        reusable = None if force else _verified_result(stage.name, job.stage_dir)
+        cached = stage_dist.lead_stage(reusable is not None, job.stage_dir, stage.followers)
+        if cached:
+            result = reusable
+            model = stage.restore(job, result)
+            for epoch, metrics in enumerate(result.history):
+                child.log_metrics(metrics, step=epoch)
+            tqdm.write(f"[{stage.name}] reused finished output {job.stage_dir} (use --force to recompute)")
+        else:
+            result, model = _compute(run, stage, job, force or done.is_file())
+        output = StageOutput(stage.name, key, job.stage_dir, result, model, cached, child.run_id)
+        child.set_tags({"toolchain.cached": cached})
+        child.log_metrics(result.metrics)
+        output.derived = stage.publish(run, output, child) or {}
+        child.log_metrics(output.derived)
+    run.summary.add_stage(output)
+    stage_dist.publish_stage(job.stage_dir, result, stage.followers)
+    if dist.is_distributed() and stage.followers == "load" and not cached:
+        output.model = stage.restore(job, result)  # continue from the checkpoint like the others: same modules everywhere
+    return output
+
+
+def _verified_result(name: str, stage_dir: Path) -> Optional[StageResult]:
+    """The finished result in stage_dir if its result.json parses and every artifact file is
+    present with the sha256 recorded when it was written; None (recompute) otherwise."""
+    done = stage_dir / "result.json"
+    if not done.is_file():
+        return None
+    try:
+        result = StageResult.from_json(json.loads(done.read_text()))
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+        tqdm.write(f"[{name}] warning: damaged cache entry {done} ({type(exc).__name__}); recomputing the stage")
+        return None
+    damaged = damaged_files(stage_dir, result)
+    if damaged:
+        tqdm.write(f"[{name}] warning: cache entry {stage_dir} has missing or altered files ({', '.join(damaged)}); "
+                   "recomputing the stage")
+        return None
+    return result
+
+
+def _compute(run: RunContext, stage: Stage, job: Job, force: bool):
+    """force: wipe the stage folder first (--force, or a damaged entry)."""
+    if force and job.stage_dir.exists():
+        shutil.rmtree(job.stage_dir)
+    ensure_dir(job.stage_dir)
+    t0 = time.perf_counter()
+    with stage_dist.leading(run.data, stage.followers):
+        result = stage.compute(job)
+    result.metrics["stage_seconds"] = time.perf_counter() - t0
+    atomic_write_json(job.stage_dir / "result.json", result.to_json())  # written last: its presence means "complete"
+    return result, job.model
+
+
+# ---------------------------------------------------------------- the run
+
+
+def finish(run: RunContext) -> None:
+    """The headline metrics on the parent run and the closing table."""
+    if not dist.is_main():
+        return
+    final = run.final_model()
+    headline = {f"final.{k}": v for k, v in final.metrics.items() if isinstance(v, (int, float))} if final else {}
+    if "bench" in run.outputs:
+        headline.update(run.outputs["bench"].metrics)
+    run.parent.log_metrics(headline)
+    run.summary.data["final_stage"] = final.name if final else None
+    text = final_table(run.summary)
+    run.summary.data["final_table"] = text
+    run.summary.write()
+    tqdm.write(text)
+
+
+def recipe_tags(recipe: Recipe) -> Dict[str, Any]:
+    return {
+        "toolchain.recipe_hash": recipe_hash(recipe),
+        "toolchain.version": __version__,
+        "dataset": recipe.data.name,
+        "student": recipe.student.model,
+        "teacher": recipe.teacher.model if recipe.teacher else "none",
+        "prune.method": recipe.prune.method if recipe.prune else "none",
+        "prune.sparsity": recipe.prune.sparsity if recipe.prune else 0.0,
+    }
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ToolchainError("device: cuda requested but torch sees no CUDA device; set device: auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple[str, str]]] = None):
+    """Connect tracking first (fail before training), then data, then open the parent run."""
+    from ..data import build_data
+    from ..tracking import make_tracker
+
+    seed_everything(recipe.seed)
+    if recipe.threads:
+        import torch
+
+        torch.set_num_threads(recipe.threads)
+    run_dir = ensure_dir(Path(recipe.output_dir) / recipe.name)
+    cache_dir = ensure_dir(Path(recipe.output_dir) / ".cache")
+    # under torchrun a user error on any rank (tracking unreachable on rank 0...) stops every rank
+    tracker = dist.agree(lambda: make_tracker(recipe.tracking, dist.is_main()))
+    device = dist.agree(lambda: resolve_device(recipe.device))
+    data = dist.agree(lambda: build_data(recipe.data, recipe.seed, device, dist.world_size(), dist.rank()))
+    stale = tracker.mark_stale_runs(recipe.name) if hasattr(tracker, "mark_stale_runs") else []
+    scale = dist.describe(recipe.data.batch_size)  # world size, backend, effective batch
+    tags = {**recipe_tags(recipe), **{f"toolchain.{k}": v for k, v in scale.items()}}
+    if stale:
+        tags["toolchain.resumed_after"] = ",".join(stale)
+    summary = Summary(run_dir / "summary.json", {"run_name": recipe.name, "recipe_hash": recipe_hash(recipe),
+                                                  "toolchain_version": __version__, "status": "RUNNING",
+                                                  "distributed": scale}, owner=dist.is_main())
+    with tracker.run(recipe.name, flatten(recipe.model_dump(mode="json")), tags) as parent:
+        if dist.is_main():
+            atomic_write_text(run_dir / "recipe.yaml", to_yaml(recipe))
+            parent.log_artifact(run_dir / "recipe.yaml")
+        summary.data["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
+                                  "parent_run_id": tracker.parent_run_id}
+        summary.write()  # status RUNNING from the start: a crash before the first stage still leaves a trace
+        run = RunContext(recipe, device, data, data_key(recipe), tracker, parent, run_dir, cache_dir, summary,
+                         force=force, recomputed=set() if recomputed is None else recomputed)
+        try:
+            yield run
+        except KeyboardInterrupt:
+            summary.close("KILLED")
+            raise
+        except BaseException:
+            summary.close("FAILED")
+            raise
+        summary.close("FINISHED")

@@ -1,0 +1,113 @@
+"""The stage contract and the STAGES registry.
+
+A stage is one file in toolchain/stages/ plus its recipe section. It declares:
+  name, order       where it runs in the pipeline (ascending order; the plan is this data)
+  sections          the recipe sections it reads: it is handed exactly these, and the
+                    runner's cache key covers exactly these
+  inputs()          the earlier stages whose outputs it consumes (role -> stage name)
+  followers         what the other ranks do under torchrun: train | load | wait
+  uses_data         whether its output depends on the dataset (adds the data key)
+  compute()         the work, on a cache miss; returns a StageResult (sets job.model for model stages)
+  restore()         on a cache hit (and on torchrun followers): rebuild in-memory state
+  publish()         run-specific outputs on every run, hit or miss (files under export/<run>/,
+                    MLflow artifacts, metrics derived from other stages such as PE)
+It never sees the run name, recipe hash or MLflow ids while computing, so a cached output
+cannot carry another run's identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+
+from ..registry import Registry
+from .artifacts import StageResult
+
+FOLLOWER_ROLES = ("train", "load", "wait")
+
+
+@dataclass
+class StageOutput:
+    """A finished stage as later stages and the publish step see it."""
+
+    name: str
+    key: str
+    stage_dir: Path
+    result: StageResult
+    model: Any = None  # the in-memory model for model stages
+    cached: bool = False
+    run_id: Optional[str] = None  # the stage's MLflow child run
+    derived: Dict[str, float] = field(default_factory=dict)  # metrics added at publish (PE...)
+
+    def path(self, relative: str) -> Path:
+        return self.stage_dir / relative
+
+    @property
+    def metrics(self) -> Dict[str, float]:
+        return {**self.result.metrics, **self.derived}
+
+
+@dataclass
+class Job:
+    """Everything a stage's compute/restore may read. Deliberately no recipe, run name or run folder."""
+
+    name: str
+    cfg: SimpleNamespace  # the declared recipe sections, by name
+    inputs: Dict[str, StageOutput]  # role -> output of an earlier stage
+    data: Any
+    device: Any
+    seed: int
+    stage_dir: Path
+    run: Any  # the stage's tracking handle (a NullStageRun on torchrun followers)
+    model: Any = None  # set by a model stage's compute
+
+
+class Stage:
+    name: ClassVar[str]
+    order: ClassVar[int]
+    sections: ClassVar[Tuple[str, ...]]
+    followers: ClassVar[str] = "wait"
+    uses_data: ClassVar[bool] = True
+    makes_model: ClassVar[bool] = False
+
+    def enabled(self, recipe) -> bool:
+        """Runs when its first section is present in the recipe."""
+        return getattr(recipe, self.sections[0]) is not None
+
+    def inputs(self, cfg: SimpleNamespace, models: Sequence[str]) -> Dict[str, str]:
+        """role -> stage name; `models` are the model stages that ran before, in order."""
+        return {}
+
+    def fingerprint(self, cfg: SimpleNamespace) -> Dict[str, Any]:
+        """Content the sections only point at (files named by path), for the cache key."""
+        return {}
+
+    def params(self, cfg: SimpleNamespace) -> Dict[str, Any]:
+        """What the stage's MLflow child run shows as params: its sections, flattened."""
+        from ..tracking import flatten
+
+        return flatten({n: s.model_dump(mode="json") for n, s in vars(cfg).items() if s is not None})
+
+    def compute(self, job: Job) -> StageResult:
+        raise NotImplementedError
+
+    def restore(self, job: Job, result: StageResult) -> Any:
+        return None
+
+    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
+        """Run-specific outputs; returns metrics derived from this run's other stages."""
+        return {}
+
+
+STAGES: Registry[Stage] = Registry("stage")
+
+
+def register_stage(cls):
+    """Class decorator: one instance of the stage goes into STAGES."""
+    if cls.followers not in FOLLOWER_ROLES:
+        raise ValueError(f"stage {cls.name}: followers={cls.followers!r}; expected one of {FOLLOWER_ROLES}")
+    STAGES.register(cls.name)(cls())
+    return cls
+

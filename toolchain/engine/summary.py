@@ -1,0 +1,89 @@
+"""export/<run>/summary.json and the table `compress` prints at the end.
+
+The summary is run-specific: it is rewritten by the runner after every stage (status RUNNING
+from the start, FINISHED / FAILED / KILLED at the end) and never cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+from ..fsutil import atomic_write_json
+
+ROW_STAGES = (("teacher", "teacher"), ("distill", "KD student"), ("prune", "pruned"), ("finetune", "pruned+KD ft"))
+
+
+@dataclass
+class Summary:
+    path: Path
+    data: Dict[str, Any] = field(default_factory=dict)
+    owner: bool = True  # under torchrun only rank 0 writes it
+
+    def add_stage(self, output) -> None:
+        """output: an engine StageOutput."""
+        paths = {name: str(output.path(_main_file(a))) for name, a in output.result.artifacts.items()}
+        self.data.setdefault("stages", {})[output.name] = {
+            "metrics": output.metrics, "history": output.result.history, "info": output.result.info,
+            "paths": paths, "key": output.key, "cached": output.cached, "mlflow_run_id": output.run_id}
+        self.write()
+
+    def add_files(self, files: Dict[str, Path]) -> None:
+        """Files published into export/<run>/ for this run."""
+        self.data.setdefault("files", {}).update({k: str(v) for k, v in files.items()})
+        self.write()
+
+    def write(self) -> None:
+        if self.owner:
+            atomic_write_json(self.path, self.data)
+
+    def close(self, status: str) -> None:
+        if self.path.parent.is_dir():
+            self.data["status"] = status
+            self.write()
+
+
+def _main_file(artifact) -> str:
+    return next(iter(artifact.files()))
+
+
+def _fmt_int(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}"
+
+
+def model_rows(stages: Dict[str, Dict[str, Any]]) -> List[str]:
+    header = f"{'stage':<13} {'val acc':>7} {'test acc':>8} {'params':>8} {'nonzero':>8} {'MACs':>8} {'PE(params) vs teacher':>21}"
+    lines = [header, "-" * len(header)]
+    for stage, label in ROW_STAGES:
+        if stage not in stages:
+            continue
+        m = stages[stage]["metrics"]
+        pe = m.get("vs_teacher.pe_params")
+        lines.append(f"{label:<13} {m['val_accuracy']:>7.4f} {m['test_accuracy']:>8.4f} {_fmt_int(m['params']):>8} "
+                     f"{_fmt_int(m['nonzero_params']):>8} {_fmt_int(m['macs']):>8} {'-' if pe is None else f'{pe:.3f}':>21}")
+    return lines
+
+
+def final_table(summary: Summary) -> str:
+    data = summary.data
+    stages, files = data.get("stages", {}), data.get("files", {})
+    lines = ["", f"== {data['run_name']}: results =="] + model_rows(stages)
+    if "export" in stages:
+        m = stages["export"]["metrics"]
+        lines.append(f"ONNX: test acc {m['onnx_test_accuracy']:.4f} (PyTorch {m['torch_test_accuracy']:.4f}), "
+                     f"parity max|diff| {m['parity_max_abs_diff']:.2e}, top-1 agreement {m['parity_top1_agreement']:.3f}")
+    if "bench" in stages:
+        lines += ["", stages["bench"]["info"]["table"]]
+    lines += ["", f"summary:      {summary.path}"]
+    if "model.onnx" in files:
+        lines.append(f"ONNX model:   {files['model.onnx']}  (card: {files['model_card.json']})")
+    mlflow_info = data.get("mlflow", {})
+    if mlflow_info.get("tracking_uri"):
+        lines.append(f"MLflow:       {mlflow_info['tracking_uri']}  parent run {mlflow_info['parent_run_id']}  "
+                     f"(browse: mlflow ui --backend-store-uri {mlflow_info['tracking_uri']})")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""What the model stages share: build, train, save, evaluate, restore, and PE at publish.
+
+A model stage's result holds val/test accuracy, params, nonzero params and MACs (content of
+the stage, cached). Performance Efficiency compares it with *this run's* teacher and KD
+student, so it is derived at publish time on every run, never cached.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .. import distributed as dist
+from ..checkpoint import load_weights, save_state
+from ..engine.artifacts import ModelArtifact, StageResult
+from ..engine.stage import Job, Stage, StageOutput
+from ..fsutil import file_sha256
+from ..losses import needs_teacher
+from ..metrics import model_stats, performance_efficiency
+from ..models import build_model
+from ..train import evaluate, fit, make_task, memory_layout
+
+REFERENCES = {"teacher": "teacher", "student": "distill"}  # PE label -> reference model stage
+
+
+def reseed(job: Job) -> None:
+    """Restart torch's RNG from the recipe seed. Each model stage does this first, so its
+    output (init, dropout masks) depends only on its cache key, not on which earlier
+    stages ran in this process and which were loaded from the cache."""
+    torch.manual_seed(job.seed)
+
+
+def teacher_role(train_cfg, models) -> Dict[str, str]:
+    """The teacher is an input only of training that distils from it."""
+    return {"teacher": "teacher"} if needs_teacher(train_cfg.loss) and "teacher" in models else {}
+
+
+def new_model(job: Job, model_cfg) -> torch.nn.Module:
+    reseed(job)
+    return build_model(model_cfg.model, job.data.num_classes, model_cfg.cifar_stem).to(job.device)
+
+
+def load_model(job: Job, art: ModelArtifact) -> torch.nn.Module:
+    """Rebuild a stage's model from its artifact (pruned layers are resized to the stored shapes)."""
+    from ..prune import keep_sparsity
+
+    reseed(job)
+    model = build_model(art.arch, art.num_classes, art.cifar_stem)
+    load_weights(model, job.stage_dir / art.checkpoint, art.arch)
+    model = model.to(job.device)
+    if art.keep_zeros:
+        keep_sparsity(model)()
+    return model
+
+
+def train(job: Job, model, cfg, stage: str, resumable: bool = True, after_step=None) -> List[Dict[str, float]]:
+    """The one training entry point of the pipeline (all stages go through `fit`)."""
+    teacher = job.inputs.get("teacher")
+    task = make_task(cfg, teacher.model if teacher else None)
+    with memory_layout(model, task, cfg.channels_last):
+        trained = dist.wrap_for_training(model, job.device)
+        result = fit(trained, task, job.data.train, job.data.val, cfg, stage=stage,
+                     state_path=job.stage_dir / "train_state.pt" if resumable else None,
+                     on_epoch=lambda epoch, m: job.run.log_metrics(m, step=epoch), after_step=after_step)
+    dist.debug_record(stage, job.data.train, model)
+    return result.history
+
+
+def finalize(job: Job, model, arch: Dict[str, Any], history=None, extra=None, keep_zeros: bool = False) -> StageResult:
+    """Save, evaluate (val for selection, test once for the report), count."""
+    model.eval()
+    job.model = model
+    if not dist.is_main():  # torchrun: rank 0 saves and scores; the others load its checkpoint after the stage
+        return StageResult()
+    checkpoint = job.stage_dir / "model.pt"
+    save_state({"model": model.state_dict()}, checkpoint)
+    metrics = {
+        "val_accuracy": evaluate(model, job.data.val)["accuracy"],
+        "test_accuracy": evaluate(model, job.data.test)["accuracy"],
+        **model_stats(model, (1, *job.data.input_shape)),
+        **(extra or {}),
+    }
+    art = ModelArtifact(checkpoint.name, num_classes=job.data.num_classes, keep_zeros=keep_zeros,
+                        sha256=file_sha256(checkpoint), **arch)
+    return StageResult(metrics, history or [], {"model": art})
+
+
+def arch_of(model_cfg) -> Dict[str, Any]:
+    return {"arch": model_cfg.model, "cifar_stem": model_cfg.cifar_stem}
+
+
+def pe_against_references(outputs: Dict[str, StageOutput], metrics: Dict[str, float],
+                          latency: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    """PE of a model against this run's teacher and unpruned KD student (those present).
+    latency: reference stage -> p50 ms, plus "final" for the model itself."""
+    out = {}
+    for label, ref in REFERENCES.items():
+        if ref not in outputs:
+            continue
+        r = outputs[ref].result.metrics
+        pe = performance_efficiency(
+            metrics["test_accuracy"], r["test_accuracy"], metrics["nonzero_params"], r["params"], metrics["macs"], r["macs"],
+            None if latency is None else latency.get("final"), None if latency is None else latency.get(ref))
+        out.update({f"vs_{label}.{k}": v for k, v in pe.items() if v is not None})
+    return out
+
+
+class ModelStage(Stage):
+    """A stage whose output is a trained (or pruned) model."""
+
+    makes_model = True
+    followers = "train"
+
+    def restore(self, job: Job, result: StageResult):
+        return load_model(job, result.model())
+
+    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
+        if not output.result.metrics:
+            return {}
+        return pe_against_references(run.outputs, output.result.metrics)

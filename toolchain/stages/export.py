@@ -1,0 +1,142 @@
+"""export: the final model (and, for the bench's speedup ratios, the teacher and the unpruned
+student) -> ONNX, gated on parity, with ONNX-measured test accuracy.
+
+The cached files carry the model's content metadata only; publish stamps this run's identity
+(run name, recipe hash, PE, MLflow run) into export/<run>/model.onnx and its model card.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..engine.artifacts import OnnxArtifact, StageResult
+from ..engine.stage import Job, Stage, StageOutput, register_stage
+from ..fsutil import atomic_path, atomic_write_json, file_sha256
+from .common import REFERENCES
+
+PARITY_BATCH = 64
+
+
+def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).cpu().eval()
+
+
+def _cpu_batches(batches):
+    for x, y in batches:
+        yield x.cpu(), y.cpu()
+
+
+def content_metadata(job: Job, source: StageOutput) -> Dict[str, Any]:
+    """What a device needs to feed the model, and what was measured on it."""
+    m = source.result.metrics
+    return {
+        "input_name": "input",
+        "input_shape": ["batch", *job.data.input_shape],
+        "input_dtype": "float32",
+        "normalization_mean": list(job.data.mean),
+        "normalization_std": list(job.data.std),
+        "preprocessing": job.data.preprocessing,
+        "class_names": job.data.class_names,
+        "stage": source.name,
+        "test_accuracy": m["test_accuracy"],
+        "params": m["params"],
+        "nonzero_params": m["nonzero_params"],
+        "macs": m["macs"],
+        "toolchain_version": __version__,
+    }
+
+
+def export_model(job: Job, source: StageOutput, relative: str) -> OnnxArtifact:
+    """Export one stage's model, gate on parity, measure its ONNX test accuracy."""
+    from ..onnx_export import check_parity, export_onnx, onnx_accuracy
+
+    cfg, path = job.cfg.export, job.stage_dir / relative
+    model = cpu_copy(source.model)
+    metadata = content_metadata(job, source)
+    info = export_onnx(model, path, job.data.example_batch(2).cpu(), cfg, metadata)
+    info.pop("path")  # absolute; the artifact's file is relative to the stage folder
+    x, _ = next(iter(job.data.val))
+    parity = check_parity(model, path, x[:PARITY_BATCH].cpu(), cfg.parity_atol, cfg.parity_min_agreement)
+    accuracy = onnx_accuracy(path, _cpu_batches(job.data.test))
+    return OnnxArtifact(relative, source.name, metadata, parity, info, accuracy, file_sha256(path))
+
+
+@register_stage
+class Export(Stage):
+    name = "export"
+    order = 50
+    sections = ("export",)
+
+    def inputs(self, cfg, models):
+        final = models[-1]
+        roles = {"model": final}
+        if cfg.export.references:
+            roles.update({role: stage for role, stage in REFERENCES.items() if stage in models and stage != final})
+        return roles
+
+    def compute(self, job: Job) -> StageResult:
+        cfg, final = job.cfg.export, job.inputs["model"]
+        tqdm.write(f"[export] {final.name} model -> ONNX ({cfg.exporter} exporter, opset {cfg.opset})")
+        arts = {"final": export_model(job, final, "model.onnx")}
+        for role in REFERENCES:
+            if role in job.inputs:
+                arts[role] = export_model(job, job.inputs[role], f"references/{role}.onnx")
+        f = arts["final"]
+        metrics = {
+            "onnx_test_accuracy": f.onnx_test_accuracy,
+            "torch_test_accuracy": final.result.metrics["test_accuracy"],
+            "parity_max_abs_diff": f.parity["max_abs_diff"],
+            "parity_top1_agreement": f.parity["top1_agreement"],
+            "onnx_file_size_bytes": f.info["file_size_bytes"],
+        }
+        return StageResult(metrics, artifacts=arts)
+
+    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
+        files = publish_onnx(run, output)
+        run.summary.add_files(files)
+        return {}
+
+
+def publish_onnx(run, output: StageOutput) -> Dict[str, Path]:
+    """export/<run>/model.onnx (this run's identity stamped in) and model_card.json, logged to
+    the parent MLflow run. Written atomically: a reader sees the old file or the new one."""
+    import onnx
+
+    from ..onnx_export import log_onnx_to_mlflow, set_metadata
+
+    art = output.result.artifacts["final"]
+    identity = run.identity()
+    pe = {k: v for k, v in run.outputs[art.stage].metrics.items() if k.startswith("vs_")}
+    metadata = {**art.metadata, "run_name": identity["run_name"], "recipe_hash": identity["recipe_hash"],
+                "performance_efficiency": pe, "mlflow_parent_run_id": run.parent.run_id or ""}
+    proto = onnx.load(str(output.path(art.file)))
+    set_metadata(proto, metadata)
+    onnx_path, card_path = run.run_dir / "model.onnx", run.run_dir / "model_card.json"
+    with atomic_path(onnx_path) as tmp:
+        onnx.save_model(proto, str(tmp))
+    atomic_write_json(card_path, model_card(run, art, metadata, identity))
+    if run.tracker.uri is not None:
+        log_onnx_to_mlflow(onnx_path, run.data.example_batch(2).cpu().numpy(), run_id=run.parent.run_id)
+        run.parent.log_artifact(card_path)
+    return {"model.onnx": onnx_path, "model_card.json": card_path}
+
+
+def model_card(run, art: OnnxArtifact, metadata: Dict[str, Any], identity: Dict[str, Any]) -> Dict[str, Any]:
+    recipe = run.recipe
+    return {
+        "name": recipe.name,
+        "model": recipe.student.model,
+        "dataset": recipe.data.name,
+        **metadata,
+        "onnx_test_accuracy": art.onnx_test_accuracy,
+        "parity": art.parity,
+        "export": art.info,
+        "pruning": recipe.prune.model_dump(mode="json") if recipe.prune else None,
+        "mlflow": identity["mlflow"],
+    }

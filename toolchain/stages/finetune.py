@@ -1,0 +1,29 @@
+"""finetune: KD (or CE) training of the pruned model; weight-pruned zeros stay zero."""
+
+from __future__ import annotations
+
+import copy
+
+from ..engine.stage import register_stage
+from .common import ModelStage, finalize, reseed, teacher_role, train
+
+
+@register_stage
+class Finetune(ModelStage):
+    name = "finetune"
+    order = 40
+    sections = ("finetune",)
+
+    def inputs(self, cfg, models):
+        return {"model": models[-1], **teacher_role(cfg.finetune, models)}
+
+    def compute(self, job):
+        from ..prune import keep_sparsity
+
+        reseed(job)
+        source = job.inputs["model"]
+        art = source.result.model()
+        model = copy.deepcopy(source.model)
+        keeper = keep_sparsity(model) if art.keep_zeros else None
+        history = train(job, model, job.cfg.finetune, "finetune", after_step=keeper)
+        return finalize(job, model, {"arch": art.arch, "cifar_stem": art.cifar_stem}, history, keep_zeros=art.keep_zeros)
