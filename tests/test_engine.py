@@ -239,3 +239,31 @@ def test_layers_point_down():
     for mod, deps in graph.items():
         if mod.startswith("toolchain.stages"):
             assert "toolchain.engine.runner" not in deps, mod
+
+
+# ---------------------------------------------------------------- cache entries are verified before reuse
+
+
+def test_damaged_cache_entries_are_recomputed_and_never_shipped(tiny_recipe, tmp_path, capsys):
+    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+                       export={"exporter": "dynamo", "opset": 18, "references": False})
+    assert run(["compress", str(path)]) == 0
+    first = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]
+    cached_onnx = Path(first["export"]["paths"]["final"])
+    cached_onnx.write_bytes(cached_onnx.read_bytes()[:1000])  # truncated
+    result_json = Path(first["distill"]["paths"]["model"]).parent / "result.json"
+    result_json.write_text('{"metrics": ')  # truncated JSON
+    capsys.readouterr()
+    assert run(["compress", str(path)]) == 0
+    out = capsys.readouterr().out
+    second = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]
+    assert not second["distill"]["cached"] and not second["export"]["cached"]
+    assert "[distill] warning: damaged cache entry" in out and "[export] warning:" in out and "(model.onnx)" in out
+    assert second["distill"]["metrics"]["test_accuracy"] == first["distill"]["metrics"]["test_accuracy"]
+    shipped = onnx.load(str(tmp_path / "export" / "tiny" / "model.onnx"))  # a whole, valid model
+    onnx.checker.check_model(shipped)
+    # an altered file alone (its result.json intact) is caught by its sha256
+    Path(second["export"]["paths"]["final"]).write_bytes(b"not onnx")
+    assert run(["compress", str(path)]) == 0
+    assert "missing or altered files (model.onnx)" in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(str(tmp_path / "export" / "tiny" / "model.onnx")))
