@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= recipes/mobilenet.yaml
 
-.PHONY: demo test venv data bench clean
+.PHONY: demo test test-fast venv data bench clean
 
 venv: $(VENV)/.installed
 
@@ -32,7 +32,11 @@ demo: venv data
 # One torch thread per test process: the suite starts subprocesses (torchrun, concurrent runs),
 # and oversubscribed threads on 2 cores make it several times slower.
 test: venv data
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
+
+# Inner loop: skips the tests marked slow (torchrun, subprocess-heavy, big models).
+test-fast: venv data
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" --durations=15
 
 bench: venv
 	$(PY) benchmarks/prune_latency.py

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from toolchain.metrics import count_macs, count_params  # noqa: E402
-from toolchain.models import build_model  # noqa: E402
+from toolchain.models.registry import build_model  # noqa: E402
 from toolchain.prune import prune_model  # noqa: E402
 from toolchain.recipe import PruneConfig  # noqa: E402
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from toolchain.cli import run
-from toolchain.models import build_model
+from toolchain.models.registry import build_model
 
 
 @pytest.fixture

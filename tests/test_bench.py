@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from toolchain import bench
+from toolchain.bench import ort as bench
 from toolchain.errors import BenchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,16 +95,13 @@ def test_latency_stats_known_values():
     assert s["std_ms"] == pytest.approx(np.std([1, 2, 3, 4]))
 
 
-def test_format_table_and_flat_metrics(model_path):
+def test_format_table(model_path):
     res = bench.benchmark(model_path, batch_sizes=(1, 2), **FAST)
     table = bench.format_table(res)
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["provider", "batch", "p50"] and len(lines) == 4
     slower = {"results": [dict(r, p50_ms=r["p50_ms"] * 2) for r in res["results"]]}
     assert "2.00x" in bench.format_table(res, reference=slower)
-    metrics = bench.flat_metrics(res)
-    assert metrics["ort_cpu_bs2_p50_ms"] == res["results"][1]["p50_ms"]
-    assert set(metrics) == {f"ort_cpu_bs{b}_{k}" for b in (1, 2) for k in bench.STAT_KEYS}
 
 
 # ---------------------------------------------------------------- providers
@@ -229,7 +226,7 @@ def test_main_in_process_unavailable_provider(model_path, capsys):
 
 def test_torch_eager_latency_matches_bench_rows():
     torch = pytest.importorskip("torch")
-    from toolchain.torch_bench import torch_eager_latency
+    from toolchain.bench.torch_eager import torch_eager_latency
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
     model.train()

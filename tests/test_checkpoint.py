@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from toolchain.checkpoint import load_weights, save_state
+from toolchain.models.checkpoint import load_weights, save_state
 from toolchain.errors import CheckpointError
-from toolchain.models import build_model
+from toolchain.models.registry import build_model
 
 
 def test_round_trip(tmp_path):

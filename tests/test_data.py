@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import class_images, write_cifar
-from toolchain.data import DATASETS, build_data, read_idx
+from toolchain.data.datasets import DATASETS, read_idx
+from toolchain.data.loaders import build_data
 from toolchain.errors import DataError
 from toolchain.recipe import DataConfig
 

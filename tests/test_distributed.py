@@ -10,14 +10,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from toolchain.checkpoint import extract_state_dict, load_state
+from toolchain.models.checkpoint import extract_state_dict, load_state
 from toolchain.cli import run
 
 pytestmark = pytest.mark.slow
@@ -61,9 +60,7 @@ def shapes(checkpoint):
 def test_torchrun_two_processes_shard_sync_and_track_once(recipe_for, tmp_path):
     debug_dir = tmp_path / "ranks"
     ddp_recipe = recipe_for("ddp", batch_size=16)  # 16 x 2 ranks = the single run's 32
-    t0 = time.perf_counter()
     proc = torchrun(["compress", str(ddp_recipe)], tmp_path, TOOLCHAIN_DIST_DEBUG_DIR=str(debug_dir))
-    ddp_seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # both ranks trained, on disjoint shards covering the training split, with DDP
@@ -105,9 +102,7 @@ def test_torchrun_two_processes_shard_sync_and_track_once(recipe_for, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like each torchrun rank (OMP_NUM_THREADS=1); 2 threads on a busy 2-core box crawl
     try:
-        t0 = time.perf_counter()
         assert run(["compress", str(single_recipe)]) == 0
-        single_seconds = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
     single = json.loads((tmp_path / "single" / "export" / "single" / "summary.json").read_text())
@@ -124,7 +119,6 @@ def test_torchrun_two_processes_shard_sync_and_track_once(recipe_for, tmp_path):
         single_acc = single["stages"][stage]["metrics"]["test_accuracy"]
         assert abs(ddp_acc - single_acc) <= 0.25, (stage, ddp_acc, single_acc)
     assert summary["stages"]["teacher"]["metrics"]["test_accuracy"] > 0.2  # chance is 0.1
-    print(f"torchrun x2: {ddp_seconds:.1f}s, single process: {single_seconds:.1f}s")
 
 
 def test_torchrun_unreachable_tracking_stops_every_rank_at_start(recipe_for, tmp_path):
@@ -135,10 +129,9 @@ def test_torchrun_unreachable_tracking_stops_every_rank_at_start(recipe_for, tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     recipe = recipe_for("down", batch_size=16)
-    t0 = time.perf_counter()
+    # timeout: MLflow's own retry loop against a dead server would take about 4 minutes
     proc = torchrun(["compress", str(recipe), f"tracking.uri=http://127.0.0.1:{port}"], tmp_path, timeout=120)
     assert proc.returncode != 0
-    assert time.perf_counter() - t0 < 60
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: MLflow tracking server")]
     assert len(errors) == 2, proc.stderr[-3000:]  # one line from each rank
     assert "epoch" not in proc.stdout

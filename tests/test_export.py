@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from toolchain.errors import ExportError
-from toolchain.models import build_model
-from toolchain.onnx_export import (
+from toolchain.models.registry import build_model
+from toolchain.onnx.export import (
     check_parity,
     export_onnx,
     log_onnx_to_mlflow,
@@ -231,7 +231,7 @@ def test_missing_onnxscript_is_a_clear_error(tmp_path):
         "import sys; sys.modules['onnxscript'] = None\n"
         "import torch\n"
         "from toolchain.errors import ExportError\n"
-        "from toolchain.onnx_export import export_onnx\n"
+        "from toolchain.onnx.export import export_onnx\n"
         "from toolchain.recipe import ExportConfig\n"
         "try:\n"
         f"    export_onnx(torch.nn.Linear(4, 2), r'{tmp_path / 'm.onnx'}', torch.randn(2, 4), ExportConfig(), {{}})\n"

@@ -1,4 +1,4 @@
-from toolchain.bench import STAT_KEYS
+from toolchain.bench.ort import STAT_KEYS
 from toolchain.stages.bench import median_of_rounds as _median_of_rounds
 
 

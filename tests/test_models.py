@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from toolchain.models import FAMILIES, MODELS, build_model
+from toolchain.models.registry import FAMILIES, MODELS, build_model
 from toolchain.registry import UnknownNameError
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from toolchain.data import Batches
+from toolchain.data.loaders import Batches
 from toolchain.errors import RecipeError, ToolchainError
-from toolchain.models import FAMILIES, build_model
+from toolchain.models.registry import FAMILIES, build_model
 from toolchain.prune import GradientSource, PruneError, PruneResult, keep_sparsity, prune_model
 from toolchain.prune.alignment import kept_channels, nni_sparse_ratio
 from toolchain.prune.channel import channel_masks

@@ -111,7 +111,7 @@ def test_pruning_prints_nothing():
     """A fresh process (NNI's import-time handlers included) prints nothing while pruning."""
     code = (
         "import torch; torch.set_num_threads(1)\n"
-        "from toolchain.models import build_model\n"
+        "from toolchain.models.registry import build_model\n"
         "from toolchain.prune import prune_model\n"
         "from toolchain.recipe import PruneConfig\n"
         "for method in ('channel', 'weight'):\n"
@@ -142,7 +142,7 @@ def test_speedup_computes_exactly_what_the_masks_say(name):
     layers in float32, hence the 1e-5 relative tolerance)."""
     import copy
 
-    from toolchain.models import build_model
+    from toolchain.models.registry import build_model
     from toolchain.prune.channel import channel_masks, nni_config
     from toolchain.prune.dependency import channel_groups
     from toolchain.prune.targets import out_channels, select_targets

@@ -18,7 +18,8 @@ import yaml
 from toolchain.cli import run
 from toolchain.errors import TrainingError
 from toolchain.recipe import TrainConfig
-from toolchain.train import ClassificationTask, fit
+from toolchain.train.loop import fit
+from toolchain.train.tasks import ClassificationTask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,7 @@ def test_non_finite_loss_names_stage_and_epoch():
 
 
 def test_non_finite_loss_fails_the_run(tiny_recipe, tmp_path, capsys, monkeypatch):
-    import toolchain.losses as losses
+    import toolchain.train.losses as losses
 
     monkeypatch.setitem(losses.LOSSES._entries, "ce", lambda s, y, t=None, **kw: (s * float("inf")).sum())
     assert run(["compress", str(tiny_recipe())]) == 2

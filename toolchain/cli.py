@@ -85,7 +85,7 @@ class Commands:
         """Benchmark an ONNX file with onnxruntime (torch-free). Same options as python -m toolchain.bench --help,
         e.g. bench export/RUN/model.onnx --batch-sizes 1,32 --providers cpu
         """
-        from .bench import main
+        from .bench.ort import main
 
         return main([onnx, *args])  # run() normally routes `bench` straight to main(), bypassing fire
 
@@ -105,9 +105,9 @@ def _registry_lines(kind: str) -> List[str]:
 
 
 def _registries():
-    from .data import DATASETS
-    from .losses import LOSSES
-    from .models import MODELS
+    from .data.datasets import DATASETS
+    from .train.losses import LOSSES
+    from .models.registry import MODELS
     from .prune.registry import PRUNERS
 
     return {"models": MODELS, "datasets": DATASETS, "pruners": PRUNERS, "losses": LOSSES}
@@ -143,7 +143,7 @@ def _stop_cleanly_on_sigterm() -> None:
 
 def run(argv: List[str]) -> int:
     if argv[:1] == ["bench"] and "--help" not in argv[1:2]:
-        from .bench import main as bench_main  # argparse CLI, shared with python -m toolchain.bench
+        from .bench.ort import main as bench_main  # argparse CLI, shared with python -m toolchain.bench
 
         try:
             return bench_main(argv[1:])

@@ -42,3 +42,10 @@ class TrackingError(ToolchainError):
 
 class OutputError(ToolchainError):
     """An output location cannot be written."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line, whitespace collapsed, for one-line error messages
+    (library errors often span pages; the first line names the problem)."""
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.splitlines()[0].split())[:limit]

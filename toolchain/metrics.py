@@ -11,7 +11,6 @@ physical model computes, so weight pruning (zeros in dense tensors) does not low
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -105,7 +104,3 @@ def performance_efficiency(
     ):
         out[key] = None if gain is None else retention * gain
     return out
-
-
-def file_size(path: str | os.PathLike) -> int:
-    return os.path.getsize(path)

@@ -34,19 +34,19 @@ def _check_name(registry_getter, value: str) -> str:
 
 
 def _models():
-    from .models import MODELS
+    from .models.registry import MODELS
 
     return MODELS
 
 
 def _datasets():
-    from .data import DATASETS
+    from .data.datasets import DATASETS
 
     return DATASETS
 
 
 def _losses():
-    from .losses import LOSSES
+    from .train.losses import LOSSES
 
     return LOSSES
 

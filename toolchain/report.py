@@ -191,7 +191,7 @@ def fmt(value: Any, column: str) -> str:
     if not isinstance(value, (int, float)):
         return str(value)
     if column in ("params", "nonzero_params", "macs"):
-        return _si(value)
+        return si(value)
     if column in ("test_accuracy",) or column.endswith("retention"):
         return f"{value:.4f}"
     if column.startswith("vs_") or ".pe_" in column:
@@ -205,7 +205,7 @@ def fmt(value: Any, column: str) -> str:
     return f"{value:g}"
 
 
-def _si(value: float) -> str:
+def si(value: float) -> str:
     for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
             return f"{value / scale:.2f}{unit}"

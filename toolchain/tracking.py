@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from .errors import TrackingError
+from .errors import TrackingError, first_line
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 TAG_PREFIX = "toolchain."
@@ -208,7 +208,7 @@ class Tracker(NullTracker):
             raise
         except Exception as exc:
             raise TrackingError(f"MLflow tracking store {self.uri} is unreachable ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); start the server or set "
+                                f"{first_line(exc, 200)}); start the server or set "
                                 "tracking.uri / MLFLOW_TRACKING_URI") from None
         # the process-wide experiment: mlflow.<flavor>.log_model files its LoggedModel there
         self.mlflow.set_experiment(experiment_id=self.experiment_id)

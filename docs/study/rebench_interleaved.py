@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.bench import create_session, make_input, model_input
+from toolchain.bench.ort import create_session, make_input, model_input
 from toolchain.metrics import performance_efficiency
 
 

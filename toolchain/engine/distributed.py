@@ -6,7 +6,7 @@ A stage's `followers` role says what the other ranks do meanwhile:
     train  join the DDP computation (teacher, distill, finetune), then load rank 0's checkpoint;
     load   wait while rank 0 computes alone (pruning + speedup), then load its checkpoint;
     wait   nothing to load (export, bench).
-The process-group helpers themselves are in toolchain/distributed.py.
+The process-group helpers themselves are in toolchain/train/ddp.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable
 
-from .. import distributed as dist
+from ..train import ddp as dist
 from ..tracking import NullStageRun
 from .artifacts import StageResult
 from .stage import Job, Stage, StageOutput

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .. import distributed as dist
+from ..train import ddp as dist
 from ..errors import RecipeError, ToolchainError
 from ..fsutil import atomic_write_json, atomic_write_text, ensure_dir, file_lock
 from ..recipe import Recipe, recipe_hash, stable_hash, to_yaml
@@ -211,7 +211,7 @@ def seed_everything(seed: int) -> None:
 @contextmanager
 def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple[str, str]]] = None):
     """Connect tracking first (fail before training), then data, then open the parent run."""
-    from ..data import build_data
+    from ..data.loaders import build_data
     from ..tracking import make_tracker
 
     seed_everything(recipe.seed)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from ..fsutil import atomic_write_json
+from ..report import si
 
 ROW_STAGES = (("teacher", "teacher"), ("distill", "KD student"), ("prune", "pruned"), ("finetune", "pruned+KD ft"))
 
@@ -48,14 +49,6 @@ def _main_file(artifact) -> str:
     return next(iter(artifact.files()))
 
 
-def _fmt_int(value: float) -> str:
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f}k"
-    return f"{value:.0f}"
-
-
 def model_rows(stages: Dict[str, Dict[str, Any]]) -> List[str]:
     header = f"{'stage':<13} {'val acc':>7} {'test acc':>8} {'params':>8} {'nonzero':>8} {'MACs':>8} {'PE(params) vs teacher':>21}"
     lines = [header, "-" * len(header)]
@@ -64,8 +57,8 @@ def model_rows(stages: Dict[str, Dict[str, Any]]) -> List[str]:
             continue
         m = stages[stage]["metrics"]
         pe = m.get("vs_teacher.pe_params")
-        lines.append(f"{label:<13} {m['val_accuracy']:>7.4f} {m['test_accuracy']:>8.4f} {_fmt_int(m['params']):>8} "
-                     f"{_fmt_int(m['nonzero_params']):>8} {_fmt_int(m['macs']):>8} {'-' if pe is None else f'{pe:.3f}':>21}")
+        lines.append(f"{label:<13} {m['val_accuracy']:>7.4f} {m['test_accuracy']:>8.4f} {si(m['params']):>8} "
+                     f"{si(m['nonzero_params']):>8} {si(m['macs']):>8} {'-' if pe is None else f'{pe:.3f}':>21}")
     return lines
 
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from ..train import eval_mode
+from ..train.loop import eval_mode
 from . import nni_compat
 from .alignment import kept_channels, nni_sparse_ratio
 from .speedup import speedup

@@ -8,7 +8,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from ..train import eval_mode  # trace in eval mode: train-mode BN would fold the dummy batch into running stats
+from ..train.loop import eval_mode  # trace in eval mode: train-mode BN would fold the dummy batch into running stats
 from . import nni_compat
 
 _LOGGER = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from typing import Any, Dict
 
 from tqdm.auto import tqdm
 
+from ..bench.ort import result_rows
 from ..engine.artifacts import BenchArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, atomic_write_text, file_sha256
@@ -40,7 +41,7 @@ class Bench(Stage):
         results = interleaved_benchmarks(files, cfg)
         eager = None
         if cfg.compare_torch:
-            from ..torch_bench import torch_eager_latency
+            from ..bench.torch_eager import torch_eager_latency
 
             shape = tuple(export.result.artifacts["final"].metadata["input_shape"][1:])
             eager = torch_eager_latency(cpu_copy(job.inputs["model"].model), shape, cfg.batch_sizes, cfg.warmup,
@@ -70,7 +71,7 @@ def interleaved_benchmarks(files: Dict[str, Path], cfg) -> Dict[str, Any]:
     Timing one model after the other lets a load burst on a shared machine skew one
     side of a speedup ratio; interleaving spreads it over all of them.
     """
-    from .. import bench
+    from ..bench import ort as bench
 
     names = list(files)
     runs: Dict[str, list] = {name: [] for name in names}
@@ -83,7 +84,7 @@ def interleaved_benchmarks(files: Dict[str, Path], cfg) -> Dict[str, Any]:
 
 
 def median_of_rounds(rounds: list) -> Dict[str, Any]:
-    from ..bench import STAT_KEYS
+    from ..bench.ort import STAT_KEYS
 
     merged = copy.deepcopy(rounds[0])
     for i, row in enumerate(merged["results"]):
@@ -94,26 +95,22 @@ def median_of_rounds(rounds: list) -> Dict[str, Any]:
     return merged
 
 
-def _rows(results) -> list:
-    return list(results["results"] if isinstance(results, dict) else results)
-
-
 def p50_smallest(results) -> float:
-    rows = [r for r in _rows(results) if r["provider"] == "cpu"] or _rows(results)
+    rows = [r for r in result_rows(results) if r["provider"] == "cpu"] or result_rows(results)
     return min(rows, key=lambda r: r["batch_size"])["p50_ms"]
 
 
 def bench_metrics(results: Dict[str, Any], eager) -> Dict[str, float]:
     out: Dict[str, float] = {}
-    final = {(r["provider"], r["batch_size"]): r for r in _rows(results["final"])}
+    final = {(r["provider"], r["batch_size"]): r for r in result_rows(results["final"])}
     for (provider, bs), row in final.items():
         out[f"latency_p50_ms.{provider}.bs{bs}"] = row["p50_ms"]
         out[f"throughput.{provider}.bs{bs}"] = row["throughput_img_s"]
         for name in ("teacher", "student"):
-            ref = {(r["provider"], r["batch_size"]): r for r in _rows(results.get(name, []))}.get((provider, bs))
+            ref = {(r["provider"], r["batch_size"]): r for r in result_rows(results.get(name, []))}.get((provider, bs))
             if ref:
                 out[f"speedup_vs_{name}.{provider}.bs{bs}"] = ref["p50_ms"] / row["p50_ms"]
-    for r in _rows(eager or []):
+    for r in result_rows(eager or []):
         ort = final.get(("cpu", r["batch_size"]))
         if ort:
             out[f"torch_eager_p50_ms.bs{r['batch_size']}"] = r["p50_ms"]
@@ -123,19 +120,19 @@ def bench_metrics(results: Dict[str, Any], eager) -> Dict[str, float]:
 
 def latency_table(results: Dict[str, Any], eager) -> str:
     """One line per (model, provider, batch): p50, p90, throughput, and speedups vs the references."""
-    from ..bench import format_environment
+    from ..bench.ort import format_environment
 
-    refs = {n: {(r["provider"], r["batch_size"]): r["p50_ms"] for r in _rows(results[n])} for n in results}
+    refs = {n: {(r["provider"], r["batch_size"]): r["p50_ms"] for r in result_rows(results[n])} for n in results}
     header = f"{'model':<8} {'provider':<8} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>9} {'vs teacher':>10} {'vs student':>10}"
     lines = ["onnxruntime latency (" + format_environment(results["final"]) + ")", header, "-" * len(header)]
     for name in results:
-        for r in _rows(results[name]):
+        for r in result_rows(results[name]):
             k = (r["provider"], r["batch_size"])
             ratios = [refs[ref].get(k, 0) / r["p50_ms"] if ref in refs and r["p50_ms"] else None for ref in ("teacher", "student")]
             cells = [f"{x:.2f}x" if x else "-" for x in ratios]
             lines.append(f"{name:<8} {r['provider']:<8} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
                          f"{r['throughput_img_s']:>9.0f} {cells[0]:>10} {cells[1]:>10}")
-    for r in _rows(eager or []):
+    for r in result_rows(eager or []):
         ort = refs["final"].get(("cpu", r["batch_size"]))
         if ort:
             lines.append(f"PyTorch eager, final model, batch {r['batch_size']}: p50 {r['p50_ms']:.3f} ms "

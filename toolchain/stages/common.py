@@ -7,19 +7,21 @@ student, so it is derived at publish time on every run, never cached.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .. import distributed as dist
-from ..checkpoint import load_weights, save_state
+from ..train import ddp as dist
+from ..models.checkpoint import load_weights, save_state
 from ..engine.artifacts import ModelArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput
 from ..fsutil import file_sha256
-from ..losses import needs_teacher
+from ..train.losses import needs_teacher
 from ..metrics import model_stats, performance_efficiency
-from ..models import build_model
-from ..train import evaluate, fit, make_task, memory_layout
+from ..models.registry import build_model
+from ..train.loop import evaluate, fit, memory_layout
+from ..train.tasks import make_task
 
 REFERENCES = {"teacher": "teacher", "student": "distill"}  # PE label -> reference model stage
 
@@ -39,6 +41,21 @@ def teacher_role(train_cfg, models) -> Dict[str, str]:
 def new_model(job: Job, model_cfg) -> torch.nn.Module:
     reseed(job)
     return build_model(model_cfg.model, job.data.num_classes, model_cfg.cifar_stem).to(job.device)
+
+
+def initial_model(job: Job, model_cfg) -> torch.nn.Module:
+    """A fresh model of the section's architecture, from its `checkpoint` when one is named."""
+    model = new_model(job, model_cfg)
+    if model_cfg.checkpoint:
+        load_weights(model.cpu(), model_cfg.checkpoint, model_cfg.model)
+    return model.to(job.device)
+
+
+def file_digest(path) -> str:
+    """sha256 of a file the recipe names, so editing the file changes the stage key."""
+    if not path or not Path(path).is_file():
+        return str(path)
+    return file_sha256(path)[:16]
 
 
 def load_model(job: Job, art: ModelArtifact) -> torch.nn.Module:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from ..checkpoint import load_weights
 from ..engine.stage import register_stage
-from .common import ModelStage, arch_of, finalize, new_model, teacher_role, train
-from .teacher import file_digest
+from .common import ModelStage, arch_of, file_digest, finalize, initial_model, teacher_role, train
 
 
 @register_stage
@@ -24,9 +22,5 @@ class Distill(ModelStage):
         return {"checkpoint": file_digest(cfg.student.checkpoint)}
 
     def compute(self, job):
-        student = job.cfg.student
-        model = new_model(job, student)
-        if student.checkpoint:
-            load_weights(model.cpu(), student.checkpoint, student.model)
-            model.to(job.device)
-        return finalize(job, model, arch_of(student), train(job, model, job.cfg.distill, "distill"))
+        model = initial_model(job, job.cfg.student)
+        return finalize(job, model, arch_of(job.cfg.student), train(job, model, job.cfg.distill, "distill"))

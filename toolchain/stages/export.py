@@ -54,7 +54,7 @@ def content_metadata(job: Job, source: StageOutput) -> Dict[str, Any]:
 
 def export_model(job: Job, source: StageOutput, relative: str) -> OnnxArtifact:
     """Export one stage's model, gate on parity, measure its ONNX test accuracy."""
-    from ..onnx_export import check_parity, export_onnx, onnx_accuracy
+    from ..onnx.export import check_parity, export_onnx, onnx_accuracy
 
     cfg, path = job.cfg.export, job.stage_dir / relative
     model = cpu_copy(source.model)
@@ -108,7 +108,7 @@ def publish_onnx(run, output: StageOutput) -> Dict[str, Path]:
     the parent MLflow run. Written atomically: a reader sees the old file or the new one."""
     import onnx
 
-    from ..onnx_export import log_onnx_to_mlflow, set_metadata
+    from ..onnx.export import log_onnx_to_mlflow, set_metadata
 
     art = output.result.artifacts["final"]
     identity = run.identity()

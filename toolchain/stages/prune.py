@@ -6,7 +6,7 @@ import copy
 from typing import Dict
 
 from ..engine.stage import register_stage
-from ..train import make_task
+from ..train.tasks import make_task
 from .common import ModelStage, finalize, pe_against_references, reseed, teacher_role, train
 
 

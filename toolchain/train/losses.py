@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from .registry import Registry
+from ..registry import Registry
 
 LOSSES: Registry = Registry("loss")
 

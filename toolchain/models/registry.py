@@ -6,7 +6,7 @@ model names) stays fast. Every builder takes (num_classes, cifar_stem).
 
 from __future__ import annotations
 
-from .registry import Registry
+from ..registry import Registry
 
 MODELS: Registry = Registry("model")
 

@@ -95,7 +95,7 @@ def session(device: str = "auto"):
 
 
 def _bind_local_gpu() -> None:
-    from .errors import ToolchainError
+    from ..errors import ToolchainError
 
     local_rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
     if local_rank >= count:
@@ -125,7 +125,7 @@ def share(obj: Any = None) -> Any:
 def agree(fn: Callable[[], Any]) -> Any:
     """Run fn on every rank; if any rank raises a ToolchainError (e.g. rank 0 cannot reach the
     tracking server), every rank raises it, so none waits forever at the next collective."""
-    from .errors import ToolchainError
+    from ..errors import ToolchainError
 
     try:
         value, error = fn(), None

@@ -27,7 +27,6 @@ API (used by the pipeline):
     create_session(onnx_path, provider="cpu", ...) -> onnxruntime.InferenceSession (checked)
     format_table(results, reference=None) -> str      human table; `reference` (another
         results dict, e.g. torch_bench.torch_eager_latency's) adds a p50 speed-up column.
-    flat_metrics(results, prefix="ort") -> {"ort_cpu_bs1_p50_ms": ..., ...} for MLflow.
     time_calls(fn, warmup, iterations, time_budget_s) / latency_stats(times_s, batch_size):
         the timing loop and statistics, shared with torch_bench so numbers are comparable.
 """
@@ -44,8 +43,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import BenchError, ToolchainError
-from .fsutil import atomic_write_json
+from ..errors import BenchError, ToolchainError, first_line
+from ..fsutil import atomic_write_json
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -150,8 +149,8 @@ def create_session(
         session = ort.InferenceSession(str(path), sess_options=opts, providers=chain, enable_fallback=0)
     except Exception as exc:  # ORT raises pybind-specific types (InvalidProtobuf, Fail, ...)
         if provider == "cpu":
-            raise BenchError(f"{path}: onnxruntime cannot load this model: {_first_line(exc)}; is it an exported ONNX file?") from None
-        raise BenchError(f"{path}: onnxruntime cannot create a {provider} session: {_first_line(exc)}; {_GPU_HINT[provider]}") from None
+            raise BenchError(f"{path}: onnxruntime cannot load this model: {first_line(exc)}; is it an exported ONNX file?") from None
+        raise BenchError(f"{path}: onnxruntime cannot create a {provider} session: {first_line(exc)}; {_GPU_HINT[provider]}") from None
     active = session.get_providers()
     if chain[0] not in active:
         raise BenchError(
@@ -159,11 +158,6 @@ def create_session(
             f"(its libraries failed to load); {_GPU_HINT.get(provider, 'check the onnxruntime installation')}"
         )
     return session
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.splitlines()[0].split())[:300]
 
 
 # ---------------------------------------------------------------- input
@@ -270,7 +264,7 @@ def _bench_session(session, inp: Dict[str, Any], provider: str, batch_sizes, inp
         try:
             run()  # first call outside timing: a shape the graph rejects fails here, clearly
         except Exception as exc:
-            raise BenchError(f"onnxruntime cannot run the model on input shape {list(shape)}: {_first_line(exc)}") from None
+            raise BenchError(f"onnxruntime cannot run the model on input shape {list(shape)}: {first_line(exc)}") from None
         times = time_calls(run, warmup, iterations, time_budget_s)
         rows.append({"provider": provider, "batch_size": int(bs), "input_shape": list(shape), **latency_stats(times, int(bs))})
     return rows
@@ -358,14 +352,14 @@ def environment(intra_op_threads: int = 0, inter_op_threads: int = 1, graph_opti
 # ---------------------------------------------------------------- reporting
 
 
-def _rows(results: Dict[str, Any] | Iterable[dict]) -> List[dict]:
+def result_rows(results: Dict[str, Any] | Iterable[dict]) -> List[dict]:
     return list(results["results"] if isinstance(results, dict) else results)
 
 
 def format_table(results: Dict[str, Any] | Iterable[dict], reference: Dict[str, Any] | Iterable[dict] | None = None) -> str:
     """Fixed-width table of the rows; with `reference`, a column ref_p50 / p50 (>1: faster)."""
-    rows = _rows(results)
-    ref = {r["batch_size"]: r["p50_ms"] for r in _rows(reference)} if reference is not None else None
+    rows = result_rows(results)
+    ref = {r["batch_size"]: r["p50_ms"] for r in result_rows(reference)} if reference is not None else None
     header = ["provider", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "img/s", "runs"]
     if ref is not None:
         header.append("speedup")
@@ -391,15 +385,6 @@ def format_environment(results: Dict[str, Any]) -> str:
         f"onnxruntime {env.get('onnxruntime')} | {env.get('cpu_model')} ({env.get('cpu_count')} logical CPUs) | "
         f"intra-op threads {threads}, inter-op {env.get('inter_op_threads')} | graph opt {env.get('graph_optimization')} | active {active}"
     )
-
-
-def flat_metrics(results: Dict[str, Any] | Iterable[dict], prefix: str = "ort") -> Dict[str, float]:
-    """{prefix}_{provider}_bs{N}_{stat}: flat numbers for mlflow.log_metrics."""
-    out = {}
-    for r in _rows(results):
-        for key in STAT_KEYS:
-            out[f"{prefix}_{r['provider']}_bs{r['batch_size']}_{key}"] = float(r[key])
-    return out
 
 
 # ---------------------------------------------------------------- CLI

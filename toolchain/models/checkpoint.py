@@ -15,8 +15,8 @@ from typing import Any, Dict
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
-from .fsutil import atomic_path
+from ..errors import CheckpointError, first_line
+from ..fsutil import atomic_path
 
 
 def save_state(obj: Dict[str, Any], path: str | Path) -> None:
@@ -33,19 +33,14 @@ def load_state(path: str | Path) -> Dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path}: refused to load: the file holds pickled Python objects, not only tensors ({_first_line(exc)}); "
+            f"{path}: refused to load: the file holds pickled Python objects, not only tensors ({first_line(exc)}); "
             "save the model's state_dict instead: torch.save(model.state_dict(), path)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(exc)}); re-create it") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(exc)}); re-create it") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state_dict (dict of tensors), got {type(obj).__name__}")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def extract_state_dict(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .bench import cpu_model, latency_stats, time_calls
+from .ort import cpu_model, latency_stats, time_calls
 
 
 def _forward_fn(model: torch.nn.Module, x: torch.Tensor):

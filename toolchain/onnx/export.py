@@ -42,10 +42,10 @@ import numpy as np
 import onnx
 import torch
 
-from . import bench
-from .errors import ExportError
-from .fsutil import atomic_path, atomic_write_json
-from .train import eval_mode
+from ..bench import ort as bench
+from ..errors import ExportError, first_line
+from ..fsutil import atomic_path, atomic_write_json
+from ..train.loop import eval_mode
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -94,7 +94,7 @@ def _export_failed(exc: Exception, cfg) -> ExportError:
     if cfg.dynamic_batch:
         hint += " or export.dynamic_batch: false"
     stage = f" ({type(exc).__name__})" if root is not exc else ""
-    reason = re.sub(r"\x1b\[[0-9;]*m", "", bench._first_line(root))  # dynamo colours its messages
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(root))  # dynamo colours its messages
     return ExportError(f"torch.onnx.export ({cfg.exporter}, opset {cfg.opset}) failed{stage}: {reason}; {hint}")
 
 
@@ -120,7 +120,7 @@ def _check(proto: onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(proto, full_check=True)
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"the exported ONNX model fails onnx.checker: {bench._first_line(exc)}; try another export.opset or export.exporter") from None
+        raise ExportError(f"the exported ONNX model fails onnx.checker: {first_line(exc)}; try another export.opset or export.exporter") from None
 
 
 def _io_shape(value_info) -> list:

@@ -1,0 +1,1 @@
+"""Latency: torch-free onnxruntime bench (ort.py, `python -m toolchain.bench`) and PyTorch eager timing (torch_eager.py)."""

@@ -1,0 +1,7 @@
+"""`python -m toolchain.bench MODEL.onnx ...`: torch-free, for the deployment device."""
+
+import sys
+
+from .ort import main
+
+sys.exit(main())

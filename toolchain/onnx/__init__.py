@@ -1,0 +1,1 @@
+"""ONNX: export with metadata, checker, parity gate, ONNX accuracy, MLflow model logging."""
