@@ -94,3 +94,41 @@ def tiny_recipe(tmp_path, fmnist_root):
         return path
 
     return make
+
+
+FULL_SECTIONS = {
+    "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
+    "student": {"model": "mobilenet_v3_small"},
+    "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
+    "prune": {"method": "channel", "pruner": "l1", "sparsity": 0.5},
+    "finetune": {"epochs": 1, "lr": 0.01, "loss": "kd"},
+    "export": {"exporter": "dynamo", "opset": 18},
+    "bench": {"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1},
+}
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(tmp_path_factory, fmnist_root):
+    """The whole pipeline once on the tiny files (run `tiny`: the smoke test), then `name=copy`
+    (every stage reused), then a bench-only change of copy. Shared by the smoke and engine tests
+    so the suite pays for one full run."""
+    from toolchain.cli import run
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    recipe = {"name": "tiny", "output_dir": str(tmp / "export"),
+              "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+              **FULL_SECTIONS, "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"}}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    def summary(name):
+        import json
+
+        return json.loads((tmp / "export" / name / "summary.json").read_text())
+
+    assert run(["compress", str(path)]) == 0
+    tiny = summary("tiny")
+    assert run(["compress", str(path), "name=copy"]) == 0
+    copy_first = summary("copy")
+    assert run(["compress", str(path), "name=copy", "bench.batch_sizes=[1,3]"]) == 0
+    return {"tmp": tmp, "tiny": tiny, "copy_first": copy_first, "copy": summary("copy")}

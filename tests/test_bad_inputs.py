@@ -162,7 +162,7 @@ def test_unwritable_output_dir(capsys, tmp_path, base):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     path = write(tmp_path, mutate(base, "output_dir", str(blocker / "export")))
-    assert_user_error(capsys, ["compress", path], tmp_path, "cannot create output directory")
+    assert_user_error(capsys, ["compress", path], tmp_path, "cannot create directory")
 
 
 # ---------------------------------------------------------------- bench

@@ -162,6 +162,32 @@ def test_dynamic_spatial_dims_need_an_input_shape(tmp_path):
     assert res["results"][0]["input_shape"] == [1, 3, 24, 24]
 
 
+def test_random_input_is_drawn_in_float32_and_seeded():
+    x = bench.make_input((2, 3, 4, 4), "tensor(float)", seed=3)
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, np.random.default_rng(3).standard_normal((2, 3, 4, 4), dtype=np.float32))
+    assert bench.make_input((2, 3), "tensor(int64)").dtype == np.int64
+
+
+def test_input_beyond_the_memory_bound_is_refused(model_path, monkeypatch):
+    monkeypatch.setattr(bench, "input_bytes_limit", lambda: 40000)
+    assert bench.benchmark(model_path, batch_sizes=(3,), **FAST)["results"][0]["batch_size"] == 3  # 36864 bytes
+    with pytest.raises(BenchError, match=r"batch size 4: .* 49152 bytes .* over the 40000 bytes") as err:
+        bench.benchmark(model_path, batch_sizes=(4,), **FAST)
+    assert "\n" not in str(err.value)
+
+
+def test_recipe_bench_batch_sizes_have_an_upper_bound():
+    from toolchain.errors import RecipeError
+    from toolchain.recipe import BenchConfig, validate_dict
+
+    assert BenchConfig(batch_sizes=[1, 4096]).batch_sizes == [1, 4096]
+    recipe = {"name": "b", "student": {"model": "cifar_resnet20"}, "distill": {"loss": "ce"}, "bench": {"batch_sizes": [1, 100000000]}}
+    with pytest.raises(RecipeError, match="bench.batch_sizes: batch size 100000000 is above the maximum 4096") as err:
+        validate_dict(recipe)
+    assert "\n" not in str(err.value)
+
+
 # ---------------------------------------------------------------- CLI, without torch
 
 
@@ -201,6 +227,11 @@ def test_cli_runs_without_torch(model_path, no_torch_env, tmp_path):
         ("wrong input shape", ["{model}", "--input-shape", "3,64,64"], "does not fit"),
         ("unknown provider", ["{model}", "--providers", "gpu"], "unknown provider"),
         ("bad batch sizes", ["{model}", "--batch-sizes", "0"], "--batch-sizes"),
+        # 1e8 x 3x32x32 float32: refused before numpy tries to allocate 1.2 TB
+        ("batch beyond memory", ["{model}", "--batch-sizes", "100000000"], "would take 1228800000000 bytes"),
+        ("json is a directory", ["{model}", "--json", "{dir}"], "is a directory; pass a file path"),
+        ("json under a file", ["{model}", "--iterations", "1", "--warmup", "0", "--batch-sizes", "1",
+                               "--json", "{dir}/corrupt.onnx/res.json"], "corrupt.onnx is a file"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(model_path, no_torch_env, tmp_path, case, args, expect):
@@ -210,7 +241,7 @@ def test_cli_bad_input_is_one_line_exit_2(model_path, no_torch_env, tmp_path, ca
     assert proc.returncode == 2, (case, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "output_dir" not in proc.stderr
 
 
 def test_main_in_process_unavailable_provider(model_path, capsys):
@@ -240,3 +271,56 @@ def test_torch_eager_latency_matches_bench_rows():
     assert res["environment"]["threads"] == 1
     assert model.training and torch.get_num_threads() == threads  # state restored
     assert "1.00x" in bench.format_table(res, reference=res)  # comparable with ORT rows
+
+
+# ---------------------------------------------------------------- the device fingerprint in --json
+
+
+def test_json_has_the_device_section(model_path, no_torch_env, tmp_path):
+    import socket
+
+    from toolchain.fsutil import file_sha256
+
+    out = tmp_path / "device.json"
+    proc = _cli(no_torch_env, model_path, "--batch-sizes", "1", "--iterations", "2", "--time-budget", "0.2",
+                "--threads", "1", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    device = json.loads(out.read_text())["device"]
+    assert device["model_sha256"] == file_sha256(model_path) and device["model_file"] == model_path.name
+    assert device["hostname"] == socket.gethostname() and device["name"]  # default name: from the hostname
+    assert set(device["isa"]) == {"avx2", "avx512", "vnni", "amx", "arm_dotprod", "arm_i8mm"}
+    assert device["logical_cores"] == os.cpu_count() and 1 <= device["physical_cores"] <= os.cpu_count()
+    assert device["onnxruntime"] == ort.__version__ and "CPUExecutionProvider" in device["providers_available"]
+    assert device["threads"] == {"intra_op": 1, "intra_op_effective": 1, "inter_op": 1}
+    assert device["os"] and device["machine"] and device["cpu_model"]
+    assert f"device {device['name']}: " in proc.stdout
+
+
+def test_json_device_name_hostname_and_reference_timings(model_path, no_torch_env, tmp_path):
+    from toolchain.fsutil import file_sha256
+
+    out, reference = tmp_path / "device.json", _tiny_onnx(tmp_path / "teacher.onnx", hw=(16, 16))
+    proc = _cli(no_torch_env, model_path, "--batch-sizes", "1", "--iterations", "2", "--time-budget", "0.2",
+                "--name", "pi-5", "--no-hostname", "--reference", f"teacher={reference}", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["device"]["name"] == "pi-5" and "hostname" not in data["device"]
+    teacher = data["references"]["teacher"]
+    assert teacher["sha256"] == file_sha256(reference) and [r["batch_size"] for r in teacher["results"]] == [1]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--name", "pi.5"], "--name 'pi.5' is not a device name"),
+    (["--reference", "mentor=x.onnx"], "expected teacher=PATH or student=PATH"),
+    (["--reference", "teacher={dir}/nope.onnx"], "nope.onnx: ONNX model file not found"),
+])
+def test_device_options_bad_input_is_one_line_exit_2(model_path, no_torch_env, tmp_path, args, expect):
+    proc = _cli(no_torch_env, model_path, "--iterations", "1", *[a.format(dir=tmp_path) for a in args])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expect in lines[0], proc.stderr
+
+
+def test_device_default_name_is_metric_safe():
+    from toolchain.bench.device import default_name
+
+    assert default_name("edge-01.lan") == "edge-01" and default_name("my box") == "my-box" and default_name("..") == "device"

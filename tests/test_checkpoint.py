@@ -53,7 +53,19 @@ def test_physically_smaller_layers_are_resized_on_load(tmp_path):
     block.bn1 = torch.nn.BatchNorm2d(8)
     block.conv2 = torch.nn.Conv2d(8, 16, 3, 1, 1, bias=False)
     save_state({"model": model.state_dict()}, tmp_path / "m.pt")
-    fresh = load_weights(build_model("cifar_resnet20", 10), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="layer1.0.conv1.weight"):  # a user's checkpoint: strict
+        load_weights(build_model("cifar_resnet20", 10), tmp_path / "m.pt")
+    fresh = load_weights(build_model("cifar_resnet20", 10), tmp_path / "m.pt", resize=True)
     assert fresh.layer1[0].conv1.out_channels == 8
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(model.eval()(x), fresh.eval()(x))
+
+
+def test_a_checkpoint_with_another_head_is_refused_not_resized(tmp_path):
+    """An ImageNet-style 1000-class head for a 10-class recipe: one line naming the tensors."""
+    torch.save(build_model("cifar_resnet20", 1000).state_dict(), tmp_path / "imagenet.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(build_model("cifar_resnet20", 10), tmp_path / "imagenet.pt", "cifar_resnet20")
+    message = str(err.value)
+    assert "\n" not in message and "(1000, 64) in the file vs (10, 64) in the model" in message
+    assert "same number of classes" in message

@@ -107,3 +107,36 @@ def test_imagefolder_reports_unreadable_image(tmp_path):
     (tmp_path / "train" / "a" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read image"):
         DATASETS.get("imagefolder")(root=str(tmp_path))
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG that claims width x height pixels (a decompression bomb's header) in a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_imagefolder_decompression_bomb_is_one_data_error_naming_the_file(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+    bomb = tmp_path / "train" / "a" / "bomb.png"
+    _png_header_only(bomb, 40000, 40000)  # 1.6 G pixels: PIL refuses it with DecompressionBombError
+    with pytest.raises(DataError) as err:
+        DATASETS.get("imagefolder")(root=str(tmp_path))
+    message = str(err.value)
+    assert str(bomb) in message and "DecompressionBombError" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("subset", 301, "data.subset is 301 but the fashion_mnist training split has only 300 images"),
+    ("test_subset", 101, "data.test_subset is 101 but the fashion_mnist test split has only 100 images"),
+])
+def test_subset_larger_than_the_split_is_an_error(fmnist_root, key, value, expected):
+    with pytest.raises(DataError, match=expected):
+        build_data(DataConfig(root=str(fmnist_root), **{key: value}), seed=0)
+    build_data(DataConfig(root=str(fmnist_root), **{key: value - 1}), seed=0)  # exactly the split size is fine

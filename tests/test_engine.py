@@ -18,16 +18,6 @@ STAGES = ["teacher", "distill", "prune", "finetune", "export", "bench"]
 PACKAGE = Path(__file__).resolve().parents[1] / "toolchain"
 
 
-def full_recipe(tiny_recipe, **extra):
-    return tiny_recipe(
-        prune={"method": "channel", "pruner": "l1", "sparsity": 0.5},
-        finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
-        export={"exporter": "dynamo", "opset": 18},
-        bench={"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "compare_torch": False},
-        **extra,
-    )
-
-
 def onnx_metadata(path: Path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
@@ -36,36 +26,10 @@ def artifacts_of(client, run_id: str, path: str = "") -> set:
     return {a.path for a in client.list_artifacts(run_id, path)}
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, fmnist_root):
-    """`compress` once as `tiny`, then again with name=copy (every stage reused), then a
-    bench-only change of copy; returns the folders and summaries."""
-    import yaml
-
-    tmp = tmp_path_factory.mktemp("engine")
-    recipe = {
-        "name": "tiny", "output_dir": str(tmp / "export"),
-        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-        "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
-        "student": {"model": "mobilenet_v3_small"},
-        "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
-        "prune": {"method": "channel", "pruner": "l1", "sparsity": 0.5},
-        "finetune": {"epochs": 1, "lr": 0.01, "loss": "kd"},
-        "export": {"exporter": "dynamo", "opset": 18},
-        "bench": {"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "compare_torch": False},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert run(["compress", str(path)]) == 0
-    assert run(["compress", str(path), "name=copy"]) == 0
-    copy_before_bench_change = json.loads((tmp / "export" / "copy" / "summary.json").read_text())
-    assert run(["compress", str(path), "name=copy", "bench.batch_sizes=[1,3]"]) == 0
-
-    def summary(name):
-        return json.loads((tmp / "export" / name / "summary.json").read_text())
-
-    return {"tmp": tmp, "tiny": summary("tiny"), "copy_first": copy_before_bench_change, "copy": summary("copy")}
+@pytest.fixture
+def two_runs(pipeline_runs):
+    """conftest's full run `tiny`, its `name=copy` rerun, and a bench-only change of copy."""
+    return pipeline_runs
 
 
 def test_a_copy_run_reuses_every_stage(two_runs):
@@ -140,7 +104,7 @@ def keys(r):
     out, models = {}, []
     for stage in plan(r):
         cfg = sections_of(r, stage)
-        inputs = stage.inputs(cfg, models)
+        inputs = stage.inputs(cfg, models, list(out))
         out[stage.name] = stage_key(stage, cfg, {role: out[n] for role, n in inputs.items()}, "data")
         if stage.makes_model:
             models.append(stage.name)
@@ -245,8 +209,9 @@ def test_layers_point_down():
 
 
 def test_damaged_cache_entries_are_recomputed_and_never_shipped(tiny_recipe, tmp_path, capsys):
-    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
-                       export={"exporter": "dynamo", "opset": 18, "references": False})
+    # untrained student, torchscript export (faster): the cache-healing path is under test
+    path = tiny_recipe(teacher=None, distill={"epochs": 0, "loss": "ce"},
+                       export={"exporter": "torchscript", "opset": 17, "references": False})
     assert run(["compress", str(path)]) == 0
     first = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]
     cached_onnx = Path(first["export"]["paths"]["final"])

@@ -156,6 +156,28 @@ def test_parity_tolerances_are_respected(resnet):
         check_parity(model, path, torch.randn(8, 3, 32, 32), atol=1e-12, min_agreement=0.0)
 
 
+def test_relative_tolerance_admits_large_logits(tmp_path):
+    """Logits in the hundreds, off by 2e-4 relative: beyond atol 1e-3, within rtol 1e-3 (numpy.allclose)."""
+    torch.manual_seed(0)
+    exported = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))
+    with torch.no_grad():
+        exported[1].weight.mul_(100)
+    path = tmp_path / "large.onnx"
+    export_onnx(exported, path, torch.randn(2, 3, 4, 4), ExportConfig(exporter="torchscript", opset=17), {})
+    model = copy.deepcopy(exported)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 2e-4)  # same argmax, every logit 2e-4 larger in relative terms
+    x = torch.randn(8, 3, 4, 4)
+    report = check_parity(model, path, x, atol=1e-3, min_agreement=0.99, rtol=1e-3)
+    assert report["max_abs_diff"] > 1e-3 and report["outside_tolerance"] == 0 and report["rtol"] == 1e-3
+    with pytest.raises(ExportError) as err:
+        check_parity(model, path, x, atol=1e-3, min_agreement=0.99, rtol=1e-5)
+    msg = str(err.value)
+    assert "rtol 1e-05" in msg and "large logits" in msg and "export.parity_rtol" in msg and "\n" not in msg
+    assert ExportConfig().parity_rtol == 1e-3
+
+
 class _Boom(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -1,5 +1,5 @@
 from toolchain.bench.ort import STAT_KEYS
-from toolchain.stages.bench import median_of_rounds as _median_of_rounds
+from toolchain.bench.interleave import median_of_rounds as _median_of_rounds
 
 
 def round_with(p50):

@@ -1,4 +1,5 @@
-"""End to end: `compress` on tiny Fashion-MNIST files, every stage, in well under a minute."""
+"""End to end: `compress` on tiny Fashion-MNIST files, every stage (the run itself is conftest's
+`pipeline_runs`, shared with tests/test_engine.py)."""
 
 import json
 
@@ -11,22 +12,9 @@ from toolchain.cli import run
 STAGES = ["teacher", "distill", "prune", "finetune", "export", "bench"]
 
 
-def full_recipe(tiny_recipe, **extra):
-    return tiny_recipe(
-        prune={"method": "channel", "pruner": "l1", "sparsity": 0.5},
-        finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
-        export={"exporter": "dynamo", "opset": 18},
-        bench={"batch_sizes": [1, 4], "warmup": 1, "iterations": 5, "time_budget_s": 0.2},
-        **extra,
-    )
-
-
-def test_compress_end_to_end(tiny_recipe, tmp_path, capsys):
-    path = full_recipe(tiny_recipe)
-    assert run(["compress", str(path)]) == 0
-    out = capsys.readouterr().out + capsys.readouterr().err
-    run_dir = tmp_path / "export" / "tiny"
-    summary = json.loads((run_dir / "summary.json").read_text())
+def test_compress_end_to_end(pipeline_runs):
+    run_dir = pipeline_runs["tmp"] / "export" / "tiny"
+    summary = pipeline_runs["tiny"]
     assert summary["status"] == "FINISHED" and list(summary["stages"]) == STAGES
 
     stages = summary["stages"]
@@ -52,7 +40,8 @@ def test_compress_end_to_end(tiny_recipe, tmp_path, capsys):
     assert sorted(children) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in runs)
     assert children["distill"].data.metrics["test_accuracy"] == stages["distill"]["metrics"]["test_accuracy"]
-    assert "KD student" in out and "model.onnx" in out
+    assert "KD student" in summary["final_table"] and "model.onnx" in summary["final_table"]
+    assert "PyTorch eager" in summary["stages"]["bench"]["info"]["table"]
 
 
 def test_rerun_reuses_finished_stages(tiny_recipe, tmp_path):

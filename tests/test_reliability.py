@@ -211,3 +211,72 @@ def test_a_stage_gives_the_same_result_whether_earlier_stages_ran_or_came_from_t
     assert metrics_without_timing(after_cache["finetune"]) == metrics_without_timing(everything_computed)
     losses = [[epoch["train_loss"] for epoch in stage["history"]] for stage in (after_cache["finetune"], everything_computed)]
     assert losses[0] == losses[1]  # bit-identical training, not just an equal accuracy on tiny data
+
+
+def test_a_trailing_batch_of_one_is_dropped_in_training_only():
+    from toolchain.data.loaders import Batches
+
+    images, labels = torch.zeros(9, 1, 4, 4, dtype=torch.uint8), torch.zeros(9, dtype=torch.int64)
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    train = Batches(images, labels, 4, mean, std, shuffle=True)
+    assert len(train) == 2 and [len(y) for _, y in train] == [4, 4]  # 9 = 4 + 4 + 1: the 1 is dropped
+    evaluation = Batches(images, labels, 4, mean, std)
+    assert len(evaluation) == 3 and sum(len(y) for _, y in evaluation) == 9
+
+
+def test_last_batch_of_one_trains_and_batch_size_one_is_refused(tiny_recipe, tmp_path, capsys):
+    """270 training images with batch 269: the second batch holds one image (it crashed BatchNorm)."""
+    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"})
+    assert run(["compress", str(path), "data.batch_size=269"]) == 0
+    capsys.readouterr()
+    assert run(["compress", str(path), "data.batch_size=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: distill: data.batch_size is 1 but the model has BatchNorm layers, which cannot train on "
+                   "one image per batch; set data.batch_size: 2 or more"]
+
+
+def test_a_damaged_resume_file_restarts_the_stage_with_a_warning(tiny_recipe, tmp_path, capsys):
+    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"})
+    assert run(["compress", str(path)]) == 0
+    clean = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]["distill"]
+    stage_dir = Path(clean["paths"]["model"]).parent
+    (stage_dir / "result.json").unlink()  # as if killed after the epoch checkpoint, before the end
+    (stage_dir / "train_state.pt").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert run(["compress", str(path)]) == 0
+    assert "resume file" in capsys.readouterr().out
+    again = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]["distill"]
+    assert again["metrics"]["test_accuracy"] == clean["metrics"]["test_accuracy"]  # trained from the start, same seed
+
+
+def test_disk_full_is_one_line_the_summary_says_failed_and_no_temp_file_stays(tiny_recipe, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import toolchain.fsutil as fsutil
+
+    real_replace = os.replace
+
+    def full_disk_for_checkpoints(src, dst):
+        if str(dst).endswith("model.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", full_disk_for_checkpoints)
+    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"})
+    assert run(["compress", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write ") and "model.pt: No space left on device" in err[0]
+    assert json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["status"] == "FAILED"
+    assert not list((tmp_path / "export").rglob(".*.tmp"))
+
+
+def test_stale_temp_files_of_killed_runs_are_removed_at_the_next_start(tmp_path):
+    from toolchain.fsutil import remove_stale_temp_files
+
+    old, fresh = tmp_path / ".cache" / ".model.pt.abc123.tmp", tmp_path / ".model.onnx.def456.tmp"
+    old.parent.mkdir()
+    old.write_bytes(b"x" * 100)
+    fresh.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert remove_stale_temp_files(tmp_path) == 1
+    assert not old.exists() and fresh.exists()  # a concurrent run may be writing the fresh one

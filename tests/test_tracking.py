@@ -1,7 +1,19 @@
+import base64
+import json
+import os
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import mlflow
 import pytest
+import yaml
 
-from toolchain.tracking import Tracker, retry
+import toolchain.tracking as tracking
+from toolchain.errors import TrackingError
+from toolchain.recipe import load_recipe
+from toolchain.tracking import NullTracker, Tracker, check_http_server, check_uri, mask_uri, retry
 
 
 @pytest.fixture
@@ -76,3 +88,206 @@ def test_retry_waits_out_database_locked():
     assert retry(flaky) == "ok" and len(calls) == 3
     with pytest.raises(RuntimeError, match="other"):
         retry(lambda: (_ for _ in ()).throw(RuntimeError("other")))
+
+
+# ---------------------------------------------------------------- URI checks and credentials
+
+SECRET = "s3cr@t/pw"  # '@' and '/' must be percent-encoded in a URI
+QUOTED = "s3cr%40t%2Fpw"
+SUPPRESS_URLS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+@pytest.fixture(autouse=True)
+def _url_printing_restored():
+    """A Tracker on a credentialed URI sets SUPPRESS_URLS process-wide; keep that inside each test."""
+    saved = os.environ.pop(SUPPRESS_URLS, None)
+    yield
+    os.environ.pop(SUPPRESS_URLS, None)
+    if saved is not None:
+        os.environ[SUPPRESS_URLS] = saved
+
+
+def test_mask_uri_hides_passwords_only():
+    assert mask_uri(f"http://alice:{QUOTED}@host:5000/mlflow") == "http://alice:***@host:5000/mlflow"
+    assert mask_uri("postgresql://u:p@ss@db:5432/mlflow?sslmode=require&password=zz") == \
+        "postgresql://u:***@db:5432/mlflow?sslmode=require&password=***"
+    for plain in ("http://host:5000/a@b", "http://alice@host", "sqlite:///mlruns/mlflow.db", None):
+        assert mask_uri(plain) == plain
+
+
+@pytest.fixture
+def auth_server():
+    """A stand-in for an MLflow server behind a basic-auth proxy: /health is 200 only for alice:SECRET."""
+    expected = "Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.path == "/health" and self.headers.get("Authorization") == expected
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_credentials_in_the_uri_reach_the_server_as_basic_auth(auth_server):
+    check_http_server(f"http://alice:{QUOTED}@{auth_server}")  # raises unless the server saw alice:SECRET
+
+
+def test_wrong_credentials_are_one_line_without_the_secret(auth_server):
+    with pytest.raises(TrackingError, match="refused the credentials") as err:
+        check_http_server(f"http://alice:wrong-{QUOTED}@{auth_server}")
+    assert "\n" not in str(err.value) and "s3cr" not in str(err.value) and "alice:***@" in str(err.value)
+
+
+def test_env_credentials_are_sent_too(auth_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    check_http_server(f"http://{auth_server}")
+
+
+def test_unreachable_server_message_never_shows_the_password():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TrackingError, match="is unreachable") as err:
+        check_http_server(f"http://alice:{QUOTED}@127.0.0.1:{port}")
+    assert "s3cr" not in str(err.value) and f"alice:***@127.0.0.1:{port}" in str(err.value)
+
+
+def test_sqlite_uri_naming_a_directory_suggests_the_db_file(tmp_path):
+    (tmp_path / "mlruns").mkdir()
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlruns", "exp")
+    with pytest.raises(TrackingError) as err:
+        tracker.connect()  # before MLflow: its own retry loop would take minutes here
+    message = str(err.value)
+    assert "\n" not in message and f"use sqlite:///{tmp_path}/mlruns/mlflow.db" in message
+    assert not list((tmp_path / "mlruns").iterdir())
+
+
+def test_unknown_scheme_lists_the_known_ones():
+    with pytest.raises(TrackingError, match="unknown scheme 'htp'.*sqlite://.*https://.*postgresql://") as err:
+        Tracker("htp://alice:pw@host:5000", "exp").connect()
+    assert "alice:***@" in str(err.value) and ":pw@" not in str(err.value)
+
+
+@pytest.mark.parametrize("uri, package", [("postgresql://u:pw@db/mlflow", "psycopg2-binary"),
+                                          ("postgresql+psycopg://u:pw@db/mlflow", "psycopg[binary]")])
+def test_missing_database_driver_says_what_to_install(monkeypatch, uri, package):
+    monkeypatch.setattr(tracking, "_has_module", lambda name: False)
+    with pytest.raises(TrackingError, match=re.escape(f"pip install {package}") + "$") as err:
+        check_uri(uri)
+    assert ":pw@" not in str(err.value)
+
+
+def test_display_uri_is_masked_and_mlflow_prints_no_run_links_with_it(tmp_path):
+    Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp")
+    assert SUPPRESS_URLS not in os.environ  # no password: MLflow's run links stay
+    assert Tracker("http://alice:pw@host:5000", "exp").display_uri == "http://alice:***@host:5000"
+    assert os.environ[SUPPRESS_URLS] == "true"  # MLflow's "View run at <uri>" would show the password
+    assert NullTracker().display_uri is None
+
+
+def test_run_outputs_carry_the_masked_uri(tiny_recipe, tmp_path, monkeypatch):
+    """summary.json, the parent run's params and the recipe copy: none has the password."""
+    from toolchain.engine.runner import open_run
+
+    uri = f"http://alice:{QUOTED}@127.0.0.1:1"
+    logged = {}
+
+    class Recording(NullTracker):
+        def run(self, run_name, params, tags):
+            logged.update(params)
+            return super().run(run_name, params, tags)
+
+    recording = Recording()
+    recording.uri = uri
+    monkeypatch.setattr(tracking, "make_tracker", lambda cfg, is_main=True: recording)
+    recipe = load_recipe(tiny_recipe(tracking={"uri": uri, "experiment": "tests"}))
+    with open_run(recipe) as run:
+        assert run.recipe.tracking.uri == uri  # the stages still get the real recipe
+    run_dir = tmp_path / "export" / "tiny"
+    masked = "http://alice:***@127.0.0.1:1"
+    assert json.loads((run_dir / "summary.json").read_text())["mlflow"]["tracking_uri"] == masked
+    assert logged["tracking.uri"] == masked
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["tracking"]["uri"] == masked
+
+
+# ---------------------------------------------------------------- what the MLflow UI shows
+
+
+def test_a_new_experiment_is_a_model_development_one(tracker):
+    experiment = mlflow.MlflowClient(tracker.uri).get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # a model-training experiment
+
+
+def test_an_existing_experiment_gets_the_kind_unless_it_has_one(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri, "bootstrap").connect()  # creates the store
+    client = mlflow.MlflowClient(uri)
+    old = client.create_experiment("old")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("old", "chosen"):
+        Tracker(uri, name).connect()
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_the_dataset_is_an_input_of_the_parent_run(tiny_recipe, tmp_path):
+    from toolchain.engine.runner import open_run
+
+    recipe = load_recipe(tiny_recipe())
+    with open_run(recipe) as run:
+        parent_id = run.parent.run_id
+    client = mlflow.MlflowClient(recipe.tracking.uri)
+    (entry,) = client.get_run(parent_id).inputs.dataset_inputs
+    assert entry.dataset.name == "fashion_mnist" and len(entry.dataset.digest) == 16
+    # the tiny files: 300 training images (10% carved out for validation) and 100 test images
+    assert json.loads(entry.dataset.profile) == {"num_rows": 400, "train_rows": 270, "val_rows": 30, "test_rows": 100}
+    assert {t.key: t.value for t in entry.tags} == {"mlflow.data.context": "training"}
+    with open_run(load_recipe(tiny_recipe(seed=1))) as run:  # another split of the same files: another digest
+        other = client.get_run(run.parent.run_id).inputs.dataset_inputs[0].dataset.digest
+    assert other != entry.dataset.digest
+
+
+def test_register_model_adds_a_version_described_by_the_card(tracker, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from toolchain.onnx.export import log_onnx_to_mlflow
+
+    graph = helper.make_graph([helper.make_node("Flatten", ["input"], ["logits"])], "flat",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "model.onnx")
+    card = {"name": "demo", "model": "flat", "dataset": "toy", "test_accuracy": 0.5, "onnx_test_accuracy": 0.5,
+            "performance_efficiency": {"vs_teacher.pe_params": 0.7}, "files": {"model.onnx": {"sha256": "ab" * 32}}}
+    with tracker.run("demo", {}, {}) as parent:
+        uri = log_onnx_to_mlflow(tmp_path / "model.onnx", np.zeros((1, 2, 2), np.float32), run_id=parent.run_id)
+        first = tracker.register_model("toy-classifier", uri, parent.run_id, card)
+        second = tracker.register_model("toy-classifier", uri, parent.run_id, card)
+    assert (str(first.version), str(second.version)) == ("1", "2")  # one registered model, a version per run
+    version = mlflow.MlflowClient(tracker.uri).get_model_version("toy-classifier", "2")
+    assert version.run_id == parent.run_id and "PE(params) vs teacher 0.7" in version.description
+    assert version.tags["sha256.model.onnx"] == "ab" * 32 and version.tags["vs_teacher.pe_params"] == "0.7"
+
+
+def test_register_model_needs_tracking():
+    from toolchain.errors import RecipeError
+    from toolchain.recipe import validate_dict
+
+    recipe = {"name": "r", "student": {"model": "cifar_resnet20"}, "distill": {"loss": "ce"},
+              "tracking": {"enabled": False, "register_model": "clf"}}
+    with pytest.raises(RecipeError, match="register_model needs tracking.enabled: true") as err:
+        validate_dict(recipe)
+    assert "\n" not in str(err.value)

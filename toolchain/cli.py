@@ -89,8 +89,25 @@ class Commands:
 
         return main([onnx, *args])  # run() normally routes `bench` straight to main(), bypassing fire
 
+    def attach(self, run: str, device_json: str, tracking_uri: str = "", experiment: str = ""):
+        """Log a device's latency into the MLflow run that shipped the model: the JSON that
+        python -m toolchain.bench export/RUN/model.onnx --json DEVICE.json wrote on the device.
+        Refused (nothing logged) unless the JSON timed one of the run's shipped files (by sha256).
+
+        Args:
+          run: run name (newest finished compress run of that name) or parent run id
+          device_json: the bench's --json file
+          tracking_uri: MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
+          experiment: look for RUN only in this experiment (default: all)
+        """
+        from .attach import main
+
+        # run() normally routes `attach` straight to main(): fire would turn a numeric-looking run id into a number
+        return main([str(run), str(device_json), *(["--tracking-uri", tracking_uri] if tracking_uri else []),
+                     *(["--experiment", experiment] if experiment else [])])
+
     def list(self, kind: str = "all"):
-        """List registry names: models, datasets, pruners, losses (or all)."""
+        """List registry names: models, datasets, pruners, losses, quantizers, stages (or all)."""
         print("\n".join(_registry_lines(kind)))
 
 
@@ -105,12 +122,16 @@ def _registry_lines(kind: str) -> List[str]:
 
 
 def _registries():
+    from . import stages  # noqa: F401  (registers the stages)
     from .data.datasets import DATASETS
-    from .train.losses import LOSSES
+    from .engine.stage import STAGES
     from .models.registry import MODELS
+    from .onnx.quantize import CANDIDATES
     from .prune.registry import PRUNERS
+    from .train.losses import LOSSES
 
-    return {"models": MODELS, "datasets": DATASETS, "pruners": PRUNERS, "losses": LOSSES}
+    return {"models": MODELS, "datasets": DATASETS, "pruners": PRUNERS, "losses": LOSSES, "quantizers": CANDIDATES,
+            "stages": STAGES}
 
 
 def _load(path: str, overrides: Sequence[str]):
@@ -142,11 +163,15 @@ def _stop_cleanly_on_sigterm() -> None:
 
 
 def run(argv: List[str]) -> int:
-    if argv[:1] == ["bench"] and "--help" not in argv[1:2]:
-        from .bench.ort import main as bench_main  # argparse CLI, shared with python -m toolchain.bench
+    if argv[:1] == ["attach"] or (argv[:1] == ["bench"] and "--help" not in argv[1:2]):
+        # argparse CLIs: bench is shared with python -m toolchain.bench; attach keeps run ids as typed (and its --help)
+        if argv[0] == "bench":
+            from .bench.ort import main
+        else:
+            from .attach import main
 
         try:
-            return bench_main(argv[1:])
+            return main(argv[1:])
         except SystemExit as exc:  # argparse exits on a bad option; return its code like the other commands
             return int(exc.code or 0)
     import fire

@@ -28,9 +28,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise _write_failed(path, exc.strerror or str(exc)) from None
+    except RuntimeError as exc:  # torch.save reports a full disk as "PytorchStreamWriter failed writing file"
+        if "fail" not in str(exc) or "writ" not in str(exc):
+            raise
+        raise _write_failed(path, "write failed (disk full?)") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _write_failed(path: Path, reason: str) -> OutputError:
+    return OutputError(f"cannot write {path}: {reason}; free disk space or point output_dir at a writable disk")
+
+
+TEMP_PATTERN = ".*.tmp"  # what atomic_path's temp files look like: .<name>.<random>.tmp
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, older_than_s: float = 3600) -> int:
+    """Temp files a killed process left behind (up to a checkpoint's size each). Only old ones:
+    a concurrent run sharing the folder may be writing a fresh one right now."""
+    import time
+
+    directory, removed = Path(directory), 0
+    if not directory.is_dir():
+        return 0
+    for tmp in directory.rglob(TEMP_PATTERN):
+        try:
+            if tmp.is_file() and time.time() - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass  # gone already, or not ours to remove
+    return removed
 
 
 def _umask() -> int:
@@ -48,14 +79,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def ensure_dir(path: str | os.PathLike) -> Path:
+def ensure_dir(path: str | os.PathLike, setting: str = "output_dir") -> Path:
+    """mkdir -p and check it is writable; `setting` is the recipe key or option that names it,
+    so the one-line error says what to change."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create output directory {path}: {exc.strerror}; choose a writable output_dir") from None
+        raise OutputError(f"cannot create directory {path}: {exc.strerror}; choose a writable {setting}") from None
     if not os.access(path, os.W_OK):
-        raise OutputError(f"output directory {path} is not writable; fix its permissions or choose another output_dir")
+        raise OutputError(f"directory {path} is not writable; fix its permissions or choose another {setting}")
     return path
 
 
@@ -81,3 +114,12 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_sizes(path: str | os.PathLike) -> dict:
+    """Bytes on disk and deflate-compressed bytes (what a zipped download costs): weight
+    pruning's zeros show only in the second number."""
+    import zlib
+
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "zip_bytes": len(zlib.compress(data, 6))}

@@ -169,14 +169,18 @@ class ExportConfig(Section):
     exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="torch.onnx exporter, chosen explicitly.")
     opset: int = Field(18, ge=11, le=23, description="ONNX opset version.")
     dynamic_batch: bool = Field(True, description="Export with a dynamic batch axis.")
-    parity_atol: float = Field(1e-3, gt=0, le=1, description="Max abs difference of logits allowed between PyTorch and onnxruntime.")
+    parity_atol: float = Field(1e-3, gt=0, le=1, description="Absolute part of the parity tolerance: max abs difference of logits allowed between PyTorch and onnxruntime, plus parity_rtol x |logit|.")
+    parity_rtol: float = Field(1e-3, ge=0, le=1, description="Relative part of the parity tolerance: each logit may differ by parity_atol + parity_rtol x |PyTorch logit| (numpy.allclose), so large logits are not failed by float32 rounding; 0 for an absolute-only gate.")
     parity_min_agreement: float = Field(0.99, ge=0, le=1, description="Minimum top-1 agreement between PyTorch and onnxruntime on a validation batch.")
     references: bool = Field(True, description="Also export the teacher and the unpruned KD student, so the bench measures speedup ratios against them in the same run.")
 
 
+MAX_BENCH_BATCH = 4096
+
+
 class BenchConfig(Section):
     providers: List[Literal["cpu", "cuda", "tensorrt"]] = Field(default_factory=lambda: ["cpu"], description="onnxruntime execution providers to benchmark; a requested one that is not active is an error.")
-    batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes to measure.")
+    batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description=f"Batch sizes to measure, each 1 to {MAX_BENCH_BATCH}.")
     intra_op_threads: int = Field(0, ge=0, le=1024, description="onnxruntime intra-op threads (0: one per physical core).")
     inter_op_threads: int = Field(1, ge=1, le=1024, description="onnxruntime inter-op threads.")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field("all", description="onnxruntime graph optimisation level.")
@@ -190,13 +194,68 @@ class BenchConfig(Section):
     def _positive_batches(cls, v: List[int]) -> List[int]:
         if not v or any(b < 1 for b in v):
             raise ValueError("batch_sizes must be a non-empty list of integers >= 1")
+        if max(v) > MAX_BENCH_BATCH:
+            raise ValueError(f"batch size {max(v)} is above the maximum {MAX_BENCH_BATCH}; use batch sizes from 1 to "
+                             f"{MAX_BENCH_BATCH} (`python -m toolchain.bench MODEL.onnx --batch-sizes N` takes larger ones, bounded by memory)")
         return v
 
 
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log to MLflow.")
-    uri: Optional[str] = Field(None, description="MLflow tracking URI; None uses $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db.")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (sqlite, http(s), postgresql, mysql, mssql, file, databricks); None uses $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db. A password in it is masked (***) in outputs; MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD keep it out of the recipe.")
     experiment: str = Field("toolchain", min_length=1, description="MLflow experiment name.")
+    register_model: Optional[str] = Field(
+        None, min_length=1, max_length=256,
+        description="Register the shipped ONNX model (the MLflow model on the parent run) under this name in the MLflow "
+        "model registry when the run finishes, a new version per run, described by its model card; None registers nothing.")
+
+    @model_validator(mode="after")
+    def _registry_needs_tracking(self) -> "TrackingConfig":
+        if self.register_model and not self.enabled:
+            raise ValueError("register_model needs tracking.enabled: true (the model is registered from its MLflow run)")
+        return self
+
+
+def _quant_candidates():
+    from .onnx.quantize import CANDIDATES
+
+    return CANDIDATES
+
+
+class QuantizeConfig(Section):
+    candidates: List[str] = Field(
+        default_factory=lambda: ["qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor", "qdq_u8s8_per_channel", "qdq_s8s8_per_channel"],
+        min_length=1, max_length=16,
+        description="INT8 formats to build and measure (`python -m toolchain list quantizers`); the stage ships the fastest "
+        "one within max_accuracy_drop that is faster than float at every batch size.")
+    calibration_images: int = Field(512, ge=1, le=100000, description="Training images (evaluation preprocessing) that calibrate the activation ranges.")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest validation-accuracy loss vs the float ONNX model a shipped INT8 model may have.")
+    min_speedup: float = Field(1.1, ge=1.0, le=100, description="A shipped INT8 model is at least this many times faster than float at every batch size (1.1: beyond run-to-run noise).")
+    on_miss: Literal["keep_float", "error"] = Field("keep_float", description="No candidate passes the gate and is faster: ship the float model and say so (keep_float), or fail (error).")
+    batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes at which a candidate must be faster than float (onnxruntime CPU p50, interleaved).")
+    time_per_model_s: float = Field(1.5, gt=0, le=600, description="Timed seconds per model and batch size (split over 3 interleaved rounds).")
+    search_budget_s: float = Field(600, gt=0, le=86400, description="Stop building new candidates after this many seconds (the ones built are still measured).")
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, v: List[str]) -> List[str]:
+        for name in v:
+            _check_name(_quant_candidates, name)
+        if len(set(v)) != len(v):
+            raise ValueError("candidates: each name once")
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: List[int]) -> List[int]:
+        if not v or any(b < 1 or b > 4096 for b in v):
+            raise ValueError("batch_sizes must be a non-empty list of integers from 1 to 4096")
+        return v
+
+
+class PackageConfig(Section):
+    target_platform: Literal["amd64", "arm"] = Field("amd64", description="CPU family of the device: the ORT-format files are optimised for it (amd64: x86-64, may use x86-only NCHWc layout nodes; arm: ARM CPUs, without them).")
+    golden_images: int = Field(4, ge=1, le=64, description="Test images shipped as golden PNG files with their model inputs and outputs, which the package is checked against before it ships.")
 
 
 DOTTED_KEY_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -275,6 +334,8 @@ class Recipe(Section):
     finetune: Optional[TrainConfig] = Field(None, description="Fine-tuning after pruning (loss kd or ce).")
     export: Optional[ExportConfig] = Field(default_factory=ExportConfig, description="ONNX export with parity gate; null to skip.")
     bench: Optional[BenchConfig] = Field(default_factory=BenchConfig, description="onnxruntime benchmark; null to skip.")
+    quantize: Optional[QuantizeConfig] = Field(None, description="INT8 quantization of the exported model, measured before it ships; omit to skip.")
+    package: Optional[PackageConfig] = Field(None, description="Self-checking device package of the shipped model(s) in export/<name>/package/ (ONNX + ORT format, infer.py, golden data); omit to skip.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     matrix: Optional[MatrixConfig] = Field(
         None, description="Sweep over variants of this recipe; run it with `python -m toolchain sweep` (compress refuses it)."
@@ -296,6 +357,10 @@ class Recipe(Section):
             raise ValueError("finetune is set but prune is not; fine-tuning follows pruning")
         if self.bench is not None and self.export is None:
             raise ValueError("bench needs the export stage (it measures the exported ONNX file)")
+        if self.quantize is not None and self.export is None:
+            raise ValueError("quantize needs the export stage (it quantizes the exported ONNX file); add an export section")
+        if self.package is not None and self.export is None:
+            raise ValueError("package needs the export stage (it packages the exported ONNX file); add an export section")
         return self
 
 

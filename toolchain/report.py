@@ -422,7 +422,7 @@ def make_report(experiment: str, out: str | Path = "docs/report", tracking_uri: 
 
     matplotlib.use("Agg")
     exp, rows, refs, uri = collect(experiment, tracking_uri)
-    out = ensure_dir(out)
+    out = ensure_dir(out, "--out")
     files = {"acc_vs_params": out / "acc_vs_params.png", "acc_vs_latency": out / "acc_vs_latency.png",
              "pe_by_method": out / "pe_by_method.png"}
     plot_acc_vs_params(rows, refs, files["acc_vs_params"], experiment)

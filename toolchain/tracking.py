@@ -8,9 +8,12 @@ Only rank 0 tracks under torchrun: the other ranks get a NullTracker.
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import logging
 import os
 import random
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -21,6 +24,9 @@ from .errors import TrackingError, first_line
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 TAG_PREFIX = "toolchain."
+# MLflow 3's kind for model-training experiments (unset, its UI may treat them as GenAI ones). 3.17.2's UI
+# lands by its own GenAI / Model training toggle instead: docs/mlflow_ui/README.md
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def quiet_library_logs() -> None:
@@ -60,6 +66,71 @@ def _sqlite_path(uri: str) -> Optional[Path]:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+# ---------------------------------------------------------------- URI checks (before MLflow is touched)
+
+KNOWN_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "file", "databricks")
+# SQLAlchemy dialect[+driver] -> (module it imports, pip package). A bare dialect uses SQLAlchemy's default driver.
+DB_DRIVERS = {
+    "postgresql": ("psycopg2", "psycopg2-binary"),
+    "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
+    "postgresql+psycopg": ("psycopg", "psycopg[binary]"),
+    "postgresql+pg8000": ("pg8000", "pg8000"),
+    "mysql": ("MySQLdb", "mysqlclient"),
+    "mysql+mysqldb": ("MySQLdb", "mysqlclient"),
+    "mysql+pymysql": ("pymysql", "pymysql"),
+    "mssql": ("pyodbc", "pyodbc"),
+    "mssql+pyodbc": ("pyodbc", "pyodbc"),
+}
+_USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*:)([^/?#]*)@")
+_QUERY_SECRET = re.compile(r"([?&](?:password|passwd|pwd|token|access_token|secret)=)([^&#]*)", re.IGNORECASE)
+
+
+def mask_uri(uri: Optional[str]) -> Optional[str]:
+    """`uri` with its password (user:PASSWORD@ or a password=/token= query parameter) replaced by ***:
+    the form to print, write to summary.json or log to MLflow."""
+    if not uri:
+        return uri
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", uri))
+
+
+def _redact(text: str, uri: str) -> str:
+    """Library messages may echo the password, raw or percent-decoded; print none of it."""
+    from urllib.parse import unquote
+
+    match = _USERINFO_PASSWORD.match(uri)
+    secrets = [m.group(2) for m in _QUERY_SECRET.finditer(uri)] + ([match.group(2)] if match else [])
+    for secret in sorted({v for s in secrets for v in (s, unquote(s)) if v}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _scheme(uri: str) -> str:
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    # no scheme: MLflow takes it as a local path (file store); one letter is a Windows drive
+    return match.group(1).lower() if match and len(match.group(1)) > 1 else "file"
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def check_uri(uri: str) -> None:
+    """Refuse, in one line, a URI MLflow would spend minutes retrying or misreport: an unknown
+    scheme, a database driver that is not installed, a sqlite URI naming a directory."""
+    scheme = _scheme(uri)
+    if scheme.split("+")[0] not in KNOWN_SCHEMES:
+        raise TrackingError(f"tracking URI {mask_uri(uri)} has an unknown scheme {scheme!r}; set tracking.uri / "
+                            f"MLFLOW_TRACKING_URI to one of {', '.join(s + '://' for s in KNOWN_SCHEMES)}")
+    module, package = DB_DRIVERS.get(scheme, (None, None))
+    if module and not _has_module(module):
+        raise TrackingError(f"tracking URI {mask_uri(uri)} needs the {module} database driver, which is not "
+                            f"installed; pip install {package}")
+    sqlite_path = _sqlite_path(uri)
+    if sqlite_path is not None and sqlite_path.is_dir():
+        raise TrackingError(f"tracking URI {mask_uri(uri)} names the directory {sqlite_path}, not a database file; "
+                            f"use sqlite:///{sqlite_path.as_posix().rstrip('/')}/mlflow.db")
+
+
 # ---------------------------------------------------------------- tracking servers (http/https)
 
 CONNECT_TIMEOUT_ENV = "TOOLCHAIN_TRACKING_CONNECT_TIMEOUT_S"
@@ -72,31 +143,60 @@ def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def _split_credentials(uri: str):
+    """(uri without user:password@, (user, password) or None). The credentials come from the
+    URI, else from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow also honours."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        return uri, ((user, password or "") if user else None)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), ((unquote(user), unquote(password)) if userinfo else None)
+
+
 def check_http_server(uri: str) -> None:
     """One plain GET <uri>/health: a refused, unresolvable or silent server fails in seconds.
-    Only a failure to connect is an error here; any HTTP answer means something listens."""
+    Only a failure to connect is an error here; any HTTP answer means something listens,
+    except 401/403 to the credentials we sent (a proxy refusing them: every MLflow call would too).
+
+    Credentials in the URI (http://user:password@host) are sent as HTTP Basic auth, as
+    MLflow does; MLflow also takes them from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD,
+    which keep them out of recipes and process listings."""
     import urllib.error
     import urllib.request
 
     timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV, "5"))
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
+        url, credentials = _split_credentials(uri)
+        request = urllib.request.Request(url.rstrip("/") + "/health")
+        if credentials:
+            token = base64.b64encode(":".join(credentials).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as exc:
+        if credentials and exc.code in (401, 403):
+            raise TrackingError(f"MLflow tracking server {mask_uri(uri)} refused the credentials (HTTP {exc.code}); "
+                                "check the user and password in tracking.uri / MLFLOW_TRACKING_URI or "
+                                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         if isinstance(reason, OSError) and reason.strerror:
             reason = reason.strerror
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-                            "(docs/scale_out.md) or point tracking.uri / MLFLOW_TRACKING_URI at a running one") from None
+        raise TrackingError(f"MLflow tracking server {mask_uri(uri)} is unreachable ({_redact(str(reason), uri)}); "
+                            "start it (docs/scale_out.md) or point tracking.uri / MLFLOW_TRACKING_URI at a running one") from None
 
 
-def _fail_fast_on_http(connect: Callable) -> Callable:
-    """Tracker.connect against a server: reachability check first, then MLflow calls without retries."""
+def _fail_fast(connect: Callable) -> Callable:
+    """Tracker.connect: URI checks first, and against a server a reachability check, then MLflow
+    calls without retries."""
     import functools
 
     @functools.wraps(connect)
     def wrapper(self, *args, **kwargs):
+        check_uri(self.uri)
         if not _is_http(self.uri):
             return connect(self, *args, **kwargs)
         check_http_server(self.uri)
@@ -147,6 +247,20 @@ class StageRun:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         retry(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def log_dataset(self, name: str, digest: str, source: str, splits: Dict[str, int]) -> None:
+        """The run's data as an MLflow dataset input (the UI's Dataset column): split sizes as its profile."""
+        retry(self._client.log_inputs, self.run_id, datasets=[dataset_input(name, digest, source, splits)])
+
+
+def dataset_input(name: str, digest: str, source: str, splits: Dict[str, int]):
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = json.dumps({"num_rows": sum(splits.values()), **{f"{k}_rows": v for k, v in splits.items()}})
+    dataset = Dataset(name, digest[:36], "local", json.dumps({"uri": source}), profile=profile)  # digest: 36 chars in MLflow's DB
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
+
 
 class NullStageRun(StageRun):
     def __init__(self):
@@ -167,11 +281,19 @@ class NullStageRun(StageRun):
     def log_artifact(self, path, artifact_path=None):
         pass
 
+    def log_dataset(self, name, digest, source, splits):
+        pass
+
 
 class NullTracker:
     uri = None
     experiment_id = None
     parent_run_id = None
+
+    @property
+    def display_uri(self) -> Optional[str]:
+        """The URI with any password masked: what may be printed or stored (the real one is `uri`)."""
+        return mask_uri(self.uri)
 
     @contextmanager
     def run(self, run_name: str, params: Dict[str, Any], tags: Dict[str, Any]) -> Iterator[StageRun]:
@@ -189,17 +311,19 @@ class Tracker(NullTracker):
         quiet_library_logs()  # after the import: mlflow configures its loggers at import time
         self.mlflow = mlflow
         self.uri = resolve_uri(uri)
+        if mask_uri(self.uri) != self.uri:  # MLflow prints run links built from the URI, password included
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.experiment_name = experiment
         self._common_tags: Dict[str, Any] = {}
 
-    @_fail_fast_on_http
+    @_fail_fast
     def connect(self) -> None:
         """Set the URI and experiment; fail early (before any training) when the store is unreachable."""
         sqlite_path = _sqlite_path(self.uri)
         if sqlite_path is not None:
             from .fsutil import ensure_dir
 
-            ensure_dir(sqlite_path.parent if str(sqlite_path.parent) else Path("."))
+            ensure_dir(sqlite_path.parent if str(sqlite_path.parent) else Path("."), "tracking.uri (MLflow's SQLite file)")
         self.mlflow.set_tracking_uri(self.uri)
         try:
             with _schema_lock(sqlite_path):
@@ -207,8 +331,8 @@ class Tracker(NullTracker):
         except TrackingError:
             raise
         except Exception as exc:
-            raise TrackingError(f"MLflow tracking store {self.uri} is unreachable ({type(exc).__name__}: "
-                                f"{first_line(exc, 200)}); start the server or set "
+            raise TrackingError(f"MLflow tracking store {self.display_uri} is unreachable ({type(exc).__name__}: "
+                                f"{_redact(first_line(exc, 200), self.uri)}); start the server or set "
                                 "tracking.uri / MLFLOW_TRACKING_URI") from None
         # the process-wide experiment: mlflow.<flavor>.log_model files its LoggedModel there
         self.mlflow.set_experiment(experiment_id=self.experiment_id)
@@ -218,16 +342,30 @@ class Tracker(NullTracker):
         client = self.mlflow.MlflowClient(self.uri)
         found = client.get_experiment_by_name(self.experiment_name)
         if found is not None:
+            if EXPERIMENT_KIND[0] not in found.tags:  # made by an older toolchain; a kind the user chose stays
+                client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
         # Embedded store: artifacts beside the database (mlruns/artifacts), not in MLflow's ./mlartifacts.
         location = (sqlite_path.parent / "artifacts").resolve().as_uri() if sqlite_path else None
         try:
-            return client.create_experiment(self.experiment_name, artifact_location=location)
+            return client.create_experiment(self.experiment_name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
         except Exception as exc:  # another process created it between our get and create
             found = client.get_experiment_by_name(self.experiment_name)
             if found is None:
                 raise exc
             return found.experiment_id
+
+    def register_model(self, name: str, model_uri: str, run_id: str, card: Dict[str, Any]):
+        """A new version of registered model `name` from the ONNX MLflow model logged on the parent
+        run, described by the model card. Returns the ModelVersion."""
+        try:
+            retry(self.client.create_registered_model, name)
+        except Exception as exc:  # RESOURCE_ALREADY_EXISTS: add a version to it
+            if "already exists" not in str(exc).lower():
+                raise
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+        return retry(self.client.create_model_version, name, model_uri, run_id=run_id, description=card_description(card),
+                     tags=card_tags(card), model_id=model_id)
 
     def mark_stale_runs(self, run_name: str) -> list:
         """Runs of this name left RUNNING by a hard kill (their process is gone) -> KILLED."""
@@ -304,6 +442,42 @@ def _process_alive(tags: Dict[str, str]) -> bool:
     except PermissionError:
         return True
     return int(tags.get(f"{TAG_PREFIX}pid", "0")) > 0
+
+
+CARD_TAGS = ("name", "model", "dataset", "test_accuracy", "onnx_test_accuracy", "params", "nonzero_params", "macs",
+             "recipe_hash", "toolchain_version")
+
+
+def card_tags(card: Dict[str, Any]) -> Dict[str, str]:
+    """The model card's headline fields, and the shipped files' sha256, as model version tags."""
+    tags = {k: str(card[k]) for k in CARD_TAGS if card.get(k) is not None}
+    tags.update({f"sha256.{f}": v["sha256"] for f, v in (card.get("files") or {}).items() if v.get("sha256")})
+    tags.update({k: str(v) for k, v in flatten(card.get("performance_efficiency") or {}).items()})
+    return tags
+
+
+def card_description(card: Dict[str, Any]) -> str:
+    pe = (card.get("performance_efficiency") or {}).get("vs_teacher.pe_params")
+    head = (f"{card.get('model')} on {card.get('dataset')} (run {card.get('name')}): test accuracy "
+            f"{card.get('test_accuracy')}, ONNX {card.get('onnx_test_accuracy')}, PE(params) vs teacher {pe}.")
+    return head + " The full card is the run's model_card.json artifact."
+
+
+def open_existing_store(uri: Optional[str]):
+    """An MlflowClient on a store that already holds runs (attach): the URI checks of
+    Tracker.connect, but nothing is created, so a mistyped sqlite path is an error, not a new empty DB."""
+    uri = resolve_uri(uri)
+    check_uri(uri)
+    sqlite_path = _sqlite_path(uri)
+    if sqlite_path is not None and not sqlite_path.is_file():
+        raise TrackingError(f"tracking store {mask_uri(uri)}: no such database file; pass --tracking-uri of the store "
+                            "the run was logged to (export/<run>/summary.json: mlflow.tracking_uri)")
+    if _is_http(uri):
+        check_http_server(uri)
+    import mlflow
+
+    quiet_library_logs()
+    return mlflow.MlflowClient(uri)
 
 
 def make_tracker(cfg, is_main: bool = True):

@@ -1,15 +1,22 @@
 """onnxruntime latency benchmark. Torch-free: runs on an edge box with only numpy + onnxruntime.
 
 This module must not import torch, directly or indirectly (only numpy, onnxruntime,
-the standard library, toolchain.errors and toolchain.fsutil), so that
+the standard library, toolchain.errors, toolchain.fsutil and bench/device.py; toolchain.attach,
+toolchain.tracking and mlflow only when --mlflow-run-id asks for them), so that
 
     python -m toolchain.bench MODEL.onnx [--batch-sizes 1,32] [--providers cpu] [--threads N]
         [--inter-op-threads N] [--graph-optimization all] [--warmup N] [--iterations N]
         [--time-budget S] [--input-shape 3,32,32] [--json out.json]
+        [--name NAME] [--no-hostname] [--reference teacher=PATH --reference student=PATH]
+        [--mlflow-run-id ID [--tracking-uri URI]]
 
-works on the deployment device. A user mistake (missing or corrupt file, an input
-shape that does not fit, an unknown or inactive provider) is one line on stderr and
-exit code 2.
+works on the deployment device. The JSON holds a `device` section (bench/device.py: CPU, cores,
+ISA flags, OS, onnxruntime and its providers, threads, name, hostname, the model's sha256) that
+`python -m toolchain attach RUN FILE` checks and logs into the run that shipped the model;
+--mlflow-run-id logs it the same way from the device when it reaches the tracking server. A user mistake (missing or corrupt file, an input
+shape that does not fit, a batch whose input would take over half the machine's memory,
+an unknown or inactive provider, a --json path that cannot be written) is one line on
+stderr and exit code 2.
 
 API (used by the pipeline):
     benchmark(onnx_path, batch_sizes=(1, 32), providers=("cpu",), intra_op_threads=0,
@@ -34,6 +41,7 @@ API (used by the pipeline):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -43,8 +51,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import BenchError, ToolchainError, first_line
-from ..fsutil import atomic_write_json
+from ..errors import BenchError, OutputError, ToolchainError, first_line
+from ..fsutil import atomic_write_json, file_sha256
+from .device import cpu_model, fingerprint, format_device, physical_cores  # noqa: F401  (cpu_model, physical_cores: API before device.py)
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -207,10 +216,32 @@ def resolve_input_shape(model_shape: Sequence[Any], batch_size: int, sample_shap
     return (batch_size, *rest)
 
 
+def input_bytes_limit() -> int:
+    """Half the machine's physical memory: the session's activations and outputs need the rest."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return 8 << 30
+
+
+def check_input_size(shape: Sequence[int], onnx_type: str) -> None:
+    nbytes = math.prod(int(d) for d in shape) * np.dtype(_DTYPES[onnx_type]).itemsize
+    limit = input_bytes_limit()
+    if nbytes > limit:
+        raise BenchError(
+            f"batch size {shape[0]}: the input {list(shape)} would take {nbytes} bytes ({nbytes / 2**30:.1f} GiB), "
+            f"over the {limit} bytes allowed (half of this machine's memory); use smaller batch sizes "
+            "(--batch-sizes, or bench.batch_sizes in a recipe)"
+        )
+
+
 def make_input(shape: Sequence[int], onnx_type: str, seed: int = 0) -> np.ndarray:
+    check_input_size(shape, onnx_type)
     dtype = _DTYPES[onnx_type]
     if np.issubdtype(dtype, np.floating):
-        return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+        # drawn in float32: a float64 draw would take twice the input's memory before the cast
+        draw = np.random.default_rng(seed).standard_normal(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
+        return draw.astype(dtype, copy=False)
     return np.zeros(shape, dtype=dtype)
 
 
@@ -299,34 +330,6 @@ def benchmark(
 
 
 # ---------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def physical_cores() -> int:
-    """Distinct (physical id, core id) pairs in /proc/cpuinfo; logical count elsewhere."""
-    try:
-        cores, phys = set(), "0"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "physical id":
-                phys = value.strip()
-            elif key == "core id":
-                cores.add((phys, value.strip()))
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
 
 
 def environment(intra_op_threads: int = 0, inter_op_threads: int = 1, graph_optimization: str = "all") -> Dict[str, Any]:
@@ -430,8 +433,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=200, help="max timed runs per batch size (default 200)")
     p.add_argument("--time-budget", type=float, default=3.0, help="max timed seconds per batch size (default 3)")
     p.add_argument("--input-shape", type=_int_list, default=None, help="per-sample input dims, e.g. 3,32,32 (default: from the model)")
-    p.add_argument("--json", default=None, help="also write the full results as JSON to this path")
+    p.add_argument("--json", default=None, help="also write the full results and the device fingerprint as JSON to this path "
+                   "(python -m toolchain attach RUN FILE logs it into the run)")
+    p.add_argument("--name", default=None, help="device name in the JSON and the MLflow metric names (default: the hostname)")
+    p.add_argument("--no-hostname", action="store_true", help="leave the hostname out of the JSON")
+    p.add_argument("--reference", action="append", type=_reference, default=[], metavar="ROLE=PATH",
+                   help="also time the run's teacher or student ONNX file (export/RUN/summary.json, stages.export.paths), "
+                   "so attach can log pe_latency on this device; repeatable")
+    p.add_argument("--mlflow-run-id", default=None, help="log the results into this compress run (parent run id or run "
+                   "name) directly, as attach does; needs mlflow and the tracking server")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --mlflow-run-id (default $MLFLOW_TRACKING_URI)")
     return p
+
+
+def _reference(text: str):
+    role, sep, path = text.partition("=")
+    if not sep or role not in ("teacher", "student") or not path:
+        raise argparse.ArgumentTypeError(f"expected teacher=PATH or student=PATH, got {text!r}")
+    return role, path
 
 
 def _check_counts(args) -> None:
@@ -443,26 +462,104 @@ def _check_counts(args) -> None:
         raise BenchError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
 
 
+def _check_json_path(path: Optional[str]) -> None:
+    """Before the benchmark, not after minutes of it."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise BenchError(f"--json {path} is a directory; pass a file path, e.g. {target / 'bench.json'}")
+    parent = next((p for p in target.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise BenchError(f"--json {path}: {parent} is a file, not a directory; pass a file path in a directory")
+
+
+def _write_json(path: str, results: Dict[str, Any]) -> None:
+    try:
+        atomic_write_json(path, results)
+    except (OSError, OutputError) as exc:  # OutputError's advice is about the pipeline's output_dir
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "its folder cannot be created or written"
+        raise BenchError(f"--json {path}: cannot write the results ({reason}); pass a writable file path") from None
+
+
+def _attach_target(args, device: Dict[str, Any]):
+    """--mlflow-run-id: connect and check the model against the run before the timing, not after it."""
+    if not args.mlflow_run_id:
+        return None
+    from ..attach import find_run, open_store, shipped_file
+
+    client = open_store(args.tracking_uri)
+    run = find_run(client, args.mlflow_run_id)
+    shipped_file(run, device["model_sha256"], args.model)
+    return client, run
+
+
+def _bench_references(args) -> Dict[str, Any]:
+    """The references, timed one after the other after the model with the same settings."""
+    out = {}
+    for role, path in args.reference:
+        res = benchmark(path, args.batch_sizes, args.providers, args.threads, args.inter_op_threads,
+                        args.graph_optimization, args.warmup, args.iterations, args.time_budget, args.input_shape)
+        out[role] = {"model": path, "sha256": file_sha256(path), "results": res["results"]}
+    return out
+
+
+def _run(args) -> tuple:
+    _check_counts(args)
+    _check_json_path(args.json)
+    for path in [args.model, *(p for _, p in args.reference)]:
+        _check_model_file(path)
+    roles = [role for role, _ in args.reference]
+    if len(set(roles)) != len(roles):
+        raise BenchError(f"--reference {', '.join(roles)}: give each role once")
+    device = fingerprint(args.model, args.name, not args.no_hostname, args.threads, args.inter_op_threads)
+    target = _attach_target(args, device)
+    results = {"device": device, **benchmark(  # device first: what a reader of the JSON looks for first
+        args.model, args.batch_sizes, args.providers, args.threads, args.inter_op_threads,
+        args.graph_optimization, args.warmup, args.iterations, args.time_budget, args.input_shape,
+    )}
+    if args.reference:
+        results["references"] = _bench_references(args)
+    if args.json:
+        _write_json(args.json, results)
+    return results, target
+
+
+def _print(args, results: Dict[str, Any]) -> None:
+    inp = results["input"]
+    print(f"{args.model}: input {inp['name']} {_fmt_shape(inp['shape'])} {inp['dtype']}")
+    print(format_environment(results))
+    print(format_device(results["device"]))
+    print(format_table(results))
+    for role, ref in results.get("references", {}).items():
+        print(f"reference {role} ({ref['model']}):")
+        print(format_table(ref["results"]))
+
+
+def _log_to_run(args, target, results: Dict[str, Any]) -> None:
+    from ..attach import attach_data
+
+    try:
+        print("\n".join(attach_data(*target, results, args.json or args.model)))
+    except Exception as exc:  # the store failed after the timing (checked before it): the numbers must not be lost
+        kept = f"; the results are in {args.json}: attach them later with python -m toolchain attach RUN {args.json}" if args.json else \
+            "; rerun with --json FILE to keep the results"
+        raise BenchError(f"--mlflow-run-id: logging failed ({first_line(exc, 200)}){kept}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _check_counts(args)
-        results = benchmark(
-            args.model, args.batch_sizes, args.providers, args.threads, args.inter_op_threads,
-            args.graph_optimization, args.warmup, args.iterations, args.time_budget, args.input_shape,
-        )
-        if args.json:
-            atomic_write_json(args.json, results)
+        results, target = _run(args)
+        _print(args, results)
+        if target is not None:
+            _log_to_run(args, target, results)
     except ToolchainError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    inp = results["input"]
-    print(f"{args.model}: input {inp['name']} {_fmt_shape(inp['shape'])} {inp['dtype']}")
-    print(format_environment(results))
-    print(format_table(results))
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from ..registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -225,9 +225,19 @@ def imagefolder(root: Optional[str] = None, download: bool = False) -> RawSplits
                      preprocessing="RGB, resized to 32x32 (bilinear), /255, normalised with ImageNet mean/std")
 
 
-def _read_image_folder(directory: Path, classes: Optional[List[str]] = None):
-    from PIL import Image, UnidentifiedImageError
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
 
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    except Exception as exc:  # PIL raises more than OSError: DecompressionBombError, SyntaxError, ValueError...
+        raise DataError(f"imagefolder: cannot read image {path} ({type(exc).__name__}: {first_line(exc)}); "
+                        "remove or replace it") from None
+
+
+def _read_image_folder(directory: Path, classes: Optional[List[str]] = None):
     classes = classes or sorted(d.name for d in directory.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"imagefolder: no class subfolders in {directory}")
@@ -236,12 +246,7 @@ def _read_image_folder(directory: Path, classes: Optional[List[str]] = None):
         for path in sorted((directory / cls).glob("*")):
             if path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".webp"}:
                 continue
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-                    images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"imagefolder: cannot read image {path} ({exc}); remove or replace it") from None
+            images.append(_read_image(path))
             labels.append(label)
     if not images:
         raise DataError(f"imagefolder: no images (.png/.jpg/.jpeg/.bmp/.webp) under {directory}")

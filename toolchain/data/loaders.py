@@ -50,7 +50,13 @@ class Batches:
         self._generator.manual_seed(self.seed + 7919 * self.rank + 104729 * epoch)
 
     def __len__(self) -> int:
-        return (len(self.sampler) + self.batch_size - 1) // self.batch_size
+        n = len(self.sampler)
+        return n // self.batch_size + (n % self.batch_size > self._dropped_tail())
+
+    def _dropped_tail(self) -> int:
+        """Training drops a last batch of one image: BatchNorm cannot normalise a single sample
+        (and one image's gradient step is noise). Evaluation keeps every image."""
+        return 1 if self.shuffle and self.batch_size > 1 else 0
 
     @property
     def num_samples(self) -> int:
@@ -60,6 +66,8 @@ class Batches:
         order = torch.tensor(list(iter(self.sampler)), dtype=torch.int64)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
+            if len(idx) <= self._dropped_tail():
+                break
             yield self._prepare(self.images[idx]), self.labels[idx].to(self.device)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +115,14 @@ def _seeded_indices(n: int, seed: int) -> torch.Tensor:
 
 def build_data(cfg, seed: int, device: torch.device = torch.device("cpu"), num_replicas: int = 1, rank: int = 0) -> DataBundle:
     """cfg is a recipe DataConfig. Split: seeded val carved from train; test kept for the end."""
+    from ..errors import DataError
+
     raw = DATASETS.get(cfg.name)(root=cfg.root, download=cfg.download)
+    for key, wanted, split in (("subset", cfg.subset, "training"), ("test_subset", cfg.test_subset, "test")):
+        available = len(raw.train_y if split == "training" else raw.test_y)
+        if wanted and wanted > available:  # slicing would quietly use fewer images than asked
+            raise DataError(f"data.{key} is {wanted} but the {cfg.name} {split} split has only {available} images; "
+                            f"set data.{key} to {available} or less, or remove it to use all")
     order = _seeded_indices(len(raw.train_y), seed)
     if cfg.subset:
         order = order[: cfg.subset]

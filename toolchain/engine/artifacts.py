@@ -56,7 +56,19 @@ class BenchArtifact:
         return {self.file: self.sha256}
 
 
-ARTIFACT_TYPES = {cls.__name__: cls for cls in (ModelArtifact, OnnxArtifact, BenchArtifact)}
+@dataclass(frozen=True)
+class PackageArtifact:
+    """A folder of files (the device package), every one with its sha256, so the runner's
+    verification on reuse covers each file, not just one."""
+
+    folder: str  # relative to the stage folder
+    file_hashes: Dict[str, str] = field(default_factory=dict)  # path inside the folder -> sha256
+
+    def files(self) -> Dict[str, str]:
+        return {f"{self.folder}/{name}": digest for name, digest in self.file_hashes.items()}
+
+
+ARTIFACT_TYPES = {cls.__name__: cls for cls in (ModelArtifact, OnnxArtifact, BenchArtifact, PackageArtifact)}
 
 
 @dataclass

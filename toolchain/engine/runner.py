@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..train import ddp as dist
 from ..errors import RecipeError, ToolchainError
-from ..fsutil import atomic_write_json, atomic_write_text, ensure_dir, file_lock
+from ..fsutil import atomic_write_json, atomic_write_text, ensure_dir, file_lock, remove_stale_temp_files
 from ..recipe import Recipe, recipe_hash, stable_hash, to_yaml
 from ..tracking import NullStageRun, flatten
 from . import distributed as stage_dist
@@ -51,8 +51,13 @@ def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
     """
     if recipe.matrix is not None:
         raise RecipeError(f"recipe {recipe.name!r} has a matrix section (a sweep of variants); run it with `python -m toolchain sweep RECIPE`")
+    if os.environ.get("RANK", "0") == "0":  # before the process group exists: torchrun's env says who leads
+        remove_stale_temp_files(recipe.output_dir)
     with dist.session(recipe.device), open_run(recipe, force, recomputed) as run:  # torchrun: process group
-        for stage in plan(recipe):
+        stages = plan(recipe)
+        for stage in stages:
+            stage.preflight(sections_of(recipe, stage), run.data)
+        for stage in stages:
             run_stage(run, stage)
         finish(run)
         return run.summary.data
@@ -82,7 +87,7 @@ def data_key(recipe: Recipe) -> str:
 
 def run_stage(run: RunContext, stage: Stage) -> StageOutput:
     cfg = sections_of(run.recipe, stage)
-    inputs = {role: run.outputs[name] for role, name in stage.inputs(cfg, run.model_stages()).items()}
+    inputs = {role: run.outputs[name] for role, name in stage.inputs(cfg, run.model_stages(), list(run.outputs)).items()}
     key = stage_key(stage, cfg, {role: out.key for role, out in inputs.items()}, run.data_key if stage.uses_data else None)
     job = Job(stage.name, cfg, inputs, run.data, run.device, run.recipe.seed, run.cache_dir / f"{stage.name}-{key}", NullStageRun())
     output = stage_dist.follow_stage(stage, job, key) if not dist.is_main() else _lead(run, stage, job, key)
@@ -158,19 +163,39 @@ def _compute(run: RunContext, stage: Stage, job: Job, force: bool):
 
 
 def finish(run: RunContext) -> None:
-    """The headline metrics on the parent run and the closing table."""
+    """The headline metrics on the parent run, the optional model registration, the closing table."""
     if not dist.is_main():
         return
     final = run.final_model()
     headline = {f"final.{k}": v for k, v in final.metrics.items() if isinstance(v, (int, float))} if final else {}
-    if "bench" in run.outputs:
-        headline.update(run.outputs["bench"].metrics)
+    # the same under the plain names the MLflow runs table shows as columns across runs
+    headline.update({k: headline[f"final.{k}"] for k in ("test_accuracy", "vs_teacher.pe_params", "vs_student.pe_params")
+                     if f"final.{k}" in headline})
+    for name, output in run.outputs.items():
+        headline.update(STAGES.get(name).headline(output))
     run.parent.log_metrics(headline)
+    _register_model(run)
     run.summary.data["final_stage"] = final.name if final else None
     text = final_table(run.summary)
     run.summary.data["final_table"] = text
     run.summary.write()
     tqdm.write(text)
+
+
+def _register_model(run: RunContext) -> None:
+    """tracking.register_model: a new registry version of the shipped ONNX model, described by its card."""
+    name, model_uri = run.recipe.tracking.register_model, run.summary.data.get("mlflow", {}).get("model_uri")
+    if not name:
+        return
+    if not model_uri:
+        tqdm.write(f"[mlflow] tracking.register_model {name}: nothing registered, this recipe ships no ONNX model "
+                   "(add an export section)")
+        return
+    card_path = run.summary.data.get("files", {}).get("model_card.json")
+    card = json.loads(Path(card_path).read_text()) if card_path else None
+    version = run.tracker.register_model(name, model_uri, run.parent.run_id, card)
+    run.summary.data["mlflow"]["registered_model"] = {"name": name, "version": str(version.version)}
+    tqdm.write(f"[mlflow] registered model {name} version {version.version} ({model_uri})")
 
 
 def recipe_tags(recipe: Recipe) -> Dict[str, Any]:
@@ -212,7 +237,7 @@ def seed_everything(seed: int) -> None:
 def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple[str, str]]] = None):
     """Connect tracking first (fail before training), then data, then open the parent run."""
     from ..data.loaders import build_data
-    from ..tracking import make_tracker
+    from ..tracking import make_tracker, mask_uri
 
     seed_everything(recipe.seed)
     if recipe.threads:
@@ -233,11 +258,17 @@ def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
     summary = Summary(run_dir / "summary.json", {"run_name": recipe.name, "recipe_hash": recipe_hash(recipe),
                                                   "toolchain_version": __version__, "status": "RUNNING",
                                                   "distributed": scale}, owner=dist.is_main())
-    with tracker.run(recipe.name, flatten(recipe.model_dump(mode="json")), tags) as parent:
+    # what is logged and written must not carry the tracking password; the real URI connected above
+    shown = recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"uri": mask_uri(recipe.tracking.uri)})})
+    with tracker.run(recipe.name, flatten(shown.model_dump(mode="json")), tags) as parent:
         if dist.is_main():
-            atomic_write_text(run_dir / "recipe.yaml", to_yaml(recipe))
+            atomic_write_text(run_dir / "recipe.yaml", to_yaml(shown))
             parent.log_artifact(run_dir / "recipe.yaml")
-        summary.data["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
+            # the UI's Dataset column: which data (digest of the data section and seed) and how it was split
+            parent.log_dataset(recipe.data.name, stable_hash({"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed}),
+                               recipe.data.root or f"{recipe.data.name} (default location)",
+                               {split: len(getattr(data, split).labels) for split in ("train", "val", "test")})
+        summary.data["mlflow"] = {"tracking_uri": tracker.display_uri, "experiment_id": tracker.experiment_id,
                                   "parent_run_id": tracker.parent_run_id}
         summary.write()  # status RUNNING from the start: a crash before the first stage still leaves a trace
         run = RunContext(recipe, device, data, data_key(recipe), tracker, parent, run_dir, cache_dir, summary,

@@ -76,9 +76,13 @@ class Stage:
         """Runs when its first section is present in the recipe."""
         return getattr(recipe, self.sections[0]) is not None
 
-    def inputs(self, cfg: SimpleNamespace, models: Sequence[str]) -> Dict[str, str]:
-        """role -> stage name; `models` are the model stages that ran before, in order."""
+    def inputs(self, cfg: SimpleNamespace, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
+        """role -> stage name; `models` are the model stages that ran before, in order; `ran` all earlier stages."""
         return {}
+
+    def preflight(self, cfg: SimpleNamespace, data: Any) -> None:
+        """Checks of the sections against the loaded data, run for every planned stage before the
+        first one computes: a bad setting fails in seconds, not after an hour of training."""
 
     def fingerprint(self, cfg: SimpleNamespace) -> Dict[str, Any]:
         """Content the sections only point at (files named by path), for the cache key."""
@@ -98,6 +102,10 @@ class Stage:
 
     def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
         """Run-specific outputs; returns metrics derived from this run's other stages."""
+        return {}
+
+    def headline(self, output: StageOutput) -> Dict[str, float]:
+        """Metrics this stage adds to the parent run, under the names the MLflow runs table shows."""
         return {}
 
 

@@ -40,9 +40,15 @@ class Summary:
             atomic_write_json(self.path, self.data)
 
     def close(self, status: str) -> None:
-        if self.path.parent.is_dir():
-            self.data["status"] = status
-            self.write()
+        """Best effort: closing after a failure (a full disk) must not hide the failure itself."""
+        from ..errors import OutputError
+
+        self.data["status"] = status
+        try:
+            if self.path.parent.is_dir():
+                self.write()
+        except OutputError:
+            pass
 
 
 def _main_file(artifact) -> str:
@@ -62,6 +68,15 @@ def model_rows(stages: Dict[str, Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def _int8_line(quantize: Dict[str, Any]) -> str:
+    m, info = quantize["metrics"], quantize["info"]
+    if not m.get("int8.shipped"):
+        return f"INT8: not shipped, the float model ships ({info['reason']})"
+    speedups = " / ".join(f"{v:.2f}x" for k, v in m.items() if k.startswith("int8.speedup_vs_float."))
+    return (f"INT8: {info['chosen']}, test acc {m['int8.test_accuracy']:.4f}, val acc {m['int8.val_accuracy']:.4f} "
+            f"(float {m['float_val_accuracy']:.4f}), {speedups} faster than float in the quantize stage's timing")
+
+
 def final_table(summary: Summary) -> str:
     data = summary.data
     stages, files = data.get("stages", {}), data.get("files", {})
@@ -70,13 +85,20 @@ def final_table(summary: Summary) -> str:
         m = stages["export"]["metrics"]
         lines.append(f"ONNX: test acc {m['onnx_test_accuracy']:.4f} (PyTorch {m['torch_test_accuracy']:.4f}), "
                      f"parity max|diff| {m['parity_max_abs_diff']:.2e}, top-1 agreement {m['parity_top1_agreement']:.3f}")
+    if "quantize" in stages:
+        lines.append(_int8_line(stages["quantize"]))
     if "bench" in stages:
         lines += ["", stages["bench"]["info"]["table"]]
     lines += ["", f"summary:      {summary.path}"]
     if "model.onnx" in files:
         lines.append(f"ONNX model:   {files['model.onnx']}  (card: {files['model_card.json']})")
+    if "model_int8.onnx" in files:
+        lines.append(f"INT8 model:   {files['model_int8.onnx']}")
+    if "package" in files:
+        lines.append(f"Device pkg:   {files['package']}  (checked: ORT format, golden outputs, infer.py; see its README.md)")
     mlflow_info = data.get("mlflow", {})
     if mlflow_info.get("tracking_uri"):
         lines.append(f"MLflow:       {mlflow_info['tracking_uri']}  parent run {mlflow_info['parent_run_id']}  "
-                     f"(browse: mlflow ui --backend-store-uri {mlflow_info['tracking_uri']})")
+                     f"(browse: mlflow ui --backend-store-uri {mlflow_info['tracking_uri']}, then open "
+                     f"#/experiments/{mlflow_info['experiment_id']}/runs?workflowType=machine_learning)")
     return "\n".join(lines)

@@ -49,10 +49,18 @@ def extract_state_dict(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_weights(model: nn.Module, path: str | Path, arch: str = "model") -> nn.Module:
-    """Load a checkpoint into `model`, resizing layers that pruning made smaller."""
+def load_weights(model: nn.Module, path: str | Path, arch: str = "model", resize: bool = False) -> nn.Module:
+    """Load a checkpoint into `model`.
+
+    resize=True is for the toolchain's own checkpoints of pruned models: layers are rebuilt
+    at the stored shapes. A user's checkpoint loads strictly: a tensor of another shape (an
+    ImageNet head on a 10-class model, a 1-channel stem) is an error, never silently resized.
+    """
     state = extract_state_dict(load_state(path))
-    resize_to_state_dict(model, state)
+    if resize:
+        resize_to_state_dict(model, state)
+    else:
+        _check_shapes(model, state, path, arch)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
@@ -63,6 +71,19 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "model") -> nn.
             "check the model name in the recipe or pass the checkpoint made for it"
         ) from None
     return model
+
+
+def _check_shapes(model: nn.Module, state: Dict[str, torch.Tensor], path, arch: str) -> None:
+    expected = model.state_dict()
+    if set(expected) != set(state):
+        return  # other layer names: another architecture, reported by the strict load below
+    wrong = [f"{k} {tuple(v.shape)} in the file vs {tuple(expected[k].shape)} in the model"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: {len(wrong)} tensor(s) do not fit {arch!r} as this recipe builds it ({'; '.join(wrong[:3])}"
+            f"{'; ...' if len(wrong) > 3 else ''}); pass a state_dict trained for this architecture and dataset "
+            "(same number of classes and input channels)")
 
 
 def resize_to_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:

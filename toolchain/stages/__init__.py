@@ -4,4 +4,4 @@ To add a stage: a new file here with a @register_stage class (name, order, secti
 inputs, compute, restore, publish) and its section in toolchain/recipe.py.
 """
 
-from . import bench, distill, export, finetune, prune, teacher  # noqa: F401
+from . import bench, distill, export, finetune, package, prune, quantize, teacher  # noqa: F401

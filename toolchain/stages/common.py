@@ -64,7 +64,7 @@ def load_model(job: Job, art: ModelArtifact) -> torch.nn.Module:
 
     reseed(job)
     model = build_model(art.arch, art.num_classes, art.cifar_stem)
-    load_weights(model, job.stage_dir / art.checkpoint, art.arch)
+    load_weights(model, job.stage_dir / art.checkpoint, art.arch, resize=True)
     model = model.to(job.device)
     if art.keep_zeros:
         keep_sparsity(model)()

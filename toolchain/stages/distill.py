@@ -15,7 +15,7 @@ class Distill(ModelStage):
     def enabled(self, recipe) -> bool:
         return True
 
-    def inputs(self, cfg, models):
+    def inputs(self, cfg, models, ran):
         return teacher_role(cfg.distill, models)
 
     def fingerprint(self, cfg):

@@ -8,6 +8,7 @@ The cached files carry the model's content metadata only; publish stamps this ru
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Dict
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
-from ..fsutil import atomic_path, atomic_write_json, file_sha256
+from ..fsutil import atomic_path, atomic_write_json, file_sha256, file_sizes
 from .common import REFERENCES
 
 PARITY_BATCH = 64
@@ -27,7 +28,7 @@ def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).cpu().eval()
 
 
-def _cpu_batches(batches):
+def cpu_batches(batches):
     for x, y in batches:
         yield x.cpu(), y.cpu()
 
@@ -62,8 +63,8 @@ def export_model(job: Job, source: StageOutput, relative: str) -> OnnxArtifact:
     info = export_onnx(model, path, job.data.example_batch(2).cpu(), cfg, metadata)
     info.pop("path")  # absolute; the artifact's file is relative to the stage folder
     x, _ = next(iter(job.data.val))
-    parity = check_parity(model, path, x[:PARITY_BATCH].cpu(), cfg.parity_atol, cfg.parity_min_agreement)
-    accuracy = onnx_accuracy(path, _cpu_batches(job.data.test))
+    parity = check_parity(model, path, x[:PARITY_BATCH].cpu(), cfg.parity_atol, cfg.parity_min_agreement, cfg.parity_rtol)
+    accuracy = onnx_accuracy(path, cpu_batches(job.data.test))
     return OnnxArtifact(relative, source.name, metadata, parity, info, accuracy, file_sha256(path))
 
 
@@ -73,7 +74,7 @@ class Export(Stage):
     order = 50
     sections = ("export",)
 
-    def inputs(self, cfg, models):
+    def inputs(self, cfg, models, ran):
         final = models[-1]
         roles = {"model": final}
         if cfg.export.references:
@@ -94,8 +95,13 @@ class Export(Stage):
             "parity_max_abs_diff": f.parity["max_abs_diff"],
             "parity_top1_agreement": f.parity["top1_agreement"],
             "onnx_file_size_bytes": f.info["file_size_bytes"],
+            "onnx_zip_bytes": file_sizes(job.stage_dir / f.file)["zip_bytes"],
         }
         return StageResult(metrics, artifacts=arts)
+
+    def headline(self, output: StageOutput) -> Dict[str, float]:
+        m = output.metrics
+        return {"onnx_file_bytes": m["onnx_file_size_bytes"], "onnx_zip_bytes": m["onnx_zip_bytes"]}
 
     def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
         files = publish_onnx(run, output)
@@ -106,28 +112,56 @@ class Export(Stage):
 def publish_onnx(run, output: StageOutput) -> Dict[str, Path]:
     """export/<run>/model.onnx (this run's identity stamped in) and model_card.json, logged to
     the parent MLflow run. Written atomically: a reader sees the old file or the new one."""
-    import onnx
-
-    from ..onnx.export import log_onnx_to_mlflow, set_metadata
+    from ..onnx.export import log_onnx_to_mlflow
 
     art = output.result.artifacts["final"]
-    identity = run.identity()
-    pe = {k: v for k, v in run.outputs[art.stage].metrics.items() if k.startswith("vs_")}
-    metadata = {**art.metadata, "run_name": identity["run_name"], "recipe_hash": identity["recipe_hash"],
-                "performance_efficiency": pe, "mlflow_parent_run_id": run.parent.run_id or ""}
-    proto = onnx.load(str(output.path(art.file)))
-    set_metadata(proto, metadata)
     onnx_path, card_path = run.run_dir / "model.onnx", run.run_dir / "model_card.json"
-    with atomic_path(onnx_path) as tmp:
-        onnx.save_model(proto, str(tmp))
-    atomic_write_json(card_path, model_card(run, art, metadata, identity))
+    metadata = stamp_and_write(run, output.path(art.file), art.metadata, onnx_path)
+    # an INT8 file of an earlier model must not sit next to this one (quantize's publish writes the new one)
+    (run.run_dir / "model_int8.onnx").unlink(missing_ok=True)
+    sha = file_sha256(onnx_path)  # this run's bytes (its identity is stamped in): what `attach` matches a device JSON to
+    card = model_card(run, art, metadata)
+    card["files"] = {"model.onnx": {**file_sizes(onnx_path), "sha256": sha}}
+    atomic_write_json(card_path, card)
     if run.tracker.uri is not None:
-        log_onnx_to_mlflow(onnx_path, run.data.example_batch(2).cpu().numpy(), run_id=run.parent.run_id)
+        model_uri = log_onnx_to_mlflow(onnx_path, run.data.example_batch(2).cpu().numpy(), run_id=run.parent.run_id)
+        run.summary.data["mlflow"]["model_uri"] = model_uri  # tracking.register_model registers it when the run finishes
         run.parent.log_artifact(card_path)
+    # references are the cached files as exported: a device timing them gives pe_latency on the device
+    refs = {f"toolchain.sha256.reference.{role}": a.sha256 for role, a in output.result.artifacts.items() if role != "final" and a.sha256}
+    run.parent.set_tags({"toolchain.sha256.model.onnx": sha, **refs})
     return {"model.onnx": onnx_path, "model_card.json": card_path}
 
 
-def model_card(run, art: OnnxArtifact, metadata: Dict[str, Any], identity: Dict[str, Any]) -> Dict[str, Any]:
+def stamp_and_write(run, cached: Path, content: Dict[str, Any], dst: Path) -> Dict[str, Any]:
+    """Copy a cached ONNX file to the run folder with this run's identity and PE added to its
+    metadata; returns the metadata written."""
+    import onnx
+
+    from ..onnx.export import set_metadata
+
+    identity = run.identity()
+    final = run.final_model()
+    pe = {k: v for k, v in final.metrics.items() if k.startswith("vs_")} if final else {}
+    metadata = {**content, "run_name": identity["run_name"], "recipe_hash": identity["recipe_hash"],
+                "performance_efficiency": pe, "mlflow_parent_run_id": run.parent.run_id or ""}
+    proto = onnx.load(str(cached))
+    set_metadata(proto, metadata)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return metadata
+
+
+def update_card(run, fields: Dict[str, Any]) -> None:
+    """Later stages (quantize) add their section to this run's model card and re-log it."""
+    path = run.run_dir / "model_card.json"
+    card = {**json.loads(path.read_text()), **fields}
+    atomic_write_json(path, card)
+    if run.tracker.uri is not None:
+        run.parent.log_artifact(path)
+
+
+def model_card(run, art: OnnxArtifact, metadata: Dict[str, Any]) -> Dict[str, Any]:
     recipe = run.recipe
     return {
         "name": recipe.name,
@@ -138,5 +172,5 @@ def model_card(run, art: OnnxArtifact, metadata: Dict[str, Any], identity: Dict[
         "parity": art.parity,
         "export": art.info,
         "pruning": recipe.prune.model_dump(mode="json") if recipe.prune else None,
-        "mlflow": identity["mlflow"],
+        "mlflow": run.identity()["mlflow"],
     }

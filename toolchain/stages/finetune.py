@@ -14,7 +14,7 @@ class Finetune(ModelStage):
     order = 40
     sections = ("finetune",)
 
-    def inputs(self, cfg, models):
+    def inputs(self, cfg, models, ran):
         return {"model": models[-1], **teacher_role(cfg.finetune, models)}
 
     def compute(self, job):

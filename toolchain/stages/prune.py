@@ -22,7 +22,7 @@ class Prune(ModelStage):
     sections = ("prune", "finetune", "distill")
     followers = "load"  # rank 0 prunes; the others load the smaller model
 
-    def inputs(self, cfg, models):
+    def inputs(self, cfg, models, ran):
         # the teacher is an input too: taylor scores and iterative steps use the KD loss
         return {"model": models[-1], **teacher_role(step_train_cfg(cfg), models)}
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import ddp as dist
 from ..models.checkpoint import load_state, save_state
-from ..errors import TrainingError
+from ..errors import CheckpointError, TrainingError, first_line
 from .tasks import ClassificationTask, DistillationTask
 
 
@@ -117,14 +117,9 @@ def fit(
     if it exists, training continues after its epoch. after_step runs after every
     optimizer step (weight pruning re-applies its masks there).
     """
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, cfg.epochs * len(train_batches))
-    result, best_state = FitResult(), None
-    start_epoch = 0
-    if state_path is not None and Path(state_path).is_file():
-        start_epoch, best_state = _restore(state_path, model, optimizer, scheduler, result)
-        if dist.is_main():
-            tqdm.write(f"  {stage}: resuming after epoch {start_epoch} of {cfg.epochs} from {state_path}")
+    _check_batches(model, train_batches, stage)
+    result = FitResult()
+    optimizer, scheduler, start_epoch, best_state = _start(model, cfg, len(train_batches), state_path, stage, result)
     channels_last = getattr(cfg, "channels_last", False)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -196,6 +191,43 @@ def _save(path, model, optimizer, scheduler, epoch, result: FitResult, best_stat
         "best_epoch": torch.tensor(result.best_epoch),
         "best_val_accuracy": torch.tensor(result.best_val_accuracy),
     }, path)
+
+
+def _check_batches(model: nn.Module, train_batches, stage: str) -> None:
+    batch_size = getattr(train_batches, "batch_size", None)  # a Batches loader (tests may pass a list)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and batch_size == 1:
+        raise TrainingError(f"{stage}: data.batch_size is 1 but the model has BatchNorm layers, "
+                            "which cannot train on one image per batch; set data.batch_size: 2 or more")
+    if len(train_batches) == 0:
+        raise TrainingError(f"{stage}: no training batch ({getattr(train_batches, 'num_samples', 0)} training images on "
+                            "this process); use more data (data.subset) or a smaller data.batch_size")
+
+
+def _start(model, cfg, steps_per_epoch: int, state_path, stage: str, result: FitResult):
+    """Optimizer and schedule, resumed from state_path when it holds a readable epoch checkpoint.
+    A damaged one (a kill mid-write on a filesystem without atomic rename, a disk error) restarts
+    the stage's training with a warning instead of failing every rerun."""
+    def fresh():
+        optimizer = make_optimizer(model, cfg)
+        return optimizer, make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
+
+    optimizer, scheduler = fresh()
+    if state_path is None or not Path(state_path).is_file():
+        return optimizer, scheduler, 0, None
+    initial = copy.deepcopy(dist.unwrap(model).state_dict())
+    try:
+        start_epoch, best_state = _restore(state_path, model, optimizer, scheduler, result)
+    except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        tqdm.write(f"  {stage}: warning: resume file {state_path} is damaged ({first_line(exc, 120)}); "
+                   "training this stage from the start")
+        Path(state_path).unlink(missing_ok=True)
+        dist.unwrap(model).load_state_dict(initial)
+        result.__init__()
+        return (*fresh(), 0, None)
+    if dist.is_main():
+        tqdm.write(f"  {stage}: resuming after epoch {start_epoch} of {cfg.epochs} from {state_path}")
+    return optimizer, scheduler, start_epoch, best_state
 
 
 def _restore(path, model, optimizer, scheduler, result: FitResult):

@@ -1,0 +1,136 @@
+"""Float vs onnxruntime's default INT8 vs the quantize stage's choice, in one run.
+
+    .venv/bin/python benchmarks/quantize.py                    # demo model (needs `make demo` first) + random-weight models
+    .venv/bin/python benchmarks/quantize.py --skip-demo --sizes 32
+
+For each model: export to ONNX (random weights where no trained model exists: latency does
+not depend on the values), build every INT8 candidate of the stage's registry, time all of
+them interleaved with the float model (p50, onnxruntime CPU), and measure accuracy where
+data exists (the demo's pruned mobilenet_v2 on Fashion-MNIST). "default" is onnxruntime's
+documented first choice (QDQ, s8 activations and weights, per-channel); "chosen" is what the
+quantize stage would ship: the fastest candidate within 1 point of float validation accuracy
+(accuracy-free for random weights) that is faster than float at every batch size.
+Speedups are float p50 / candidate p50 measured in the same run (ratios, not milliseconds,
+are what a shared machine can compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolchain.bench.interleave import interleaved_benchmarks  # noqa: E402
+from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, Measured, choose, preprocess, quantize  # noqa: E402
+
+DEFAULT = "qdq_s8s8_per_channel"  # onnxruntime's documented first choice
+
+
+def export_random(name: str, size: int, out: Path) -> Path:
+    from toolchain.models.registry import build_model
+    from toolchain.onnx.export import export_onnx
+    from toolchain.recipe import ExportConfig
+
+    torch.manual_seed(0)
+    model = build_model(name, 10).eval()
+    export_onnx(model, out, torch.randn(2, 3, size, size), ExportConfig(), {})
+    return out
+
+
+def random_batches(size: int, n: int):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, 3, size, size, generator=g), torch.zeros(n, dtype=torch.int64))]
+
+
+def measure(float_path: Path, work: Path, calib, batch_sizes, time_s: float, val=None, test=None, threads: int = 0) -> List[Dict]:
+    """Every candidate built and timed with the float model; accuracy on val (choice) and test (report)."""
+    from toolchain.onnx.export import onnx_accuracy
+
+    from toolchain.recipe import QuantizeConfig
+
+    preprocess(float_path, work / "pre.onnx")
+    files = {"float": float_path}
+    for name in dict.fromkeys([DEFAULT, *QuantizeConfig().candidates]):  # the stage's default search + ORT's advice
+        files[name] = work / f"{name}.onnx"
+        quantize(work / "pre.onnx", files[name], CANDIDATES.get(name), CalibrationReader(calib, "input", 512))
+    latency = interleaved_benchmarks(files, batch_sizes, rounds=3, warmup=5, iterations=100000, time_budget_s=time_s,
+                                     intra_op_threads=threads)
+    p50 = {n: {r["batch_size"]: r["p50_ms"] for r in latency[n]["results"]} for n in files}
+    val_acc = {n: onnx_accuracy(p, val) if val else None for n, p in files.items()}
+    test_acc = {n: onnx_accuracy(p, test) if test else None for n, p in files.items()}
+    float_run = Measured("float", val_acc["float"] or 0.0, p50["float"])
+    chosen, _ = choose(float_run, [Measured(n, val_acc[n] or 0.0, p50[n]) for n in files if n != "float"], 0.01,
+                       QuantizeConfig().min_speedup)
+    rows = [{"variant": "float", "name": "float", "p50": p50["float"], "acc": test_acc["float"]},
+            {"variant": "ORT default", "name": DEFAULT, "p50": p50[DEFAULT], "acc": test_acc[DEFAULT]},
+            {"variant": "chosen", "name": chosen.name if chosen else "float (none faster)",
+             "p50": p50[chosen.name] if chosen else p50["float"], "acc": test_acc[chosen.name] if chosen else test_acc["float"]}]
+    for r in rows[:3]:
+        r["speedup"] = {b: p50["float"][b] / r["p50"][b] for b in batch_sizes}
+    for name in files:  # every candidate, for the record
+        if name not in ("float", DEFAULT):
+            rows.append({"variant": "candidate", "name": name, "p50": p50[name], "acc": test_acc[name],
+                         "speedup": {b: p50["float"][b] / p50[name][b] for b in batch_sizes}})
+    return rows
+
+
+def demo_data():
+    """The demo recipe's data: calibration from train (eval preprocessing), val, test."""
+    import dataclasses
+
+    from toolchain.data.loaders import build_data
+    from toolchain.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "mobilenet.yaml")
+    data = build_data(recipe.data, recipe.seed)
+    calib = dataclasses.replace(data.train, augment=False, shuffle=False)
+    return calib, data.val, data.test
+
+
+def print_rows(model: str, size: int, rows: List[Dict], batch_sizes) -> None:
+    for r in rows:
+        acc = "-" if r["acc"] is None else f"{r['acc']:.4f}"
+        p50 = " / ".join(f"{r['p50'][b]:.3f}" for b in batch_sizes)
+        speed = " / ".join(f"{r['speedup'][b]:.2f}x" for b in batch_sizes)
+        print(f"| {model} | {size} | {r['variant']} | {r['name']} | {acc} | {p50} | {speed} |", flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="resnet18,mobilenet_v2,efficientnet_b0")
+    p.add_argument("--sizes", default="32,224", help="input sizes for the random-weight models")
+    p.add_argument("--skip-demo", action="store_true", help="skip the demo's trained, pruned model")
+    p.add_argument("--time", type=float, default=1.5, help="timed seconds per model and batch size")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per physical core)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    print("| model | input | variant | candidate | test acc | p50 ms (bs1 / bsN) | speedup vs float |")
+    print("|---|---|---|---|---|---|---|")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        demo = ROOT / "export" / "mobilenet-fmnist" / "model.onnx"
+        if not args.skip_demo and demo.is_file():
+            calib, val, test = demo_data()
+            rows = measure(demo, work, calib, [1, 32], args.time, val=val, test=test, threads=args.threads)
+            print_rows("demo pruned mobilenet_v2 (trained)", 32, rows, [1, 32])
+        for size in [int(s) for s in args.sizes.split(",") if s]:
+            batch_sizes = [1, 32] if size <= 64 else [1, 8]  # 224 x bs32 would take minutes per candidate here
+            for name in args.models.split(","):
+                path = export_random(name, size, work / f"{name}-{size}.onnx")
+                rows = measure(path, work, random_batches(size, 64), batch_sizes, args.time, threads=args.threads)
+                print_rows(f"{name} (random weights)", size, rows, batch_sizes)
+    print(f"\n{time.perf_counter() - t0:.0f} s; batch sizes: 1/32 at 32x32, 1/8 at 224x224")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

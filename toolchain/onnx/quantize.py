@@ -1,0 +1,212 @@
+"""Static INT8 quantization with onnxruntime, as candidates to be measured, not assumed.
+
+onnxruntime's first-choice recipe (QDQ, signed int8 activations and weights, per-channel)
+made the demo's pruned mobilenet_v2 slower on this CPU (0.52x at batch 1), while other
+formats were faster (../shared/DESIGN.md). So each candidate is a named format choice
+(CANDIDATES registry); the quantize stage builds several and ships the one its measurements
+pick. Torch-free: numpy, onnx, onnxruntime.
+
+    preprocess(float_path, out_path)                   quant_pre_process (shape inference, fusions)
+    quantize(pre_path, out_path, candidate, batches, calibration_images)
+    excluded_nodes(model_path, groups)                 node names for first_conv / classifier / depthwise
+    cpu_features(), needs_reduce_range()               ISA flags that decide which int8 kernels are fast
+                                                       (defined in bench/device.py, shared with the device bench)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from ..bench.device import cpu_features, needs_reduce_range  # noqa: F401  (importable from here, as before)
+from ..errors import ToolchainError, first_line
+from ..fsutil import atomic_path
+from ..registry import Registry
+
+EXCLUDE_GROUPS = ("first_conv", "classifier", "depthwise")
+
+
+class QuantizeError(ToolchainError):
+    """INT8 quantization cannot run as asked, or no candidate met the gate with on_miss: error."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to quantize: format, activation / weight types, granularity, calibration."""
+
+    name: str
+    format: str = "qdq"  # qdq (QuantizeLinear/DequantizeLinear pairs) or qoperator (QLinearConv...)
+    activations: str = "uint8"
+    weights: str = "int8"
+    per_channel: bool = False
+    calibration: str = "minmax"  # minmax | entropy | percentile
+    exclude: Tuple[str, ...] = ()  # EXCLUDE_GROUPS kept in float
+
+    def describe(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+CANDIDATES: Registry[Candidate] = Registry("quantization candidate")
+
+
+def _register(candidate: Candidate) -> None:
+    CANDIDATES.register(candidate.name)(candidate)
+
+
+for _c in (
+    # onnxruntime's documented first choice
+    Candidate("qdq_s8s8_per_channel", activations="int8", per_channel=True),
+    Candidate("qdq_u8s8_per_channel", per_channel=True),
+    Candidate("qdq_u8s8_per_tensor"),
+    Candidate("qoperator_u8s8_per_tensor", format="qoperator"),
+    Candidate("qoperator_u8s8_per_channel", format="qoperator", per_channel=True),
+    Candidate("qdq_u8s8_per_tensor_percentile", calibration="percentile"),
+    Candidate("qdq_u8s8_per_tensor_keep_ends", exclude=("first_conv", "classifier")),
+    Candidate("qdq_u8s8_per_tensor_keep_depthwise", exclude=("depthwise",)),
+    Candidate("qdq_u8s8_per_tensor_entropy", calibration="entropy"),
+    Candidate("qdq_u8s8_per_channel_keep_depthwise", per_channel=True, exclude=("depthwise",)),
+    Candidate("qoperator_u8s8_per_channel_keep_depthwise", format="qoperator", per_channel=True, exclude=("depthwise",)),
+    Candidate("qdq_u8s8_per_channel_keep_ends", per_channel=True, exclude=("first_conv", "classifier")),
+):
+    _register(_c)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+class CalibrationReader:
+    """onnxruntime CalibrationDataReader over (images, labels) batches: feeds `limit` images,
+    already preprocessed like evaluation inputs, as float32 under the model's input name."""
+
+    def __init__(self, batches: Iterable[Tuple[Any, Any]], input_name: str, limit: int, batch_size: int = 32):
+        self.input_name, self.limit, self.batch_size = input_name, limit, batch_size
+        self._batches = batches
+        self._iter: Optional[Iterator[Dict[str, np.ndarray]]] = None
+        self.images_read = 0
+
+    def _chunks(self) -> Iterator[Dict[str, np.ndarray]]:
+        for x, _ in self._batches:
+            x = np.asarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float32)
+            for start in range(0, len(x), self.batch_size):
+                take = min(self.batch_size, self.limit - self.images_read, len(x) - start)
+                if take <= 0:
+                    return
+                self.images_read += take
+                yield {self.input_name: x[start : start + take]}
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self._iter is None:
+            self._iter = self._chunks()
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter, self.images_read = None, 0
+
+
+# ---------------------------------------------------------------- quantize
+
+
+def preprocess(float_path: Path, out_path: Path) -> None:
+    """Shape inference and graph fusions before quantization, as onnxruntime recommends."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with atomic_path(out_path) as tmp:
+        try:
+            quant_pre_process(str(float_path), str(tmp), skip_symbolic_shape=True)
+        except Exception as exc:  # many types: onnx shape inference, optimizer
+            raise QuantizeError(f"{float_path}: onnxruntime quant_pre_process failed ({first_line(exc)}); "
+                                "set quantize: null to skip INT8") from None
+
+
+def excluded_nodes(model_path: Path, groups: Iterable[str]) -> List[str]:
+    """Node names of the first conv, the classifier (last Gemm/MatMul) and depthwise convs."""
+    import onnx
+
+    groups = set(groups)
+    if not groups:
+        return []
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    names: List[str] = []
+    if "first_conv" in groups and convs:
+        names.append(convs[0].name)
+    if "classifier" in groups:
+        heads = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+        names += [heads[-1].name] if heads else []
+    if "depthwise" in groups:
+        names += [n.name for n in convs if _is_depthwise(n, inits)]
+    return names
+
+
+def _is_depthwise(node, inits) -> bool:
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+    # depthwise: one input channel per group (weight shape [out, 1, kh, kw]) and more than one group
+    return group > 1 and weight is not None and len(weight.dims) == 4 and weight.dims[1] == 1
+
+
+def quantize(pre_path: Path, out_path: Path, candidate: Candidate, reader: CalibrationReader,
+             reduce_range: bool = False) -> Dict[str, Any]:
+    """Quantize pre_path into out_path (atomically) as `candidate` says."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    reader.rewind()
+    excluded = excluded_nodes(pre_path, candidate.exclude)
+    with atomic_path(out_path) as tmp:
+        try:
+            quantize_static(
+                str(pre_path), str(tmp), reader,
+                quant_format=QuantFormat.QDQ if candidate.format == "qdq" else QuantFormat.QOperator,
+                per_channel=candidate.per_channel, reduce_range=reduce_range,
+                activation_type=types[candidate.activations], weight_type=types[candidate.weights],
+                nodes_to_exclude=excluded, calibrate_method=methods[candidate.calibration],
+                extra_options={"ActivationSymmetric": candidate.activations == "int8"},
+            )
+        except Exception as exc:
+            raise QuantizeError(f"{candidate.name}: onnxruntime quantize_static failed ({first_line(exc)})") from None
+    return {"candidate": candidate.name, "excluded_nodes": excluded, "reduce_range": reduce_range,
+            "calibration_images": reader.images_read}
+
+
+@dataclass
+class Measured:
+    """One candidate's numbers, as the selection sees them."""
+
+    name: str
+    val_accuracy: float
+    latency_ms: Dict[int, float]  # batch size -> p50
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def choose(float_run: Measured, candidates: List[Measured], max_accuracy_drop: float,
+           min_speedup: float = 1.1) -> Tuple[Optional[Measured], str]:
+    """The fastest candidate (geometric mean speedup over the batch sizes) that loses at most
+    max_accuracy_drop of validation accuracy and is at least min_speedup times faster than float
+    at every batch size (a few percent is within run-to-run noise on a shared machine)."""
+    def speedups(m: Measured) -> List[float]:
+        return [float_run.latency_ms[b] / m.latency_ms[b] for b in float_run.latency_ms]
+
+    reasons, ok = [], []
+    for m in candidates:
+        drop = float_run.val_accuracy - m.val_accuracy
+        if drop > max_accuracy_drop + 1e-9:  # accuracies are ratios of counts: 0.90 - 0.89 is not exactly 0.01
+            reasons.append(f"{m.name} loses {drop:.4f} accuracy")
+        elif min(speedups(m)) < min_speedup:
+            reasons.append(f"{m.name} is not {min_speedup:.2f}x faster at every batch size ({_ratios(speedups(m))})")
+        else:
+            ok.append(m)
+    if not ok:
+        return None, "no candidate was both within the accuracy gate and faster: " + "; ".join(reasons)
+    best = max(ok, key=lambda m: float(np.exp(np.mean(np.log(speedups(m))))))
+    return best, f"{best.name}: fastest within the accuracy gate ({_ratios(speedups(best))} vs float)"
+
+
+def _ratios(values: List[float]) -> str:
+    return " / ".join(f"{v:.2f}x" for v in values)

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Classify image files with the packaged model. Needs only numpy, onnxruntime and Pillow.
+
+    python infer.py IMAGE [IMAGE ...] [--model model.ort] [--top-k 3] [--json]
+
+Every image is prepared exactly as the model was trained (preprocess.json, next to this
+file): grey or RGB as the contract says, fitted to the input size, /255, normalised with
+the training mean/std, NCHW float32. Prints the top-k classes of each file.
+
+This file is copied verbatim into every device package by the toolchain's package stage,
+which also uses `preprocess_file` below to make the package's golden inputs, so the
+preprocessing checked at packaging time is this very code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+# the shipped model first: an INT8 file is in the package only when the run shipped one
+DEFAULT_MODELS = ("model_int8.ort", "model.ort", "model_int8.onnx", "model.onnx")
+
+
+class InferError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+def load_contract(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InferError(f"cannot read the preprocessing contract {path} ({exc}); keep preprocess.json next to infer.py "
+                         "or pass --contract") from None
+
+
+def fit(img, contract: dict):
+    """To the model's input size. `pad`: datasets whose small images were zero-padded in
+    training (Fashion-MNIST 28x28 -> 32x32) are padded the same way, centred; anything that
+    does not fit, and every image under `resize`, is resized bilinearly."""
+    from PIL import Image
+
+    height, width = contract["input_shape"][-2:]
+    if contract["fit"] == "pad" and img.width <= width and img.height <= height:
+        canvas = Image.new(img.mode, (width, height), 0)
+        canvas.paste(img, ((width - img.width) // 2, (height - img.height) // 2))
+        return canvas
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.BILINEAR)
+    return img
+
+
+def preprocess_file(path: Path, contract: dict) -> np.ndarray:
+    """One image file -> the model's (C, H, W) float32 input."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = fit(img.convert("L" if contract["image_mode"] == "grey" else "RGB"), contract)
+            pixels = np.asarray(img, dtype=np.float32) / contract["pixel_scale"]
+    except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError...
+        raise InferError(f"cannot read image {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                         "; pass PNG/JPEG image files") from None
+    channels = contract["input_shape"][1]
+    # grey: one plane repeated to the model's channels, as the training batches were
+    chw = np.repeat(pixels[None], channels, axis=0) if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    mean = np.asarray(contract["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(contract["std"], dtype=np.float32)[:, None, None]
+    return ((chw - mean) / std).astype(np.float32)
+
+
+def preprocess(paths, contract: dict) -> np.ndarray:
+    return np.stack([preprocess_file(Path(p), contract) for p in paths])
+
+
+def default_model() -> Path:
+    for name in DEFAULT_MODELS:
+        if (HERE / name).is_file():
+            return HERE / name
+    raise InferError(f"no model next to {Path(__file__).name} ({', '.join(DEFAULT_MODELS)}); pass --model PATH")
+
+
+def session(model: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    if not model.is_file():
+        raise InferError(f"model file {model} not found; pass --model with a .ort or .onnx file of this package")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    if model.suffix == ".ort":  # said explicitly: a reduced (ORT-format only) build needs no guess
+        opts.add_session_config_entry("session.load_model_format", "ORT")
+    try:
+        return ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own pybind types
+        raise InferError(f"onnxruntime cannot load {model}: {str(exc).splitlines()[0]}") from None
+
+
+def fixed_batch(sess):
+    """The batch size a model was exported with (export.dynamic_batch: false), None when dynamic."""
+    dim = sess.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def run_model(sess, batch: np.ndarray) -> np.ndarray:
+    """Logits for any number of images. A fixed-batch model runs B images at a time, the last
+    group topped up with copies of its last image whose outputs are dropped (eval-mode layers
+    treat every image on its own, so the copies change nothing)."""
+    name, size = sess.get_inputs()[0].name, fixed_batch(sess)
+    if size is None:
+        return sess.run(None, {name: batch})[0]
+    out = []
+    for start in range(0, len(batch), size):
+        group = batch[start:start + size]
+        full = np.concatenate([group, np.repeat(group[-1:], size - len(group), axis=0)])
+        out.append(sess.run(None, {name: full})[0][:len(group)])
+    return np.concatenate(out)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def classify(sess, batch: np.ndarray, names, k: int):
+    """Per image: the k best classes, best first, as {index, name, probability}."""
+    probs = softmax(run_model(sess, batch).astype(np.float64))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"index": int(c), "name": names[int(c)], "probability": float(p[c])} for c in row]
+            for row, p in zip(order, probs)]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="infer.py", description="Classify image files with the packaged model "
+                                "(numpy, onnxruntime and Pillow only).")
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--model", type=Path, default=None, help=f"a .ort or .onnx file (default: the first of {', '.join(DEFAULT_MODELS)})")
+    p.add_argument("--contract", type=Path, default=HERE / "preprocess.json", help="preprocessing contract (default: preprocess.json here)")
+    p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default 0: one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    return p.parse_args(argv)
+
+
+def run(args) -> list:
+    contract = load_contract(args.contract)
+    if args.top_k < 1:
+        raise InferError(f"--top-k must be >= 1, got {args.top_k}")
+    sess = session(args.model or default_model(), args.threads)
+    names = contract["class_names"]
+    top = classify(sess, preprocess(args.images, contract), names, min(args.top_k, len(names)))
+    return [{"file": str(f), "top": t} for f, t in zip(args.images, top)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except InferError as exc:
+        print(f"infer.py: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for r in [] if args.json else results:
+        print(f"{r['file']}: " + ", ".join(f"{t['name']} {t['probability']:.3f}" for t in r["top"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""package: a self-checking device package of the shipped model (toolchain/package/), verified
+before the stage returns; publish copies it to export/<run>/package/, with the run's own
+identity-stamped ONNX files (export/<run>/model.onnx, model_int8.onnx) in place of the cached ones
+so that `attach` accepts a device's timing of them.
+
+The package is a folder in the stage's cache entry, described by a PackageArtifact that lists
+every file's sha256: the runner verifies them before reusing the entry and rebuilds it when one
+was altered, as for any stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..engine.artifacts import PackageArtifact, StageResult
+from ..engine.stage import Job, Stage, StageOutput, register_stage
+from ..errors import OutputError
+from ..fsutil import file_sha256
+from ..package.build import MANIFEST, PackageError, build_package, read_manifest, replace_files
+from ..package.verify import verify_package
+
+PACKAGE_DIR = "package"
+
+
+@register_stage
+class Package(Stage):
+    name = "package"
+    order = 70  # after bench: last, it packages what the run ships
+    sections = ("package",)
+
+    def inputs(self, cfg, models, ran):
+        return {"export": "export", **({"quantize": "quantize"} if "quantize" in ran else {})}
+
+    def compute(self, job: Job) -> StageResult:
+        cfg, art = job.cfg.package, job.inputs["export"].result.artifacts["final"]
+        models = shipped_models(job)
+        tqdm.write(f"[package] {', '.join(models)} model(s) -> ONNX + ORT format ({cfg.target_platform}), "
+                   f"{cfg.golden_images} golden images, self-check")
+        images, labels = golden_images(job.data, art.metadata, cfg.golden_images)
+        folder = job.stage_dir / PACKAGE_DIR
+        manifest = build_package(folder, models, art.metadata, images, labels, cfg.target_platform)
+        checks = verify_package(folder)
+        hashes = {name: entry["sha256"] for name, entry in manifest["files"].items()}
+        hashes[MANIFEST] = file_sha256(folder / MANIFEST)
+        info = {"target_platform": cfg.target_platform, "models": manifest["models"], "files": sorted(manifest["files"]),
+                "checks": checks}
+        return StageResult(package_metrics(manifest, checks), artifacts={"package": PackageArtifact(PACKAGE_DIR, hashes)},
+                           info=info)
+
+    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
+        # the runner verified every file's sha256 before reusing this entry
+        target = publish_folder(output.path(PACKAGE_DIR), run.run_dir / PACKAGE_DIR,
+                                lambda staging: ship_run_models(run, staging))
+        run.summary.add_files({PACKAGE_DIR: target})
+        # `attach` accepts a device's timing of the package's ORT-format files by these hashes
+        run.parent.set_tags({f"toolchain.sha256.{PACKAGE_DIR}/{f.name}": file_sha256(f) for f in sorted(target.glob("*.ort"))})
+        child.log_dict(output.result.info["checks"], "package_checks.json")
+        if run.tracker.uri is not None:
+            for name in [*output.result.info["files"], MANIFEST]:
+                run.parent.log_artifact(target / name, Path(PACKAGE_DIR, name).parent.as_posix())
+        return {}
+
+
+def ship_run_models(run, folder: Path) -> None:
+    """The published package's ONNX files are this run's own export/<run>/model.onnx (and
+    model_int8.onnx): the packaged graphs with this run's identity in their metadata, so a device
+    timing of them attaches to this run (attach matches a file's sha256 to the run's tags)."""
+    models = read_manifest(folder)["models"]
+    shipped = {f["onnx"]: run.run_dir / f["onnx"] for f in models.values() if (run.run_dir / f["onnx"]).is_file()}
+    identity = run.identity()
+    replace_files(folder, shipped, {"run": {"run_name": identity["run_name"], "recipe_hash": identity["recipe_hash"]}})
+
+
+def shipped_models(job: Job) -> Dict[str, Path]:
+    """role -> ONNX file: the float model, and the INT8 one when quantize shipped it."""
+    export = job.inputs["export"]
+    models = {"float": export.path(export.result.artifacts["final"].file)}
+    quantize = job.inputs.get("quantize")
+    if quantize is not None and "int8" in quantize.result.artifacts:
+        models["int8"] = quantize.path(quantize.result.artifacts["int8"].file)
+    return models
+
+
+def golden_images(data, metadata: Dict[str, Any], n: int) -> Tuple[np.ndarray, List[int]]:
+    """The first n test images as 8-bit pixels (the loader's normalisation undone) and their labels."""
+    import torch
+
+    xs, ys = [], []
+    for x, y in data.test:
+        xs.append(x.cpu())
+        ys.append(y.cpu())
+        if sum(len(b) for b in xs) >= n:
+            break
+    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
+    if len(x) < n:
+        raise PackageError(f"package.golden_images is {n} but the test split has {len(x)} images; "
+                           f"set package.golden_images: {len(x)} or less")
+    mean = torch.tensor(metadata["normalization_mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(metadata["normalization_std"]).view(1, -1, 1, 1)
+    pixels = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return pixels.numpy(), [int(v) for v in y]
+
+
+def package_metrics(manifest: Dict[str, Any], checks: Dict[str, Any]) -> Dict[str, float]:
+    files = manifest["files"]
+    metrics = {"package.files": len(files), "package.bytes": sum(f["bytes"] for f in files.values()),
+               "package.float_ort_max_abs_diff": checks["float"]["max_abs_diff"]}
+    if "int8" in checks:
+        metrics["package.int8_ort_top1_agreement"] = checks["int8"]["top1_agreement"]
+    return metrics
+
+
+def publish_folder(source: Path, target: Path, prepare: Callable[[Path], None]) -> Path:
+    """Copy a folder over `target`: built beside it (and `prepare`d there), then swapped in with
+    renames, so a reader sees the old package or the new one, never a half-copied mix."""
+    tag = uuid.uuid4().hex[:8]
+    staging, old = target.parent / f".{target.name}.{tag}.tmp", target.parent / f".{target.name}.{tag}.old"
+    try:
+        shutil.copytree(source, staging)  # copies the cache folder's permissions too
+        prepare(staging)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}; free disk space or point output_dir "
+                          "at a writable disk") from None
+    finally:
+        for leftover in (staging, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return target
