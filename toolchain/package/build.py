@@ -64,6 +64,26 @@ def build_package(folder: Path, models: Dict[str, Path], metadata: Dict[str, Any
 # ---------------------------------------------------------------- ORT format
 
 
+# "extended", not the converter's default "all": level "all" on amd64 bakes in NCHWc layouts blocked for
+# *this* CPU's vector width (16 floats with AVX-512, 8 with AVX2), and onnxruntime warns that such a model
+# "should only be used in the same environment the model was optimized in". A device is another environment.
+ORT_LEVEL = "extended"
+LEVEL_ENV = "ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"
+
+
+@contextlib.contextmanager
+def _optimization_level(level: str):
+    saved = os.environ.get(LEVEL_ENV)
+    os.environ[LEVEL_ENV] = level
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(LEVEL_ENV, None)
+        else:
+            os.environ[LEVEL_ENV] = saved
+
+
 def convert_to_ort(folder: Path, target_platform: str) -> None:
     """model*.onnx -> model*.ort (optimised for the target platform) and one required-operators
     config covering every model, for an onnxruntime build reduced to exactly those kernels."""
@@ -71,7 +91,7 @@ def convert_to_ort(folder: Path, target_platform: str) -> None:
 
     log = io.StringIO()
     try:
-        with contextlib.redirect_stdout(log):  # the converter narrates every step on stdout
+        with contextlib.redirect_stdout(log), _optimization_level(ORT_LEVEL):  # the converter narrates on stdout
             convert_onnx_models_to_ort(folder, output_dir=folder, optimization_styles=[OptimizationStyle.Fixed],
                                        target_platform=target_platform)
     except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
@@ -80,10 +100,12 @@ def convert_to_ort(folder: Path, target_platform: str) -> None:
         name = Path(failed[-1]).name if failed else "the models"
         raise PackageError(f"package: onnxruntime cannot convert {name} to ORT format for {target_platform} "
                            f"({first_line(exc)}); try another export.opset, or remove the package section") from None
+    for produced in folder.glob(f"*.{ORT_LEVEL}.*"):  # the converter names non-default levels model.extended.ort
+        produced.replace(folder / produced.name.replace(f".{ORT_LEVEL}", ""))
     missing = [n for n in ort_files(folder) + [ORT_CONFIG] if not (folder / n).is_file()]
-    if missing:  # ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL renames the outputs
+    if missing:
         raise PackageError(f"package: the ORT converter did not write {', '.join(missing)} in {folder}; "
-                           "unset ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL and rerun")
+                           "check that onnxruntime's tools are installed (pip install -c constraints.txt onnxruntime)")
     # its header names the models by absolute path: a path on this workstation means nothing on a device
     config = folder / ORT_CONFIG
     atomic_write_text(config, config.read_text(encoding="utf-8").replace(f"{folder.resolve()}{os.sep}", ""))

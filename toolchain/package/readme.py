@@ -82,8 +82,9 @@ where `RUN` is the run name (`run.run_name` in `manifest.json`; the package is `
 
 
 _PLATFORM_NOTES = {
-    "amd64": "x86-64 CPUs. The `.ort` files may hold x86-specific NCHWc layout nodes (domain "
-             "`com.microsoft.nchwc`); on an ARM device use a package built with `package.target_platform: arm`.",
+    "amd64": "x86-64 CPUs. The `.ort` files are optimised at onnxruntime's `extended` level, without the "
+             "NCHWc layouts that level `all` blocks for the building machine's vector width, so they run on any "
+             "x86-64 CPU; on an ARM device use a package built with `package.target_platform: arm`.",
     "arm": "ARM CPUs. The `.ort` files leave out the x86-only NCHWc layout and allow the signed-int8 QDQ "
            "fusions ARM's kernels prefer; the package was checked on the x86-64 machine that built it.",
 }
