@@ -76,10 +76,15 @@ def stage_key(stage: Stage, cfg: SimpleNamespace, input_keys: Dict[str, str], da
                         "inputs": input_keys, "data": data_key, "version": __version__})
 
 
+def dataset_digest(recipe: Recipe, **extra) -> str:
+    """Which data a run sees: the data section and the seed that splits it."""
+    return stable_hash({"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed, **extra})
+
+
 def data_key(recipe: Recipe) -> str:
     # under torchrun each process trains on its 1/N shard: N is part of what the data is
     shards = {"world_size": dist.world_size()} if dist.world_size() > 1 else {}
-    return stable_hash({"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed, **shards})
+    return dataset_digest(recipe, **shards)
 
 
 # ---------------------------------------------------------------- one stage
@@ -265,7 +270,7 @@ def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
             atomic_write_text(run_dir / "recipe.yaml", to_yaml(shown))
             parent.log_artifact(run_dir / "recipe.yaml")
             # the UI's Dataset column: which data (digest of the data section and seed) and how it was split
-            parent.log_dataset(recipe.data.name, stable_hash({"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed}),
+            parent.log_dataset(recipe.data.name, dataset_digest(recipe),
                                recipe.data.root or f"{recipe.data.name} (default location)",
                                {split: len(getattr(data, split).labels) for split in ("train", "val", "test")})
         summary.data["mlflow"] = {"tracking_uri": tracker.display_uri, "experiment_id": tracker.experiment_id,

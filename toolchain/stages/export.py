@@ -153,9 +153,12 @@ def stamp_and_write(run, cached: Path, content: Dict[str, Any], dst: Path) -> Di
 
 
 def update_card(run, fields: Dict[str, Any]) -> None:
-    """Later stages (quantize) add their section to this run's model card and re-log it."""
+    """Later stages (quantize) add their section to this run's model card and re-log it; a section
+    that already exists (files) is extended, not replaced."""
     path = run.run_dir / "model_card.json"
-    card = {**json.loads(path.read_text()), **fields}
+    card = json.loads(path.read_text())
+    for key, value in fields.items():
+        card[key] = {**card[key], **value} if isinstance(value, dict) and isinstance(card.get(key), dict) else value
     atomic_write_json(path, card)
     if run.tracker.uri is not None:
         run.parent.log_artifact(path)

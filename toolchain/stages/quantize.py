@@ -9,7 +9,6 @@ Publish writes export/<run>/model_int8.onnx (this run's identity stamped in) and
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from pathlib import Path
@@ -107,9 +106,8 @@ class Quantize(Stage):
         run.summary.add_files({INT8_FILE: path})
         sha = file_sha256(path)  # `attach` accepts a device's timing of this file by its hash
         run.parent.set_tags({f"toolchain.sha256.{INT8_FILE}": sha})
-        card = json.loads((run.run_dir / "model_card.json").read_text())
         update_card(run, {"int8": {"shipped": True, "file": INT8_FILE, **_card_fields(output)},
-                          "files": {**card.get("files", {}), INT8_FILE: {**file_sizes(path), "sha256": sha}}})
+                          "files": {INT8_FILE: {**file_sizes(path), "sha256": sha}}})
         final = run.outputs[art.stage].result.metrics
         pe = pe_against_references(run.outputs, {**final, "test_accuracy": art.onnx_test_accuracy})
         return {f"int8.{k}": v for k, v in pe.items()}
