@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+# the decode-once image cache of every test (and of the CLI subprocesses they start) stays out of ~/.cache
+os.environ.setdefault("TOOLCHAIN_CACHE", tempfile.mkdtemp(prefix="toolchain-test-cache-"))
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -319,10 +319,10 @@ def test_more_golden_images_than_the_test_split_is_one_line():
 
     from toolchain.stages.package import golden_images
 
-    data = SimpleNamespace(test=[(torch.zeros(3, 3, 32, 32), torch.zeros(3, dtype=torch.int64))])
-    meta = {"normalization_mean": [0.5] * 3, "normalization_std": [0.25] * 3}
+    frames = torch.full((3, 1, 32, 32), 128, dtype=torch.uint8)  # the test split's stored (grey) frames
+    data = SimpleNamespace(test=SimpleNamespace(images=frames, labels=torch.tensor([0, 1, 2])))
     with pytest.raises(PackageError) as err:
-        golden_images(data, meta, 5)
+        golden_images(data, 5)
     assert str(err.value) == "package.golden_images is 5 but the test split has 3 images; set package.golden_images: 3 or less"
-    pixels, labels = golden_images(data, meta, 2)
-    assert pixels.dtype == np.uint8 and pixels.shape == (2, 3, 32, 32) and (pixels == 128).all() and labels == [0, 0]
+    pixels, labels = golden_images(data, 2)
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, 1, 32, 32) and (pixels == 128).all() and labels == [0, 1]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from toolchain.data.loaders import Batches
+from toolchain.data.loaders import tensor_batches
 from toolchain.errors import RecipeError, ToolchainError
 from toolchain.models.registry import FAMILIES, build_model
 from toolchain.prune import GradientSource, PruneError, PruneResult, keep_sparsity, prune_model
@@ -152,7 +152,7 @@ def test_taylor_scores_the_same_batches_whatever_epoch_the_loader_was_left_at():
     """Stage outputs must not depend on whether earlier stages ran or came from the cache."""
     torch.manual_seed(0)
     images, labels = torch.randint(0, 256, (48, 1, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (48,))
-    loader = Batches(images, labels, 8, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), shuffle=True, augment=True)
+    loader = tensor_batches(images, labels, 8, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), shuffle=True, augment=True)
     source = GradientSource(loader, lambda model, x, y: nn.functional.cross_entropy(model(x), y), 3)
     config = [{"op_names": ["layer1.0.conv1"], "sparse_ratio": 0.5}]
     fresh = channel_masks(model_of("cifar_resnet20"), config, "TaylorPruner", source)

@@ -214,13 +214,13 @@ def test_a_stage_gives_the_same_result_whether_earlier_stages_ran_or_came_from_t
 
 
 def test_a_trailing_batch_of_one_is_dropped_in_training_only():
-    from toolchain.data.loaders import Batches
+    from toolchain.data.loaders import tensor_batches
 
     images, labels = torch.zeros(9, 1, 4, 4, dtype=torch.uint8), torch.zeros(9, dtype=torch.int64)
     mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-    train = Batches(images, labels, 4, mean, std, shuffle=True)
+    train = tensor_batches(images, labels, 4, mean, std, shuffle=True)
     assert len(train) == 2 and [len(y) for _, y in train] == [4, 4]  # 9 = 4 + 4 + 1: the 1 is dropped
-    evaluation = Batches(images, labels, 4, mean, std)
+    evaluation = tensor_batches(images, labels, 4, mean, std)
     assert len(evaluation) == 3 and sum(len(y) for _, y in evaluation) == 9
 
 

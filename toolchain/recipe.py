@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -66,12 +66,54 @@ class DataConfig(Section):
     test_subset: Optional[int] = Field(None, ge=10, description="Use only this many test images; None uses all.")
     batch_size: int = Field(128, ge=1, le=65536, description="Training batch size (per process under torchrun).")
     eval_batch_size: int = Field(512, ge=1, le=65536, description="Batch size for evaluation.")
-    augment: bool = Field(True, description="Random horizontal flip (and random crop for CIFAR/imagefolder) during training.")
+    augment: bool = Field(True, description="Training augmentation on (train_crop + hflip); false trains on the evaluation view.")
+    image_size: Optional[Union[int, List[int]]] = Field(None, description="Model input size: an int for square, or [height, width]. None: the dataset's (32 for CIFAR and Fashion-MNIST, 224 for imagefolder).")
+    crop_pct: Optional[float] = Field(None, gt=0.05, le=1, description="Evaluation: resize to image_size / crop_pct, then centre-crop image_size. None: the dataset's (1.0 for CIFAR/Fashion-MNIST, 0.875 for imagefolder).")
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = Field(None, description="Resampling filter for every resize. None: bilinear.")
+    train_crop: Optional[Literal["none", "pad", "random_resized"]] = Field(None, description="Training crop: random_resized (RandomResizedCrop over crop_scale/crop_ratio), pad (CIFAR's pad-and-crop), none (the evaluation view). None: the dataset's (none for Fashion-MNIST, pad for CIFAR, random_resized for imagefolder).")
+    crop_scale: List[float] = Field(default_factory=lambda: [0.08, 1.0], description="random_resized: range of the crop's area as a fraction of the image.")
+    crop_ratio: List[float] = Field(default_factory=lambda: [3 / 4, 4 / 3], description="random_resized: range of the crop's aspect ratio (width / height).")
+    hflip: bool = Field(True, description="Random horizontal flip during training.")
+    mean: Optional[List[float]] = Field(None, description="Per-channel normalisation mean (3 values, on the 0-1 scale). None: the dataset's.")
+    std: Optional[List[float]] = Field(None, description="Per-channel normalisation std (3 values). None: the dataset's.")
+    num_workers: int = Field(0, ge=0, le=256, description="Loader worker processes that read and augment training batches (0: in the training process); also the decoding processes of the image cache (0: one per core). See docs/data.md for what was measured.")
+    cache_dir: Optional[str] = Field(None, description="imagefolder: where the decode-once image cache lives; None: $TOOLCHAIN_CACHE/images or ~/.cache/toolchain/images.")
+    skip_bad_images: bool = Field(False, description="imagefolder: skip (and count, and log) unreadable or truncated image files instead of stopping with an error naming the file.")
 
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         return _check_name(_datasets, v)
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v):
+        sides = [v] if isinstance(v, int) else v
+        if v is not None and (len(sides) not in (1, 2) or any(s < 8 or s > 4096 for s in sides)):
+            raise ValueError("image_size: an int or [height, width], each from 8 to 4096")
+        return v
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, v: List[float]) -> List[float]:
+        if len(v) != 2 or not 0 < v[0] <= v[1]:
+            raise ValueError("give [low, high] with 0 < low <= high")
+        return v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three(cls, v):
+        if v is not None and len(v) != 3:
+            raise ValueError("give 3 values, one per RGB channel")
+        return v
+
+    @model_validator(mode="after")
+    def _scale_is_a_fraction(self) -> "DataConfig":
+        if self.crop_scale[1] > 1:
+            raise ValueError("crop_scale: the area fraction cannot exceed 1")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("std: every value must be > 0")
+        return self
 
 
 class ModelConfig(Section):

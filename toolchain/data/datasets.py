@@ -1,4 +1,4 @@
-"""Dataset registry -> in-memory uint8 tensors (N, C, 32, 32) and labels (batching: loaders.py).
+"""Dataset registry -> splits as in-memory uint8 arrays or image files, and their default preprocessing.
 
 Files are read in their real formats (idx .gz, CIFAR python pickles, image folders),
 and pickles through a restricted unpickler that cannot execute code.
@@ -11,33 +11,48 @@ import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, first_line
+from ..errors import DataError
 from ..registry import Registry
+from .imagefile import EXTENSIONS
+from .transforms import PolicyDefaults
 
 DATASETS: Registry = Registry("dataset")
-IMAGE_SIZE = 32
+
+
+@dataclass
+class ArraySource:
+    """A split decoded in memory at its native frame: uint8 (N, C, H, W) images, int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class FileSource:
+    """A split as image files, decoded to the policy's frame once (cache.py)."""
+
+    paths: List[str]
+    labels: torch.Tensor
+
+
+Source = Union[ArraySource, FileSource]
 
 
 @dataclass
 class RawSplits:
-    """What a dataset loader returns: uint8 (N, C, 32, 32) images and int64 labels."""
+    """What a dataset loader returns: the two splits and the preprocessing it proposes."""
 
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    train: Source
+    test: Source
     class_names: List[str]
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
-    random_crop: bool = True
-    preprocessing: str = ""
-
+    defaults: PolicyDefaults
+    description: str = ""
 
 # ---------------------------------------------------------------- Fashion-MNIST (idx)
 
@@ -101,18 +116,13 @@ def fashion_mnist(root: Optional[str] = None, download: bool = False) -> RawSpli
     arrays = {k: read_idx(p) for k, p in files.items()}
     # 28x28 grey -> pad to 32x32; channels are repeated to 3 at batch time so CIFAR architectures run unchanged.
     pad = lambda x: F.pad(torch.from_numpy(x.copy()).unsqueeze(1), (2, 2, 2, 2))  # noqa: E731
-    return RawSplits(
-        train_x=pad(arrays["train_x"]),
-        train_y=torch.from_numpy(arrays["train_y"].astype(np.int64)),
-        test_x=pad(arrays["test_x"]),
-        test_y=torch.from_numpy(arrays["test_y"].astype(np.int64)),
-        class_names=FASHION_MNIST_CLASSES,
-        # Fashion-MNIST's 0.2860/0.3530 recomputed over the zero-padded 32x32 frame.
-        mean=(0.2190,) * 3,
-        std=(0.3317,) * 3,
-        random_crop=False,
-        preprocessing="28x28 grey zero-padded to 32x32, repeated to 3 channels, /255, normalised",
-    )
+    labels = lambda y: torch.from_numpy(y.astype(np.int64))  # noqa: E731
+    # Fashion-MNIST's 0.2860/0.3530 recomputed over the zero-padded 32x32 frame.
+    defaults = PolicyDefaults(image_size=(32, 32), mean=(0.2190,) * 3, std=(0.3317,) * 3, native_frame=(32, 32),
+                              image_mode="grey", fit="pad")
+    return RawSplits(ArraySource(pad(arrays["train_x"]), labels(arrays["train_y"])),
+                     ArraySource(pad(arrays["test_x"]), labels(arrays["test_y"])), FASHION_MNIST_CLASSES, defaults,
+                     "28x28 grey zero-padded to 32x32, repeated to 3 channels")
 
 
 # ---------------------------------------------------------------- CIFAR (python pickles)
@@ -174,16 +184,9 @@ def _cifar(name: str, folder: str, train_files, test_file, meta_file, label_key,
     test_x, test_y = _cifar_arrays(_load_pickle(directory / test_file), label_key, directory / test_file)
     meta = _load_pickle(directory / meta_file)
     class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
-    return RawSplits(
-        train_x=torch.cat([p[0] for p in parts]),
-        train_y=torch.cat([p[1] for p in parts]),
-        test_x=test_x,
-        test_y=test_y,
-        class_names=class_names,
-        mean=mean,
-        std=std,
-        preprocessing="32x32 RGB, /255, normalised",
-    )
+    defaults = PolicyDefaults(image_size=(32, 32), mean=mean, std=std, train_crop="pad", native_frame=(32, 32))
+    return RawSplits(ArraySource(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])),
+                     ArraySource(test_x, test_y), class_names, defaults, "32x32 RGB")
 
 
 @DATASETS.register("cifar10")
@@ -210,44 +213,42 @@ def _download_or_fail(fetch, name: str) -> None:
 # ---------------------------------------------------------------- image folders
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
 @DATASETS.register("imagefolder")
 def imagefolder(root: Optional[str] = None, download: bool = False) -> RawSplits:
-    """root/train/<class>/*.png|jpg and root/test/<class>/... (root/val is accepted for test)."""
+    """root/train/<class>/<image files> and root/test/<class>/... (root/val is accepted for test).
+    Files are listed here; they are decoded later, once, at the recipe's image size (cache.py)."""
     if not root:
         raise DataError("imagefolder: data.root is required (a folder with train/<class>/ and test/<class>/ subfolders)")
     base = Path(root)
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if not (base / "train").is_dir() or test_dir is None:
         raise DataError(f"imagefolder: {base} needs train/<class>/ and test/<class>/ (or val/<class>/) subfolders")
-    train_x, train_y, classes = _read_image_folder(base / "train")
-    test_x, test_y, _ = _read_image_folder(test_dir, classes)
-    return RawSplits(train_x, train_y, test_x, test_y, classes, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                     preprocessing="RGB, resized to 32x32 (bilinear), /255, normalised with ImageNet mean/std")
-
-
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-    except Exception as exc:  # PIL raises more than OSError: DecompressionBombError, SyntaxError, ValueError...
-        raise DataError(f"imagefolder: cannot read image {path} ({type(exc).__name__}: {first_line(exc)}); "
-                        "remove or replace it") from None
-
-
-def _read_image_folder(directory: Path, classes: Optional[List[str]] = None):
-    classes = classes or sorted(d.name for d in directory.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
     if not classes:
-        raise DataError(f"imagefolder: no class subfolders in {directory}")
-    images, labels = [], []
+        raise DataError(f"imagefolder: no class subfolders in {base / 'train'}; put each class's images in train/<class>/")
+    unknown = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in classes)
+    if unknown:
+        raise DataError(f"imagefolder: {test_dir.name}/{unknown[0]} is not a class of train/ (classes: {', '.join(classes)}); "
+                        f"add train/{unknown[0]}/ images or remove the folder")
+    defaults = PolicyDefaults(image_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
+                              train_crop="random_resized")
+    return RawSplits(_list_files(base / "train", classes, require_all=True), _list_files(test_dir, classes, require_all=False),
+                     classes, defaults, "RGB photos")
+
+
+def _list_files(directory: Path, classes: List[str], require_all: bool) -> FileSource:
+    paths, labels = [], []
     for label, cls in enumerate(classes):
-        for path in sorted((directory / cls).glob("*")):
-            if path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".webp"}:
-                continue
-            images.append(_read_image(path))
-            labels.append(label)
-    if not images:
-        raise DataError(f"imagefolder: no images (.png/.jpg/.jpeg/.bmp/.webp) under {directory}")
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), classes
+        found = sorted(str(p) for p in (directory / cls).glob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()) \
+            if (directory / cls).is_dir() else []
+        if not found and require_all:
+            raise DataError(f"imagefolder: class folder {directory / cls} has no images ({'/'.join(EXTENSIONS)}); "
+                            "add images or remove the folder")
+        paths += found
+        labels += [label] * len(found)
+    if not paths:
+        raise DataError(f"imagefolder: no images ({'/'.join(EXTENSIONS)}) under {directory}")
+    return FileSource(paths, torch.tensor(labels, dtype=torch.int64))

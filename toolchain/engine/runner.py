@@ -76,15 +76,17 @@ def stage_key(stage: Stage, cfg: SimpleNamespace, input_keys: Dict[str, str], da
                         "inputs": input_keys, "data": data_key, "version": __version__})
 
 
-def dataset_digest(recipe: Recipe, **extra) -> str:
-    """Which data a run sees: the data section and the seed that splits it."""
-    return stable_hash({"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed, **extra})
+def dataset_digest(recipe: Recipe, data, **extra) -> str:
+    """Which data a run sees: the data section, the seed that splits it, the image files
+    (their cache keys: paths, sizes, mtimes) and the resolved preprocessing."""
+    return stable_hash({"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed, "files": data.fingerprint,
+                        "preprocess": data.contract(), **extra})
 
 
-def data_key(recipe: Recipe) -> str:
+def data_key(recipe: Recipe, data) -> str:
     # under torchrun each process trains on its 1/N shard: N is part of what the data is
     shards = {"world_size": dist.world_size()} if dist.world_size() > 1 else {}
-    return dataset_digest(recipe, **shards)
+    return dataset_digest(recipe, data, **shards)
 
 
 # ---------------------------------------------------------------- one stage
@@ -270,13 +272,14 @@ def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
             atomic_write_text(run_dir / "recipe.yaml", to_yaml(shown))
             parent.log_artifact(run_dir / "recipe.yaml")
             # the UI's Dataset column: which data (digest of the data section and seed) and how it was split
-            parent.log_dataset(recipe.data.name, dataset_digest(recipe),
+            parent.log_dataset(recipe.data.name, dataset_digest(recipe, data),
                                recipe.data.root or f"{recipe.data.name} (default location)",
                                {split: len(getattr(data, split).labels) for split in ("train", "val", "test")})
+            parent.log_metrics({f"data.{k}": v for k, v in data.stats.items()})  # skipped / enlarged image files
         summary.data["mlflow"] = {"tracking_uri": tracker.display_uri, "experiment_id": tracker.experiment_id,
                                   "parent_run_id": tracker.parent_run_id}
         summary.write()  # status RUNNING from the start: a crash before the first stage still leaves a trace
-        run = RunContext(recipe, device, data, data_key(recipe), tracker, parent, run_dir, cache_dir, summary,
+        run = RunContext(recipe, device, data, data_key(recipe, data), tracker, parent, run_dir, cache_dir, summary,
                          force=force, recomputed=set() if recomputed is None else recomputed)
         try:
             yield run

@@ -20,6 +20,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ToolchainError, first_line
 from ..fsutil import atomic_write_json, atomic_write_text, file_sha256
+from ..data import imagefile
 from . import infer
 
 MODEL_FILES = {"float": "model.onnx", "int8": "model_int8.onnx"}  # role -> ONNX file in the package
@@ -53,6 +54,7 @@ def build_package(folder: Path, models: Dict[str, Path], metadata: Dict[str, Any
     atomic_write_text(folder / "labels.txt", "".join(f"{name}\n" for name in contract["class_names"]))
     atomic_write_json(folder / "preprocess.json", contract)
     shutil.copyfile(infer.__file__, folder / "infer.py")
+    shutil.copyfile(imagefile.__file__, folder / "imagefile.py")  # infer.py's preprocessing: the training code
     vendor_bench(folder / "toolchain")
     golden = write_golden(folder, models, contract, images, labels)
     described = describe_models(models)
@@ -119,31 +121,31 @@ def ort_files(folder: Path) -> List[str]:
 
 
 def preprocess_contract(metadata: Dict[str, Any]) -> Dict[str, Any]:
-    """What a device must do to an image before the model sees it, from the ONNX file's metadata.
-    The colour mode and the fit come from the dataset's preprocessing text (the metadata has no
-    field for them): grey datasets repeat one plane to 3 channels, zero-padded ones pad."""
-    text = metadata["preprocessing"]
-    grey = any(word in text.lower() for word in ("grey", "gray"))
-    fit = "pad" if "zero-padded" in text.lower() else "resize"
+    """What a device must do to an image before the model sees it: the export's `preprocess`
+    metadata (frame fit, resize, crop, interpolation, mean/std) plus the model's input."""
     contract = {
         "input_name": metadata["input_name"], "input_shape": metadata["input_shape"],
-        "input_dtype": metadata["input_dtype"], "layout": "NCHW", "channel_order": "RGB",
-        "image_mode": "grey" if grey else "RGB", "fit": fit, "resize_filter": "bilinear", "pixel_scale": 255.0,
-        "mean": list(metadata["normalization_mean"]), "std": list(metadata["normalization_std"]),
-        "preprocessing": text, "class_names": list(metadata["class_names"]),
+        "input_dtype": metadata["input_dtype"], **metadata["preprocess"],
+        "preprocessing": metadata["preprocessing"], "class_names": list(metadata["class_names"]),
     }
     contract["steps"] = contract_steps(contract)
     return contract
 
 
 def contract_steps(c: Dict[str, Any]) -> List[str]:
-    height, width = c["input_shape"][-2:]
+    size = lambda hw: f"{hw[1]}x{hw[0]}"  # noqa: E731  (width x height, as image tools say it)
     mode = ("convert to grey (8-bit L) and repeat it to the 3 input channels" if c["image_mode"] == "grey"
             else "convert to 8-bit RGB (channel order R, G, B)")
-    fit = (f"zero-pad (centred) to {width}x{height} when it fits, else resize bilinearly to {width}x{height}"
-           if c["fit"] == "pad" else f"resize bilinearly to {width}x{height} (width x height)")
-    return [mode, fit, f"divide by {c['pixel_scale']:g}", f"subtract mean {c['mean']}, divide by std {c['std']} (per channel)",
-            f"lay out as NCHW {c['input_dtype']}, input {c['input_name']!r}"]
+    steps = ["apply the EXIF orientation; composite transparency over white", mode]
+    steps.append(f"zero-pad (centred) to {size(c['frame'])} when it fits, else cover-resize and centre-crop to it"
+                 if c["fit"] == "pad" else
+                 f"resize ({c['interpolation']}) keeping the aspect ratio until it covers {size(c['frame'])}, centre-crop to it")
+    if c["resize"] != c["frame"]:
+        steps.append(f"resize ({c['interpolation']}) to {size(c['resize'])}")
+    if c["crop"] != c["resize"]:
+        steps.append(f"centre-crop to {size(c['crop'])}")
+    return steps + [f"divide by {c['pixel_scale']:g}", f"subtract mean {c['mean']}, divide by std {c['std']} (per channel)",
+                    f"lay out as {c['layout']} {c['input_dtype']}, input {c['input_name']!r}"]
 
 
 # ---------------------------------------------------------------- golden data
@@ -171,7 +173,7 @@ def write_golden(folder: Path, models: Dict[str, Path], contract: Dict[str, Any]
 def write_png(path: Path, image: np.ndarray, mode: str) -> Path:
     from PIL import Image
 
-    # a grey dataset's channels are one plane repeated: the file keeps one, as a device camera would give
+    # a grey frame has one plane: the file keeps one, as a device camera would give
     pixels = image[0] if mode == "grey" else image.transpose(1, 2, 0)
     Image.fromarray(np.ascontiguousarray(pixels), "L" if mode == "grey" else "RGB").save(path)
     return path

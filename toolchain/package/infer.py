@@ -3,12 +3,14 @@
 
     python infer.py IMAGE [IMAGE ...] [--model model.ort] [--top-k 3] [--json]
 
-Every image is prepared exactly as the model was trained (preprocess.json, next to this
-file): grey or RGB as the contract says, fitted to the input size, /255, normalised with
-the training mean/std, NCHW float32. Prints the top-k classes of each file.
+Every image is prepared exactly as the model was evaluated (preprocess.json, next to this
+file): upright, grey or RGB as the contract says, fitted to the frame, resized and
+centre-cropped to the input size, /255, normalised with the training mean/std, NCHW
+float32. Prints the top-k classes of each file.
 
-This file is copied verbatim into every device package by the toolchain's package stage,
-which also uses `preprocess_file` below to make the package's golden inputs, so the
+This file and imagefile.py (the toolchain's own image decoding, the code that built the
+training cache) are copied verbatim into every device package by the package stage, which
+also uses `preprocess_file` below to make the package's golden inputs, so the
 preprocessing checked at packaging time is this very code.
 """
 
@@ -20,6 +22,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+try:  # inside the toolchain
+    from ..data import imagefile
+except ImportError:  # in a device package: the copy next to this file
+    import imagefile  # type: ignore[no-redef]
 
 HERE = Path(__file__).resolve().parent
 # the shipped model first: an INT8 file is in the package only when the run shipped one
@@ -38,39 +45,12 @@ def load_contract(path: Path) -> dict:
                          "or pass --contract") from None
 
 
-def fit(img, contract: dict):
-    """To the model's input size. `pad`: datasets whose small images were zero-padded in
-    training (Fashion-MNIST 28x28 -> 32x32) are padded the same way, centred; anything that
-    does not fit, and every image under `resize`, is resized bilinearly."""
-    from PIL import Image
-
-    height, width = contract["input_shape"][-2:]
-    if contract["fit"] == "pad" and img.width <= width and img.height <= height:
-        canvas = Image.new(img.mode, (width, height), 0)
-        canvas.paste(img, ((width - img.width) // 2, (height - img.height) // 2))
-        return canvas
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.BILINEAR)
-    return img
-
-
 def preprocess_file(path: Path, contract: dict) -> np.ndarray:
     """One image file -> the model's (C, H, W) float32 input."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as img:
-            img = fit(img.convert("L" if contract["image_mode"] == "grey" else "RGB"), contract)
-            pixels = np.asarray(img, dtype=np.float32) / contract["pixel_scale"]
-    except Exception as exc:  # PIL raises OSError, SyntaxError, DecompressionBombError...
-        raise InferError(f"cannot read image {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                         "; pass PNG/JPEG image files") from None
-    channels = contract["input_shape"][1]
-    # grey: one plane repeated to the model's channels, as the training batches were
-    chw = np.repeat(pixels[None], channels, axis=0) if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    mean = np.asarray(contract["mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(contract["std"], dtype=np.float32)[:, None, None]
-    return ((chw - mean) / std).astype(np.float32)
+        return imagefile.model_input(path, contract)
+    except imagefile.ImageFileError as exc:
+        raise InferError(f"{exc}; pass PNG/JPEG image files") from None
 
 
 def preprocess(paths, contract: dict) -> np.ndarray:

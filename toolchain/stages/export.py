@@ -44,6 +44,9 @@ def content_metadata(job: Job, source: StageOutput) -> Dict[str, Any]:
         "normalization_std": list(job.data.std),
         "preprocessing": job.data.preprocessing,
         "class_names": job.data.class_names,
+        # the whole contract (size, frame fit, resize + crop, interpolation, layout, channel order):
+        # the device package's infer.py reads exactly these fields
+        "preprocess": {k: v for k, v in job.data.contract().items() if k not in ("class_names", "input_shape")},
         "stage": source.name,
         "test_accuracy": m["test_accuracy"],
         "params": m["params"],

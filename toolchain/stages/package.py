@@ -43,7 +43,7 @@ class Package(Stage):
         models = shipped_models(job)
         tqdm.write(f"[package] {', '.join(models)} model(s) -> ONNX + ORT format ({cfg.target_platform}), "
                    f"{cfg.golden_images} golden images, self-check")
-        images, labels = golden_images(job.data, art.metadata, cfg.golden_images)
+        images, labels = golden_images(job.data, cfg.golden_images)
         folder = job.stage_dir / PACKAGE_DIR
         manifest = build_package(folder, models, art.metadata, images, labels, cfg.target_platform)
         checks = verify_package(folder)
@@ -88,24 +88,16 @@ def shipped_models(job: Job) -> Dict[str, Path]:
     return models
 
 
-def golden_images(data, metadata: Dict[str, Any], n: int) -> Tuple[np.ndarray, List[int]]:
-    """The first n test images as 8-bit pixels (the loader's normalisation undone) and their labels."""
+def golden_images(data, n: int) -> Tuple[np.ndarray, List[int]]:
+    """The first n test images as their stored uint8 frames (what a camera file becomes before the
+    evaluation resize and crop, so infer.py on the PNG redoes every step) and their labels."""
     import torch
 
-    xs, ys = [], []
-    for x, y in data.test:
-        xs.append(x.cpu())
-        ys.append(y.cpu())
-        if sum(len(b) for b in xs) >= n:
-            break
-    x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
-    if len(x) < n:
-        raise PackageError(f"package.golden_images is {n} but the test split has {len(x)} images; "
-                           f"set package.golden_images: {len(x)} or less")
-    mean = torch.tensor(metadata["normalization_mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(metadata["normalization_std"]).view(1, -1, 1, 1)
-    pixels = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-    return pixels.numpy(), [int(v) for v in y]
+    if len(data.test.labels) < n:
+        raise PackageError(f"package.golden_images is {n} but the test split has {len(data.test.labels)} images; "
+                           f"set package.golden_images: {len(data.test.labels)} or less")
+    idx = torch.arange(n)
+    return data.test.images[idx].numpy(), [int(v) for v in data.test.labels[idx]]
 
 
 def package_metrics(manifest: Dict[str, Any], checks: Dict[str, Any]) -> Dict[str, float]:
