@@ -36,6 +36,24 @@ def class_images(n: int, classes: int, shape, seed: int):
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
+def photo(w: int, h: int, seed: int):
+    """A w x h RGB PIL image of noise (decodes like a photo, not like a flat colour)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def photo_folder(root: Path, per_class: int = 4, size=(60, 40), classes=("cat", "dog")) -> Path:
+    """An ImageFolder (root/train|test/<class>/*.png) of noise photos."""
+    for split in ("train", "test"):
+        for c, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                photo(*size, seed=100 * c + i + (50 if split == "test" else 0)).save(root / split / cls / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test (restored after)."""

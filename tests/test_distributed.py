@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 
 from toolchain.models.checkpoint import extract_state_dict, load_state
 from toolchain.cli import run
@@ -136,3 +137,25 @@ def test_torchrun_unreachable_tracking_stops_every_rank_at_start(recipe_for, tmp
     assert len(errors) == 2, proc.stderr[-3000:]  # one line from each rank
     assert "epoch" not in proc.stdout
     assert not (tmp_path / "down" / "export" / ".cache").exists() or not any((tmp_path / "down" / "export" / ".cache").iterdir())
+
+
+def test_torchrun_image_folder_shards_through_the_disk_cache(tmp_path):
+    """The large-set path under torchrun: one cache built for both ranks, disjoint shards, loader workers."""
+    from conftest import photo_folder
+
+    root = photo_folder(tmp_path / "photos", per_class=20, size=(50, 40))
+    recipe = {"name": "ddp-photos", "output_dir": str(tmp_path / "export"),
+              "data": {"name": "imagefolder", "root": str(root), "image_size": 24, "batch_size": 4, "val_fraction": 0.2,
+                       "cache_dir": str(tmp_path / "cache"), "num_workers": 1},
+              "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
+              "export": None, "bench": None, "tracking": {"enabled": False}}
+    path = tmp_path / "photos.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    debug_dir = tmp_path / "ranks"
+    proc = torchrun(["compress", str(path)], tmp_path, TOOLCHAIN_DIST_DEBUG_DIR=str(debug_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((debug_dir / f"rank{r}.json").read_text())[0] for r in (0, 1)]
+    assert ranks[0]["num_samples"] == ranks[1]["num_samples"] == 16  # 40 photos - 8 val = 32, halved
+    assert not set(ranks[0]["indices"]) & set(ranks[1]["indices"])
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 2  # train + test, built once for both ranks
+    assert json.loads((tmp_path / "export" / "ddp-photos" / "summary.json").read_text())["status"] == "FINISHED"

@@ -16,26 +16,13 @@ from toolchain.data.loaders import build_data
 from toolchain.errors import DataError
 from toolchain.recipe import DataConfig
 
+from conftest import photo as _photo, photo_folder as _folder
+
 
 def _save(path, img, **kw):
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, **kw)
     return path
-
-
-def _photo(w: int, h: int, seed: int):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
-
-
-def _folder(root, per_class: int = 4, size=(60, 40), classes=("cat", "dog")):
-    for split in ("train", "test"):
-        for c, cls in enumerate(classes):
-            for i in range(per_class):
-                _save(root / split / cls / f"{i}.png", _photo(*size, seed=100 * c + i + (50 if split == "test" else 0)))
-    return root
 
 
 def _cfg(root, tmp_path, **kw):
