@@ -114,13 +114,15 @@ def train_rate(batches, seconds: float) -> float:
 
 def peak_rss_mb(root: Path, size: int, cache: Path, subset: int) -> float:
     """One epoch of the toolchain's path in a fresh process (cache already built): its peak RSS."""
-    code = (f"import sys, resource; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r});"
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child forked from this big
+    # benchmark process would report the parent's peak
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r});"
             f"from data_loader import toolchain_data, loader_rate; from pathlib import Path;"
             f"d = toolchain_data(Path({str(root)!r}), {size}, Path({str(cache)!r}), 0, {subset});"
             f"loader_rate(d.train); loader_rate(d.val);"
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+            f"print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(out.stdout.strip().splitlines()[-1]) / 1024  # kB -> MB
 
 
 def run_size(root: Path, size: int, n: int, cache: Path, train_s: float) -> dict:

@@ -140,7 +140,7 @@ def bench_model(name: str, args, workdir: Path) -> List[dict]:
         export(model, paths[variant])
         parity = check_parity(model, session(paths[variant], args.threads, args.spin))
         assert parity < 1e-3, f"{name} {variant}: ONNX parity {parity}"
-        rows.append({"model": name, "variant": variant, "macs": count_macs(model), "params": count_params(model)})
+        rows.append({"model": name, "variant": variant, "macs": count_macs(model, (1, 3, 32, 32)), "params": count_params(model)})
     stats = measure(paths, args)
     for row in rows:
         row.update(stats[row["variant"]])

@@ -69,3 +69,44 @@ def test_a_checkpoint_with_another_head_is_refused_not_resized(tmp_path):
     message = str(err.value)
     assert "\n" not in message and "(1000, 64) in the file vs (10, 64) in the model" in message
     assert "same number of classes" in message
+
+
+@pytest.mark.parametrize("ref, engine", [
+    ("timm/test_convnext", "torch_pruning"),  # LayerNorm2d, depthwise 7x7 convs, layer-scale parameters
+    ("torchvision/regnet_x_400mf", "torch_pruning"),  # grouped (non-depthwise) convs
+    ("mobilenet_v3_small", "nni"),  # NNI speedup: depthwise convs, squeeze-excitation
+])
+def test_channel_pruned_models_of_any_architecture_restore_from_shapes(tmp_path, ref, engine):
+    """A fresh build of the reference takes the pruned shapes (no pickled module) and computes the same."""
+    from toolchain.models.refs import build
+    from toolchain.prune import prune_model
+    from toolchain.recipe import PruneConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    pruned = prune_model(build(ref, 10), PruneConfig(method="channel", sparsity=0.5, engine=engine), x).model.eval()
+    save_state({"model": pruned.state_dict()}, tmp_path / "m.pt")
+    fresh = load_weights(build(ref, 10), tmp_path / "m.pt", ref, resize=True, example_input=x).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), pruned(x))
+    assert sum(p.numel() for p in fresh.parameters()) < 0.6 * sum(p.numel() for p in build(ref, 10).parameters())
+
+
+def test_pruned_grouped_convs_need_an_example_batch(tmp_path):
+    def model(width=8):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, width, 1), torch.nn.Conv2d(width, width, 3, groups=width))
+
+    save_state({"model": model(4).state_dict()}, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="needs an example input batch"):
+        load_weights(model(), tmp_path / "m.pt", resize=True)
+    fresh = load_weights(model(), tmp_path / "m.pt", resize=True, example_input=torch.randn(1, 3, 8, 8))
+    assert fresh[1].groups == 4 and fresh[1].in_channels == 4
+
+
+def test_a_structure_that_cannot_be_rebuilt_is_one_line(tmp_path):
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(6, 4, 3))  # 4 channels in, 6 expected
+    save_state({"model": small.state_dict()}, tmp_path / "m.pt")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3))
+    with pytest.raises(CheckpointError, match="could not be rebuilt") as err:
+        load_weights(model, tmp_path / "m.pt", resize=True, example_input=torch.randn(1, 3, 8, 8))
+    assert "\n" not in str(err.value)

@@ -239,3 +239,22 @@ def test_imagefolder_end_to_end_at_another_size(tmp_path):
     assert shapes == {(3, 40, 48)}
     shipped = json.loads((run_dir / "package" / "preprocess.json").read_text())
     assert shipped["frame"] == [45, 54] and (run_dir / "package" / "imagefile.py").is_file()
+
+
+def test_pretrained_weights_set_the_data_defaults_and_the_recipe_overrides_them(tmp_path):
+    from toolchain.engine.runner import pretrained_preprocessing
+    from toolchain.recipe import validate_dict
+
+    root = _folder(tmp_path / "data")
+    base = {"name": "p", "data": {"name": "imagefolder", "root": str(root), "cache_dir": str(tmp_path / "cache")},
+            "teacher": {"model": "resnet18", "train": {"epochs": 1}},
+            "student": {"model": "torchvision/resnet50", "weights": "IMAGENET1K_V2"}, "export": None, "bench": None}
+    recipe = validate_dict(base)
+    weights = pretrained_preprocessing(recipe)
+    policy = build_data(recipe.data, seed=0, weights_preprocessing=weights).policy
+    assert policy.size == (224, 224) and policy.resize == (232, 232)  # resnet50 V2: resize 232, crop 224
+    assert policy.mean == pytest.approx((0.485, 0.456, 0.406))
+    smaller = validate_dict({**base, "data": {**base["data"], "image_size": 160, "interpolation": "bicubic"}})
+    policy = build_data(smaller.data, seed=0, weights_preprocessing=weights).policy
+    assert policy.size == (160, 160) and policy.interpolation == "bicubic"
+    assert pretrained_preprocessing(validate_dict({**base, "student": {"model": "mobilenet_v2"}})) is None

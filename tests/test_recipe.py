@@ -56,6 +56,12 @@ def test_hash_ignores_key_order(tmp_path):
         (lambda r: r.update(name="../evil"), "name: String should match pattern"),
         (lambda r: r.update(name="a/b"), "name"),
         (lambda r: r.pop("student"), "student: required key is missing"),
+        (lambda r: r["teacher"].update(train={"epochs": 1, "loss": "dkd"}), "teacher.train cannot distil (loss dkd)"),
+        (lambda r: r["teacher"].update(train={"epochs": 1, "features": [{"student": "a", "teacher": "b"}]}),
+         "teacher.train cannot distil (loss ce, features)"),
+        (lambda r: r.update(data={"image_size": [32, 32, 3]}), "data.image_size: give an int or [height, width]"),
+        (lambda r: r.update(data={"crop_scale": [0.5, 1.5]}), "crop_scale: the area fraction cannot exceed 1"),
+        (lambda r: r.update(data={"std": [0.2, 0, 0.2]}), "std: every value must be > 0"),
     ],
 )
 def test_bad_recipes_name_file_and_key(tmp_path, mutate, expected):

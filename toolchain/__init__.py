@@ -1,3 +1,3 @@
 """Deployment-oriented model compression: KD -> pruning -> ONNX -> onnxruntime benchmark."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -26,7 +26,7 @@ def count_nonzero_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32)) -> int:
+def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates of Conv and Linear layers for one forward pass at input_shape.
 
     Counted from the actual output shapes (forward hooks), so a physically pruned

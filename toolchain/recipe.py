@@ -33,10 +33,10 @@ def _check_name(registry_getter, value: str) -> str:
     return value
 
 
-def _models():
-    from .models.registry import MODELS
+def _model_ref(value: str) -> str:
+    from .models.refs import check_reference
 
-    return MODELS
+    return check_reference(value)
 
 
 def _datasets():
@@ -49,6 +49,12 @@ def _losses():
     from .train.losses import LOSSES
 
     return LOSSES
+
+
+def _loss_needs_teacher(name: str) -> bool:
+    from .train.losses import get_loss
+
+    return get_loss(name).needs_teacher
 
 
 def _pruners():
@@ -90,7 +96,7 @@ class DataConfig(Section):
     def _size(cls, v):
         sides = [v] if isinstance(v, int) else v
         if v is not None and (len(sides) not in (1, 2) or any(s < 8 or s > 4096 for s in sides)):
-            raise ValueError("image_size: an int or [height, width], each from 8 to 4096")
+            raise ValueError("give an int or [height, width], each from 8 to 4096")
         return v
 
     @field_validator("crop_scale", "crop_ratio")
@@ -117,17 +123,60 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    model: str = Field(..., description="Model registry name, e.g. resnet18, mobilenet_v2, cifar_resnet20.")
+    model: str = Field(..., description="The architecture: a registry name (resnet18, mobilenet_v2, cifar_resnet20), "
+                       "torchvision/<name> (any torchvision classifier), timm/<name> (any timm model), or "
+                       "package.module:callable (your code, importable from PYTHONPATH or the recipe's folder, called "
+                       "with num_classes= and the kwargs below, returning a torch.nn.Module).")
+    kwargs: Dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the model's builder "
+                                   "(torchvision/timm constructor or your callable), e.g. {drop_rate: 0.2}.")
+    weights: Optional[str] = Field(
+        None, description="Initial weights: DEFAULT or an enum name such as IMAGENET1K_V2 (torchvision/<name>), pretrained "
+        "(timm/<name>), downloaded into the library's cache; or a state_dict file (.pth, .pt, .safetensors) for any model. "
+        "A classifier with another number of classes than the dataset is re-initialised.")
     cifar_stem: bool = Field(
         False,
-        description="Replace the ImageNet stem (stride-2 conv + maxpool) by a stride-1 3x3 conv, as in CIFAR papers. "
-        "More accurate on 32x32 inputs, but 10-30x more MACs: meant for GPU runs.",
+        description="Registry models: replace the ImageNet stem (stride-2 conv + maxpool) by a stride-1 3x3 conv, as in "
+        "CIFAR papers. More accurate on 32x32 inputs, but 10-30x more MACs: meant for GPU runs.",
     )
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        return _check_name(_models, v)
+        return _model_ref(v)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _own_kwargs(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        taken = sorted(set(v) & {"num_classes", "weights", "pretrained", "cifar_stem"})
+        if taken:
+            raise ValueError(f"kwargs cannot set {', '.join(taken)}: the toolchain sets them (num_classes from the "
+                             "dataset; use the section's weights: / cifar_stem: keys)")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_fit_model(self) -> "ModelConfig":
+        from .models.refs import parse
+        from .models.weights import check_weights
+
+        if self.weights is not None:
+            check_weights(self.model, self.weights)
+        if self.cifar_stem and parse(self.model).kind != "registry":
+            raise ValueError(f"cifar_stem applies to registry models only, not {self.model!r}; remove it")
+        return self
+
+
+class DKDConfig(Section):
+    alpha: float = Field(1.0, ge=0, le=100, description="DKD weight of TCKD, the target-class term (binary target / non-target KL).")
+    beta: float = Field(8.0, ge=0, le=100, description="DKD weight of NCKD, the non-target-class term (8 in the paper for CIFAR-100, 0.5 for ImageNet; on the Fashion-MNIST demo, 2 epochs, 2 beat KD by 0.5 points and 8 lost 0.6: benchmarks/distill_losses.py).")
+    ce_weight: float = Field(1.0, ge=0, le=100, description="DKD weight of the hard-label cross-entropy.")
+    warmup_epochs: int = Field(0, ge=0, le=10000, description="DKD terms are scaled by min(epoch / warmup_epochs, 1), epochs counted from 1; 0: no warm-up.")
+
+
+class FeatureConfig(Section):
+    student: str = Field(..., min_length=1, description="Student module path as in model.named_modules(), e.g. features.6 (read by a forward hook).")
+    teacher: str = Field(..., min_length=1, description="Teacher module path as in model.named_modules(), e.g. layer2.")
+    loss: Literal["mse", "at"] = Field("mse", description="mse: feature maps (1x1 conv + BN adapter where channel counts differ); at: attention transfer (channel-free attention maps).")
+    weight: float = Field(1.0, gt=0, le=10000, description="Weight of this term in the total loss.")
 
 
 class TrainConfig(Section):
@@ -141,14 +190,24 @@ class TrainConfig(Section):
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy term.")
     channels_last: bool = Field(True, description="Train in channels-last memory layout (about 2x faster for MobileNet-style depthwise convs on CPU); weights return to the default layout afterwards.")
-    loss: str = Field("ce", description="Loss registry name: ce (plain classification) or kd (Hinton distillation from the teacher).")
-    temperature: float = Field(4.0, gt=0, le=100, description="KD softmax temperature T (the soft term is scaled by T^2).")
+    loss: str = Field("ce", description="Loss registry name: ce (plain classification), kd (Hinton distillation from the teacher) or dkd (Decoupled KD, Zhao et al. 2022; settings in dkd).")
+    temperature: float = Field(4.0, gt=0, le=100, description="KD and DKD softmax temperature T (the soft terms are scaled by T^2).")
     alpha: float = Field(0.9, ge=0, le=1, description="KD weight of the soft (teacher) term; 1-alpha weights the hard-label CE.")
+    dkd: DKDConfig = Field(default_factory=DKDConfig, description="Decoupled KD weights and warm-up (loss dkd).")
+    features: List[FeatureConfig] = Field(
+        default_factory=list, max_length=64,
+        description="Feature distillation terms, added to the loss: student and teacher module paths read with forward hooks, "
+        "with a trained adapter each (not part of the exported model). Needs a teacher section.")
 
     @field_validator("loss")
     @classmethod
     def _known_loss(cls, v: str) -> str:
         return _check_name(_losses, v)
+
+    @property
+    def needs_teacher(self) -> bool:
+        """The registered loss asks for teacher logits, or a feature term reads teacher modules."""
+        return _loss_needs_teacher(self.loss) or bool(self.features)
 
 
 class TeacherConfig(ModelConfig):
@@ -157,15 +216,29 @@ class TeacherConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _train_or_load(self) -> "TeacherConfig":
+        _checkpoint_or_weights(self)
         if self.checkpoint is None and self.train.epochs == 0:
             raise ValueError("teacher needs a checkpoint or train.epochs >= 1")
-        if self.train.loss == "kd":
-            raise ValueError("teacher.train.loss cannot be kd (the teacher has no teacher); use ce")
+        if self.train.needs_teacher:
+            raise ValueError(f"teacher.train cannot distil (loss {self.train.loss}"
+                             f"{', features' if self.train.features else ''}): the teacher has no teacher; use loss: ce "
+                             "without features")
         return self
 
 
 class StudentConfig(ModelConfig):
     checkpoint: Optional[str] = Field(None, description="Start the student from this state_dict instead of random init.")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "StudentConfig":
+        return _checkpoint_or_weights(self)
+
+
+def _checkpoint_or_weights(section):
+    if section.checkpoint and section.weights:
+        raise ValueError("set checkpoint (this architecture and dataset, loaded strictly) or weights (pretrained, "
+                         "heads re-initialised), not both")
+    return section
 
 
 class PruneConfig(Section):
@@ -371,9 +444,9 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loaders.")
     teacher: Optional[TeacherConfig] = Field(None, description="Teacher: trained here or loaded from a checkpoint.")
     student: StudentConfig = Field(..., description="The student architecture to distil into and compress.")
-    distill: TrainConfig = Field(default_factory=lambda: TrainConfig(loss="kd"), description="Student training (loss kd needs a teacher).")
+    distill: TrainConfig = Field(default_factory=lambda: TrainConfig(loss="kd"), description="Student training (losses kd and dkd, and features, need a teacher).")
     prune: Optional[PruneConfig] = Field(None, description="Pruning stage; omit to skip.")
-    finetune: Optional[TrainConfig] = Field(None, description="Fine-tuning after pruning (loss kd or ce).")
+    finetune: Optional[TrainConfig] = Field(None, description="Fine-tuning after pruning (loss kd, dkd or ce; features too).")
     export: Optional[ExportConfig] = Field(default_factory=ExportConfig, description="ONNX export with parity gate; null to skip.")
     bench: Optional[BenchConfig] = Field(default_factory=BenchConfig, description="onnxruntime benchmark; null to skip.")
     quantize: Optional[QuantizeConfig] = Field(None, description="INT8 quantization of the exported model, measured before it ships; omit to skip.")
@@ -393,8 +466,10 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _kd_needs_teacher(self) -> "Recipe":
         for key, section in (("distill", self.distill), ("finetune", self.finetune)):
-            if section is not None and section.loss == "kd" and self.teacher is None:
-                raise ValueError(f"{key}.loss is kd but the recipe has no teacher section; add one or set {key}.loss: ce")
+            if section is not None and section.needs_teacher and self.teacher is None:
+                what = f"loss is {section.loss}" if _loss_needs_teacher(section.loss) else "features is set"
+                raise ValueError(f"{key}.{what} but the recipe has no teacher section; add one or set {key}.loss: ce "
+                                 f"without {key}.features")
         if self.finetune is not None and self.prune is None:
             raise ValueError("finetune is set but prune is not; fine-tuning follows pruning")
         if self.bench is not None and self.export is None:
@@ -411,10 +486,13 @@ class Recipe(Section):
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a YAML recipe, apply dotted overrides (a.b=value), validate."""
+    from .models.refs import add_import_root
+
     path = Path(path)
     raw = _read_yaml(path)
     for item in overrides:
         _apply_override(raw, item, path)
+    add_import_root(path.parent)  # model: package.module:callable may live next to the recipe
     return validate_dict(raw, source=str(path))
 
 

@@ -18,14 +18,20 @@ class ModelArtifact:
     """A model checkpoint (state_dict) and how to rebuild the module it fits."""
 
     checkpoint: str  # relative to the stage folder
-    arch: str  # model registry name
+    arch: str  # model reference: registry name, torchvision/<name>, timm/<name>, package.module:callable
     num_classes: int
     cifar_stem: bool = False
     keep_zeros: bool = False  # weight-pruned: training after this keeps the zeros
     sha256: str = ""
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the model section's builder kwargs
 
     def files(self) -> Dict[str, str]:
         return {self.checkpoint: self.sha256}
+
+    def spec(self) -> Dict[str, Any]:
+        """How to build the architecture again (a later stage's model derived from this one keeps it).
+        Pruned shapes need nothing more: they are restored from the checkpoint's tensor shapes."""
+        return {"arch": self.arch, "cifar_stem": self.cifar_stem, "kwargs": dict(self.kwargs)}
 
 
 @dataclass(frozen=True)

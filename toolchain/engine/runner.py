@@ -83,6 +83,19 @@ def dataset_digest(recipe: Recipe, data, **extra) -> str:
                         "preprocess": data.contract(), **extra})
 
 
+def pretrained_preprocessing(recipe: Recipe):
+    """Pretrained library weights bring their preprocessing (size, crop_pct, interpolation, mean/std):
+    the data defaults follow the student's (the shipped model), else the teacher's; the recipe's
+    data section overrides either."""
+    from ..models.resolve import weights_preprocessing
+
+    for section in (recipe.student, recipe.teacher):
+        found = weights_preprocessing(section) if section is not None else None
+        if found:
+            return found
+    return None
+
+
 def data_key(recipe: Recipe, data) -> str:
     # under torchrun each process trains on its 1/N shard: N is part of what the data is
     shards = {"world_size": dist.world_size()} if dist.world_size() > 1 else {}
@@ -256,7 +269,8 @@ def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
     # under torchrun a user error on any rank (tracking unreachable on rank 0...) stops every rank
     tracker = dist.agree(lambda: make_tracker(recipe.tracking, dist.is_main()))
     device = dist.agree(lambda: resolve_device(recipe.device))
-    data = dist.agree(lambda: build_data(recipe.data, recipe.seed, device, dist.world_size(), dist.rank()))
+    data = dist.agree(lambda: build_data(recipe.data, recipe.seed, device, dist.world_size(), dist.rank(),
+                                         weights_preprocessing=pretrained_preprocessing(recipe)))
     stale = tracker.mark_stale_runs(recipe.name) if hasattr(tracker, "mark_stale_runs") else []
     scale = dist.describe(recipe.data.batch_size)  # world size, backend, effective batch
     tags = {**recipe_tags(recipe), **{f"toolchain.{k}": v for k, v in scale.items()}}

@@ -1,8 +1,11 @@
 """Safe checkpoints: state_dicts only, loaded with torch.load(weights_only=True).
 
-A channel-pruned model has smaller layers than its registry architecture. Instead of
-pickling the module (unsafe to load), we store the state_dict and, on load, resize the
-registry model's Conv2d / BatchNorm2d / Linear layers to the stored shapes.
+A channel-pruned model has smaller layers than its architecture. Instead of pickling the
+module (unsafe to load), we store the state_dict and, on load, give a freshly built model of
+the same reference the stored shapes (resize_to_state_dict): every parameter and buffer takes
+its stored shape in place, so any layer type keeps its class (timm's LayerNorm2d, Conv2dSame,
+BatchNormAct2d...), and the attributes forward() reads (channels, groups, normalized_shape)
+follow from the shapes and from one traced forward pass.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -49,18 +52,24 @@ def extract_state_dict(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_weights(model: nn.Module, path: str | Path, arch: str = "model", resize: bool = False) -> nn.Module:
+def load_weights(model: nn.Module, path: str | Path, arch: str = "model", resize: bool = False,
+                 example_input: Optional[torch.Tensor] = None) -> nn.Module:
     """Load a checkpoint into `model`.
 
-    resize=True is for the toolchain's own checkpoints of pruned models: layers are rebuilt
-    at the stored shapes. A user's checkpoint loads strictly: a tensor of another shape (an
-    ImageNet head on a 10-class model, a 1-channel stem) is an error, never silently resized.
+    resize=True is for the toolchain's own checkpoints of pruned models: layers take the stored
+    shapes (example_input: a batch for the forward pass that settles grouped convolutions). A
+    user's checkpoint loads strictly: a tensor of another shape (an ImageNet head on a 10-class
+    model, a 1-channel stem) is an error, never silently resized.
     """
     state = extract_state_dict(load_state(path))
     if resize:
-        resize_to_state_dict(model, state)
-    else:
-        _check_shapes(model, state, path, arch)
+        resize_to_state_dict(model, state, example_input, f"{path} ({arch})")
+    return load_state_dict_checked(model, state, path, arch)
+
+
+def load_state_dict_checked(model: nn.Module, state: Dict[str, torch.Tensor], path, arch: str) -> nn.Module:
+    """load_state_dict(strict=True) with one-line errors: which tensors do not fit, and how to fix it."""
+    _check_shapes(model, state, path, arch)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
@@ -86,35 +95,72 @@ def _check_shapes(model: nn.Module, state: Dict[str, torch.Tensor], path, arch: 
             "(same number of classes and input channels)")
 
 
-def resize_to_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Replace Conv2d/BatchNorm2d/Linear modules whose stored weights have other shapes."""
-    for name, module in list(model.named_modules()):
-        weight = state.get(f"{name}.weight")
-        if weight is None or not hasattr(module, "weight") or module.weight is None:
-            continue
-        if tuple(weight.shape) == tuple(module.weight.shape):
-            continue
-        replacement = _resized(module, weight.shape)
-        if replacement is not None:
-            _set_submodule(model, name, replacement)
+def resize_to_state_dict(model: nn.Module, state: Dict[str, torch.Tensor],
+                         example_input: Optional[torch.Tensor] = None, where: str = "checkpoint") -> None:
+    """Give every parameter/buffer of `model` the shape it has in `state`, then fix the layer
+    attributes forward() reads. Works for any layer type, since modules are kept, not replaced."""
+    changed = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        resized = [_reshape_tensor(module, key, state[prefix + key])
+                   for key, tensor in [*module._parameters.items(), *module._buffers.items()]
+                   if tensor is not None and prefix + key in state and state[prefix + key].shape != tensor.shape]
+        if resized:
+            _fit_attributes(module)
+            changed.append((name, module))
+    grouped = [m for _, m in changed if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1]
+    if grouped or (changed and example_input is not None):
+        _settle_by_forward(model, grouped, example_input, where)
 
 
-def _resized(module: nn.Module, shape) -> nn.Module | None:
-    if isinstance(module, nn.Conv2d):
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-        out_ch = shape[0]
-        in_ch = out_ch if depthwise else shape[1] * module.groups
-        return nn.Conv2d(in_ch, out_ch, module.kernel_size, module.stride, module.padding, module.dilation,
-                         groups=out_ch if depthwise else module.groups, bias=module.bias is not None,
-                         padding_mode=module.padding_mode)
-    if isinstance(module, nn.BatchNorm2d):
-        return nn.BatchNorm2d(shape[0], module.eps, module.momentum, module.affine, module.track_running_stats)
-    if isinstance(module, nn.Linear):
-        return nn.Linear(shape[1], shape[0], bias=module.bias is not None)
-    return None
+def _reshape_tensor(module: nn.Module, key: str, stored: torch.Tensor) -> str:
+    old = module._parameters.get(key)
+    empty = torch.empty(stored.shape, dtype=stored.dtype)
+    if old is not None:
+        module._parameters[key] = nn.Parameter(empty, requires_grad=old.requires_grad)
+    else:
+        module._buffers[key] = empty
+    return key
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def _fit_attributes(module: nn.Module) -> None:
+    """The shape attributes of torch's layer types (forward() and exporters read them)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = weight.shape[0]
+        module.in_channels = weight.shape[1] * module.groups  # grouped: settled by _settle_by_forward
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = (weight if weight is not None else module.running_mean).shape[0]
+    elif isinstance(module, nn.LayerNorm) and weight is not None:
+        module.normalized_shape = tuple(weight.shape)
+    elif isinstance(module, nn.GroupNorm):
+        per_group = module.num_channels // module.num_groups
+        module.num_channels = weight.shape[0]
+        module.num_groups = max(1, module.num_channels // per_group)  # pruning removes whole groups
+
+
+def _settle_by_forward(model: nn.Module, grouped, example_input: Optional[torch.Tensor], where: str) -> None:
+    """A grouped conv's weight says channels per group, not how many groups: the channels that
+    reach it in a forward pass do. Convs run in order, so each sees an already settled input.
+    The same pass checks that the rebuilt structure runs at all."""
+    if example_input is None:
+        raise CheckpointError(f"{where}: restoring pruned grouped convolutions needs an example input batch")
+
+    def settle(module, args):
+        channels = args[0].shape[1]
+        module.groups, module.in_channels = channels // module.weight.shape[1], channels
+
+    hooks = [m.register_forward_pre_hook(settle) for m in grouped]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    except Exception as exc:  # noqa: BLE001  (any layer may fail; the user needs the one line)
+        raise CheckpointError(f"{where}: the pruned structure could not be rebuilt ({type(exc).__name__}: "
+                              f"{first_line(exc)}); recompute the stage with --force") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)

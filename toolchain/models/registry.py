@@ -1,7 +1,9 @@
 """Model registry: torchvision classifiers adapted to small inputs, and CIFAR ResNets.
 
 Builders import torch/torchvision lazily so that validating a recipe (which checks
-model names) stays fast. Every builder takes (num_classes, cifar_stem).
+model names) stays fast. Every builder takes (num_classes, cifar_stem, **kwargs): the
+recipe's `kwargs:` go to the underlying constructor. Other references (torchvision/...,
+timm/..., package.module:callable) are resolved by resolve.py.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ FAMILIES = {
 }
 
 
-def build_model(name: str, num_classes: int, cifar_stem: bool = False):
-    return MODELS.get(name)(num_classes=num_classes, cifar_stem=cifar_stem)
+def build_model(name: str, num_classes: int, cifar_stem: bool = False, **kwargs):
+    return MODELS.get(name)(num_classes=num_classes, cifar_stem=cifar_stem, **kwargs)
 
 
 def _stride1_first_conv(features) -> None:
@@ -29,11 +31,11 @@ def _stride1_first_conv(features) -> None:
 
 
 def _resnet(builder_name: str):
-    def build(num_classes: int, cifar_stem: bool = False):
+    def build(num_classes: int, cifar_stem: bool = False, **kwargs):
         import torch.nn as nn
         import torchvision.models as tvm
 
-        model = getattr(tvm, builder_name)(weights=None, num_classes=num_classes)
+        model = getattr(tvm, builder_name)(weights=None, num_classes=num_classes, **kwargs)
         if cifar_stem:
             model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             model.maxpool = nn.Identity()
@@ -43,10 +45,10 @@ def _resnet(builder_name: str):
 
 
 def _features_model(builder_name: str):
-    def build(num_classes: int, cifar_stem: bool = False):
+    def build(num_classes: int, cifar_stem: bool = False, **kwargs):
         import torchvision.models as tvm
 
-        model = getattr(tvm, builder_name)(weights=None, num_classes=num_classes)
+        model = getattr(tvm, builder_name)(weights=None, num_classes=num_classes, **kwargs)
         if cifar_stem:
             _stride1_first_conv(model.features)
         return model
@@ -54,12 +56,12 @@ def _features_model(builder_name: str):
     return build
 
 
-def _densenet(num_classes: int, cifar_stem: bool = False):
+def _densenet(num_classes: int, cifar_stem: bool = False, **kwargs):
     import torch.nn as nn
     import torchvision.models as tvm
 
     # memory_efficient=False: checkpointed blocks do not trace for ONNX/NNI.
-    model = tvm.densenet121(weights=None, num_classes=num_classes, memory_efficient=False)
+    model = tvm.densenet121(weights=None, num_classes=num_classes, **{"memory_efficient": False, **kwargs})
     if cifar_stem:
         model.features.conv0 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.features.pool0 = nn.Identity()
@@ -74,10 +76,10 @@ MODELS.register("densenet121")(_densenet)
 
 
 def _cifar_resnet(depth: int):
-    def build(num_classes: int, cifar_stem: bool = True):
+    def build(num_classes: int, cifar_stem: bool = True, **kwargs):
         from .cifar_resnet import CifarResNet
 
-        return CifarResNet(depth=depth, num_classes=num_classes)
+        return CifarResNet(depth=depth, num_classes=num_classes, **kwargs)
 
     return build
 

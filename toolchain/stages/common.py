@@ -17,9 +17,8 @@ from ..models.checkpoint import load_weights, save_state
 from ..engine.artifacts import ModelArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput
 from ..fsutil import file_sha256
-from ..train.losses import needs_teacher
 from ..metrics import model_stats, performance_efficiency
-from ..models.registry import build_model
+from ..models import resolve
 from ..train.loop import evaluate, fit, memory_layout
 from ..train.tasks import make_task
 
@@ -35,12 +34,13 @@ def reseed(job: Job) -> None:
 
 def teacher_role(train_cfg, models) -> Dict[str, str]:
     """The teacher is an input only of training that distils from it."""
-    return {"teacher": "teacher"} if needs_teacher(train_cfg.loss) and "teacher" in models else {}
+    return {"teacher": "teacher"} if train_cfg.needs_teacher and "teacher" in models else {}
 
 
 def new_model(job: Job, model_cfg) -> torch.nn.Module:
+    """The section's model (any reference form), its `weights:` loaded, heads fitted to the data."""
     reseed(job)
-    return build_model(model_cfg.model, job.data.num_classes, model_cfg.cifar_stem).to(job.device)
+    return resolve.create(model_cfg, job.data.num_classes).to(job.device)
 
 
 def initial_model(job: Job, model_cfg) -> torch.nn.Module:
@@ -59,28 +59,37 @@ def file_digest(path) -> str:
 
 
 def load_model(job: Job, art: ModelArtifact) -> torch.nn.Module:
-    """Rebuild a stage's model from its artifact (pruned layers are resized to the stored shapes)."""
+    """Rebuild a stage's model from its artifact: the architecture from its reference, pruned
+    layers at the stored shapes (a forward pass on a zero batch settles grouped convolutions)."""
     from ..prune import keep_sparsity
 
     reseed(job)
-    model = build_model(art.arch, art.num_classes, art.cifar_stem)
-    load_weights(model, job.stage_dir / art.checkpoint, art.arch, resize=True)
+    model = resolve.build(art.arch, art.num_classes, art.cifar_stem, art.kwargs)
+    example = torch.zeros(2, *job.data.input_shape)
+    load_weights(model, job.stage_dir / art.checkpoint, art.arch, resize=True, example_input=example)
     model = model.to(job.device)
     if art.keep_zeros:
         keep_sparsity(model)()
     return model
 
 
-def train(job: Job, model, cfg, stage: str, resumable: bool = True, after_step=None) -> List[Dict[str, float]]:
-    """The one training entry point of the pipeline (all stages go through `fit`)."""
+def train(job: Job, model, cfg, stage: str, resumable: bool = True, after_step=None,
+          report: Optional[Dict[str, float]] = None) -> List[Dict[str, float]]:
+    """The one training entry point of the pipeline (all stages go through `fit`).
+
+    Feature-distillation adapters are built here, from the model as it is now (a pruned
+    model gets new ones); report receives their size (adapter_params), which model_stats
+    does not count because they are not part of the model."""
     teacher = job.inputs.get("teacher")
-    task = make_task(cfg, teacher.model if teacher else None)
+    task = make_task(cfg, teacher.model if teacher else None, model, job.data.input_shape, section=stage)
+    if report is not None and task.features is not None:
+        report["adapter_params"] = task.features.num_params()
     with memory_layout(model, task, cfg.channels_last):
         trained = dist.wrap_for_training(model, job.device)
         result = fit(trained, task, job.data.train, job.data.val, cfg, stage=stage,
                      state_path=job.stage_dir / "train_state.pt" if resumable else None,
                      on_epoch=lambda epoch, m: job.run.log_metrics(m, step=epoch), after_step=after_step)
-    dist.debug_record(stage, job.data.train, model)
+    dist.debug_record(stage, job.data.train, model, task.features)
     return result.history
 
 
@@ -104,7 +113,13 @@ def finalize(job: Job, model, arch: Dict[str, Any], history=None, extra=None, ke
 
 
 def arch_of(model_cfg) -> Dict[str, Any]:
-    return {"arch": model_cfg.model, "cifar_stem": model_cfg.cifar_stem}
+    return {"arch": model_cfg.model, "cifar_stem": model_cfg.cifar_stem, "kwargs": dict(model_cfg.kwargs)}
+
+
+def model_fingerprint(model_cfg) -> Dict[str, Any]:
+    """The content of the files a model section points at (checkpoint, weights), for the stage key."""
+    weights = resolve.weights_identity(model_cfg)
+    return {"checkpoint": file_digest(model_cfg.checkpoint), **({"weights": weights} if weights else {})}
 
 
 def pe_against_references(outputs: Dict[str, StageOutput], metrics: Dict[str, float],
@@ -128,6 +143,12 @@ class ModelStage(Stage):
 
     makes_model = True
     followers = "train"
+
+    def preflight(self, cfg, data) -> None:
+        """A model section's reference builds and its weights resolve before any stage trains."""
+        for section in vars(cfg).values():
+            if hasattr(section, "weights") and hasattr(section, "model"):  # teacher / student
+                resolve.check_model(section, data.num_classes)
 
     def restore(self, job: Job, result: StageResult):
         return load_model(job, result.model())

@@ -1,9 +1,9 @@
-"""distill: train the student, with KD from the teacher when its loss needs one."""
+"""distill: train the student, distilling from the teacher when its loss or feature terms need one."""
 
 from __future__ import annotations
 
 from ..engine.stage import register_stage
-from .common import ModelStage, arch_of, file_digest, finalize, initial_model, teacher_role, train
+from .common import ModelStage, arch_of, finalize, initial_model, model_fingerprint, teacher_role, train
 
 
 @register_stage
@@ -19,8 +19,10 @@ class Distill(ModelStage):
         return teacher_role(cfg.distill, models)
 
     def fingerprint(self, cfg):
-        return {"checkpoint": file_digest(cfg.student.checkpoint)}
+        return model_fingerprint(cfg.student)
 
     def compute(self, job):
         model = initial_model(job, job.cfg.student)
-        return finalize(job, model, arch_of(job.cfg.student), train(job, model, job.cfg.distill, "distill"))
+        extra = {}
+        history = train(job, model, job.cfg.distill, "distill", report=extra)
+        return finalize(job, model, arch_of(job.cfg.student), history, extra=extra)

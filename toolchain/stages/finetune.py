@@ -25,5 +25,6 @@ class Finetune(ModelStage):
         art = source.result.model()
         model = copy.deepcopy(source.model)
         keeper = keep_sparsity(model) if art.keep_zeros else None
-        history = train(job, model, job.cfg.finetune, "finetune", after_step=keeper)
-        return finalize(job, model, {"arch": art.arch, "cifar_stem": art.cifar_stem}, history, keep_zeros=art.keep_zeros)
+        extra = {}  # adapters are rebuilt for the pruned shapes inside train
+        history = train(job, model, job.cfg.finetune, "finetune", after_step=keeper, report=extra)
+        return finalize(job, model, art.spec(), history, extra=extra, keep_zeros=art.keep_zeros)

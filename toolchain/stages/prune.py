@@ -39,8 +39,7 @@ class Prune(ModelStage):
         result = prune_model(copy.deepcopy(source.model), cfg, job.data.example_batch(2),
                              finetune_fn=finetune_fn, gradients=gradients)
         extra = {f"prune.{k}": v for k, v in result.report.items() if isinstance(v, (int, float))}
-        art = source.result.model()
-        out = finalize(job, result.model, {"arch": art.arch, "cifar_stem": art.cifar_stem}, extra=extra,
+        out = finalize(job, result.model, source.result.model().spec(), extra=extra,
                        keep_zeros=cfg.method == "weight")
         out.info["layers"] = result.layers
         return out

@@ -1,9 +1,9 @@
-"""teacher: train the teacher, or load it from a checkpoint."""
+"""teacher: train the teacher (from scratch or from pretrained `weights:`), or load it from a checkpoint."""
 
 from __future__ import annotations
 
 from ..engine.stage import register_stage
-from .common import ModelStage, arch_of, file_digest, finalize, initial_model, train
+from .common import ModelStage, arch_of, finalize, initial_model, model_fingerprint, train
 
 
 @register_stage
@@ -13,7 +13,7 @@ class Teacher(ModelStage):
     sections = ("teacher",)
 
     def fingerprint(self, cfg):
-        return {"checkpoint": file_digest(cfg.teacher.checkpoint)}
+        return model_fingerprint(cfg.teacher)
 
     def compute(self, job):
         cfg = job.cfg.teacher

@@ -22,7 +22,7 @@ import os
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -167,6 +167,25 @@ def sync_buffers(model: torch.nn.Module) -> None:
         dist.broadcast(buffer.data, src=0)
 
 
+def share_module(module: Optional[torch.nn.Module]) -> None:
+    """Give every rank rank 0's parameters and buffers of a module trained beside the DDP model
+    (feature-distillation adapters), as DDP does for the model when it wraps it."""
+    if module is None or not training_is_distributed():
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def average_gradients(module: Optional[torch.nn.Module]) -> None:
+    """All-reduce (mean) the gradients of a module outside the DDP wrapper, so its copies stay equal."""
+    if module is None or not training_is_distributed():
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
 @contextmanager
 def solo(data=None):
     """Rank 0 works alone (pruning, iterative pruning's fine-tuning steps): no DDP, and the
@@ -189,7 +208,7 @@ def solo(data=None):
 # ---------------------------------------------------------------- debugging / tests
 
 
-def debug_record(stage: str, batches, model: torch.nn.Module) -> None:
+def debug_record(stage: str, batches, model: torch.nn.Module, beside: Optional[torch.nn.Module] = None) -> None:
     """With $TOOLCHAIN_DIST_DEBUG_DIR set, append what this rank trained on (its shard of the
     last epoch) and a weight checksum to <dir>/rank<r>.json; tests use it to check sharding
     and gradient synchronisation."""
@@ -202,8 +221,12 @@ def debug_record(stage: str, batches, model: torch.nn.Module) -> None:
         "stage": stage, "rank": rank(), "world_size": world_size(), "ddp": training_is_distributed(),
         "num_samples": getattr(batches, "num_samples", None), "num_batches": len(batches),
         "indices": [int(i) for i in getattr(batches, "sampler", [])],
-        "param_checksum": float(sum(p.detach().double().sum() for p in unwrap(model).parameters())),
+        "param_checksum": _checksum(unwrap(model)),
+        "beside_checksum": None if beside is None else _checksum(beside),  # feature-distillation adapters
     })
     Path(directory).mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))
 
+
+def _checksum(module: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in module.parameters()))

@@ -25,8 +25,10 @@ from ..errors import CheckpointError, TrainingError, first_line
 from .tasks import ClassificationTask, DistillationTask
 
 
-def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: nn.Module, cfg, extra: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+    """extra: modules trained with the model but not part of it (feature-distillation adapters)."""
+    modules = [model] + ([extra] if extra is not None else [])
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
@@ -119,7 +121,9 @@ def fit(
     """
     _check_batches(model, train_batches, stage)
     result = FitResult()
-    optimizer, scheduler, start_epoch, best_state = _start(model, cfg, len(train_batches), state_path, stage, result)
+    optimizer, scheduler, start_epoch, best_state = _start(model, task, cfg, len(train_batches), state_path, stage,
+                                                           result)
+    dist.share_module(task.features)  # torchrun: every rank goes on from rank 0's adapters (fresh or resumed)
     channels_last = getattr(cfg, "channels_last", False)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
@@ -135,7 +139,7 @@ def fit(
         if on_epoch:
             on_epoch(epoch, metrics)
         if state_path is not None and dist.is_main():
-            _save(state_path, model, optimizer, scheduler, epoch, result, best_state)
+            _save(state_path, model, task, optimizer, scheduler, epoch, result, best_state)
         _log_epoch(stage, epoch, cfg.epochs, metrics)
     if best_state is not None:
         dist.unwrap(model).load_state_dict(best_state)
@@ -145,13 +149,17 @@ def fit(
 
 def _train_epoch(model, task, batches, optimizer, scheduler, epoch, epochs, stage, after_step, channels_last=False) -> Dict[str, float]:
     model.train()
+    if task.features is not None:
+        task.features.train()
+    task.epoch = epoch
     if hasattr(batches, "set_epoch"):
         batches.set_epoch(epoch)
     loss_sum, correct, n = 0.0, 0, 0
+    term_sums: Dict[str, float] = {}
     bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{epochs}", leave=False, disable=None if dist.is_main() else True)
     t0 = time.perf_counter()
     for x, y in bar:
-        loss, logits = task.loss(model, _layout(x, channels_last), y)
+        loss, logits, terms = task.loss(model, _layout(x, channels_last), y)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TrainingError(
@@ -160,17 +168,21 @@ def _train_epoch(model, task, batches, optimizer, scheduler, epoch, epochs, stag
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(task.features)  # DDP all-reduces the model's gradients, not the adapters'
         optimizer.step()
         scheduler.step()
         if after_step:
             after_step()
         loss_sum += loss_value * len(y)
+        for name, value in terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + value.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         n += len(y)
         bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
     seconds = time.perf_counter() - t0
     return {"train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1),
-            "epoch_seconds": seconds, "images_per_second": n / max(seconds, 1e-9)}
+            "epoch_seconds": seconds, "images_per_second": n / max(seconds, 1e-9),
+            **{f"loss.{name}": total / max(n, 1) for name, total in term_sums.items()}}
 
 
 def _log_epoch(stage: str, epoch: int, epochs: int, m: Dict[str, float]) -> None:
@@ -179,9 +191,10 @@ def _log_epoch(stage: str, epoch: int, epochs: int, m: Dict[str, float]) -> None
                    f"val acc {m['val_accuracy']:.4f}  ({m['epoch_seconds']:.0f}s, {m['images_per_second']:.0f} img/s)")
 
 
-def _save(path, model, optimizer, scheduler, epoch, result: FitResult, best_state) -> None:
+def _save(path, model, task, optimizer, scheduler, epoch, result: FitResult, best_state) -> None:
     save_state({
         "model": dist.unwrap(model).state_dict(),
+        "adapters": task.features.state_dict() if task.features is not None else {},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": torch.tensor(epoch),
@@ -204,25 +217,28 @@ def _check_batches(model: nn.Module, train_batches, stage: str) -> None:
                             "this process); use more data (data.subset) or a smaller data.batch_size")
 
 
-def _start(model, cfg, steps_per_epoch: int, state_path, stage: str, result: FitResult):
+def _start(model, task, cfg, steps_per_epoch: int, state_path, stage: str, result: FitResult):
     """Optimizer and schedule, resumed from state_path when it holds a readable epoch checkpoint.
     A damaged one (a kill mid-write on a filesystem without atomic rename, a disk error) restarts
     the stage's training with a warning instead of failing every rerun."""
     def fresh():
-        optimizer = make_optimizer(model, cfg)
+        optimizer = make_optimizer(model, cfg, task.features)
         return optimizer, make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
 
     optimizer, scheduler = fresh()
     if state_path is None or not Path(state_path).is_file():
         return optimizer, scheduler, 0, None
     initial = copy.deepcopy(dist.unwrap(model).state_dict())
+    initial_adapters = copy.deepcopy(task.features.state_dict()) if task.features is not None else None
     try:
-        start_epoch, best_state = _restore(state_path, model, optimizer, scheduler, result)
+        start_epoch, best_state = _restore(state_path, model, task, optimizer, scheduler, result)
     except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         tqdm.write(f"  {stage}: warning: resume file {state_path} is damaged ({first_line(exc, 120)}); "
                    "training this stage from the start")
         Path(state_path).unlink(missing_ok=True)
         dist.unwrap(model).load_state_dict(initial)
+        if initial_adapters is not None:
+            task.features.load_state_dict(initial_adapters)
         result.__init__()
         return (*fresh(), 0, None)
     if dist.is_main():
@@ -230,9 +246,11 @@ def _start(model, cfg, steps_per_epoch: int, state_path, stage: str, result: Fit
     return optimizer, scheduler, start_epoch, best_state
 
 
-def _restore(path, model, optimizer, scheduler, result: FitResult):
+def _restore(path, model, task, optimizer, scheduler, result: FitResult):
     state = load_state(path)
     dist.unwrap(model).load_state_dict(state["model"])
+    if task.features is not None:  # a state without adapters (features added since) raises: start over
+        task.features.load_state_dict(state["adapters"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

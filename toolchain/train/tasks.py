@@ -1,31 +1,45 @@
 """Task objects: what the loss sees. One training loop (loop.fit) serves them all.
 
-ClassificationTask trains on labels; DistillationTask adds a frozen teacher's logits
-(timm's distillation task is the model).
+ClassificationTask trains on labels; DistillationTask adds a frozen teacher's logits and,
+with feature terms, the outputs of named modules of both models (timm's distillation
+task is the model). `loss` returns the total, the logits and every term for logging.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .losses import LOSSES, needs_teacher
+from .features import FeatureDistiller, tapped
+from .losses import get_loss
+
+Terms = Dict[str, torch.Tensor]
 
 
 class ClassificationTask:
-    def __init__(self, loss_name: str = "ce", **loss_kwargs):
-        self.loss_fn = LOSSES.get(loss_name)
+    teacher: Optional[nn.Module] = None
+    features: Optional[FeatureDistiller] = None  # trainable adapters, kept out of the model
+
+    def __init__(self, loss_name: str = "ce", warmup_epochs: int = 0, **loss_kwargs):
+        self.loss_fn = get_loss(loss_name)
         self.loss_kwargs = loss_kwargs
+        self.warmup_epochs = warmup_epochs
+        self.epoch = 0  # set by fit; DKD's terms ramp up over warmup_epochs
+
+    def warmup(self) -> float:
+        """min(epoch / warmup_epochs, 1) with 1-based epochs, as in mdistiller's DKD."""
+        return min((self.epoch + 1) / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
 
     def teacher_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Terms]:
         teacher = self.teacher_logits(x)
         logits = model(x)
-        return self.loss_fn(logits, y, teacher, **self.loss_kwargs), logits
+        terms = self.loss_fn(logits, y, teacher, warmup=self.warmup(), **self.loss_kwargs)
+        return terms.pop("total"), logits, terms
 
 
 class DistillationTask(ClassificationTask):
@@ -39,10 +53,29 @@ class DistillationTask(ClassificationTask):
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x)
 
+    def loss(self, model, x, y):
+        if self.features is None:
+            return super().loss(model, x, y)
+        with tapped(self.teacher, self.features.teacher_paths()) as t_feats, \
+                tapped(model, self.features.student_paths()) as s_feats:
+            total, logits, terms = super().loss(model, x, y)
+        feats = self.features.terms(s_feats, t_feats)
+        return total + sum(feats.values()), logits, {**terms, **feats}
 
-def make_task(cfg, teacher: Optional[nn.Module] = None) -> ClassificationTask:
-    """cfg is a recipe TrainConfig; the recipe schema already checked kd has a teacher."""
-    if needs_teacher(cfg.loss):
-        return DistillationTask(teacher, cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha,
-                                label_smoothing=cfg.label_smoothing)
-    return ClassificationTask(cfg.loss, label_smoothing=cfg.label_smoothing)
+
+def make_task(cfg, teacher: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
+              input_shape=None, section: str = "distill") -> ClassificationTask:
+    """cfg is a recipe TrainConfig; the recipe schema already checked a teacher is there when needed.
+
+    Feature terms need the student and the data's input shape (their adapters are built from
+    the probed shapes); without them (taylor scoring) the task uses the logit loss alone."""
+    kwargs = dict(temperature=cfg.temperature, alpha=cfg.alpha, label_smoothing=cfg.label_smoothing,
+                  dkd_alpha=cfg.dkd.alpha, dkd_beta=cfg.dkd.beta, ce_weight=cfg.dkd.ce_weight,
+                  warmup_epochs=cfg.dkd.warmup_epochs)
+    if not cfg.needs_teacher:
+        return ClassificationTask(cfg.loss, **kwargs)
+    task = DistillationTask(teacher, cfg.loss, **kwargs)
+    if cfg.features and student is not None and input_shape is not None:
+        task.features = FeatureDistiller(cfg.features, student, teacher, input_shape, section)
+    return task
+
