@@ -15,7 +15,7 @@ pixels a step sees do not depend on how many loader workers apply them (`apply`)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -168,7 +168,6 @@ class PolicyDefaults:
     native_frame: Optional[Size] = None  # arrays: the frame is their native size, whatever image_size is
     image_mode: str = "RGB"
     fit: str = "cover"
-    extra: Dict[str, object] = field(default_factory=dict)
 
 
 def as_size(value) -> Size:
