@@ -103,8 +103,6 @@ def load_frame(path, frame: Sequence[int], mode: str = "RGB", fit: str = "cover"
 
 def eval_view(img, resize: Sequence[int], crop: Sequence[int], interpolation: str = "bilinear"):
     """The evaluation view of a frame: resize to `resize` (skipped when equal), centre-crop to `crop`."""
-    from PIL import Image
-
     if img.size != (resize[1], resize[0]):
         img = img.resize((int(resize[1]), int(resize[0])), _filter(interpolation))
     left, top = crop_offset(img.width, int(crop[1])), crop_offset(img.height, int(crop[0]))
