@@ -88,6 +88,7 @@ class Batches:
             shuffle=self.shuffle, seed=self.seed, drop_last=False,
         )
         self._generator = torch.Generator().manual_seed(self.seed + 7919 * self.rank)
+        self._reader = _Reader(self.images, self.labels, self.policy)
         self._loader = None
         self.mean = torch.tensor(self.policy.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(self.policy.std).view(1, -1, 1, 1)
@@ -119,15 +120,14 @@ class Batches:
             yield idx, self.policy.plan(len(idx), self._generator, self.augment)
 
     def __iter__(self):
-        reader = _Reader(self.images, self.labels, self.policy)
-        batches = map(reader.__getitem__, self._plan()) if self.num_workers == 0 else iter(self._workers(reader))
+        batches = map(self._reader.__getitem__, self._plan()) if self.num_workers == 0 else iter(self._workers())
         for x, y in batches:
             yield self._normalise(x), y.to(self.device)
 
-    def _workers(self, reader: _Reader):
+    def _workers(self):
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
-                reader, batch_size=None, sampler=_Jobs(self), num_workers=self.num_workers,
+                self._reader, batch_size=None, sampler=_Jobs(self), num_workers=self.num_workers,
                 persistent_workers=True, pin_memory=self.device.type == "cuda", prefetch_factor=2)
         return self._loader
 
