@@ -70,7 +70,6 @@ RECIPE_CASES = [
     ("run name with ..", "name", "..", "name"),
     ("run name with separator", "name", "runs/evil", "name"),
     ("run name escaping", "name", "../../etc", "name"),
-    ("finetune without prune", "finetune", {"epochs": 1}, "finetune is set but prune is not"),
     ("negative batch size", "data.batch_size", 0, "data.batch_size"),
     ("bad bench batch", "bench", {"batch_sizes": [0]}, "bench"),
 ]

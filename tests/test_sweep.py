@@ -183,13 +183,17 @@ def test_a_failed_variant_is_reported_and_the_sweep_goes_on(tmp_path, monkeypatc
 
 
 def test_study_recipes_expand(tmp_path):
-    """The committed study matrices stay valid: 16 + 16 CIFAR variants, 8 Fashion-MNIST ones."""
+    """The committed study matrices stay valid: 72 + 72 CIFAR variants, 36 Fashion-MNIST ones
+    (3 seeds x 4 students x {weight, channel, unpruned control})."""
     study = Path(__file__).resolve().parents[1] / "recipes" / "study"
     variants = expand(study)
-    assert len(variants) == 40
+    assert len(variants) == 180
     fmnist = [v for v in variants if v.name.startswith("study-fmnist-")]
-    assert len(fmnist) == 8 and {v.recipe.tracking.experiment for v in fmnist} == {"study-fmnist"}
-    assert {(v.recipe.prune.method, v.recipe.prune.sparsity) for v in variants} == {("weight", 0.8), ("channel", 0.5)}
+    assert len(fmnist) == 36 and {v.recipe.tracking.experiment for v in fmnist} == {"study-fmnist"}
+    assert {v.recipe.seed for v in variants} == {0, 1, 2}
+    assert {(v.recipe.prune.method, v.recipe.prune.sparsity) if v.recipe.prune else None for v in variants} == {
+        ("weight", 0.8), ("channel", 0.5), None}
+    assert all(v.recipe.finetune is not None for v in variants)
     assert {v.recipe.finetune.loss for v in variants if "cifar" in v.name} == {"kd", "ce"}
     for path in study.glob("*.yaml"):
         assert path.read_text().startswith("#"), f"{path} needs a comment header"
@@ -234,3 +238,24 @@ def test_tiny_sweep_trains_the_teacher_once(tiny_recipe, tmp_path, capsys, one_t
     parents = client.search_runs([tracking["experiment_id"]], "tags.`toolchain.stage` = 'compress'")
     assert sorted(r.data.tags["toolchain.run_name"] for r in parents) == sorted(names + names[:2])
     assert {r.info.status for r in parents} == {"FINISHED"}
+
+
+def test_the_control_variant_fine_tunes_the_unpruned_student(tiny_recipe, tmp_path, one_thread):
+    """`prune: null` with a finetune section: the same-budget control of a study fine-tunes the
+    KD student as long as the pruned variants, from the same cached student."""
+    path = tiny_recipe(prune={"method": "weight", "sparsity": 0.5}, finetune={"epochs": 1, "lr": 0.01, "loss": "kd"})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"].update(subset=96, test_subset=32)
+    recipe["matrix"] = {"axes": {"prune.method": ["weight", "none"]},
+                        "rules": [{"when": {"prune.method": "none"}, "set": {"prune": None}}]}
+    write(path, recipe)
+    assert run(["sweep", str(path)]) == 0
+    weight, control = (json.loads((tmp_path / "export" / n / "summary.json").read_text())["stages"]
+                       for n in ("tiny-weight", "tiny-none"))
+    assert "prune" not in control and control["distill"]["cached"] and not control["finetune"]["cached"]
+    assert control["finetune"]["metrics"]["nonzero_params"] == control["distill"]["metrics"]["nonzero_params"]
+    assert weight["finetune"]["metrics"]["nonzero_params"] < control["finetune"]["metrics"]["nonzero_params"]
+    client = mlflow.MlflowClient(json.loads((tmp_path / "export" / "tiny-none" / "summary.json").read_text())["mlflow"]["tracking_uri"])
+    parents = client.search_runs(client.get_experiment_by_name("tests").experiment_id, "tags.`toolchain.run_name` = 'tiny-none' and tags.`toolchain.stage` = 'compress'")
+    assert parents[0].data.tags["prune.method"] == "none", parents[0].data.tags
+    assert "final.test_accuracy" in parents[0].data.metrics, sorted(parents[0].data.metrics)

@@ -446,7 +446,8 @@ class Recipe(Section):
     student: StudentConfig = Field(..., description="The student architecture to distil into and compress.")
     distill: TrainConfig = Field(default_factory=lambda: TrainConfig(loss="kd"), description="Student training (losses kd and dkd, and features, need a teacher).")
     prune: Optional[PruneConfig] = Field(None, description="Pruning stage; omit to skip.")
-    finetune: Optional[TrainConfig] = Field(None, description="Fine-tuning after pruning (loss kd, dkd or ce; features too).")
+    finetune: Optional[TrainConfig] = Field(None, description="Fine-tuning after pruning (loss kd, dkd or ce; features too). "
+                                            "Without a prune section it fine-tunes the unpruned student: the same-budget control.")
     export: Optional[ExportConfig] = Field(default_factory=ExportConfig, description="ONNX export with parity gate; null to skip.")
     bench: Optional[BenchConfig] = Field(default_factory=BenchConfig, description="onnxruntime benchmark; null to skip.")
     quantize: Optional[QuantizeConfig] = Field(None, description="INT8 quantization of the exported model, measured before it ships; omit to skip.")
@@ -470,8 +471,6 @@ class Recipe(Section):
                 what = f"loss is {section.loss}" if _loss_needs_teacher(section.loss) else "features is set"
                 raise ValueError(f"{key}.{what} but the recipe has no teacher section; add one or set {key}.loss: ce "
                                  f"without {key}.features")
-        if self.finetune is not None and self.prune is None:
-            raise ValueError("finetune is set but prune is not; fine-tuning follows pruning")
         if self.bench is not None and self.export is None:
             raise ValueError("bench needs the export stage (it measures the exported ONNX file)")
         if self.quantize is not None and self.export is None:
