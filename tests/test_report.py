@@ -6,6 +6,7 @@ from the right run and metric; a tiny real sweep with export + bench checks the 
 
 import csv
 import json
+import statistics
 
 import mlflow
 import pytest
@@ -112,7 +113,7 @@ def test_report_values_are_the_runs_values(synthetic, tmp_path):
     assert float(students["arch_b"]["latency_p50_ms"]) == pytest.approx(0.5)
 
     md = files["markdown"].read_text()
-    assert "| s-b-channel | fashion_mnist | big | arch_b | channel | 0.5 | kd | 0.7400 | 1.00k | 120 | 1.50k | 1 | 0.200 |" in md
+    assert "| s-b-channel | fashion_mnist | big | arch_b | channel | 0.5 | kd | - | 0.7400 | 1.00k | 120 | 1.50k | - | - | 1 | 0.200 |" in md
     assert "s-c-weight" not in md and "s-d-weight" not in md
     assert "| fashion_mnist | arch_a | kd | 0.700 | 0.600 |" in md  # weight vs channel, pe_params
     for name in PLOTS:
@@ -197,3 +198,69 @@ def test_report_of_a_tiny_sweep(tiny_recipe, tmp_path):
     assert float(rows["tiny-weight"]["nonzero_params"]) < float(rows["tiny-weight"]["params"])
     for name in PLOTS:
         assert_png(tmp_path / "report" / name)
+
+
+# ---------------------------------------------------------------- repeats over seeds
+
+
+def test_spread_and_paired_interval_by_hand():
+    from toolchain.stats import paired, spread
+
+    s = spread([0.80, 0.82, 0.84, None])
+    assert s.n == 3 and s.mean == pytest.approx(0.82) and s.std == pytest.approx(0.02)
+    assert spread([0.5]).std is None and spread([None]) is None
+    # differences 1, 2, 3 (key 9 unpaired): mean 2, sd 1, t(0.975, df 2) = 4.3027 from a t table
+    d = paired({0: 11, 1: 12, 2: 13, 9: 50}, {0: 10, 1: 10, 2: 10})
+    half = 4.302652729911275 / 3 ** 0.5
+    assert (d.n, d.mean) == (3, 2) and d.low == pytest.approx(2 - half) and d.high == pytest.approx(2 + half)
+    assert d.verdict == "not resolved (interval spans 0)"
+    assert paired({0: 3.0, 1: 3.1, 2: 2.9}, {0: 1.0, 1: 1.0, 2: 1.0}).verdict == "a higher"
+    assert paired({0: 1.0}, {0: 2.0}).verdict == "one pair: no interval"
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """3 seeds x {weight, channel, none} for one student, with known numbers."""
+    tmp_path = tmp_path_factory.mktemp("seeded")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("seeds", artifact_location=(tmp_path / "artifacts").as_uri())
+    acc = {"weight": [0.80, 0.81, 0.82], "channel": [0.78, 0.78, 0.81], "none": [0.83, 0.84, 0.82]}
+    zipped = {"weight": 2.0e6, "channel": 3.0e6, "none": 8.0e6}
+    for seed in range(3):
+        for method in ("weight", "channel", "none"):
+            name = f"st-seed{seed}-a-{method}"
+            metrics = {**variant_metrics(acc[method][seed], 100, 100, 0.5, 0.6 + seed / 100), "onnx_zip_bytes": zipped[method] + seed}
+            if method == "channel" and seed == 0:
+                metrics["int8.zip_bytes"] = 1.0e6
+            tags = {"dataset": "fashion_mnist", "teacher": "big", "student": "arch_a", "prune.method": method}
+            make_run(client, exp_id, name, tags, metrics, {"finetune.loss": "kd", "seed": str(seed)}, start=seed * 10 + len(method))
+    return uri, acc
+
+
+def test_seed_tables_are_the_runs_statistics(seeded, tmp_path):
+    uri, acc = seeded
+    files = make_report("seeds", tmp_path / "out", uri, log_to_mlflow=False)
+    cells = {r["method"]: r for r in read_csv(files["seeds.csv"])}
+    assert set(cells) == {"weight", "channel", "none"} and cells["weight"]["seeds"] == "3"
+    assert float(cells["channel"]["test_accuracy.mean"]) == pytest.approx(sum(acc["channel"]) / 3)
+    assert float(cells["channel"]["test_accuracy.std"]) == pytest.approx(statistics.stdev(acc["channel"]))
+    assert float(cells["weight"]["onnx_zip_bytes.mean"]) == pytest.approx(2.0e6 + 1)
+    assert cells["channel"]["int8_shipped"] == "1/3" and cells["weight"]["int8_shipped"] == "0/3"
+
+    pairs = {r["comparison"]: r for r in read_csv(files["paired.csv"])}
+    assert set(pairs) == {"weight - channel", "weight - none", "channel - none"}
+    wc = pairs["weight - channel"]
+    diffs = [w - c for w, c in zip(acc["weight"], acc["channel"])]  # 0.02, 0.03, 0.01
+    assert float(wc["test_accuracy.diff"]) == pytest.approx(0.02)
+    half = 4.302652729911275 * statistics.stdev(diffs) / 3 ** 0.5
+    assert float(wc["test_accuracy.low"]) == pytest.approx(0.02 - half) and float(wc["test_accuracy.high"]) == pytest.approx(0.02 + half)
+    assert float(wc["onnx_zip_bytes.diff"]) == pytest.approx(-1.0e6)  # identical per-seed offsets cancel: std 0
+    assert float(wc["onnx_zip_bytes.low"]) == pytest.approx(-1.0e6)
+
+    text = files["markdown"].read_text()
+    assert "## Mean ± standard deviation over seeds" in text and "## Weight vs channel pruning, paired by seed" in text
+    assert "0.8100 ± 0.0100" in text  # weight accuracy
+    assert "**-1.00 MB** [-1.00, -1.00]" in text  # size difference resolved: bold
+    assert "## Weight vs channel pruning (PE vs teacher)" not in text  # the one-run table would show one seed
+    assert_png(files["seeds"])

@@ -9,6 +9,10 @@ runs as references. Writes into --out:
     acc_vs_params.png          test accuracy vs nonzero parameters
     acc_vs_latency.png         test accuracy vs ORT p50 latency, Pareto front marked
     pe_by_method.png           PE (params, MACs, latency) by method and architecture
+  and when cells repeat over seeds (or a `none` same-budget control ran):
+    seeds.csv, paired.csv      mean +/- std per cell; weight - channel and method - control
+                               paired by seed, with 95% t intervals (toolchain/stats.py)
+    acc_size_by_method.png     accuracy and deflated ONNX size, mean and std over seeds
 and logs them to MLflow as the artifacts of a run named `report` in the experiment.
 Every number is read from the runs; nothing is recomputed.
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ToolchainError
+from .stats import Paired, Spread, paired, spread
 from .fsutil import atomic_write_text, ensure_dir
 from .tracking import TAG_PREFIX, _sqlite_path, quiet_library_logs, resolve_uri, retry
 
@@ -29,7 +34,8 @@ PE_KEYS = ("pe_params", "pe_macs", "pe_latency")
 REFS = ("teacher", "student")
 COLUMNS = (
     "run_name", "dataset", "teacher", "student", "method", "sparsity", "finetune_loss",
-    "test_accuracy", "params", "nonzero_params", "macs", "latency_batch", "latency_p50_ms", "speedup_vs_student",
+    "seed", "test_accuracy", "params", "nonzero_params", "macs", "onnx_zip_bytes", "int8_zip_bytes",
+    "latency_batch", "latency_p50_ms", "speedup_vs_student",
     *[f"vs_{ref}.{key}" for ref in REFS for key in ("retention", *PE_KEYS)],
     "run_id",
 )
@@ -109,10 +115,13 @@ def run_row(run) -> Dict[str, Any]:
         "method": t.get("prune.method"),
         "sparsity": _number(t.get("prune.sparsity")),
         "finetune_loss": p.get("finetune.loss") if p.get("finetune.loss") not in (None, "None") else "none",
+        "seed": _number(p.get("seed")),
         "test_accuracy": m.get("final.test_accuracy"),
         "params": m.get("final.params"),
         "nonzero_params": m.get("final.nonzero_params"),
         "macs": m.get("final.macs"),
+        "onnx_zip_bytes": m.get("onnx_zip_bytes"),  # the shipped float file, deflated: where weight pruning's zeros show
+        "int8_zip_bytes": m.get("int8.zip_bytes"),  # only when the quantize stage shipped an INT8 file
         "latency_batch": bs,
         "latency_p50_ms": m.get(f"latency_p50_ms.cpu.bs{bs}") if bs else None,
         "speedup_vs_student": m.get(f"speedup_vs_student.cpu.bs{bs}") if bs else None,
@@ -192,6 +201,10 @@ def fmt(value: Any, column: str) -> str:
         return str(value)
     if column in ("params", "nonzero_params", "macs"):
         return si(value)
+    if column.endswith("_bytes"):
+        return f"{value / 1e6:.2f} MB"
+    if column == "seed":
+        return f"{int(value)}"
     if column in ("test_accuracy",) or column.endswith("retention"):
         return f"{value:.4f}"
     if column.startswith("vs_") or ".pe_" in column:
@@ -236,6 +249,97 @@ def method_comparison(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+# ---------------------------------------------------------------- repeats (seeds)
+
+SEED_METRICS = ("test_accuracy", "vs_teacher.pe_params", "vs_teacher.pe_macs", "vs_teacher.pe_latency",
+                "onnx_zip_bytes", "int8_zip_bytes")
+PAIRED_METRICS = SEED_METRICS[:5]
+CONTROL = "none"  # a run without a prune section: the unpruned KD student given the same fine-tune
+
+
+def _cell(row: Dict[str, Any]) -> Tuple[str, str, str]:
+    return (row["dataset"], row["student"], row["finetune_loss"])
+
+
+def seed_table(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (dataset, student, fine-tune loss, method): each metric's spread over the seeds."""
+    groups: Dict[Tuple[str, str, str, str], List[Dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((*_cell(row), row["method"]), []).append(row)
+    out = []
+    for (dataset, student, loss, method), members in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        entry: Dict[str, Any] = {"dataset": dataset, "student": student, "finetune_loss": loss, "method": method,
+                                 "seeds": len(members),
+                                 "int8_shipped": f"{sum(r.get('int8_zip_bytes') is not None for r in members)}/{len(members)}"}
+        entry.update({key: spread(r.get(key) for r in members) for key in SEED_METRICS})
+        out.append(entry)
+    return out
+
+
+def paired_table(rows: List[Dict[str, Any]], a: str, b: str, keys: Sequence[str] = PAIRED_METRICS) -> List[Dict[str, Any]]:
+    """Per (dataset, student, fine-tune loss): method a minus method b, paired by seed, with a 95% interval."""
+    by_cell: Dict[Tuple[str, str, str], Dict[str, Dict[Any, Dict[str, Any]]]] = {}
+    for row in rows:
+        by_cell.setdefault(_cell(row), {}).setdefault(row["method"], {})[row["seed"]] = row
+    out = []
+    for (dataset, student, loss), methods in sorted(by_cell.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        if a not in methods or b not in methods:
+            continue
+        entry: Dict[str, Any] = {"dataset": dataset, "student": student, "finetune_loss": loss, "comparison": f"{a} - {b}"}
+        for key in keys:
+            entry[key] = paired({s: r.get(key) for s, r in methods[a].items()}, {s: r.get(key) for s, r in methods[b].items()})
+        entry["pairs"] = max((d.n for d in entry.values() if isinstance(d, Paired)), default=0)
+        out.append(entry)
+    return out
+
+
+def _digits(column: str) -> Tuple[float, int, str]:
+    """(scale, digits, unit) for a statistic of a column."""
+    if column.endswith("_bytes"):
+        return 1e6, 2, " MB"
+    if column == "test_accuracy":
+        return 1.0, 4, ""
+    return 1.0, 3, ""
+
+
+def fmt_stat(value: Any, column: str) -> str:
+    if isinstance(value, Spread):
+        scale, digits, unit = _digits(column)
+        text = Spread(value.n, value.mean / scale, None if value.std is None else value.std / scale).text(digits)
+        return text + unit
+    if isinstance(value, Paired):
+        scale, digits, unit = _digits(column)
+        mean = f"{value.mean / scale:+.{digits}f}{unit}"
+        if value.low is None:
+            return mean
+        mark = "**" if value.low > 0 or value.high < 0 else ""  # bold: the interval excludes 0
+        return f"{mark}{mean}{mark} [{value.low / scale:+.{digits}f}, {value.high / scale:+.{digits}f}]"
+    return fmt(value, column)
+
+
+def stat_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt_stat(row.get(c), c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stat_csv_rows(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """Spread/Paired cells flattened into .mean/.std/.n or .diff/.low/.high columns for CSV."""
+    flat, columns = [], []
+    for row in rows:
+        out: Dict[str, Any] = {}
+        for key, value in row.items():
+            if isinstance(value, Spread):
+                out.update({f"{key}.mean": value.mean, f"{key}.std": value.std, f"{key}.n": value.n})
+            elif isinstance(value, Paired):
+                out.update({f"{key}.diff": value.mean, f"{key}.low": value.low, f"{key}.high": value.high})
+            else:
+                out[key] = value
+        flat.append(out)
+        columns += [k for k in out if k not in columns]
+    return flat, columns
+
+
 def write_csv(path: Path, rows: List[Dict[str, Any]], columns: Sequence[str]) -> None:
     import io
 
@@ -248,7 +352,7 @@ def write_csv(path: Path, rows: List[Dict[str, Any]], columns: Sequence[str]) ->
 
 
 def markdown_report(experiment: str, rows, refs, plots: Sequence[str]) -> str:
-    comparison = method_comparison(rows)
+    comparison = [] if _repeated(rows) else method_comparison(rows)  # one run per cell; repeats get the paired tables
     parts = [
         f"# Compression report: experiment `{experiment}`",
         "",
@@ -267,8 +371,35 @@ def markdown_report(experiment: str, rows, refs, plots: Sequence[str]) -> str:
     if comparison:
         cols = ["dataset", "student", "finetune_loss"] + [f"{m}.{k}" for k in PE_KEYS for m in ("weight", "channel")] + [f"{k} winner" for k in PE_KEYS]
         parts += ["", "## Weight vs channel pruning (PE vs teacher)", "", markdown_table(comparison, cols)]
+    if _repeated(rows):
+        parts += seed_sections(rows)
     parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(parts) + "\n"
+
+
+def _repeated(rows: List[Dict[str, Any]]) -> bool:
+    """Several seeds of one cell, or a same-budget control: the study sections apply."""
+    cells = [(*_cell(r), r["method"]) for r in rows]
+    return len(set(cells)) < len(cells) or any(r["method"] == CONTROL for r in rows)
+
+
+def seed_sections(rows: List[Dict[str, Any]]) -> List[str]:
+    spreads = seed_table(rows)
+    keys = ["dataset", "student", "finetune_loss", "method", "seeds"]
+    parts = ["", "## Mean ± standard deviation over seeds", "",
+             "PE against the teacher. Sizes: the shipped float ONNX file, deflated (zip); INT8: only the runs whose "
+             "quantize stage shipped an INT8 file (`int8_shipped` of the seeds). `none`: no pruning, the unpruned KD "
+             "student given the same fine-tune (the same-budget control).", "",
+             stat_table(spreads, keys + list(SEED_METRICS) + ["int8_shipped"])]
+    for a, b, title in (("weight", "channel", "Weight vs channel pruning"), ("weight", CONTROL, "Weight pruning vs the control"),
+                        ("channel", CONTROL, "Channel pruning vs the control")):
+        table = paired_table(rows, a, b)
+        if table:
+            parts += ["", f"## {title}, paired by seed", "",
+                      f"Mean of ({a} - {b}) over the seeds both ran, with its 95% t interval; **bold**: the interval "
+                      "excludes 0 (the difference is resolved at this number of seeds).", "",
+                      stat_table(table, ["dataset", "student", "finetune_loss", "comparison", "pairs", *PAIRED_METRICS])]
+    return parts
 
 
 # ---------------------------------------------------------------- plots
@@ -372,37 +503,59 @@ def _common_prefix(names: List[str]) -> str:
 
 
 def plot_pe(rows, path: Path, title: str) -> None:
+    """PE by method and architecture; with several seeds a bar is the mean and its error bar one std."""
     import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(REFS), len(PE_KEYS), figsize=(5 * len(PE_KEYS), 3.6 * len(REFS)), squeeze=False)
+    for i, ref in enumerate(REFS):
+        for j, key in enumerate(PE_KEYS):
+            _bar_panel(axes[i][j], rows, f"vs_{ref}.{key}", f"{key} vs {'teacher' if ref == 'teacher' else 'KD student'}",
+                       legend=i == 0 and j == 0)
+    fig.suptitle(f"{title}: Performance Efficiency by method and architecture (higher is better{_seeds_note(rows)})")
+    _save(fig, path)
+
+
+def plot_seeds(rows, path: Path, title: str) -> None:
+    """Accuracy and deflated ONNX size by method and architecture, mean and one std over seeds."""
+    import matplotlib.pyplot as plt
+
+    panels = (("test_accuracy", "test accuracy", 1.0), ("onnx_zip_bytes", "float ONNX, deflated (MB)", 1e6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], panels):
+        _bar_panel(ax, rows, key, label, legend=key == "test_accuracy", scale=scale)
+    accs = [r["test_accuracy"] for r in rows if r.get("test_accuracy") is not None]
+    if accs:  # accuracy differences are a few points: start the axis near the data, not at 0
+        axes[0][0].set_ylim(max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.03))
+    fig.suptitle(f"{title}: accuracy and shipped size by method{_seeds_note(rows)}")
+    _save(fig, path)
+
+
+def _seeds_note(rows) -> str:
+    seeds = {r.get("seed") for r in rows}
+    return f"; mean and one std over {len(seeds)} seeds" if len(seeds) > 1 else ""
+
+
+def _bar_panel(ax, rows, key: str, label: str, legend: bool, scale: float = 1.0) -> None:
     import numpy as np
 
     students = sorted({r["student"] for r in rows})
     losses = sorted({r["finetune_loss"] for r in rows})
     groups = sorted({(r["method"], r["finetune_loss"]) for r in rows})
-    fig, axes = plt.subplots(len(REFS), len(PE_KEYS), figsize=(5 * len(PE_KEYS), 3.6 * len(REFS)), squeeze=False)
     width = 0.8 / max(1, len(groups))
-    for i, ref in enumerate(REFS):
-        for j, key in enumerate(PE_KEYS):
-            ax = axes[i][j]
-            for g, (method, loss) in enumerate(groups):
-                values = [_mean([r.get(f"vs_{ref}.{key}") for r in rows if (r["student"], r["method"], r["finetune_loss"]) == (s, method, loss)])
-                          for s in students]
-                label = method if len(losses) == 1 else f"{method}, ft {loss}"
-                ax.bar(np.arange(len(students)) + (g - (len(groups) - 1) / 2) * width,
-                       [np.nan if v is None else v for v in values], width, label=label)
-            ax.axhline(0, color="black", lw=0.8)
-            ax.set_xticks(np.arange(len(students)))
-            ax.set_xticklabels(students, rotation=20, fontsize=8)
-            ax.set_title(f"{key} vs {'teacher' if ref == 'teacher' else 'KD student'}", fontsize=10)
-            ax.grid(axis="y", alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8)
-    fig.suptitle(f"{title}: Performance Efficiency by method and architecture (higher is better)")
-    _save(fig, path)
-
-
-def _mean(values) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+    for g, (method, loss) in enumerate(groups):
+        cells = [spread(r.get(key) for r in rows if (r["student"], r["method"], r["finetune_loss"]) == (s, method, loss))
+                 for s in students]
+        means = [np.nan if c is None else c.mean / scale for c in cells]
+        errors = [0.0 if c is None or c.std is None else c.std / scale for c in cells]
+        ax.bar(np.arange(len(students)) + (g - (len(groups) - 1) / 2) * width, means, width,
+               yerr=errors if any(errors) else None, capsize=3, label=method if len(losses) == 1 else f"{method}, ft {loss}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(np.arange(len(students)))
+    ax.set_xticklabels(students, rotation=20, fontsize=8)
+    ax.set_title(label, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
 
 
 def _save(fig, path: Path) -> None:
@@ -428,16 +581,27 @@ def make_report(experiment: str, out: str | Path = "docs/report", tracking_uri: 
     plot_acc_vs_params(rows, refs, files["acc_vs_params"], experiment)
     plot_acc_vs_latency(rows, refs, files["acc_vs_latency"], experiment)
     plot_pe(rows, files["pe_by_method"], experiment)
+    plots = [files[k] for k in ("acc_vs_params", "acc_vs_latency", "pe_by_method")]
+    if _repeated(rows):
+        files["seeds"] = out / "acc_size_by_method.png"
+        plot_seeds(rows, files["seeds"], experiment)
+        plots.append(files["seeds"])
+        for name, table in (("seeds.csv", seed_table(rows)),
+                            ("paired.csv", [e for a, b in (("weight", "channel"), ("weight", CONTROL), ("channel", CONTROL))
+                                            for e in paired_table(rows, a, b)])):
+            flat, columns = stat_csv_rows(table)
+            files[name] = out / name
+            write_csv(files[name], flat, columns)
     files["csv"] = out / "report.csv"
     files["references_csv"] = out / "references.csv"
     files["markdown"] = out / "report.md"
     write_csv(files["csv"], rows, COLUMNS)
     write_csv(files["references_csv"], refs, REF_COLUMNS)
-    atomic_write_text(files["markdown"], markdown_report(experiment, rows, refs, [files[k] for k in ("acc_vs_params", "acc_vs_latency", "pe_by_method")]))
+    atomic_write_text(files["markdown"], markdown_report(experiment, rows, refs, plots))
     if log_to_mlflow:
         files_run = log_report(uri, exp.experiment_id, list(files.values()), len(rows))
         print(f"[report] logged to MLflow run {files_run} (experiment {experiment})")
-    print(f"[report] {len(rows)} runs -> {files['markdown']}, {files['csv']} and 3 plots in {out}")
+    print(f"[report] {len(rows)} runs -> {files['markdown']}, {files['csv']} and {len(plots)} plots in {out}")
     return files
 
 
