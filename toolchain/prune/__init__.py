@@ -8,6 +8,7 @@ that `toolchain.prune.registry` stays cheap for recipe validation.
 
 _LAZY = {
     "prune_model": ".api",
+    "check_prunable": ".api",
     "PruneResult": ".api",
     "GradientSource": ".taylor",
     "keep_sparsity": ".weight",

@@ -11,7 +11,10 @@ and returns result.after_step to keep them zero during fine-tuning.
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
@@ -60,11 +63,85 @@ def prune_model(
     before = _totals(model, example_input)
     shapes_before = layer_stats.snapshot(model, names)
     sparsities = sparsity_steps(cfg.sparsity, cfg.schedule, cfg.steps)
-    prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients)
-    after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
+    with engine_failures(cfg, model):
+        prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients)
+        after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
     layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
     report = _report(cfg, before, _totals(model, example_input), layers, time.perf_counter() - started)
     return PruneResult(model=model, report=report, layers=layers, after_step=after_step if cfg.method == "weight" else None)
+
+
+def check_prunable(model: nn.Module, cfg, example_input: torch.Tensor, time_limit_s: float) -> float:
+    """Prune a copy of the (untrained) model once, as the recipe will after training, and
+    return the seconds it took: an architecture the engine cannot handle fails here, in
+    one line, before anything trains. Channels are scored by L1 (structure, not scores,
+    is what can fail), iterative schedules by their first step; weight pruning cannot fail
+    on structure and is not run."""
+    if cfg.method != "channel":
+        return 0.0
+    trial = cfg.model_copy(update={"pruner": "l1" if cfg.pruner == "taylor" else cfg.pruner, "schedule": "one_shot"})
+    started = time.perf_counter()
+    with time_limit(time_limit_s, lambda: PruneError(
+            f"prune: engine {cfg.engine} did not finish pruning {type(model).__name__} within {time_limit_s:g} s "
+            f"(prune.check_time_limit_s); {_way_out(cfg, None)}, or raise prune.check_time_limit_s if the model is just big")):
+        prune_model(model, trial, example_input)
+    return time.perf_counter() - started
+
+
+@contextmanager
+def engine_failures(cfg, model: nn.Module):
+    """An engine's own exception (a shape it cannot trace, an op it does not know) -> one PruneError
+    line naming the layer it was working on and the two ways out."""
+    try:
+        yield
+    except (PruneError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:
+        layer = _failing_layer(exc.__traceback__, model)
+        where = f" at layer {layer}" if layer else ""
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PruneError(f"prune: engine {cfg.engine} failed on {type(model).__name__}{where} "
+                         f"({type(exc).__name__}: {first}); {_way_out(cfg, layer)}") from exc
+
+
+def _way_out(cfg, layer: Optional[str]) -> str:
+    other = "torch_pruning" if cfg.engine == "nni" else "nni"
+    target = f"'{layer}'" if layer else "'<layer name>'"
+    return f"keep that layer with prune.exclude: [{target}] (fnmatch patterns), or try prune.engine: {other}"
+
+
+def _failing_layer(tb, model: nn.Module) -> Optional[str]:
+    """The innermost frame's module (or module name) that belongs to the model: engines keep
+    the layer they work on in a local variable; the name is a hint, not a guarantee."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    found = None
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, nn.Module) and id(value) in names:
+                found = names[id(value)]
+            elif isinstance(value, str) and value in names.values():
+                found = value
+        tb = tb.tb_next
+    return found
+
+
+@contextmanager
+def time_limit(seconds: float, error: Callable[[], Exception]):
+    """Raise error() if the block runs longer than `seconds` (main thread of a Unix process; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise error()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients) -> Callable[[float], Optional[Callable]]:

@@ -20,11 +20,9 @@ from . import nni_compat
 from .speedup import eval_mode
 
 
-def _has_grouped_conv(model: nn.Module) -> bool:
+def _grouped_convs(model: nn.Module) -> List[str]:
     """Grouped (not depthwise) convs add divisibility constraints we do not model."""
-    return any(
-        isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels for m in model.modules()
-    )
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels]
 
 
 def coupled_sets(model: nn.Module, example_input: torch.Tensor) -> List[set]:
@@ -51,8 +49,10 @@ def channel_groups(
     """
     if not aware:
         return [[name] for name in targets]
-    if _has_grouped_conv(model):
-        raise NotImplementedError("dependency-aware pruning of grouped (non-depthwise) convs")
+    grouped = _grouped_convs(model)
+    if grouped:
+        more = f" and {len(grouped) - 1} more" if len(grouped) > 1 else ""
+        raise NotImplementedError(f"dependency-aware pruning of grouped (non-depthwise) convs ({grouped[0]}{more})")
     order = {name: i for i, name in enumerate(targets)}
     groups = []
     for members in coupled_sets(model, example_input):

@@ -19,8 +19,23 @@ def step_train_cfg(cfg):
 class Prune(ModelStage):
     name = "prune"
     order = 30
-    sections = ("prune", "finetune", "distill")
+    sections = ("prune", "finetune", "distill", "student")  # student: the architecture the preflight prunes
     followers = "load"  # rank 0 prunes; the others load the smaller model
+
+    def preflight(self, cfg, data) -> None:
+        """Channel pruning of the untrained architecture once, before the teacher and the student
+        train: a model the engine cannot prune fails now, in one line, with the way out."""
+        from tqdm import tqdm
+
+        from ..models.resolve import build
+        from ..prune import check_prunable
+
+        if cfg.prune.method != "channel":
+            return
+        student = cfg.student
+        model = build(student.model, data.num_classes, student.cifar_stem, student.kwargs)  # structure, not weights
+        seconds = check_prunable(model, cfg.prune, data.example_batch(2), cfg.prune.check_time_limit_s)
+        tqdm.write(f"[prune] preflight: {student.model} channel-prunes with engine {cfg.prune.engine} ({seconds:.1f} s)")
 
     def inputs(self, cfg, models, ran):
         # the teacher is an input too: taylor scores and iterative steps use the KD loss
