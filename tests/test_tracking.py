@@ -291,3 +291,91 @@ def test_register_model_needs_tracking():
     with pytest.raises(RecipeError, match="register_model needs tracking.enabled: true") as err:
         validate_dict(recipe)
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- the runs table's saved view
+
+
+def _view(client, experiment_id):
+    tag = client.get_experiment(experiment_id).tags.get(tracking.RUNS_VIEW_TAG)
+    return tag and json.loads(tag)
+
+
+def test_a_new_experiment_gets_the_headline_view(tracker):
+    """The UI's saved-view envelope (what its "Save view" writes under mlflow.sharedViewState.<id>):
+    the Dataset column and the headline metrics finish() logs on the parent run, newest first."""
+    view = _view(mlflow.MlflowClient(tracker.uri), tracker.experiment_id)
+    assert tracking.RUNS_VIEW_TAG == "mlflow.sharedViewState.toolchain-headline"
+    assert view["name"] == "Headline metrics (toolchain)"
+    assert isinstance(view["createdAt"], int) and view["updatedAt"] == view["createdAt"]
+    state = json.loads(view["state"])  # a JSON string inside the envelope, as the UI stores it
+    expected = ["attributes.`Dataset`", "metrics.`test_accuracy`", "metrics.`vs_teacher.pe_params`",
+                "metrics.`latency_p50_ms.cpu.bs1`", "metrics.`onnx_file_bytes`", "metrics.`vs_student.pe_params`",
+                "metrics.`onnx_zip_bytes`", "metrics.`int8.test_accuracy`", "metrics.`int8.latency_p50_ms.cpu.bs1`",
+                "metrics.`int8.file_bytes`"]
+    assert state["selectedColumns"] == expected and state["columnOrder"] == expected
+    assert set(state["columnWidths"]) == set(expected)  # the UI's column ids, as its own saved views write them
+    assert (state["orderByKey"], state["orderByAsc"]) == ("attributes.start_time", False)
+
+
+def test_the_view_columns_are_metrics_the_parent_run_gets():
+    """Every headline column is one finish() logs on the parent run for a recipe with bench and int8."""
+    from toolchain.stages.bench import bench_metrics
+
+    row = {"provider": "cpu", "batch_size": 1, "p50_ms": 1.0, "throughput_img_s": 1.0}
+    logged = {"test_accuracy", "vs_teacher.pe_params", "vs_student.pe_params", "onnx_file_bytes", "onnx_zip_bytes",
+              "int8.test_accuracy", "int8.file_bytes"}
+    logged |= set(bench_metrics({"final": [row], "int8": [row]}, None))
+    assert set(tracking.HEADLINE_COLUMNS) <= logged
+
+
+def test_the_view_is_written_once_and_a_changed_one_stays(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = Tracker(uri, "exp")
+    first.connect()
+    client = mlflow.MlflowClient(uri)
+    written = client.get_experiment(first.experiment_id).tags[tracking.RUNS_VIEW_TAG]
+    Tracker(uri, "exp").connect()  # the second run: nothing rewritten
+    assert client.get_experiment(first.experiment_id).tags[tracking.RUNS_VIEW_TAG] == written
+    mine = json.dumps({"name": "mine", "createdAt": 1, "updatedAt": 2, "state": "{}"})  # the user's "Overwrite view"
+    client.set_experiment_tag(first.experiment_id, tracking.RUNS_VIEW_TAG, mine)
+    Tracker(uri, "exp").connect()
+    assert client.get_experiment(first.experiment_id).tags[tracking.RUNS_VIEW_TAG] == mine
+
+
+def test_an_existing_experiment_gets_the_view_on_first_use(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri, "bootstrap").connect()  # creates the store
+    client = mlflow.MlflowClient(uri)
+    old = client.create_experiment("old", tags={"mlflow.experimentKind": "custom_model_development"})
+    Tracker(uri, "old").connect()
+    assert json.loads(_view(client, old)["state"])["selectedColumns"][0] == "attributes.`Dataset`"
+
+
+def test_a_refused_view_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, caplog):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri, "bootstrap").connect()
+    client = mlflow.MlflowClient(uri)
+    old = client.create_experiment("old")
+
+    def refuse(self, experiment_id, key, value):
+        if key == tracking.RUNS_VIEW_TAG:
+            raise RuntimeError("PERMISSION_DENIED")
+        return original(self, experiment_id, key, value)
+
+    original = mlflow.MlflowClient.set_experiment_tag
+    monkeypatch.setattr(mlflow.MlflowClient, "set_experiment_tag", refuse)
+    tracker = Tracker(uri, "old")
+    tracker.connect()
+    assert tracker.experiment_id == old and tracking.RUNS_VIEW_TAG not in client.get_experiment(old).tags
+    assert "could not save the runs-table view" in caplog.text
+
+
+def test_the_printed_link_opens_the_runs_table_in_the_view(tmp_path):
+    from toolchain.engine.summary import Summary, final_table
+
+    summary = Summary(tmp_path / "summary.json", {"run_name": "demo", "mlflow": {
+        "tracking_uri": "sqlite:///mlruns/mlflow.db", "experiment_id": "7", "parent_run_id": "abc"}}, owner=False)
+    line = next(l for l in final_table(summary).splitlines() if l.startswith("MLflow:"))
+    assert line.endswith("then open #/experiments/7/runs?viewStateShareKey=toolchain-headline"
+                         "&workflowType=machine_learning)")

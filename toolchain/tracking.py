@@ -28,6 +28,42 @@ TAG_PREFIX = "toolchain."
 # lands by its own GenAI / Model training toggle instead: docs/mlflow_ui/README.md
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
+# The runs table's columns. MLflow 3.17.2's UI keeps them per browser (localStorage "ExperimentPage"
+# state; a fresh browser gets Source, Models, Dataset), with one server-side exception: a saved view,
+# the experiment tag mlflow.sharedViewState.<id> (its "Views" menu lists them), which the runs page
+# applies when its URL carries ?viewStateShareKey=<id>. The toolchain saves one such view when it
+# creates or first uses an experiment, and never rewrites it (the user may have overwritten it from
+# the UI); its link is runs_link(). Evidence from the UI bundle: docs/mlflow_ui/README.md.
+RUNS_VIEW_ID = "toolchain-headline"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_ID}"
+RUNS_VIEW_NAME = "Headline metrics (toolchain)"
+# metrics finish() logs on the parent run (engine/runner.py; bench and int8 ones only when those stages ran;
+# the UI skips a selected column no run has)
+HEADLINE_COLUMNS = ("test_accuracy", "vs_teacher.pe_params", "latency_p50_ms.cpu.bs1", "onnx_file_bytes",
+                    "vs_student.pe_params", "onnx_zip_bytes", "int8.test_accuracy", "int8.latency_p50_ms.cpu.bs1",
+                    "int8.file_bytes")
+
+
+def runs_view_value(now_ms: Optional[int] = None) -> str:
+    """The saved view as the UI writes one (its "Save view" envelope: name, createdAt, updatedAt, and the
+    state as a JSON string): newest runs first, the Dataset column and the headline metric columns."""
+    import json
+
+    columns = ["attributes.`Dataset`"] + [f"metrics.`{name}`" for name in HEADLINE_COLUMNS]
+    # metric columns about as wide as their names (the UI's default cuts vs_teacher.pe_params to "vs_teacher.pe_")
+    widths = {f"metrics.`{name}`": max(100, 7 * len(name) + 24) for name in HEADLINE_COLUMNS}
+    widths["attributes.`Dataset`"] = 220
+    state = {"orderByKey": "attributes.start_time", "orderByAsc": False,
+             "selectedColumns": columns, "columnOrder": columns, "columnWidths": widths}
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return json.dumps({"name": RUNS_VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)})
+
+
+def runs_link(experiment_id: str) -> str:
+    """The URL fragment (after the MLflow UI's address) that opens the experiment's runs table in
+    the saved view, whatever the browser's GenAI / Model training toggle says."""
+    return f"#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_ID}&workflowType=machine_learning"
+
 
 def quiet_library_logs() -> None:
     """MLflow/alembic/NNI log at INFO on every call; the user's terminal is for our progress."""
@@ -341,19 +377,21 @@ class Tracker(NullTracker):
     def _get_or_create_experiment(self, sqlite_path: Optional[Path]) -> str:
         client = self.mlflow.MlflowClient(self.uri)
         found = client.get_experiment_by_name(self.experiment_name)
-        if found is not None:
-            if EXPERIMENT_KIND[0] not in found.tags:  # made by an older toolchain; a kind the user chose stays
-                client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
-            return found.experiment_id
-        # Embedded store: artifacts beside the database (mlruns/artifacts), not in MLflow's ./mlartifacts.
-        location = (sqlite_path.parent / "artifacts").resolve().as_uri() if sqlite_path else None
-        try:
-            return client.create_experiment(self.experiment_name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
-        except Exception as exc:  # another process created it between our get and create
-            found = client.get_experiment_by_name(self.experiment_name)
-            if found is None:
-                raise exc
-            return found.experiment_id
+        if found is None:
+            # Embedded store: artifacts beside the database (mlruns/artifacts), not in MLflow's ./mlartifacts.
+            location = (sqlite_path.parent / "artifacts").resolve().as_uri() if sqlite_path else None
+            try:
+                return client.create_experiment(self.experiment_name, artifact_location=location,
+                                                tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], RUNS_VIEW_TAG: runs_view_value()})
+            except Exception as exc:  # another process created it between our get and create
+                found = client.get_experiment_by_name(self.experiment_name)
+                if found is None:
+                    raise exc
+        if EXPERIMENT_KIND[0] not in found.tags:  # made by an older toolchain; a kind the user chose stays
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
+        if RUNS_VIEW_TAG not in found.tags:  # present: ours, or the user's overwrite of it from the UI; keep it
+            _save_runs_view(client, found.experiment_id, self.uri)
+        return found.experiment_id
 
     def register_model(self, name: str, model_uri: str, run_id: str, card: Dict[str, Any]):
         """A new version of registered model `name` from the ONNX MLflow model logged on the parent
@@ -417,6 +455,16 @@ class Tracker(NullTracker):
             retry(self.client.set_terminated, run_id, "FAILED")
             raise
         retry(self.client.set_terminated, run_id, "FINISHED")
+
+
+def _save_runs_view(client, experiment_id: str, uri: str) -> None:
+    """Best effort: a server that refuses the tag (permissions) costs the link its columns, not the run."""
+    try:
+        retry(client.set_experiment_tag, experiment_id, RUNS_VIEW_TAG, runs_view_value())
+    except Exception as exc:
+        logging.getLogger(__name__).warning("MLflow: could not save the runs-table view %s on experiment %s (%s); "
+                                            "the runs link opens without its columns", RUNS_VIEW_TAG, experiment_id,
+                                            _redact(first_line(exc, 200), uri))
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from typing import Any, Dict, List
 
 from ..fsutil import atomic_write_json
 from ..report import si
+from ..tracking import runs_link
 
 ROW_STAGES = (("teacher", "teacher"), ("distill", "KD student"), ("prune", "pruned"), ("finetune", "pruned+KD ft"))
 
@@ -100,5 +101,5 @@ def final_table(summary: Summary) -> str:
     if mlflow_info.get("tracking_uri"):
         lines.append(f"MLflow:       {mlflow_info['tracking_uri']}  parent run {mlflow_info['parent_run_id']}  "
                      f"(browse: mlflow ui --backend-store-uri {mlflow_info['tracking_uri']}, then open "
-                     f"#/experiments/{mlflow_info['experiment_id']}/runs?workflowType=machine_learning)")
+                     f"{runs_link(mlflow_info['experiment_id'])})")
     return "\n".join(lines)
