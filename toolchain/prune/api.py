@@ -63,7 +63,7 @@ def prune_model(
     before = _totals(model, example_input)
     shapes_before = layer_stats.snapshot(model, names)
     sparsities = sparsity_steps(cfg.sparsity, cfg.schedule, cfg.steps)
-    with engine_failures(cfg, model):
+    with engine_failures(cfg, model, names):
         prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients)
         after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
     layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
@@ -83,43 +83,48 @@ def check_prunable(model: nn.Module, cfg, example_input: torch.Tensor, time_limi
     started = time.perf_counter()
     with time_limit(time_limit_s, lambda: PruneError(
             f"prune: engine {cfg.engine} did not finish pruning {type(model).__name__} within {time_limit_s:g} s "
-            f"(prune.check_time_limit_s); {_way_out(cfg, None)}, or raise prune.check_time_limit_s if the model is just big")):
+            f"(prune.check_time_limit_s); try prune.engine: {_other(cfg)}, keep the blocks it stalls on with prune.exclude, "
+            "or raise prune.check_time_limit_s if the model is just big")):
         prune_model(model, trial, example_input)
     return time.perf_counter() - started
 
 
 @contextmanager
-def engine_failures(cfg, model: nn.Module):
+def engine_failures(cfg, model: nn.Module, targets: List[str]):
     """An engine's own exception (a shape it cannot trace, an op it does not know) -> one PruneError
-    line naming the layer it was working on and the two ways out."""
+    line naming the target layer it was working on and the two ways out."""
     try:
         yield
     except (PruneError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:
-        layer = _failing_layer(exc.__traceback__, model)
+        layer = _failing_layer(exc.__traceback__, model, set(targets))
         where = f" at layer {layer}" if layer else ""
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise PruneError(f"prune: engine {cfg.engine} failed on {type(model).__name__}{where} "
                          f"({type(exc).__name__}: {first}); {_way_out(cfg, layer)}") from exc
 
 
+def _other(cfg) -> str:
+    return "torch_pruning" if cfg.engine == "nni" else "nni"
+
+
 def _way_out(cfg, layer: Optional[str]) -> str:
-    other = "torch_pruning" if cfg.engine == "nni" else "nni"
-    target = f"'{layer}'" if layer else "'<layer name>'"
-    return f"keep that layer with prune.exclude: [{target}] (fnmatch patterns), or try prune.engine: {other}"
+    if layer:
+        return f"keep that layer with prune.exclude: ['{layer}'] (fnmatch patterns), or try prune.engine: {_other(cfg)}"
+    return f"try prune.engine: {_other(cfg)}, or keep the layers it fails on with prune.exclude (fnmatch patterns)"
 
 
-def _failing_layer(tb, model: nn.Module) -> Optional[str]:
-    """The innermost frame's module (or module name) that belongs to the model: engines keep
-    the layer they work on in a local variable; the name is a hint, not a guarantee."""
-    names = {id(m): n for n, m in model.named_modules() if n}
+def _failing_layer(tb, model: nn.Module, targets: set) -> Optional[str]:
+    """The innermost frame's pruning target (a module, or its name, in a local variable): engines
+    keep the layer they work on in a local; the name is a hint, not a guarantee."""
+    names = {id(m): n for n, m in model.named_modules() if n in targets}
     found = None
     while tb is not None:
         for value in tb.tb_frame.f_locals.values():
             if isinstance(value, nn.Module) and id(value) in names:
                 found = names[id(value)]
-            elif isinstance(value, str) and value in names.values():
+            elif isinstance(value, str) and value in targets:
                 found = value
         tb = tb.tb_next
     return found
