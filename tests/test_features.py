@@ -113,6 +113,17 @@ def test_bad_module_path_is_one_line_exit_2(tiny_recipe, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: distill.features[0].student: no module 'feature.2'")
     assert "features.2" in lines[0]
+    assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))  # the preflight caught it: nothing trained
+
+
+def test_a_bad_finetune_path_fails_before_the_teacher_trains(tiny_recipe, tmp_path, capsys):
+    from toolchain.cli import run
+
+    path = tiny_recipe(prune={"method": "channel", "sparsity": 0.5},
+                       finetune={"epochs": 1, "loss": "kd", "features": [{"student": "features.2", "teacher": "layer9"}]})
+    assert run(["compress", str(path)]) == 2
+    assert "finetune.features[0].teacher: no module 'layer9'" in capsys.readouterr().err
+    assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))
 
 
 def test_adapters_resume_after_sigkill_and_never_reach_the_export(tiny_recipe, tmp_path):

@@ -56,7 +56,7 @@ def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
     with dist.session(recipe.device), open_run(recipe, force, recomputed) as run:  # torchrun: process group
         stages = plan(recipe)
         for stage in stages:
-            stage.preflight(sections_of(recipe, stage), run.data)
+            stage.preflight(sections_of(recipe, stage, stage.checked), run.data)
         for stage in stages:
             run_stage(run, stage)
         finish(run)
@@ -66,8 +66,8 @@ def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
 # ---------------------------------------------------------------- keys
 
 
-def sections_of(recipe: Recipe, stage: Stage) -> SimpleNamespace:
-    return SimpleNamespace(**{name: getattr(recipe, name) for name in stage.sections})
+def sections_of(recipe: Recipe, stage: Stage, checked: Tuple[str, ...] = ()) -> SimpleNamespace:
+    return SimpleNamespace(**{name: getattr(recipe, name) for name in (*stage.sections, *checked)})
 
 
 def stage_key(stage: Stage, cfg: SimpleNamespace, input_keys: Dict[str, str], data_key: Optional[str]) -> str:

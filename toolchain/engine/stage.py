@@ -4,6 +4,8 @@ A stage is one file in toolchain/stages/ plus its recipe section. It declares:
   name, order       where it runs in the pipeline (ascending order; the plan is this data)
   sections          the recipe sections it reads: it is handed exactly these, and the
                     runner's cache key covers exactly these
+  checked           sections its preflight also reads (e.g. the student architecture the
+                    prune check prunes); never part of the key, never seen by compute()
   inputs()          the earlier stages whose outputs it consumes (role -> stage name)
   followers         what the other ranks do under torchrun: train | load | wait
   uses_data         whether its output depends on the dataset (adds the data key)
@@ -68,6 +70,7 @@ class Stage:
     name: ClassVar[str]
     order: ClassVar[int]
     sections: ClassVar[Tuple[str, ...]]
+    checked: ClassVar[Tuple[str, ...]] = ()
     followers: ClassVar[str] = "wait"
     uses_data: ClassVar[bool] = True
     makes_model: ClassVar[bool] = False

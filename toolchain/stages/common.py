@@ -58,6 +58,18 @@ def file_digest(path) -> str:
     return file_sha256(path)[:16]
 
 
+def check_features(train_cfg, student, teacher, data, section: str) -> None:
+    """Feature terms' module paths resolve, and their shapes probe, on the untrained architectures:
+    a misspelt path fails in the preflight, not after the teacher trained. Module names do not
+    change with channel pruning, so this holds for the fine-tune stage too."""
+    from ..train.features import FeatureDistiller
+
+    if train_cfg is None or not train_cfg.features or teacher is None:
+        return
+    build = lambda s: resolve.build(s.model, data.num_classes, s.cifar_stem, s.kwargs)  # noqa: E731
+    FeatureDistiller(train_cfg.features, build(student), build(teacher), data.input_shape, section)
+
+
 def load_model(job: Job, art: ModelArtifact) -> torch.nn.Module:
     """Rebuild a stage's model from its artifact: the architecture from its reference, pruned
     layers at the stored shapes (a forward pass on a zero batch settles grouped convolutions)."""

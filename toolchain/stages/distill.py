@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..engine.stage import register_stage
-from .common import ModelStage, arch_of, finalize, initial_model, model_fingerprint, teacher_role, train
+from .common import ModelStage, arch_of, check_features, finalize, initial_model, model_fingerprint, teacher_role, train
 
 
 @register_stage
@@ -11,6 +11,11 @@ class Distill(ModelStage):
     name = "distill"
     order = 20
     sections = ("student", "distill")
+    checked = ("teacher",)  # the feature paths the preflight resolves
+
+    def preflight(self, cfg, data) -> None:
+        super().preflight(cfg, data)
+        check_features(cfg.distill, cfg.student, cfg.teacher, data, "distill")
 
     def enabled(self, recipe) -> bool:
         return True

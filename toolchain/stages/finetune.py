@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from ..engine.stage import register_stage
-from .common import ModelStage, finalize, reseed, teacher_role, train
+from .common import ModelStage, check_features, finalize, reseed, teacher_role, train
 
 
 @register_stage
@@ -13,6 +13,10 @@ class Finetune(ModelStage):
     name = "finetune"
     order = 40
     sections = ("finetune",)
+    checked = ("student", "teacher")  # the feature paths the preflight resolves
+
+    def preflight(self, cfg, data) -> None:
+        check_features(cfg.finetune, cfg.student, cfg.teacher, data, "finetune")
 
     def inputs(self, cfg, models, ran):
         return {"model": models[-1], **teacher_role(cfg.finetune, models)}

@@ -19,7 +19,8 @@ def step_train_cfg(cfg):
 class Prune(ModelStage):
     name = "prune"
     order = 30
-    sections = ("prune", "finetune", "distill", "student")  # student: the architecture the preflight prunes
+    sections = ("prune", "finetune", "distill")
+    checked = ("student",)  # the architecture the preflight prunes
     followers = "load"  # rank 0 prunes; the others load the smaller model
 
     def preflight(self, cfg, data) -> None:
