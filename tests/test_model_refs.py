@@ -347,3 +347,16 @@ def test_pipeline_prunes_and_restores_a_timm_convnext(tiny_recipe, tmp_path):
     stages = first["stages"]
     assert stages["prune"]["metrics"]["macs"] < 0.6 * stages["distill"]["metrics"]["macs"]
     assert again["stages"]["prune"]["metrics"] == stages["prune"]["metrics"]
+
+
+def test_offline_library_weights_fail_in_the_preflight(monkeypatch):
+    """The download is tried by the preflight's check_model, before anything trains."""
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    cfg = student(model="torchvision/resnet18", weights="DEFAULT")
+    message = one_line_error(lambda: resolve.check_model(cfg, 10), CheckpointError)
+    assert "download failed" in message and "resnet18-f37072fd.pth" in message

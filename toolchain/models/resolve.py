@@ -31,8 +31,13 @@ def create(model_cfg, num_classes: int):
 
 def check_model(model_cfg, num_classes: int) -> None:
     """Build the architecture once (the user's callable imports, runs and returns a Module) and
-    resolve its weights, so that a bad reference fails before any training."""
-    build(model_cfg.model, num_classes, model_cfg.cifar_stem, model_cfg.kwargs)
+    resolve its weights, so that a bad reference fails before any training. Library weights
+    (DEFAULT, an enum, timm's pretrained) are fetched into the library's cache now: offline, the
+    one-line "put this file there" error comes before the teacher trains, not after."""
+    if model_cfg.weights and not is_file(model_cfg.weights):
+        create(model_cfg, num_classes)
+    else:
+        build(model_cfg.model, num_classes, model_cfg.cifar_stem, model_cfg.kwargs)
     weights_identity(model_cfg)
 
 
