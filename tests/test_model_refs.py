@@ -244,7 +244,9 @@ def test_unknown_torchvision_enum_lists_the_members():
     assert "IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT" in one_line_error(lambda: resolve.check_model(cfg, 10), CheckpointError)
 
 
-def test_offline_torchvision_download_says_which_file_to_put_where(monkeypatch):
+@pytest.mark.parametrize("call", [resolve.create, resolve.check_model], ids=["create", "preflight"])
+def test_offline_torchvision_download_says_which_file_to_put_where(monkeypatch, call):
+    """The preflight's check_model tries the download too: offline fails before anything trains."""
     import torchvision.models._api as api
 
     def offline(*args, **kwargs):
@@ -252,7 +254,7 @@ def test_offline_torchvision_download_says_which_file_to_put_where(monkeypatch):
 
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     cfg = student(model="torchvision/resnet50", weights="IMAGENET1K_V2")
-    message = one_line_error(lambda: resolve.create(cfg, 10), CheckpointError)
+    message = one_line_error(lambda: call(cfg, 10), CheckpointError)
     assert "put resnet50-11ad3fa6.pth" in message and "hub/checkpoints/resnet50-11ad3fa6.pth" in message
 
 
@@ -348,15 +350,3 @@ def test_pipeline_prunes_and_restores_a_timm_convnext(tiny_recipe, tmp_path):
     assert stages["prune"]["metrics"]["macs"] < 0.6 * stages["distill"]["metrics"]["macs"]
     assert again["stages"]["prune"]["metrics"] == stages["prune"]["metrics"]
 
-
-def test_offline_library_weights_fail_in_the_preflight(monkeypatch):
-    """The download is tried by the preflight's check_model, before anything trains."""
-    import torchvision.models._api as api
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Name or service not known")
-
-    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    cfg = student(model="torchvision/resnet18", weights="DEFAULT")
-    message = one_line_error(lambda: resolve.check_model(cfg, 10), CheckpointError)
-    assert "download failed" in message and "resnet18-f37072fd.pth" in message
