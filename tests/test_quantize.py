@@ -93,7 +93,7 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
                        export={"exporter": "torchscript", "opset": 17, "references": False},
                        quantize={"candidates": ["qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor"],
                                  "calibration_images": 64, "time_per_model_s": 0.2, "max_accuracy_drop": 1.0,
-                                 "min_speedup": 1.0},
+                                 "min_speedup": 1.0, "intra_op_threads": 1},
                        bench={"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1,
                               "compare_torch": False})
     assert run(["compress", str(path)]) == 0
@@ -113,3 +113,137 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
     else:
         assert not card["int8"]["shipped"] and not (run_dir / "model_int8.onnx").exists() and "int8" not in bench_models
     assert card["int8"]["cpu_features"]["machine"]
+    assert quantize["info"]["intra_op_threads"] == card["int8"]["intra_op_threads"] == 1  # the device's thread count, as the recipe says
+
+
+# ---------------------------------------------------------------- candidate options (benchmarks/int8_explore.py)
+
+
+def _tiny_dw_model(path):
+    """stem conv 3->8 (stride 2), depthwise 3x3, pointwise 8->16, pointwise 16->16, pool, Gemm: an
+    onnx-built mobilenet-like graph (ReLU6 as Clip), random weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    def conv(name, x, wname, y, **attrs):
+        return helper.make_node("Conv", [x, wname, wname + "_b"], [y], name=name, **attrs)
+
+    inits = [w("stem_w", 8, 3, 3, 3), w("stem_w_b", 8), w("dw_w", 8, 1, 3, 3), w("dw_w_b", 8),
+             w("pw1_w", 16, 8, 1, 1), w("pw1_w_b", 16), w("pw2_w", 16, 16, 1, 1), w("pw2_w_b", 16),
+             w("fc_w", 10, 16), w("fc_b", 10),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    nodes = [conv("stem", "input", "stem_w", "s", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Clip", ["s", "lo", "hi"], ["s6"], name="clip0"),
+             conv("dw", "s6", "dw_w", "d", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["d6"], name="clip1"),
+             conv("pw1", "d6", "pw1_w", "p1", kernel_shape=[1, 1]),
+             conv("pw2", "p1", "pw2_w", "p2", kernel_shape=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["p2"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "tiny_dw", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_pre(tmp_path_factory):
+    from toolchain.onnx.quantize import preprocess
+
+    work = tmp_path_factory.mktemp("dw")
+    preprocess(_tiny_dw_model(work / "float.onnx"), work / "pre.onnx")
+    return work / "pre.onnx"
+
+
+def _reader():
+    rng = np.random.default_rng(1)
+    return CalibrationReader([(rng.standard_normal((16, 3, 16, 16)).astype(np.float32), np.zeros(16))], "input", 16)
+
+
+def _weight_scales(model_path):
+    """Conv name -> number of scales of its weight's DequantizeLinear (1: per tensor, C: per channel)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name: int(inits[dq[n.input[1]].input[1]].size)
+            for n in graph.node if n.op_type == "Conv" and n.input[1] in dq}
+
+
+def _optimized_ops(model_path, tmp_path):
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+
+def test_new_candidates_are_registered_and_existing_names_still_work():
+    for name in ("qdq_u8s8_dw_per_channel", "qdq_u8s8_dw_per_channel_keep_stem", "qdq_u8s8_per_channel_keep_stem",
+                 "qdq_s8s8_per_channel", "qdq_u8s8_per_channel", "qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor",
+                 "qdq_u8s8_per_channel_keep_depthwise"):
+        assert CANDIDATES.get(name).name == name
+    dw = CANDIDATES.get("qdq_u8s8_dw_per_channel_keep_stem").describe()
+    assert dw["per_channel_only"] == ("depthwise",) and dw["keep_first_convs"] == 3 and not dw["per_channel"]
+    from toolchain.recipe import QuantizeConfig
+
+    assert all(name in CANDIDATES for name in QuantizeConfig().candidates)
+
+
+def test_depthwise_only_per_channel_options_reach_quantize_static(tiny_pre, tmp_path, monkeypatch):
+    import onnxruntime.quantization as oq
+
+    from toolchain.onnx.quantize import quantize
+
+    seen = {}
+    monkeypatch.setattr(oq, "quantize_static", lambda model, out, reader, **kw: seen.update(kw))
+    info = quantize(tiny_pre, tmp_path / "q.onnx", CANDIDATES.get("qdq_u8s8_dw_per_channel_keep_stem"), _reader())
+    assert seen["per_channel"] is False and seen["quant_format"] == oq.QuantFormat.QDQ
+    assert seen["activation_type"] == oq.QuantType.QUInt8 and seen["weight_type"] == oq.QuantType.QInt8
+    assert seen["extra_options"]["TensorQuantOverrides"] == {"dw_w": [{"axis": 0}]}  # the depthwise weight only
+    assert seen["extra_options"]["ActivationSymmetric"] is False
+    assert seen["nodes_to_exclude"] == ["stem", "dw", "pw1"] == info["excluded_nodes"]  # the first three convs
+
+
+def test_depthwise_only_per_channel_builds_per_channel_dw_and_per_tensor_pointwise(tiny_pre, tmp_path):
+    from toolchain.onnx.quantize import quantize
+
+    out = tmp_path / "dw.onnx"
+    quantize(tiny_pre, out, CANDIDATES.get("qdq_u8s8_dw_per_channel"), _reader())
+    assert _weight_scales(out) == {"stem": 1, "dw": 8, "pw1": 1, "pw2": 1}
+    ops = _optimized_ops(out, tmp_path)  # onnxruntime fuses every conv into QLinearConv (NHWC), Clips folded away
+    assert ops["QLinearConv"] == 4 and ops["Conv"] == 0 and ops["Clip"] == 0
+    per_channel = tmp_path / "pc.onnx"
+    quantize(tiny_pre, per_channel, CANDIDATES.get("qdq_u8s8_per_channel"), _reader())
+    assert _weight_scales(per_channel) == {"stem": 8, "dw": 8, "pw1": 16, "pw2": 16}
+
+
+def test_keep_stem_leaves_the_first_convs_float(tiny_pre, tmp_path):
+    from toolchain.onnx.quantize import quantize
+
+    out = tmp_path / "stem.onnx"
+    quantize(tiny_pre, out, CANDIDATES.get("qdq_u8s8_per_channel_keep_stem"), _reader())
+    assert _weight_scales(out) == {"pw2": 16}  # stem, dw, pw1: float weights
+    ops = _optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["Conv"] == 3
+
+
+def test_per_channel_only_needs_qdq():
+    from toolchain.onnx.quantize import Candidate, QuantizeError, quantize_options
+
+    with pytest.raises(QuantizeError, match="needs format qdq"):
+        quantize_options(None, Candidate("x", format="qoperator", per_channel_only=("depthwise",)))

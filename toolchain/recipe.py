@@ -340,7 +340,7 @@ def _quant_candidates():
 
 class QuantizeConfig(Section):
     candidates: List[str] = Field(
-        default_factory=lambda: ["qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor", "qdq_u8s8_per_channel", "qdq_s8s8_per_channel"],
+        default_factory=lambda: ["qdq_u8s8_dw_per_channel_keep_stem", "qdq_u8s8_dw_per_channel", "qdq_u8s8_per_channel", "qdq_u8s8_per_tensor"],
         min_length=1, max_length=16,
         description="INT8 formats to build and measure (`python -m toolchain list quantizers`); the stage ships the fastest "
         "one within max_accuracy_drop that is faster than float at every batch size.")
@@ -350,6 +350,9 @@ class QuantizeConfig(Section):
     on_miss: Literal["keep_float", "error"] = Field("keep_float", description="No candidate passes the gate and is faster: ship the float model and say so (keep_float), or fail (error).")
     batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes at which a candidate must be faster than float (onnxruntime CPU p50, interleaved).")
     time_per_model_s: float = Field(1.5, gt=0, le=600, description="Timed seconds per model and batch size (split over 3 interleaved rounds).")
+    intra_op_threads: int = Field(0, ge=0, le=1024, description="onnxruntime intra-op threads of the latency measurement: the device's "
+                                  "(0: one per physical core of this machine). INT8 convolutions scale worse with threads than float "
+                                  "ones (onnxruntime runs a batch's images one after the other), so the choice can differ by thread count.")
     search_budget_s: float = Field(600, gt=0, le=86400, description="Stop building new candidates after this many seconds (the ones built are still measured).")
 
     @field_validator("candidates")

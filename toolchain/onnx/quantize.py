@@ -8,7 +8,8 @@ pick. Torch-free: numpy, onnx, onnxruntime.
 
     preprocess(float_path, out_path)                   quant_pre_process (shape inference, fusions)
     quantize(pre_path, out_path, candidate, batches, calibration_images)
-    excluded_nodes(model_path, groups)                 node names for first_conv / classifier / depthwise
+    excluded_nodes(model_path, groups, first_convs)    node names for first_conv / classifier / depthwise / first N convs
+    quantize_options(pre_path, candidate)              the quantize_static keyword arguments a candidate means
     cpu_features(), needs_reduce_range()               ISA flags that decide which int8 kernels are fast
                                                        (defined in bench/device.py, shared with the device bench)
 """
@@ -44,6 +45,16 @@ class Candidate:
     per_channel: bool = False
     calibration: str = "minmax"  # minmax | entropy | percentile
     exclude: Tuple[str, ...] = ()  # EXCLUDE_GROUPS kept in float
+    # per_channel False: "depthwise" still quantizes depthwise conv weights per output channel (onnxruntime
+    # TensorQuantOverrides, QDQ only) and the other weights per tensor. Per-tensor depthwise weights lost all of
+    # the demo model's accuracy; per-tensor pointwise weights lost none and run faster.
+    per_channel_only: Tuple[str, ...] = ()
+    keep_first_convs: int = 0  # the first N Conv nodes (the stem, largest maps, fewest channels) kept in float
+
+    def __post_init__(self) -> None:
+        unknown = set(self.per_channel_only) - {"depthwise"}
+        if unknown:
+            raise ValueError(f"{self.name}: per_channel_only knows only 'depthwise', not {sorted(unknown)}")
 
     def describe(self) -> Dict[str, Any]:
         return asdict(self)
@@ -70,6 +81,11 @@ for _c in (
     Candidate("qdq_u8s8_per_channel_keep_depthwise", per_channel=True, exclude=("depthwise",)),
     Candidate("qoperator_u8s8_per_channel_keep_depthwise", format="qoperator", per_channel=True, exclude=("depthwise",)),
     Candidate("qdq_u8s8_per_channel_keep_ends", per_channel=True, exclude=("first_conv", "classifier")),
+    # benchmarks/int8_explore.py: MLAS's int8 depthwise and 3-channel stem kernels are slower than float's NCHWc
+    # ones on narrow (pruned) layers, and per-channel requantization costs the pointwise convs a few percent
+    Candidate("qdq_u8s8_dw_per_channel", per_channel_only=("depthwise",)),
+    Candidate("qdq_u8s8_dw_per_channel_keep_stem", per_channel_only=("depthwise",), keep_first_convs=3),
+    Candidate("qdq_u8s8_per_channel_keep_stem", per_channel=True, keep_first_convs=3),
 ):
     _register(_c)
 
@@ -121,17 +137,18 @@ def preprocess(float_path: Path, out_path: Path) -> None:
                                 "set quantize: null to skip INT8") from None
 
 
-def excluded_nodes(model_path: Path, groups: Iterable[str]) -> List[str]:
-    """Node names of the first conv, the classifier (last Gemm/MatMul) and depthwise convs."""
+def excluded_nodes(model_path: Path, groups: Iterable[str], first_convs: int = 0) -> List[str]:
+    """Node names of the first conv, the classifier (last Gemm/MatMul) and depthwise convs, and of the
+    first `first_convs` Conv nodes (graph order), each once."""
     import onnx
 
     groups = set(groups)
-    if not groups:
+    if not groups and first_convs <= 0:
         return []
     graph = onnx.load(str(model_path), load_external_data=False).graph
     inits = {i.name: i for i in graph.initializer}
     convs = [n for n in graph.node if n.op_type == "Conv"]
-    names: List[str] = []
+    names: List[str] = [n.name for n in convs[:max(0, first_convs)]]
     if "first_conv" in groups and convs:
         names.append(convs[0].name)
     if "classifier" in groups:
@@ -139,7 +156,35 @@ def excluded_nodes(model_path: Path, groups: Iterable[str]) -> List[str]:
         names += [heads[-1].name] if heads else []
     if "depthwise" in groups:
         names += [n.name for n in convs if _is_depthwise(n, inits)]
-    return names
+    return list(dict.fromkeys(names))
+
+
+def depthwise_weights(model_path: Path) -> List[str]:
+    """Weight initializer names of the depthwise convs."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    return list(dict.fromkeys(n.input[1] for n in graph.node if n.op_type == "Conv" and _is_depthwise(n, inits)))
+
+
+def quantize_options(pre_path: Path, candidate: Candidate) -> Dict[str, Any]:
+    """The candidate-specific keyword arguments of quantize_static (besides the calibration reader)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    extra: Dict[str, Any] = {"ActivationSymmetric": candidate.activations == "int8"}
+    if "depthwise" in candidate.per_channel_only and not candidate.per_channel:
+        if candidate.format != "qdq":
+            raise QuantizeError(f"{candidate.name}: per_channel_only needs format qdq (TensorQuantOverrides)")
+        extra["TensorQuantOverrides"] = {w: [{"axis": 0}] for w in depthwise_weights(pre_path)}
+    return dict(quant_format=QuantFormat.QDQ if candidate.format == "qdq" else QuantFormat.QOperator,
+                per_channel=candidate.per_channel, activation_type=types[candidate.activations],
+                weight_type=types[candidate.weights], calibrate_method=methods[candidate.calibration],
+                nodes_to_exclude=excluded_nodes(pre_path, candidate.exclude, candidate.keep_first_convs),
+                extra_options=extra)
 
 
 def _is_depthwise(node, inits) -> bool:
@@ -152,23 +197,14 @@ def _is_depthwise(node, inits) -> bool:
 def quantize(pre_path: Path, out_path: Path, candidate: Candidate, reader: CalibrationReader,
              reduce_range: bool = False) -> Dict[str, Any]:
     """Quantize pre_path into out_path (atomically) as `candidate` says."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import quantize_static
 
-    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
     reader.rewind()
-    excluded = excluded_nodes(pre_path, candidate.exclude)
+    options = quantize_options(pre_path, candidate)
+    excluded = options["nodes_to_exclude"]
     with atomic_path(out_path) as tmp:
         try:
-            quantize_static(
-                str(pre_path), str(tmp), reader,
-                quant_format=QuantFormat.QDQ if candidate.format == "qdq" else QuantFormat.QOperator,
-                per_channel=candidate.per_channel, reduce_range=reduce_range,
-                activation_type=types[candidate.activations], weight_type=types[candidate.weights],
-                nodes_to_exclude=excluded, calibrate_method=methods[candidate.calibration],
-                extra_options={"ActivationSymmetric": candidate.activations == "int8"},
-            )
+            quantize_static(str(pre_path), str(tmp), reader, reduce_range=reduce_range, **options)
         except Exception as exc:
             raise QuantizeError(f"{candidate.name}: onnxruntime quantize_static failed ({first_line(exc)})") from None
     return {"candidate": candidate.name, "excluded_nodes": excluded, "reduce_range": reduce_range,

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Tuple
 
 from tqdm.auto import tqdm
 
+from ..bench.device import physical_cores
 from ..bench.interleave import interleaved_benchmarks
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
@@ -58,7 +59,7 @@ class Quantize(Stage):
                    f"p50 at batch {', '.join(map(str, cfg.batch_sizes))}")
         files = {"float": float_path, **{name: path for name, (path, _) in built.items()}}
         latency = interleaved_benchmarks(files, cfg.batch_sizes, rounds=ROUNDS, warmup=5, iterations=100000,
-                                         time_budget_s=cfg.time_per_model_s)
+                                         time_budget_s=cfg.time_per_model_s, intra_op_threads=cfg.intra_op_threads)
         val = {name: onnx_accuracy(path, cpu_batches(job.data.val)) for name, path in files.items()}
         float_run = Measured("float", val["float"], _p50(latency["float"]))
         measured = [Measured(name, val[name], _p50(latency[name]), info) for name, (_, info) in built.items()]
@@ -73,7 +74,8 @@ class Quantize(Stage):
 
     def _result(self, job, float_art, float_val, chosen, reason, table, features) -> StageResult:
         info = {"chosen": chosen.name if chosen else None, "reason": reason, "candidates": table,
-                "cpu_features": features, "float_val_accuracy": float_val}
+                "cpu_features": features, "float_val_accuracy": float_val,
+                "intra_op_threads": job.cfg.quantize.intra_op_threads or physical_cores()}
         atomic_write_json(job.stage_dir / "candidates.json", info)
         if chosen is None:
             return StageResult({"int8.shipped": 0, "float_val_accuracy": float_val}, info=info)
@@ -157,4 +159,5 @@ def _p50(results: Dict[str, Any]) -> Dict[int, float]:
 def _card_fields(output: StageOutput) -> Dict[str, Any]:
     info = output.result.info
     return {"candidate": info["chosen"], "why": info["reason"], "cpu_features": info["cpu_features"],
-            "float_val_accuracy": info["float_val_accuracy"], "candidates": info["candidates"]}
+            "intra_op_threads": info["intra_op_threads"], "float_val_accuracy": info["float_val_accuracy"],
+            "candidates": info["candidates"]}

@@ -1,0 +1,284 @@
+r"""INT8 format / option exploration: which quantize_static settings make INT8 faster than float here.
+
+    .venv/bin/python benchmarks/int8_explore.py --sizes "" --threads 2,1 --time 3 --rounds 5   # demo model (make demo first)
+    .venv/bin/python benchmarks/int8_explore.py --skip-demo --models mobilenet_v2,resnet18,efficientnet_b0 --sizes 224 \
+        --threads 2,1 --time 2       (one command)
+    .venv/bin/python benchmarks/int8_explore.py --variants all                 # every variant below (long)
+
+For each model: quant_pre_process, then every variant below built with onnxruntime's quantize_static
+(format, activation / weight types, per-channel, extra_options, op_types_to_quantize), each timed
+interleaved with the float model in the same run (p50, onnxruntime CPU, graph optimisation ALL,
+`--rounds` rotated rounds of `--time`/rounds seconds per model and batch size), for each intra-op
+thread count in --threads. Printed per variant: p50 at each batch size, speedup vs float (same run,
+same thread count), node-type counts of onnxruntime's optimised graph (session option
+optimized_model_filepath: shows whether convs became (Nhwc)QLinearConv or stayed as
+DequantizeLinear -> Conv -> QuantizeLinear), and test accuracy where data exists (the demo's
+Fashion-MNIST model; random-weight models have none). Variants with a name from the stage's
+registry (toolchain/onnx/quantize.py CANDIDATES) are built through it, so the numbers are the stage's.
+
+What it showed (onnxruntime 1.32, Xeon with AVX-512 VNNI + AMX, 2 cores; issue 14):
+- u8 activations (QDQ or QOperator, same optimised graph): every Conv becomes an NHWC QLinearConv, one
+  Transpose pair for the whole net, the ReLU6 Clips folded into the conv output ranges. s8 symmetric activations
+  (onnxruntime's default) keep 35 Clips, 15 float convs and 32 Transposes: 0.2-0.5x of float.
+- u8 weights (u8u8) and op_types_to_quantize=Conv/Gemm only are slower; QDQKeepRemovableActivations changes nothing.
+- Per-tensor weights collapse the demo model (0.08 accuracy) because of the depthwise convs; per-channel depthwise
+  + per-tensor pointwise keeps float accuracy and is faster than all-per-channel.
+- MLAS's int8 depthwise and 3-input-channel stem kernels are slower than float's NCHWc ones on narrow layers:
+  keeping the first 3 convs float (the stem block) is the largest single gain on mobilenet_v2.
+- QLinearConv loops over the images of a batch and parallelises only inside one image, so on 1x1..4x4 maps
+  (32x32 inputs) a second intra-op thread does little for INT8 at batch 32 while float's NCHWc conv scales:
+  the bs32 speedup with 2 threads is ~1.0x for every format; with 1 thread it is 1.4x. Keeping the last 8-24
+  convs float instead (keep_last) adds Q/DQ at every residual Add and is slower; no session option
+  (allow_spinning, dynamic_block_base) changed it, nor splitting the batch over two 1-thread runs (1.15x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> quantize_static settings (quant_format, activation/weight type, per_channel, op_types, extra_options)
+CONV_GEMM = ["Conv", "Gemm", "MatMul"]
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    # onnxruntime's default: QDQ s8s8 symmetric activations per-channel; ReLU6 Clips stay (symmetric activations)
+    "qdq_s8s8_pc": dict(fmt="qdq", act="int8", wt="int8", pc=True, extra={"ActivationSymmetric": True}),
+    # s8 activations but asymmetric: the Clips are folded into the conv's output range, yet onnxruntime 1.32 still
+    # leaves 15 convs float with 32 Transposes around them (s8 activations: no NHWC QLinearConv for them here)
+    "qdq_s8s8asym_pc": dict(fmt="qdq", act="int8", wt="int8", pc=True, extra={"ActivationSymmetric": False}),
+    "qdq_u8s8_pc": dict(fmt="qdq", act="uint8", wt="int8", pc=True),
+    "qdq_u8s8_pt": dict(fmt="qdq", act="uint8", wt="int8", pc=False),
+    "qop_u8s8_pc": dict(fmt="qoperator", act="uint8", wt="int8", pc=True),
+    "qop_u8s8_pt": dict(fmt="qoperator", act="uint8", wt="int8", pc=False),
+    "qop_s8s8asym_pc": dict(fmt="qoperator", act="int8", wt="int8", pc=True),
+    # only Conv/Gemm quantized: Add, Clip, pooling stay float between DQ/Q pairs
+    "qdq_u8s8_pc_convonly": dict(fmt="qdq", act="uint8", wt="int8", pc=True, ops=CONV_GEMM),
+    "qop_u8s8_pc_convonly": dict(fmt="qoperator", act="uint8", wt="int8", pc=True, ops=CONV_GEMM),
+    # keep Clip as its own quantized op (no folding): shows what folding is worth
+    "qdq_u8s8_pc_keepclip": dict(fmt="qdq", act="uint8", wt="int8", pc=True, extra={"QDQKeepRemovableActivations": True}),
+    # u8 weights too (u8u8 kernels)
+    "qop_u8u8_pc": dict(fmt="qoperator", act="uint8", wt="uint8", pc=True),
+    "qdq_u8u8_pc": dict(fmt="qdq", act="uint8", wt="uint8", pc=True),
+    # per-channel weights only for depthwise convs (TensorQuantOverrides axis 0), per-tensor elsewhere
+    "qdq_u8s8_pc_dw_only": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise"),
+    # first conv (3 input channels) and classifier kept float
+    "qdq_u8s8_pc_keep_first": dict(fmt="qdq", act="uint8", wt="int8", pc=True, exclude=("first_conv",)),
+    "qdq_u8s8_pc_dw_only_keep_first": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", exclude=("first_conv",)),
+    # the first n convs (largest spatial size, fewest channels: where MLAS's int8 kernels are weakest) kept float
+    "qdq_u8s8_pc_keep_first2": dict(fmt="qdq", act="uint8", wt="int8", pc=True, keep_first=2),
+    "qdq_u8s8_pc_keep_first3": dict(fmt="qdq", act="uint8", wt="int8", pc=True, keep_first=3),
+    "qdq_u8s8_pc_keep_first4": dict(fmt="qdq", act="uint8", wt="int8", pc=True, keep_first=4),
+    "qdq_u8s8_pc_keep_first5": dict(fmt="qdq", act="uint8", wt="int8", pc=True, keep_first=5),
+    "qdq_u8s8_pc_dw_only_keep_first3": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3),
+    "qdq_u8s8_pc_dw_only_keep_first3_cls": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3,
+                                                exclude=("classifier",)),
+    "qdq_u8s8_pc_dw_only_keep_first2": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=2),
+    # ... and the last n convs too (1x1 / 2x2 maps at 32x32 input, where QLinearConv's per-image loop cannot use
+    # a second thread at batch 32 while float's NCHWc conv can)
+    "qdq_u8s8_dw_pc_keep_first3_last8": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=8),
+    "qdq_u8s8_dw_pc_keep_first3_last16": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=16),
+    "qdq_u8s8_dw_pc_keep_first3_last24": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=24),
+    "qdq_u8s8_pc_dw_only_keep_ends": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise",
+                                          exclude=("first_conv", "classifier")),
+}
+
+# the stage's registry names worth comparing (ORT's default, the old and the new defaults) + informative variants
+DEFAULT_VARIANTS = ("float,qdq_s8s8_per_channel,qdq_u8s8_per_channel,qdq_u8s8_per_tensor,qdq_u8s8_dw_per_channel,"
+                    "qdq_u8s8_per_channel_keep_stem,qdq_u8s8_dw_per_channel_keep_stem,qop_u8u8_pc,qdq_u8s8_pc_convonly")
+
+
+def build(pre: Path, out: Path, spec: Dict[str, Any], calib, input_name: str, images: int) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from toolchain.onnx.quantize import CalibrationReader, excluded_nodes
+
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    extra = {"ActivationSymmetric": False, **spec.get("extra", {})}
+    if spec["pc"] == "depthwise":
+        extra["TensorQuantOverrides"] = {w: [{"axis": 0}] for w in depthwise_weights(pre)}
+    quantize_static(str(pre), str(out), CalibrationReader(calib, input_name, images),
+                    quant_format=QuantFormat.QDQ if spec["fmt"] == "qdq" else QuantFormat.QOperator,
+                    per_channel=spec["pc"] is True, activation_type=types[spec["act"]], weight_type=types[spec["wt"]],
+                    op_types_to_quantize=spec.get("ops"), extra_options=extra,
+                    nodes_to_exclude=excluded_nodes(pre, spec.get("exclude", ())) + first_convs(pre, spec.get("keep_first", 0))
+                    + last_convs(pre, spec.get("keep_last", 0)))
+
+
+def depthwise_weights(model_path: Path) -> List[str]:
+    import onnx
+
+    from toolchain.onnx.quantize import _is_depthwise
+
+    graph = onnx.load(str(model_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    return [n.input[1] for n in graph.node if n.op_type == "Conv" and _is_depthwise(n, inits)]
+
+
+def first_convs(model_path: Path, n: int) -> List[str]:
+    import onnx
+
+    return [node.name for node in onnx.load(str(model_path)).graph.node if node.op_type == "Conv"][:n]
+
+
+def last_convs(model_path: Path, n: int) -> List[str]:
+    import onnx
+
+    convs = [node.name for node in onnx.load(str(model_path)).graph.node if node.op_type == "Conv"]
+    return convs[len(convs) - n:] if n > 0 else []
+
+
+def session(path: Path, threads: int, optimized: Optional[Path] = None, spinning: Optional[bool] = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized is not None:
+        opts.optimized_model_filepath = str(optimized)
+    if spinning is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def node_counts(path: Path, work: Path) -> Dict[str, int]:
+    import onnx
+
+    opt = work / (path.stem + ".opt.onnx")
+    session(path, 1, optimized=opt)
+    return dict(collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node).most_common())
+
+
+def interleaved_p50(files: Dict[str, Path], batch_sizes: List[int], size: int, threads: int, seconds: float,
+                    rounds: int, spinning: Optional[bool] = None) -> Dict[str, Dict[int, float]]:
+    """Per model and batch size: median over rounds of each round's p50 (rounds in rotated order)."""
+    names = list(files)
+    sessions = {n: session(p, threads, spinning=spinning) for n, p in files.items()}
+    inputs = {b: np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32) for b in batch_sizes}
+    per_round: Dict[str, Dict[int, List[float]]] = {n: {b: [] for b in batch_sizes} for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            s = sessions[n]
+            feed_name = s.get_inputs()[0].name
+            for b in batch_sizes:
+                feed = {feed_name: inputs[b]}
+                for _ in range(3):
+                    s.run(None, feed)
+                times, end = [], time.perf_counter() + seconds / rounds
+                while time.perf_counter() < end or len(times) < 3:
+                    t = time.perf_counter()
+                    s.run(None, feed)
+                    times.append(time.perf_counter() - t)
+                per_round[n][b].append(float(np.median(times)) * 1000)
+    return {n: {b: statistics.median(v) for b, v in per_b.items()} for n, per_b in per_round.items()}
+
+
+def demo_data():
+    import dataclasses
+
+    from toolchain.data.loaders import build_data
+    from toolchain.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "mobilenet.yaml")
+    data = build_data(recipe.data, recipe.seed)
+    calib = dataclasses.replace(data.train, augment=False, shuffle=False)
+    return calib, data.val, data.test
+
+
+def explore(label: str, float_path: Path, work: Path, size: int, batch_sizes: List[int], variants: List[str],
+            calib, images: int, threads: List[int], seconds: float, rounds: int, spinning: Optional[bool],
+            test=None) -> None:
+    from toolchain.onnx.export import onnx_accuracy
+    from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize
+
+    pre = work / f"{float_path.stem}.pre.onnx"
+    preprocess(float_path, pre)
+    input_name = session(float_path, 1).get_inputs()[0].name
+    files = {"float": float_path}
+    for v in variants:
+        if v == "float":
+            continue
+        out = work / f"{float_path.stem}.{v}.onnx"
+        t = time.perf_counter()
+        try:
+            if v in VARIANTS:
+                build(pre, out, VARIANTS[v], calib, input_name, images)
+            else:  # a registry candidate, built exactly as the stage builds it
+                quantize(pre, out, CANDIDATES.get(v), CalibrationReader(calib, input_name, images))
+        except Exception as exc:  # report and go on: one failing format must not end the exploration
+            print(f"  {v}: build failed: {str(exc).splitlines()[0][:200]}", flush=True)
+            continue
+        files[v] = out
+        print(f"  built {v} in {time.perf_counter() - t:.1f} s", flush=True)
+    counts = {n: node_counts(p, work) for n, p in files.items()}
+    acc = {n: onnx_accuracy(p, test) for n, p in files.items()} if test is not None else {}
+    for th in threads:
+        p50 = interleaved_p50(files, batch_sizes, size, th, seconds, rounds, spinning)
+        print(f"\n### {label} @{size}, intra_op_threads={th}" + ("" if spinning is None else f", spinning={spinning}"))
+        batches = " / ".join(f"bs{b}" for b in batch_sizes)
+        print(f"| variant | test acc | p50 ms ({batches}) | speedup vs float | optimised graph |")
+        print("|---|---|---|---|---|")
+        for n in files:
+            a = f"{acc[n]:.4f}" if n in acc else "-"
+            ms = " / ".join(f"{p50[n][b]:.3f}" for b in batch_sizes)
+            sp = " / ".join(f"{p50['float'][b] / p50[n][b]:.2f}x" for b in batch_sizes)
+            graph = " ".join(f"{k}:{c}" for k, c in counts[n].items())
+            print(f"| {n} | {a} | {ms} | {sp} | {graph} |", flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="mobilenet_v2", help="random-weight models (toolchain model registry)")
+    p.add_argument("--sizes", default="32")
+    p.add_argument("--skip-demo", action="store_true")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help="names from VARIANTS here or from the stage's candidate registry (all: every VARIANTS entry)")
+    p.add_argument("--threads", default="2", help="intra-op thread counts, comma separated (2: this machine's cores)")
+    p.add_argument("--spinning", choices=["default", "on", "off"], default="default",
+                   help="session.intra_op.allow_spinning")
+    p.add_argument("--time", type=float, default=1.5, help="timed seconds per model and batch size (all rounds)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-accuracy", action="store_true", help="skip the demo model's test accuracy")
+    args = p.parse_args(argv)
+    variants = ["float", *VARIANTS] if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    threads = [int(t) for t in args.threads.split(",")]
+    spinning = {"default": None, "on": True, "off": False}[args.spinning]
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        demo = ROOT / "export" / "mobilenet-fmnist" / "model.onnx"
+        if not args.skip_demo and demo.is_file():
+            calib, _, test = demo_data()
+            explore("demo pruned mobilenet_v2 (trained)", demo, work, 32, [1, 32], variants, calib, 512,
+                    threads, args.time, args.rounds, spinning, None if args.no_accuracy else test)
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+        models = [m for m in args.models.split(",") if m]
+        if sizes and models:
+            import torch
+
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from quantize import export_random, random_batches
+
+            torch.set_num_threads(2)
+            for size in sizes:
+                batch_sizes = [1, 32] if size <= 64 else [1, 8]
+                for name in models:
+                    path = export_random(name, size, work / f"{name}-{size}.onnx")
+                    explore(f"{name} (random weights)", path, work, size, batch_sizes, variants,
+                            random_batches(size, 64), 64, threads, args.time, args.rounds, spinning)
+    print(f"\n{time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
