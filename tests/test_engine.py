@@ -118,6 +118,14 @@ def test_keys_ignore_what_a_stage_cannot_read():
     assert {n for n in base if base[n] != bench_changed[n]} == {"bench"}
 
 
+def test_a_check_setting_is_not_part_of_the_key():
+    """prune.check_time_limit_s bounds the preflight; the pruned model does not depend on it."""
+    pruned = dict(prune={"method": "channel"}, finetune={"epochs": 1})
+    base = keys(recipe(**pruned))
+    assert keys(recipe(prune={"method": "channel", "check_time_limit_s": 5}, finetune={"epochs": 1})) == base
+    assert keys(recipe(prune={"method": "channel", "sparsity": 0.3}, finetune={"epochs": 1}))["prune"] != base["prune"]
+
+
 def test_keys_follow_inputs():
     base = keys(recipe())
     teacher_changed = keys(recipe(teacher={"model": "resnet34"}))

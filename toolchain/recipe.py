@@ -255,7 +255,7 @@ class PruneConfig(Section):
     schedule: Literal["one_shot", "iterative"] = Field("one_shot", description="Prune once, or in `steps` increasing steps with fine-tuning between.")
     steps: int = Field(3, ge=1, le=100, description="Number of steps for the iterative schedule.")
     step_epochs: int = Field(1, ge=0, le=1000, description="KD fine-tuning epochs between iterative steps.")
-    check_time_limit_s: float = Field(300, gt=0, le=86400, description="Channel method: before anything trains, the untrained student is pruned once as a check (an architecture the engine cannot handle fails then, in one line); this long at most.")
+    check_time_limit_s: float = Field(300, gt=0, le=86400, json_schema_extra={"key": False}, description="Channel method: before anything trains, the untrained student is pruned once as a check (an architecture the engine cannot handle fails then, in one line); this long at most.")
     taylor_batches: int = Field(32, ge=1, le=100000, description="Pruner taylor only: training batches whose (weight x gradient)^2 scores the channels (the fine-tune section's loss, KD when it distils).")
 
     @field_validator("pruner")

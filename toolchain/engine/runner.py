@@ -71,9 +71,19 @@ def sections_of(recipe: Recipe, stage: Stage, checked: Tuple[str, ...] = ()) -> 
 
 
 def stage_key(stage: Stage, cfg: SimpleNamespace, input_keys: Dict[str, str], data_key: Optional[str]) -> str:
-    sections = {n: (s.model_dump(mode="json") if s is not None else None) for n, s in vars(cfg).items()}
+    sections = {n: (_keyed(s) if s is not None else None) for n, s in vars(cfg).items()}
     return stable_hash({"stage": stage.name, "sections": sections, "files": stage.fingerprint(cfg),
                         "inputs": input_keys, "data": data_key, "version": __version__})
+
+
+def _keyed(section) -> Dict[str, Any]:
+    """A section's settings that decide the output: fields marked `json_schema_extra={"key": False}`
+    (how long a check may take, not what is computed) stay out of the cache key."""
+    dump = section.model_dump(mode="json")
+    for name, spec in type(section).model_fields.items():
+        if isinstance(spec.json_schema_extra, dict) and spec.json_schema_extra.get("key") is False:
+            dump.pop(name, None)
+    return dump
 
 
 def dataset_digest(recipe: Recipe, data, **extra) -> str:
