@@ -227,7 +227,7 @@ def si(value: float) -> str:
 
 def markdown_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(row.get(c), c) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt_stat(row.get(c), c) for c in columns) + " |" for row in rows]  # plain values: fmt
     return "\n".join(lines)
 
 
@@ -317,12 +317,6 @@ def fmt_stat(value: Any, column: str) -> str:
     return fmt(value, column)
 
 
-def stat_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt_stat(row.get(c), c) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def stat_csv_rows(rows: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[str]]:
     """Spread/Paired cells flattened into .mean/.std/.n or .diff/.low/.high columns for CSV."""
     flat, columns = [], []
@@ -390,7 +384,7 @@ def seed_sections(rows: List[Dict[str, Any]]) -> List[str]:
              "PE against the teacher. Sizes: the shipped float ONNX file, deflated (zip); INT8: only the runs whose "
              "quantize stage shipped an INT8 file (`int8_shipped` of the seeds). `none`: no pruning, the unpruned KD "
              "student given the same fine-tune (the same-budget control).", "",
-             stat_table(spreads, keys + list(SEED_METRICS) + ["int8_shipped"])]
+             markdown_table(spreads, keys + list(SEED_METRICS) + ["int8_shipped"])]
     for a, b, title in (("weight", "channel", "Weight vs channel pruning"), ("weight", CONTROL, "Weight pruning vs the control"),
                         ("channel", CONTROL, "Channel pruning vs the control")):
         table = paired_table(rows, a, b)
@@ -398,7 +392,7 @@ def seed_sections(rows: List[Dict[str, Any]]) -> List[str]:
             parts += ["", f"## {title}, paired by seed", "",
                       f"Mean of ({a} - {b}) over the seeds both ran, with its 95% t interval; **bold**: the interval "
                       "excludes 0 (the difference is resolved at this number of seeds).", "",
-                      stat_table(table, ["dataset", "student", "finetune_loss", "comparison", "pairs", *PAIRED_METRICS])]
+                      markdown_table(table, ["dataset", "student", "finetune_loss", "comparison", "pairs", *PAIRED_METRICS])]
     return parts
 
 
