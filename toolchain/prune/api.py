@@ -25,6 +25,7 @@ from ..metrics import count_macs, count_nonzero_params, count_params
 from . import layers as layer_stats
 from .channel import nni_channel_step
 from .dependency import channel_groups
+from .pinned import pinned_layers
 from .registry import PrunerSpec, PruneError, check_fit
 from .schedule import FinetuneFn, run_schedule, sparsity_steps
 from .targets import out_channels, select_targets
@@ -59,12 +60,14 @@ def prune_model(
     model = copy.deepcopy(model)
     # Channel pruning never removes class outputs, whatever prune_classifier says.
     targets = select_targets(model, cfg.op_types, cfg.exclude, cfg.prune_classifier and cfg.method == "weight")
+    pinned = pinned_layers(model) if cfg.method == "channel" else []
+    targets = {name: m for name, m in targets.items() if name not in pinned}
     names = list(targets)
     before = _totals(model, example_input)
     shapes_before = layer_stats.snapshot(model, names)
     sparsities = sparsity_steps(cfg.sparsity, cfg.schedule, cfg.steps)
     with engine_failures(cfg, model, names):
-        prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients)
+        prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients, bool(pinned))
         after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
     layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
     report = _report(cfg, before, _totals(model, example_input), layers, time.perf_counter() - started)
@@ -149,12 +152,15 @@ def time_limit(seconds: float, error: Callable[[], Exception]):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients) -> Callable[[float], Optional[Callable]]:
-    """prune_step(sparsity) for the engine the recipe names (never chosen silently)."""
+def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients,
+             shuffles: bool) -> Callable[[float], Optional[Callable]]:
+    """prune_step(sparsity) for the engine the recipe names (never chosen silently); `shuffles`:
+    the model has channel shuffles, whose neighbours are pinned (pinned.py)."""
     if cfg.method == "weight":
         return lambda s: level_step(model, {n: model.get_submodule(n) for n in targets}, s, cfg.scope)
     if cfg.engine == "torch_pruning":
-        return tp_stepper(model, targets, sparsities, spec.engines["torch_pruning"], cfg.align, cfg.dependency_aware, example_input)
+        return tp_stepper(model, targets, sparsities, spec.engines["torch_pruning"], cfg.align, cfg.dependency_aware, example_input,
+                          shuffles)
     groups = _groups(model, example_input, targets, cfg.dependency_aware)
     original = {name: out_channels(m) for name, m in targets.items()}
 

@@ -25,10 +25,35 @@ def _grouped_convs(model: nn.Module) -> List[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels]
 
 
+def _channel_dependency():
+    from nni.compression.utils.shape_dependency import ChannelDependency
+
+    class VisitedChannelDependency(ChannelDependency):
+        """NNI's ChannelDependency whose depthwise-parent walk remembers what it visited: NNI's
+        own re-queues shared nodes, which grows exponentially on ShuffleNet's chunk/concat
+        chains (hours at 32x32). Same parents, found once each."""
+
+        def _depthwise_get_parent(self, node):
+            parents, seen = [], set()
+            queue = [self.graph.name_to_node[x] for x in self.graph.find_predecessors(node.unique_name)]
+            while queue:
+                current = queue.pop(0)
+                if current.unique_name in seen:
+                    continue
+                seen.add(current.unique_name)
+                if current.op_type in ("Conv2d", "ConvTranspose2d", "Linear"):
+                    parents.append(current.name)
+                    continue
+                queue += [self.graph.name_to_node[x] for x in self.graph.find_predecessors(current.unique_name)]
+            return parents
+
+    return VisitedChannelDependency
+
+
 def coupled_sets(model: nn.Module, example_input: torch.Tensor) -> List[set]:
     """NNI's channel-dependency sets over all Conv2d/Linear layers (singletons included)."""
     nni_compat.import_nni_quietly()
-    from nni.compression.utils.shape_dependency import ChannelDependency
+    ChannelDependency = _channel_dependency()
 
     with eval_mode(model), nni_compat.quiet(), torch.no_grad():
         # NNI's own trace runs torch.jit's trace checker (a second and third forward,

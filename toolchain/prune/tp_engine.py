@@ -8,7 +8,8 @@ fewer are ignored, as in the NNI engine. Importances: l1/l2 magnitude, FPGM.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List
 
 import torch
 import torch.nn as nn
@@ -35,9 +36,33 @@ def _ignored(model: nn.Module, targets: Dict[str, nn.Module], align: int) -> Lis
     ]
 
 
+@contextmanager
+def _shuffle_views(active: bool) -> Iterator[None]:
+    """Torch-Pruning's reshape rule infers 0 channels behind a channel shuffle's 5-D view and
+    divides by it. The layers around a shuffle are pinned (pinned.py), so the view needs no
+    index mapping: with `active` (the model has known shuffles) such a view gets none. Any
+    other model keeps the rule untouched, failure included."""
+    import torch_pruning.dependency.index_mapping as index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph, node):
+        try:
+            return original(graph, node)
+        except ZeroDivisionError:
+            return None
+
+    if active:
+        index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
 def tp_stepper(
     model: nn.Module, targets: Dict[str, nn.Module], sparsities: List[float], importance: str,
-    align: int, dependency_aware: bool, example_input: torch.Tensor,
+    align: int, dependency_aware: bool, example_input: torch.Tensor, shuffles: bool = False,
 ) -> Callable[[float], None]:
     """A prune_step(sparsity) that advances a Torch-Pruning MetaPruner one step."""
     if not dependency_aware:
@@ -49,22 +74,23 @@ def tp_stepper(
 
     was_training = model.training
     model.eval()
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example_input,
-        importance=_importance(importance),
-        pruning_ratio=sparsities[-1],
-        iterative_steps=len(sparsities),
-        iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + list(sparsities),
-        ignored_layers=_ignored(model, targets, align),
-        round_to=align if align > 1 else None,
-    )
+    with _shuffle_views(shuffles):
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example_input,
+            importance=_importance(importance),
+            pruning_ratio=sparsities[-1],
+            iterative_steps=len(sparsities),
+            iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + list(sparsities),
+            ignored_layers=_ignored(model, targets, align),
+            round_to=align if align > 1 else None,
+        )
     model.train(was_training)
 
     def step(sparsity: float) -> None:
         was = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _shuffle_views(shuffles):  # groups are re-mapped at every step
             pruner.step()
         model.train(was)
 

@@ -1,0 +1,47 @@
+"""Layers channel pruning must keep whole because a channel shuffle reorders their outputs.
+
+ShuffleNet's channel_shuffle (view -> transpose -> view) interleaves the halves of a
+concatenation, so channel i before it is not channel i after it. Neither engine models
+that permutation: Torch-Pruning's reshape rule divides by zero on the view, NNI's
+dependency walk couples layers across it by index, which is wrong. What stays safely
+prunable is everything the shuffle never sees: the channels inside each branch (1x1 ->
+depthwise -> 1x1) and the stem and head. So the layers whose outputs enter a shuffle
+(the last conv of each branch) and the depthwise convs that read a shuffle's output
+directly are kept, as the classifier is; docs/pruning.md has the MACs this leaves.
+
+One rule per block class; a model without such blocks pins nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch.nn as nn
+
+
+def _torchvision_shufflenet_v2(name: str, block: nn.Module, first: bool) -> List[str]:
+    pins = [f"{name}.branch2.5"]
+    if len(block.branch1):
+        pins.append(f"{name}.branch1.2")
+        if not first:  # the first block reads the stem (prunable); later ones read a shuffle
+            pins.append(f"{name}.branch1.0")
+    return pins
+
+
+def _rules() -> Dict[type, Callable[[str, nn.Module, bool], List[str]]]:
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
+    return {InvertedResidual: _torchvision_shufflenet_v2}
+
+
+def pinned_layers(model: nn.Module) -> List[str]:
+    """Names of layers whose output channels must all stay, in model order."""
+    rules = _rules()
+    pins: List[str] = []
+    seen: Dict[type, int] = {}
+    for name, module in model.named_modules():
+        rule = rules.get(type(module))
+        if rule is not None:
+            pins += rule(name, module, first=seen.get(type(module), 0) == 0)
+            seen[type(module)] = seen.get(type(module), 0) + 1
+    return pins
