@@ -74,6 +74,7 @@ def test_a_checkpoint_with_another_head_is_refused_not_resized(tmp_path):
 @pytest.mark.parametrize("ref, engine", [
     ("timm/test_convnext", "torch_pruning"),  # LayerNorm2d, depthwise 7x7 convs, layer-scale parameters
     ("torchvision/regnet_x_400mf", "torch_pruning"),  # grouped (non-depthwise) convs
+    ("torchvision/regnet_y_400mf", "nni"),  # grouped convs kept in equal blocks by the NNI engine, SE
     ("mobilenet_v3_small", "nni"),  # NNI speedup: depthwise convs, squeeze-excitation
 ])
 def test_channel_pruned_models_of_any_architecture_restore_from_shapes(tmp_path, ref, engine):

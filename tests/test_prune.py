@@ -282,16 +282,26 @@ def test_no_matching_layers_is_a_clear_error():
         prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", op_types=["Conv3d"]), example())
 
 
-def test_grouped_convs_point_to_the_torch_pruning_engine():
+@pytest.mark.parametrize("engine", ["nni", "torch_pruning"])
+def test_grouped_convs_lose_the_same_channels_in_every_group(engine):
     model = nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, groups=4), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
     )
     x = example()
-    with pytest.raises(PruneError, match="set prune.engine: torch_pruning"):
-        prune_model(model, PruneConfig(method="channel"), x)
-    result = prune_model(model, PruneConfig(method="channel", engine="torch_pruning"), x)
-    assert result.report["macs_after"] < result.report["macs_before"] and result.model(x).shape == (2, 10)
+    result = prune_model(model, PruneConfig(method="channel", engine=engine), x)
+    grouped = result.model[2]
+    assert grouped.groups == 4 and grouped.out_channels < 64 and result.model(x).shape == (2, 10)
+    assert result.model[0].out_channels == grouped.in_channels
+    if engine == "nni":  # NNI also prunes the feeding layer, by the same count in each group (Torch-Pruning keeps it)
+        assert grouped.in_channels < 32
+
+
+def test_grouped_convs_need_the_dependency_analysis():
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 64, 3, groups=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(64, 10))
+    with pytest.raises(PruneError, match="per-layer .* pruning of grouped convs .* set prune.dependency_aware: true"):
+        prune_model(model, PruneConfig(method="channel", dependency_aware=False), example())
 
 
 # ---------------------------------------------------------------- fine-tuning support

@@ -136,23 +136,25 @@ def _bn_zero_preserving(model):
                 nn.init.normal_(m.weight, 0.0, (2.0 / m.weight[0].numel()) ** 0.5)
 
 
-@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v3_small", pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v3_small", "torchvision/regnet_y_400mf",
+                                  pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_speedup_computes_exactly_what_the_masks_say(name):
     """The physically smaller model equals the masked model (float64; NNI rebuilds
     layers in float32, hence the 1e-5 relative tolerance)."""
     import copy
 
-    from toolchain.models.registry import build_model
+    from toolchain.models.refs import build
     from toolchain.prune.channel import channel_masks, nni_config
     from toolchain.prune.dependency import channel_groups
     from toolchain.prune.targets import out_channels, select_targets
 
     torch.manual_seed(0)
-    model, x = build_model(name, 10).eval().double(), torch.randn(2, 3, 32, 32).double()
+    model, x = build(name, 10).eval().double(), torch.randn(2, 3, 32, 32).double()
     _bn_zero_preserving(model)
     targets = select_targets(model, ["Conv2d", "Linear"], [], False)
-    groups = channel_groups(model, x, targets, True)
-    masks = channel_masks(model, nni_config(model, groups, {n: out_channels(m) for n, m in targets.items()}, 0.5, 8), "L1NormPruner")
+    groups, blocks = channel_groups(model, x, targets, True)  # regnet: grouped convs (blocks) and SE
+    original = {n: out_channels(m) for n, m in targets.items()}
+    masks = channel_masks(model, nni_config(model, groups, original, 0.5, 8, blocks), "L1NormPruner")
     masked = copy.deepcopy(model)
     with torch.no_grad():
         for layer, tensors in masks.items():

@@ -69,29 +69,43 @@ def test_a_hanging_engine_is_cut_by_the_time_limit(monkeypatch):
     api.check_prunable(Small(), PruneConfig(method="channel", sparsity=0.5), torch.randn(2, 3, 16, 16), 60)  # alarm restored
 
 
-def test_grouped_convs_fail_in_the_preflight_before_training(tiny_recipe, tmp_path, capsys, monkeypatch):
-    """A real engine limit: NNI's dependency-aware path refuses grouped convs. The user's model
+def test_an_engine_limit_fails_in_the_preflight_before_training(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """A real engine limit: NNI cannot propagate masks through a ConvNeXt-style layer scale
+    (a [C, 1, 1] parameter times a permuted Linear branch). The user's model
     (package.module:callable) fails before the teacher trains, naming the layer."""
-    (tmp_path / "grouped_models.py").write_text(textwrap.dedent('''
+    (tmp_path / "layer_scale_models.py").write_text(textwrap.dedent('''
+        import torch
         import torch.nn as nn
 
+        class Block(nn.Module):
+            def __init__(self, c):
+                super().__init__()
+                self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+                self.norm = nn.LayerNorm(c)
+                self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+                self.scale = nn.Parameter(torch.full((c, 1, 1), 1e-6))
+
+            def forward(self, x):
+                y = self.fc2(nn.functional.gelu(self.fc1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+                return x + self.scale * y.permute(0, 3, 1, 2)
+
         def build(num_classes):
-            return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4),
-                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+            return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(16, num_classes))
     '''))
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = tiny_recipe(student={"model": "grouped_models:build"}, prune={"method": "channel", "sparsity": 0.5},
+    path = tiny_recipe(student={"model": "layer_scale_models:build"}, prune={"method": "channel", "sparsity": 0.5},
                        finetune={"epochs": 1, "loss": "kd"})
     code = run(["compress", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert "grouped (non-depthwise) convs (2)" in err and "prune.engine: torch_pruning" in err
+    assert "engine nni failed on Sequential at layer 1.dw" in err and "prune.engine: torch_pruning" in err
     assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))  # nothing trained
-    sys.modules.pop("grouped_models", None)
+    sys.modules.pop("layer_scale_models", None)
 
     recipe = yaml.safe_load(path.read_text())
     recipe["prune"]["engine"] = "torch_pruning"  # the way out the line names
     recipe["data"].update(subset=96, test_subset=32)
     path.write_text(yaml.safe_dump(recipe))
     assert run(["compress", str(path)]) == 0
-    assert "[prune] preflight: grouped_models:build channel-prunes with engine torch_pruning" in capsys.readouterr().out
+    assert "[prune] preflight: layer_scale_models:build channel-prunes with engine torch_pruning" in capsys.readouterr().out

@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -161,20 +161,22 @@ def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input, g
     if cfg.engine == "torch_pruning":
         return tp_stepper(model, targets, sparsities, spec.engines["torch_pruning"], cfg.align, cfg.dependency_aware, example_input,
                           shuffles)
-    groups = _groups(model, example_input, targets, cfg.dependency_aware)
+    groups, blocks = _groups(model, example_input, targets, cfg.dependency_aware)
     original = {name: out_channels(m) for name, m in targets.items()}
 
     def step(sparsity: float) -> None:
-        nni_channel_step(model, groups, original, sparsity, cfg.align, spec.engines["nni"], example_input, gradients)
+        nni_channel_step(model, groups, original, sparsity, cfg.align, spec.engines["nni"], example_input, gradients,
+                         blocks)
 
     return step
 
 
-def _groups(model, example_input, targets, aware: bool) -> List[List[str]]:
+def _groups(model, example_input, targets, aware: bool) -> Tuple[List[List[str]], Dict[str, int]]:
     try:
         return channel_groups(model, example_input, targets, aware)
     except NotImplementedError as exc:
-        raise PruneError(f"prune: {exc} is not supported by engine nni; set prune.engine: torch_pruning") from None
+        raise PruneError(f"prune: {exc} is not supported by engine nni; set prune.dependency_aware: true "
+                         "or prune.engine: torch_pruning") from None
 
 
 def _totals(model: nn.Module, example_input: torch.Tensor) -> Dict[str, int]:

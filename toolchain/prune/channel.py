@@ -9,6 +9,7 @@ sizes as a one-shot run.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -23,18 +24,26 @@ from .taylor import GradientSource, taylor_masks
 
 
 def nni_config(
-    model: nn.Module, groups: List[List[str]], original: Dict[str, int], sparsity: float, align: int
+    model: nn.Module, groups: List[List[str]], original: Dict[str, int], sparsity: float, align: int,
+    blocks: Optional[Dict[str, int]] = None,
 ) -> List[dict]:
-    """One NNI config entry per group that still has channels to drop at `sparsity`."""
+    """One NNI config entry per group that still has channels to drop at `sparsity`.
+
+    A group next to a grouped conv keeps a multiple of its block count as well as of `align`,
+    and NNI drops the same number from every block (internal_metric_block, which NNI honours
+    only inside a dependency group, so such a group gets an id even when alone)."""
     config = []
     for gid, names in enumerate(groups):
+        block = math.lcm(*((blocks or {}).get(n, 1) for n in names))
         current = out_channels(model.get_submodule(names[0]))
-        kept = kept_channels(original[names[0]], sparsity, align)
+        kept = kept_channels(original[names[0]], sparsity, math.lcm(align, block))
         if kept >= current:
             continue
         entry = {"op_names": list(names), "sparse_ratio": nni_sparse_ratio(current, kept)}
-        if len(names) > 1:
+        if len(names) > 1 or block > 1:
             entry["dependency_group_id"] = gid
+        if block > 1:
+            entry["internal_metric_block"] = block
         config.append(entry)
     return config
 
@@ -65,9 +74,10 @@ def nni_channel_step(
     pruner_class: str,
     example_input: torch.Tensor,
     gradients: Optional[GradientSource] = None,
+    blocks: Optional[Dict[str, int]] = None,
 ) -> nn.Module:
     """Prune `model` in place to `sparsity` of its original channels."""
-    config = nni_config(model, groups, original, sparsity, align)
+    config = nni_config(model, groups, original, sparsity, align, blocks)
     if not config:
         return model
     masks = channel_masks(model, config, pruner_class, gradients)

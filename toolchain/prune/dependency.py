@@ -6,12 +6,14 @@ of the conv it gates. NNI's ChannelDependency finds these sets by tracing the mo
 (torch.jit). Each set becomes one NNI dependency group: the members' filter scores are
 averaged and one mask is shared, so speedup can physically remove the channels.
 Pruned layer by layer instead, the coupled channels survive as a union of masks and
-little is removed (docs/pruning.md has the measurement).
+little is removed (docs/pruning.md has the measurement). A grouped conv (RegNet, ResNeXt)
+adds a divisibility rule, found by NNI's GroupDependency: it and the layers feeding it keep
+the same number of channels in every group.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,67 +22,76 @@ from . import nni_compat
 from .speedup import eval_mode
 
 
-def _grouped_convs(model: nn.Module) -> List[str]:
-    """Grouped (not depthwise) convs add divisibility constraints we do not model."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels]
+def _parent_convs(graph, node) -> List[str]:
+    """The nearest Conv2d/ConvTranspose2d/Linear layers above `node`. NNI's own walks (depthwise
+    parents, group parents) re-queue shared nodes, which grows exponentially on ShuffleNet's
+    chunk/concat chains (hours at 32x32); this one visits each node once. Same parents."""
+    parents, seen = [], set()
+    queue = [graph.name_to_node[x] for x in graph.find_predecessors(node.unique_name)]
+    while queue:
+        current = queue.pop(0)
+        if current.unique_name in seen:
+            continue
+        seen.add(current.unique_name)
+        if current.op_type in ("Conv2d", "ConvTranspose2d", "Linear"):
+            parents.append(current.name)
+            continue
+        queue += [graph.name_to_node[x] for x in graph.find_predecessors(current.unique_name)]
+    return parents
 
 
-def _channel_dependency():
-    from nni.compression.utils.shape_dependency import ChannelDependency
+def _dependencies():
+    from nni.compression.utils.shape_dependency import ChannelDependency, GroupDependency
 
-    class VisitedChannelDependency(ChannelDependency):
-        """NNI's ChannelDependency whose depthwise-parent walk remembers what it visited: NNI's
-        own re-queues shared nodes, which grows exponentially on ShuffleNet's chunk/concat
-        chains (hours at 32x32). Same parents, found once each."""
-
+    class Channels(ChannelDependency):
         def _depthwise_get_parent(self, node):
-            parents, seen = [], set()
-            queue = [self.graph.name_to_node[x] for x in self.graph.find_predecessors(node.unique_name)]
-            while queue:
-                current = queue.pop(0)
-                if current.unique_name in seen:
-                    continue
-                seen.add(current.unique_name)
-                if current.op_type in ("Conv2d", "ConvTranspose2d", "Linear"):
-                    parents.append(current.name)
-                    continue
-                queue += [self.graph.name_to_node[x] for x in self.graph.find_predecessors(current.unique_name)]
-            return parents
+            return _parent_convs(self.graph, node)
 
-    return VisitedChannelDependency
+    class Groups(GroupDependency):
+        def _get_parent_convs(self, node):
+            return _parent_convs(self.graph, node)
+
+    return Channels, Groups
 
 
-def coupled_sets(model: nn.Module, example_input: torch.Tensor) -> List[set]:
-    """NNI's channel-dependency sets over all Conv2d/Linear layers (singletons included)."""
+def coupled_sets(model: nn.Module, example_input: torch.Tensor) -> Tuple[List[set], Dict[str, int]]:
+    """NNI's channel-dependency sets over all Conv2d/Linear layers (singletons included), and
+    for layers next to grouped convs the number their kept channels must divide into
+    (a grouped conv and the layers feeding it lose the same number of channels per group)."""
     nni_compat.import_nni_quietly()
-    ChannelDependency = _channel_dependency()
+    channels, groups = _dependencies()
 
     with eval_mode(model), nni_compat.quiet(), torch.no_grad():
         # NNI's own trace runs torch.jit's trace checker (a second and third forward,
         # ~70% of the time); the graph is the same without it.
         traced = torch.jit.trace(model, example_input, strict=False, check_trace=False)
-        return [set(s) for s in ChannelDependency(model, example_input, traced_model=traced).dependency_sets]
+        sets = [set(s) for s in channels(model, example_input, traced_model=traced).dependency_sets]
+        blocks = {name: int(n) for name, n in groups(model, example_input, traced_model=traced).dependency.items() if n > 1}
+    return sets, blocks
+
+
+def _grouped_convs(model: nn.Module) -> List[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.out_channels]
 
 
 def channel_groups(
     model: nn.Module, example_input: torch.Tensor, targets: Dict[str, nn.Module], aware: bool
-) -> List[List[str]]:
-    """Groups of target layer names to prune with one shared mask.
+) -> Tuple[List[List[str]], Dict[str, int]]:
+    """Groups of target layer names to prune with one shared mask, and each grouped-conv
+    neighbour's block count (its kept channels split evenly over that many blocks).
 
-    aware=False: every layer alone (NNI's plain per-layer behaviour). aware=True: a
-    coupled set is pruned only when all its members are targets; a set that touches a
-    kept layer (the classifier, an excluded one) stays whole, since its channels could
-    not be removed anyway.
+    aware=False: every layer alone (NNI's plain per-layer behaviour; grouped convs need the
+    dependency analysis, so they are refused). aware=True: a coupled set is pruned only when
+    all its members are targets; a set that touches a kept layer (the classifier, an
+    excluded one) stays whole, since its channels could not be removed anyway.
     """
     if not aware:
-        return [[name] for name in targets]
-    grouped = _grouped_convs(model)
-    if grouped:
-        more = f" and {len(grouped) - 1} more" if len(grouped) > 1 else ""
-        raise NotImplementedError(f"dependency-aware pruning of grouped (non-depthwise) convs ({grouped[0]}{more})")
+        grouped = _grouped_convs(model)
+        if grouped:
+            more = f" and {len(grouped) - 1} more" if len(grouped) > 1 else ""
+            raise NotImplementedError(f"per-layer (dependency_aware: false) pruning of grouped convs ({grouped[0]}{more})")
+        return [[name] for name in targets], {}
     order = {name: i for i, name in enumerate(targets)}
-    groups = []
-    for members in coupled_sets(model, example_input):
-        if members and members <= targets.keys():
-            groups.append(sorted(members, key=order.get))
-    return sorted(groups, key=lambda g: order[g[0]])
+    sets, blocks = coupled_sets(model, example_input)
+    groups = [sorted(members, key=order.get) for members in sets if members and members <= targets.keys()]
+    return sorted(groups, key=lambda g: order[g[0]]), {n: b for n, b in blocks.items() if n in targets}
