@@ -68,8 +68,13 @@ def run_isolated(name: str, engine: str, timeout: float) -> Dict[str, Any]:
         done = subprocess.run([sys.executable, __file__, "--one", name, engine], capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        row = json.loads(lines[-1]) if lines else {
-            "status": "fail", "stage": "process", "error": f"exit {done.returncode}: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
+        if lines:
+            row = json.loads(lines[-1])
+        elif done.returncode == -9:  # what the kernel's out-of-memory killer sends
+            row = {"status": "fail", "stage": "process", "error": "killed by SIGKILL (out of memory on this machine, most likely)"}
+        else:
+            row = {"status": "fail", "stage": "process",
+                   "error": f"exit {done.returncode}: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}"}
     except subprocess.TimeoutExpired:
         row = {"status": "fail", "stage": "timeout", "error": f"no result within {timeout:.0f} s"}
     return {**row, "seconds": round(time.perf_counter() - started, 1)}
