@@ -69,8 +69,9 @@ def prune_model(
     with engine_failures(cfg, model, names):
         prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients, bool(pinned))
         after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
+        after = _totals(model, example_input)  # runs the pruned model: one that no longer runs failed here too
     layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
-    report = _report(cfg, before, _totals(model, example_input), layers, time.perf_counter() - started)
+    report = _report(cfg, before, after, layers, time.perf_counter() - started)
     return PruneResult(model=model, report=report, layers=layers, after_step=after_step if cfg.method == "weight" else None)
 
 

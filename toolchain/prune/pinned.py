@@ -1,4 +1,9 @@
-"""Layers channel pruning must keep whole because a channel shuffle reorders their outputs.
+"""Layers channel pruning must keep whole, because the model's own code depends on their
+channels in a way neither engine can see.
+
+Vision Transformer: the patch embedding's channels are the token width, which the forward
+hard-codes (reshape to hidden_dim, class token, position embedding); pinning it and the
+MLP outputs keeps the residual stream, and the MLP's hidden width is what gets pruned.
 
 ShuffleNet's channel_shuffle (view -> transpose -> view) interleaves the halves of a
 concatenation, so channel i before it is not channel i after it. Neither engine models
@@ -9,7 +14,7 @@ depthwise -> 1x1) and the stem and head. So the layers whose outputs enter a shu
 (the last conv of each branch) and the depthwise convs that read a shuffle's output
 directly are kept, as the classifier is; docs/pruning.md has the MACs this leaves.
 
-One rule per block class; a model without such blocks pins nothing.
+One rule per module class; a model without such modules pins nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +33,19 @@ def _torchvision_shufflenet_v2(name: str, block: nn.Module, first: bool) -> List
     return pins
 
 
+def _torchvision_vit(name: str, model: nn.Module, first: bool) -> List[str]:
+    """The patch embedding and every MLP output (they write the residual stream; NNI does not
+    trace the stream through attention, so it would prune them apart)."""
+    prefix = f"{name}." if name else ""
+    mlp_outputs = [f"{prefix}encoder.layers.{block}.mlp.3" for block, _ in model.encoder.layers.named_children()]
+    return [f"{prefix}conv_proj", *mlp_outputs]
+
+
 def _rules() -> Dict[type, Callable[[str, nn.Module, bool], List[str]]]:
     from torchvision.models.shufflenetv2 import InvertedResidual
+    from torchvision.models.vision_transformer import VisionTransformer
 
-    return {InvertedResidual: _torchvision_shufflenet_v2}
+    return {InvertedResidual: _torchvision_shufflenet_v2, VisionTransformer: _torchvision_vit}
 
 
 def pinned_layers(model: nn.Module) -> List[str]:

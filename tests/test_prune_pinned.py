@@ -1,6 +1,9 @@
-"""ShuffleNetV2 channel pruning (both engines): the channels a channel shuffle reorders stay,
-everything inside the branches, the stem and the head is pruned, and the pruned model computes
-exactly what the original computes with the removed channels zeroed."""
+"""Layers the model's own code depends on stay whole (prune/pinned.py).
+
+ShuffleNetV2 (both engines): the channels a channel shuffle reorders stay, everything inside
+the branches, the stem and the head is pruned, and the pruned model computes exactly what
+the original computes with the removed channels zeroed. Vision Transformer: the token width
+stays, the MLP hidden width is pruned (Torch-Pruning; NNI fails in one line)."""
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch.nn as nn
 import torchvision
 
 from toolchain.prune import prune_model
+from toolchain.prune.registry import PruneError
 from toolchain.prune.pinned import pinned_layers
 from toolchain.recipe import PruneConfig
 
@@ -58,3 +62,27 @@ def test_shufflenet_v2_prunes_inside_the_branches_and_keeps_the_function(engine)
     assert pruned.get_submodule("stage2.1.branch2.3").out_channels < original.get_submodule("stage2.1.branch2.3").out_channels
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), zeroed_like(original, pruned)(x), rtol=1e-4, atol=1e-4)
+
+
+def tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64,
+                                                mlp_dim=128, num_classes=10).eval()
+
+
+def test_vision_transformer_keeps_its_token_width_and_prunes_the_mlp():
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    assert pinned_layers(model)[0] == "conv_proj"
+    result = prune_model(model, PruneConfig(method="channel", sparsity=0.5, engine="torch_pruning"), x)
+    pruned = result.model.eval()
+    assert pruned.conv_proj.out_channels == 64 and pruned.hidden_dim == 64
+    assert [layer.mlp[0].out_features for layer in pruned.encoder.layers] == [64, 64]
+    assert pruned(x).shape == (2, 10)
+
+
+def test_vision_transformer_on_nni_fails_in_one_line():
+    """NNI's speedup loses the LayerNorm width on token tensors: one line and the way out,
+    from the check that the pruned model still runs."""
+    with pytest.raises(PruneError, match=r"^prune: engine nni failed on VisionTransformer \(RuntimeError: .*try prune.engine: torch_pruning") as err:
+        prune_model(tiny_vit(), PruneConfig(method="channel", sparsity=0.5, engine="nni"), torch.randn(2, 3, 32, 32))
+    assert "\n" not in str(err.value)
