@@ -12,8 +12,11 @@ preprocessing (mean/std, input size, crop, interpolation) is exposed to the data
 
 from __future__ import annotations
 
+import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from ..errors import CheckpointError, first_line
 from .refs import Reference, parse
@@ -83,12 +86,43 @@ def _torch_hub_dir() -> str:
     return str(Path(torch.hub.get_dir()) / "checkpoints")
 
 
+HF_HOST = "huggingface.co"
+
+
+def hub_unreachable(host: str = HF_HOST, timeout_s: float = 3.0) -> bool:
+    """True when the Hugging Face hub cannot be reached directly (no DNS, no route). Behind a
+    proxy or a mirror (HTTPS_PROXY, HF_ENDPOINT) the hub client knows better: not probed."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "HF_ENDPOINT")):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return False
+    except OSError:
+        return True
+
+
+@contextmanager
+def _hub_offline_when_unreachable() -> Iterator[None]:
+    """Offline, huggingface_hub retries with backoff for ~46 s before failing (measured here);
+    in its offline mode a cached file loads and a missing one fails at once."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    if not saved and hub_unreachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _timm_pretrained(ref: Reference, num_classes: int, kwargs: Dict[str, Any]):
     import timm
 
     cfg = timm_pretrained_cfg(ref)
     try:  # timm drops the classifier weights itself when num_classes differs
-        model = timm.create_model(ref.name, pretrained=True, num_classes=num_classes, **kwargs)
+        with _hub_offline_when_unreachable():
+            model = timm.create_model(ref.name, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as exc:  # huggingface_hub's LocalEntryNotFoundError is an OSError
         hub_id = cfg.hf_hub_id or ref.name
         raise CheckpointError(
