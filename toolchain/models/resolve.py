@@ -29,6 +29,12 @@ def create(model_cfg, num_classes: int):
     return model
 
 
+def architecture(model_cfg, num_classes: int):
+    """The section's architecture with fresh random weights: structure, not weights (what the
+    preflight checks prune, probe and resolve)."""
+    return build(model_cfg.model, num_classes, model_cfg.cifar_stem, model_cfg.kwargs)
+
+
 def check_model(model_cfg, num_classes: int) -> None:
     """Build the architecture once (the user's callable imports, runs and returns a Module) and
     resolve its weights, so that a bad reference fails before any training. Library weights
@@ -37,7 +43,7 @@ def check_model(model_cfg, num_classes: int) -> None:
     if model_cfg.weights and not is_file(model_cfg.weights):
         create(model_cfg, num_classes)
     else:
-        build(model_cfg.model, num_classes, model_cfg.cifar_stem, model_cfg.kwargs)
+        architecture(model_cfg, num_classes)
     weights_identity(model_cfg)
 
 

@@ -66,8 +66,8 @@ def check_features(train_cfg, student, teacher, data, section: str) -> None:
 
     if train_cfg is None or not train_cfg.features or teacher is None:
         return
-    build = lambda s: resolve.build(s.model, data.num_classes, s.cifar_stem, s.kwargs)  # noqa: E731
-    FeatureDistiller(train_cfg.features, build(student), build(teacher), data.input_shape, section)
+    FeatureDistiller(train_cfg.features, resolve.architecture(student, data.num_classes),
+                     resolve.architecture(teacher, data.num_classes), data.input_shape, section)
 
 
 def load_model(job: Job, art: ModelArtifact) -> torch.nn.Module:

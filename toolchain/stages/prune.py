@@ -28,15 +28,14 @@ class Prune(ModelStage):
         train: a model the engine cannot prune fails now, in one line, with the way out."""
         from tqdm import tqdm
 
-        from ..models.resolve import build
+        from ..models.resolve import architecture
         from ..prune import check_prunable
 
         if cfg.prune.method != "channel":
             return
-        student = cfg.student
-        model = build(student.model, data.num_classes, student.cifar_stem, student.kwargs)  # structure, not weights
+        model = architecture(cfg.student, data.num_classes)
         seconds = check_prunable(model, cfg.prune, data.example_batch(2), cfg.prune.check_time_limit_s)
-        tqdm.write(f"[prune] preflight: {student.model} channel-prunes with engine {cfg.prune.engine} ({seconds:.1f} s)")
+        tqdm.write(f"[prune] preflight: {cfg.student.model} channel-prunes with engine {cfg.prune.engine} ({seconds:.1f} s)")
 
     def inputs(self, cfg, models, ran):
         # the teacher is an input too: taylor scores and iterative steps use the KD loss
