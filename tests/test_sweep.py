@@ -259,3 +259,17 @@ def test_the_control_variant_fine_tunes_the_unpruned_student(tiny_recipe, tmp_pa
     parents = client.search_runs(client.get_experiment_by_name("tests").experiment_id, "tags.`toolchain.run_name` = 'tiny-none' and tags.`toolchain.stage` = 'compress'")
     assert parents[0].data.tags["prune.method"] == "none", parents[0].data.tags
     assert "final.test_accuracy" in parents[0].data.metrics, sorted(parents[0].data.metrics)
+
+
+def test_a_reader_that_leaves_early_ends_the_listing_quietly():
+    """`sweep --dry-run | head`: the closed pipe ends the command with 141 (as Unix tools), no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "toolchain", "sweep", "recipes/study/cifar100.yaml", "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root)
+    proc.stdout.close()  # before the first line: the write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
