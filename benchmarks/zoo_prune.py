@@ -35,8 +35,9 @@ def image_size(name: str) -> int:
     return 299 if name == "inception_v3" else 224
 
 
-def one(name: str, engine: str) -> Dict[str, Any]:
-    """Prune, export and check one model; the row of the table (failures: the stage and one line)."""
+def one(name: str, engine: str, size: int = 0, num_classes: int = 1000) -> Dict[str, Any]:
+    """Prune, export and check one model; the row of the table (failures: the stage and one line).
+    size 0: the model's own (224, inception_v3 299); tests/test_zoo_subset.py runs it small."""
     import torch
 
     from toolchain.errors import first_line
@@ -46,10 +47,11 @@ def one(name: str, engine: str) -> Dict[str, Any]:
     from toolchain.recipe import ExportConfig, PruneConfig
 
     torch.manual_seed(0)
-    x = torch.randn(2, 3, image_size(name), image_size(name))
+    side = size or image_size(name)
+    x = torch.randn(2, 3, side, side)
     stage = "build"
     try:
-        model = build(f"torchvision/{name}", 1000).eval()
+        model = build(f"torchvision/{name}", num_classes).eval()
         stage = "prune"
         result = prune_model(model, PruneConfig(method="channel", sparsity=0.5, engine=engine), x)
         row = {"macs_ratio": result.report["macs_after"] / result.report["macs_before"]}

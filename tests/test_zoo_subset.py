@@ -1,0 +1,24 @@
+"""A fast representative subset of benchmarks/zoo_prune.py (docs/zoo.md): the same prune ->
+speedup -> ONNX export -> parity path, at 32x32 with 10 classes, one model per structural
+family the engines gained or differ on (depthwise + SE: tests/test_prune_compat.py; both
+engines on ShuffleNetV2 and ViT: tests/test_prune_pinned.py)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("zoo_prune", Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_prune.py")
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
+
+
+@pytest.mark.parametrize("name, engine", [
+    ("regnet_y_400mf", "nni"),  # grouped convs in equal blocks, SE
+    ("shufflenet_v2_x0_5", "nni"),  # channel shuffle: pinned layers
+    ("squeezenet1_1", "torch_pruning"),  # concatenations
+])
+def test_zoo_families_prune_export_and_pass_parity(name, engine):
+    row = zoo.one(name, engine, size=32, num_classes=10)
+    assert row["status"] == "ok", row
+    assert row["macs_ratio"] < 0.6
