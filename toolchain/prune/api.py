@@ -105,8 +105,27 @@ def engine_failures(cfg, model: nn.Module, targets: List[str]):
         layer = _failing_layer(exc.__traceback__, model, set(targets))
         where = f" at layer {layer}" if layer else ""
         first = (str(exc).strip().splitlines() or [""])[0][:200]
+        known = KNOWN_LIMITS.get(_innermost_function(exc.__traceback__))
+        if known:  # excluding layers one by one would not get past it
+            raise PruneError(f"prune: engine {cfg.engine} cannot prune {type(model).__name__}{where}: {known} "
+                             f"({type(exc).__name__}: {first}); set prune.engine: {_other(cfg)}") from exc
         raise PruneError(f"prune: engine {cfg.engine} failed on {type(model).__name__}{where} "
                          f"({type(exc).__name__}: {first}); {_way_out(cfg, layer)}") from exc
+
+
+# Engine failures whose cause is known, by the engine function they end in (measured on the zoo, docs/zoo.md).
+KNOWN_LIMITS = {
+    # NNI adds a group's filter scores as tensors: a Conv2d's [C,1,1,1] and a Linear's [C,1] broadcast
+    "_metric_fuse": "its coupled channels mix Conv2d and channels-last Linear layers (ConvNeXt, Swin, MaxViT blocks), "
+                    "whose scores NNI cannot combine",
+}
+
+
+def _innermost_function(tb) -> Optional[str]:
+    name = None
+    while tb is not None:
+        name, tb = tb.tb_frame.f_code.co_name, tb.tb_next
+    return name
 
 
 def _other(cfg) -> str:
