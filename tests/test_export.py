@@ -157,7 +157,7 @@ def test_parity_tolerances_are_respected(resnet):
 
 
 def test_relative_tolerance_admits_large_logits(tmp_path):
-    """Logits in the hundreds, off by 2e-4 relative: beyond atol 1e-3, within rtol 1e-3 (numpy.allclose)."""
+    """Logits in the hundreds, off by 2e-4 relative: beyond atol 1e-3, within rtol 1e-3 x the image's scale."""
     torch.manual_seed(0)
     exported = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10))
     with torch.no_grad():
@@ -176,6 +176,25 @@ def test_relative_tolerance_admits_large_logits(tmp_path):
     msg = str(err.value)
     assert "rtol 1e-05" in msg and "large logits" in msg and "export.parity_rtol" in msg and "\n" not in msg
     assert ExportConfig().parity_rtol == 1e-3
+
+
+def test_a_small_logit_next_to_huge_ones_is_judged_at_their_scale(tmp_path):
+    """Float32 rounding follows the image's largest logits: a logit near 0 computed next to logits
+    of 1e6 may be off by 0.5 (per-logit allclose would fail it), a logit off by 2% of that scale is not."""
+    exported = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        exported.weight.copy_(torch.tensor([[1e6, 0.0], [0.0, 1.0]]))
+        exported.bias.zero_()
+    path = tmp_path / "huge.onnx"
+    export_onnx(exported, path, torch.randn(2, 2), ExportConfig(exporter="torchscript", opset=17), {})
+    x = torch.tensor([[1.0, 0.01], [2.0, -0.02]])
+    rounded, wrong = copy.deepcopy(exported), copy.deepcopy(exported)
+    with torch.no_grad():
+        rounded.bias.copy_(torch.tensor([0.0, 0.5]))
+        wrong.bias.copy_(torch.tensor([2e4, 0.0]))
+    assert check_parity(rounded, path, x, atol=1e-3, min_agreement=1.0, rtol=1e-3)["outside_tolerance"] == 0
+    with pytest.raises(ExportError, match="the image's largest"):
+        check_parity(wrong, path, x, atol=1e-3, min_agreement=0.0, rtol=1e-3)
 
 
 class _Boom(torch.nn.Module):

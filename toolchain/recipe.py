@@ -285,8 +285,8 @@ class ExportConfig(Section):
     exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="torch.onnx exporter, chosen explicitly.")
     opset: int = Field(18, ge=11, le=23, description="ONNX opset version.")
     dynamic_batch: bool = Field(True, description="Export with a dynamic batch axis.")
-    parity_atol: float = Field(1e-3, gt=0, le=1, description="Absolute part of the parity tolerance: max abs difference of logits allowed between PyTorch and onnxruntime, plus parity_rtol x |logit|.")
-    parity_rtol: float = Field(1e-3, ge=0, le=1, description="Relative part of the parity tolerance: each logit may differ by parity_atol + parity_rtol x |PyTorch logit| (numpy.allclose), so large logits are not failed by float32 rounding; 0 for an absolute-only gate.")
+    parity_atol: float = Field(1e-3, gt=0, le=1, description="Absolute part of the parity tolerance: max abs difference of logits allowed between PyTorch and onnxruntime, plus parity_rtol x the image's largest |logit|.")
+    parity_rtol: float = Field(1e-3, ge=0, le=1, description="Relative part of the parity tolerance: each logit may differ by parity_atol + parity_rtol x its image's largest |PyTorch logit|, so float32 rounding at large logits does not fail the gate; 0 for an absolute-only gate.")
     parity_min_agreement: float = Field(0.99, ge=0, le=1, description="Minimum top-1 agreement between PyTorch and onnxruntime on a validation batch.")
     references: bool = Field(True, description="Also export the teacher and the unpruned KD student, so the bench measures speedup ratios against them in the same run.")
 

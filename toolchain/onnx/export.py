@@ -13,7 +13,7 @@ API (used by the pipeline):
         input_shape, output_shape, file_size_bytes, export_time_s, torch_version, onnx_version.
     check_parity(model, onnx_path, batch, atol, min_agreement, rtol=0.0) -> {max_abs_diff, mean_abs_diff,
         max_abs_logit, outside_tolerance, top1_agreement, batch_size, atol, rtol, min_agreement}; raises
-        ExportError unless |diff| <= atol + rtol * |PyTorch logit| elementwise (numpy.allclose semantics)
+        ExportError unless |diff| <= atol + rtol * (the image's largest |PyTorch logit|) for every logit
         and top-1 agreement >= min_agreement.
     onnx_accuracy(onnx_path, batches, providers=("cpu",)) -> top-1 accuracy in onnxruntime.
     read_metadata(onnx_path) -> metadata_props decoded (exact round trip of export's `metadata`).
@@ -185,7 +185,10 @@ def _ort_logits(session, images) -> np.ndarray:
 def check_parity(model: torch.nn.Module, onnx_path, batch: torch.Tensor, atol: float, min_agreement: float,
                  rtol: float = 0.0) -> Dict[str, Any]:
     """Compare PyTorch (eval mode) and onnxruntime CPU logits on `batch`; ExportError unless every
-    logit is within atol + rtol * |PyTorch logit| (numpy.allclose) and top-1 agreement >= min_agreement."""
+    logit is within atol + rtol * (its image's largest |PyTorch logit|) and top-1 agreement >=
+    min_agreement. The image's scale, not the logit's own value: float32 rounding follows the
+    magnitude of the activations, so a logit near 0 next to logits of 2.7e6 carries an error of
+    ~1 in PyTorch alone (inception_v3, random weights: float32 vs float64 differ by 2.3)."""
     with eval_mode(model), torch.no_grad():
         ref = _numpy(model(batch.to(_device_of(model)))).astype(np.float64)
     got = _ort_logits(bench.create_session(onnx_path, "cpu"), batch).astype(np.float64)
@@ -193,7 +196,8 @@ def check_parity(model: torch.nn.Module, onnx_path, batch: torch.Tensor, atol: f
         raise ExportError(f"ONNX parity: output shape {list(got.shape)} differs from PyTorch {list(ref.shape)}; re-export the model")
     diff = np.abs(ref - got)
     finite = bool(np.isfinite(diff).all())
-    outside = ~(diff <= atol + rtol * np.abs(ref))  # written so that NaN counts as outside
+    scale = np.abs(ref).reshape(len(ref), -1).max(axis=1).reshape(-1, *([1] * (ref.ndim - 1)))
+    outside = ~(diff <= atol + rtol * scale)  # written so that NaN counts as outside
     report = {
         "max_abs_diff": float(diff.max()) if finite else float("inf"),
         "mean_abs_diff": float(diff.mean()) if finite else float("inf"),
@@ -212,7 +216,7 @@ def check_parity(model: torch.nn.Module, onnx_path, batch: torch.Tensor, atol: f
 
 def _parity_message(onnx_path, r: Dict[str, Any], finite: bool) -> str:
     what = "non-finite logits" if not finite else (
-        f"{r['outside_tolerance']} logits beyond atol {r['atol']:g} + rtol {r['rtol']:g} x |logit| "
+        f"{r['outside_tolerance']} logits beyond atol {r['atol']:g} + rtol {r['rtol']:g} x the image's largest |logit| "
         f"(max |logit diff| {r['max_abs_diff']:.3g}, largest |logit| {r['max_abs_logit']:.3g})")
     exporters = "try export.exporter dynamo<->torchscript or another export.opset"
     if finite and r["top1_agreement"] >= r["min_agreement"]:
