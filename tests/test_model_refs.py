@@ -277,7 +277,7 @@ def test_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):
     import timm
     from huggingface_hub import constants
 
-    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "HF_ENDPOINT"):
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
         monkeypatch.delenv(var, raising=False)
 
     def no_route(address, timeout=None):

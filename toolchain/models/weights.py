@@ -92,7 +92,7 @@ HF_HOST = "huggingface.co"
 def hub_unreachable(host: str = HF_HOST, timeout_s: float = 3.0) -> bool:
     """True when the Hugging Face hub cannot be reached directly (no DNS, no route). Behind a
     proxy or a mirror (HTTPS_PROXY, HF_ENDPOINT) the hub client knows better: not probed."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "HF_ENDPOINT")):
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")):
         return False
     try:
         socket.create_connection((host, 443), timeout=timeout_s).close()
