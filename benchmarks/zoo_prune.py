@@ -120,14 +120,15 @@ def load(results: Path) -> List[Dict[str, Any]]:
     return list(latest.values())
 
 
-def render(results: Path, out: Path, engines: List[str]) -> None:
+def render(results: Path, out: Path) -> None:
+    """docs/zoo.md from every recorded row; the table always shows both engines."""
     rows: Dict[str, Dict[str, Dict[str, Any]]] = {}
     commands: List[str] = []
     for row in load(results):
         rows.setdefault(row["model"], {})[row["engine"]] = row
         if row.get("command") and row["command"] not in commands:
             commands.append(row["command"])
-    table = markdown(rows, engines, commands)
+    table = markdown(rows, list(ENGINES), commands)
     text = out.read_text() if out.exists() else ""
     if BEGIN in text and END in text:  # keep the hand-written reading around the generated part
         head, _, rest = text.partition(BEGIN)
@@ -152,29 +153,30 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(*args.one)))
         return
+    results, out = Path(args.results), Path(args.out)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    if not args.render_only:
+        run_missing(args, results, out)
+    render(results, out)
+
+
+def run_missing(args, results: Path, out: Path) -> None:
+    """Each (model, engine) without a row (every one with --rerun), appended as it finishes."""
     if not args.models:
         from toolchain.models.refs import library_models
 
         args.models = sorted(library_models("torchvision"))
-    results, out = Path(args.results), Path(args.out)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    if args.render_only:
-        render(results, out, list(ENGINES))  # the table always shows both engines
-        return
     done = {(r["model"], r["engine"]) for r in load(results)}
-    command = " ".join(["benchmarks/zoo_prune.py", *sys.argv[1:]])
-    threads = os.environ.get("OMP_NUM_THREADS", "all")
+    command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'all')} " + " ".join(["benchmarks/zoo_prune.py", *sys.argv[1:]])
     for name in args.models:
         for engine in args.engines:
             if (name, engine) in done and not args.rerun:
                 continue
-            row = {"model": name, "engine": engine, **run_isolated(name, engine, args.timeout),
-                   "command": f"OMP_NUM_THREADS={threads} {command}"}
+            row = {"model": name, "engine": engine, **run_isolated(name, engine, args.timeout), "command": command}
             print(name, engine, _cell(row), flush=True)
             with results.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            render(results, out, list(ENGINES))  # the table always shows both engines
-    render(results, out, list(ENGINES))  # the table always shows both engines
+            render(results, out)  # the table grows as the hours-long run goes
 
 
 if __name__ == "__main__":

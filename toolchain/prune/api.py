@@ -25,7 +25,7 @@ from ..metrics import count_macs, count_nonzero_params, count_params
 from . import layers as layer_stats
 from .channel import nni_channel_step
 from .dependency import channel_groups
-from .pinned import pinned_layers
+from .pinned import has_channel_shuffle, pinned_layers
 from .registry import PrunerSpec, PruneError, check_fit
 from .schedule import FinetuneFn, run_schedule, sparsity_steps
 from .targets import out_channels, select_targets
@@ -60,14 +60,14 @@ def prune_model(
     model = copy.deepcopy(model)
     # Channel pruning never removes class outputs, whatever prune_classifier says.
     targets = select_targets(model, cfg.op_types, cfg.exclude, cfg.prune_classifier and cfg.method == "weight")
-    pinned = pinned_layers(model) if cfg.method == "channel" else []
+    pinned = set(pinned_layers(model)) if cfg.method == "channel" else set()
     targets = {name: m for name, m in targets.items() if name not in pinned}
     names = list(targets)
     before = _totals(model, example_input)
     shapes_before = layer_stats.snapshot(model, names)
     sparsities = sparsity_steps(cfg.sparsity, cfg.schedule, cfg.steps)
     with engine_failures(cfg, model, names):
-        prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients, bool(pinned))
+        prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients, has_channel_shuffle(model))
         after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
         after = _totals(model, example_input)  # runs the pruned model: one that no longer runs failed here too
     layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
@@ -175,7 +175,7 @@ def time_limit(seconds: float, error: Callable[[], Exception]):
 def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients,
              shuffles: bool) -> Callable[[float], Optional[Callable]]:
     """prune_step(sparsity) for the engine the recipe names (never chosen silently); `shuffles`:
-    the model has channel shuffles, whose neighbours are pinned (pinned.py)."""
+    the model has known channel shuffles, whose neighbours are pinned (pinned.py)."""
     if cfg.method == "weight":
         return lambda s: level_step(model, {n: model.get_submodule(n) for n in targets}, s, cfg.scope)
     if cfg.engine == "torch_pruning":

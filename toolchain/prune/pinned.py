@@ -41,21 +41,34 @@ def _torchvision_vit(name: str, model: nn.Module, first: bool) -> List[str]:
     return [f"{prefix}conv_proj", *mlp_outputs]
 
 
-def _rules() -> Dict[type, Callable[[str, nn.Module, bool], List[str]]]:
+def _shuffle_blocks() -> tuple:
     from torchvision.models.shufflenetv2 import InvertedResidual
+
+    return (InvertedResidual,)
+
+
+def _rules() -> Dict[type, Callable[[str, nn.Module, bool], List[str]]]:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return {InvertedResidual: _torchvision_shufflenet_v2, VisionTransformer: _torchvision_vit}
+    (shufflenet_block,) = _shuffle_blocks()
+    return {shufflenet_block: _torchvision_shufflenet_v2, VisionTransformer: _torchvision_vit}
 
 
 def pinned_layers(model: nn.Module) -> List[str]:
     """Names of layers whose output channels must all stay, in model order."""
     rules = _rules()
     pins: List[str] = []
-    seen: Dict[type, int] = {}
+    seen: set = set()
     for name, module in model.named_modules():
         rule = rules.get(type(module))
         if rule is not None:
-            pins += rule(name, module, first=seen.get(type(module), 0) == 0)
-            seen[type(module)] = seen.get(type(module), 0) + 1
+            pins += rule(name, module, first=type(module) not in seen)
+            seen.add(type(module))
     return pins
+
+
+def has_channel_shuffle(model: nn.Module) -> bool:
+    """A block with a known channel shuffle (its neighbours pinned above): Torch-Pruning then needs
+    no index mapping through the shuffle's view (tp_engine.py)."""
+    blocks = _shuffle_blocks()
+    return any(isinstance(m, blocks) for m in model.modules())
