@@ -94,7 +94,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 
 # the stage's registry names worth comparing (ORT's default, the old and the new defaults) + informative variants
 DEFAULT_VARIANTS = ("float,qdq_s8s8_per_channel,qdq_u8s8_per_channel,qdq_u8s8_per_tensor,qdq_u8s8_dw_per_channel,"
-                    "qdq_u8s8_per_channel_keep_stem,qdq_u8s8_dw_per_channel_keep_stem,qop_u8u8_pc,qdq_u8s8_pc_convonly")
+                    "qdq_u8s8_per_channel_keep_stem,qdq_u8s8_dw_per_channel_keep_stem,qdq_u8s8_dw_per_channel_keep_stem_fold,qop_u8u8_pc,"
+                    "qdq_u8s8_pc_convonly")
 
 
 def build(pre: Path, out: Path, spec: Dict[str, Any], calib, input_name: str, images: int) -> None:

@@ -247,3 +247,99 @@ def test_per_channel_only_needs_qdq():
 
     with pytest.raises(QuantizeError, match="needs format qdq"):
         quantize_options(None, Candidate("x", format="qoperator", per_channel_only=("depthwise",)))
+
+
+# ---------------------------------------------------------------- batch folding (onnx/fold.py)
+
+
+def _pointwise_model(path, const_dims=(1, 8, 1, 1)):
+    """input [N,4,4,4] -> 1x1 conv 8 -> Clip -> 3x3 depthwise -> Clip -> 1x1 conv 4 -> Add(input) -> 1x1 conv 8
+    -> Mul(constant of const_dims) -> output: two pointwise regions around a 3x3 conv, a residual, a constant."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
+
+    inits = [w("a_w", 8, 4, 1, 1), w("a_b", 8), w("dw_w", 8, 1, 3, 3), w("b_w", 4, 8, 1, 1), w("c_w", 8, 4, 1, 1),
+             w("scale", *const_dims),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], name="a", kernel_shape=[1, 1]),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["a6"], name="a_clip"),
+             helper.make_node("Conv", ["a6", "dw_w"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
+             helper.make_node("Clip", ["d", "lo", "hi"], ["d6"], name="d_clip"),
+             helper.make_node("Conv", ["d6", "b_w"], ["b"], name="b", kernel_shape=[1, 1]),
+             helper.make_node("Add", ["b", "x"], ["r"], name="residual"),
+             helper.make_node("Conv", ["r", "c_w"], ["c"], name="c", kernel_shape=[1, 1]),
+             helper.make_node("Mul", ["c", "scale"], ["y"], name="scale_mul")]
+    graph = helper.make_graph(nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _run(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _ops(path):
+    import collections
+
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def test_folding_the_batch_computes_exactly_the_same_function(tmp_path):
+    from toolchain.onnx.fold import fold_batch
+
+    src = _pointwise_model(tmp_path / "m.onnx")
+    assert fold_batch(src, tmp_path / "f.onnx", max_pixels=16) == 2  # before and after the depthwise conv
+    ops = _ops(tmp_path / "f.onnx")
+    # region 1 (a, a_clip): in from x, out to dw; region 2 (b, residual, c, scale_mul): in from d6 and x, out to y
+    assert ops["Reshape"] == 5 and ops["Conv"] == 4 and ops["Clip"] == 2
+    for batch in (1, 3, 7):
+        x = np.random.default_rng(batch).standard_normal((batch, 4, 4, 4)).astype(np.float32)
+        np.testing.assert_allclose(_run(tmp_path / "f.onnx", x), _run(src, x), rtol=1e-5, atol=1e-5)
+    # a node quantization keeps float stays out (and its activation with it): only region 2 folds
+    assert fold_batch(src, tmp_path / "k.onnx", max_pixels=16, keep=["a"]) == 1 and _ops(tmp_path / "k.onnx")["Reshape"] == 3
+
+
+def test_folding_leaves_maps_above_the_limit_and_spatial_constants_alone(tmp_path):
+    from toolchain.onnx.fold import fold_batch
+
+    src = _pointwise_model(tmp_path / "m.onnx")
+    assert fold_batch(src, tmp_path / "f.onnx", max_pixels=15) == 0  # 4x4 maps: 16 pixels
+    assert _ops(tmp_path / "f.onnx") == _ops(src)
+    # a constant with an H extent broadcasts differently over [1, C, N*H, W]: its Mul stays outside the region
+    spatial = _pointwise_model(tmp_path / "s.onnx", const_dims=(1, 8, 4, 1))
+    assert fold_batch(spatial, tmp_path / "sf.onnx", max_pixels=16) == 2
+    x = np.random.default_rng(0).standard_normal((3, 4, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "sf.onnx", x), _run(spatial, x), rtol=1e-5, atol=1e-5)
+
+
+def test_folded_candidate_quantizes_with_the_same_settings_and_runs_the_region_as_one_image(tiny_pre, tmp_path):
+    from toolchain.onnx.quantize import quantize
+
+    name = "qdq_u8s8_dw_per_channel_keep_stem_fold"
+    assert CANDIDATES.get(name).describe()["fold_max_pixels"] == 64
+    info = quantize(tiny_pre, tmp_path / "fold.onnx", CANDIDATES.get(name), _reader())
+    plain = quantize(tiny_pre, tmp_path / "plain.onnx", CANDIDATES.get("qdq_u8s8_dw_per_channel_keep_stem"), _reader())
+    assert info["folded_regions"] == 1 and plain["folded_regions"] == 0  # pw2 on 8x8 maps; pw1 is kept float
+    assert info["excluded_nodes"] == plain["excluded_nodes"] == ["stem", "dw", "pw1"]
+    assert _weight_scales(tmp_path / "fold.onnx") == _weight_scales(tmp_path / "plain.onnx") == {"pw2": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fold.onnx", "plain.onnx"]  # no folded input left behind
+    ops, plain_ops = _optimized_ops(tmp_path / "fold.onnx", tmp_path), _optimized_ops(tmp_path / "plain.onnx", tmp_path)
+    # onnxruntime cancelled the region's transposes against its own NHWC ones: only the two Reshapes are added
+    assert ops["QLinearConv"] == 1 and ops["Transpose"] == plain_ops["Transpose"]
+    assert ops["Reshape"] == plain_ops["Reshape"] + 2
+    x = np.random.default_rng(2).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    import onnxruntime as ort
+
+    outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for f in ("fold.onnx", "plain.onnx")]
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)  # same quantization, same arithmetic, other layout
