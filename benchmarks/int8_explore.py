@@ -30,6 +30,21 @@ What it showed (onnxruntime 1.32, Xeon with AVX-512 VNNI + AMX, 2 cores; issue 1
   the bs32 speedup with 2 threads is ~1.0x for every format; with 1 thread it is 1.4x. Keeping the last 8-24
   convs float instead (keep_last) adds Q/DQ at every residual Add and is slower; no session option
   (allow_spinning, dynamic_block_base) changed it, nor splitting the batch over two 1-thread runs (1.15x).
+- What did help there: a 1x1 conv treats every pixel alike, so folding the batch into one tall image (NHWC
+  [N,H,W,C] -> [1,N*H,W,C], exact) for regions of 1x1 convs, activations and residual Adds on small maps
+  (toolchain/onnx/fold.py, candidate qdq_u8s8_dw_per_channel_keep_stem_fold) gives QLinearConv N times more
+  pixels to split. Demo at batch 32: 1.19x vs 1.03x of float with 2 threads, 1.72x vs 1.41x with 1 thread; batch 1
+  pays for 33 Reshape nodes (1.37x vs 1.55x, 1.71x vs 1.78x). Rules that mattered: an activation stays with its
+  producer (a Clip pulled away from a 3x3 conv leaves 18 Q/DQ pairs: 0.97x), convs kept float stay out (their
+  NCHWc layout does not cancel the transposes), and only small maps fold (mobilenet_v2 at 224, batch 8: every
+  region folded 1.76x vs 2.03x unfolded; maps <= 196 pixels 2.02x).
+- Also seen, not acted on: onnxruntime 1.32's uint8 Transpose is 5x slower with 2 intra-op threads than with 1
+  (8 vs 40-47 us for [32,8,16,16], a standalone one-node model), which costs the demo's INT8 graph ~65 us at batch
+  32; MLAS's fast symmetric depthwise kernel needs channel counts that are multiples of 16 on x86 (8 on ARM;
+  MLAS convsym.cpp), so
+  `prune.align: 16` suits INT8 on AVX-512 (72-channel depthwise convs of the align-8 demo model take the
+  generic path); at 224 the int8 depthwise convs of mobilenet_v2 run at 0.9-1.2x of float's while the 1x1 convs
+  run at 2-3x (per-node onnxruntime profile, batch 1, 2 threads), which bounds the whole model near 1.7x there.
 """
 
 from __future__ import annotations

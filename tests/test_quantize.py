@@ -252,7 +252,7 @@ def test_per_channel_only_needs_qdq():
 # ---------------------------------------------------------------- batch folding (onnx/fold.py)
 
 
-def _pointwise_model(path, const_dims=(1, 8, 1, 1)):
+def _pointwise_model(path, const_dims=(1, 8, 1, 1), batch="batch"):
     """input [N,4,4,4] -> 1x1 conv 8 -> Clip -> 3x3 depthwise -> Clip -> 1x1 conv 4 -> Add(input) -> 1x1 conv 8
     -> Mul(constant of const_dims) -> output: two pointwise regions around a 3x3 conv, a residual, a constant."""
     import onnx
@@ -274,8 +274,8 @@ def _pointwise_model(path, const_dims=(1, 8, 1, 1)):
              helper.make_node("Add", ["b", "x"], ["r"], name="residual"),
              helper.make_node("Conv", ["r", "c_w"], ["c"], name="c", kernel_shape=[1, 1]),
              helper.make_node("Mul", ["c", "scale"], ["y"], name="scale_mul")]
-    graph = helper.make_graph(nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 4, 4])], inits)
+    graph = helper.make_graph(nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 4, 4])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -309,7 +309,7 @@ def test_folding_the_batch_computes_exactly_the_same_function(tmp_path):
     assert fold_batch(src, tmp_path / "k.onnx", max_pixels=16, keep=["a"]) == 1 and _ops(tmp_path / "k.onnx")["Reshape"] == 3
 
 
-def test_folding_leaves_maps_above_the_limit_and_spatial_constants_alone(tmp_path):
+def test_folding_leaves_large_maps_spatial_constants_and_a_static_batch_of_1_alone(tmp_path):
     from toolchain.onnx.fold import fold_batch
 
     src = _pointwise_model(tmp_path / "m.onnx")
@@ -317,6 +317,7 @@ def test_folding_leaves_maps_above_the_limit_and_spatial_constants_alone(tmp_pat
     assert _ops(tmp_path / "f.onnx") == _ops(src)
     # a constant with an H extent broadcasts differently over [1, C, N*H, W]: its Mul stays outside the region
     spatial = _pointwise_model(tmp_path / "s.onnx", const_dims=(1, 8, 4, 1))
+    assert fold_batch(_pointwise_model(tmp_path / "b1.onnx", batch=1), tmp_path / "b1f.onnx", max_pixels=16) == 0
     assert fold_batch(spatial, tmp_path / "sf.onnx", max_pixels=16) == 2
     x = np.random.default_rng(0).standard_normal((3, 4, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(_run(tmp_path / "sf.onnx", x), _run(spatial, x), rtol=1e-5, atol=1e-5)

@@ -51,11 +51,13 @@ def fold_batch(src: Path, dst: Path, max_pixels: int, keep: Iterable[str] = ()) 
 
 
 def _chw_shapes(graph) -> Dict[str, Tuple[int, int, int]]:
-    """Tensor name -> (C, H, W) for 4-D tensors whose C, H and W are known (the batch may be symbolic)."""
+    """Tensor name -> (C, H, W) for 4-D tensors whose C, H and W are known. A batch of static size 1
+    leaves a tensor out: folding gains nothing at batch 1, and a [1, C, H, W] tensor that broadcasts
+    over the batch of another would not broadcast over N*H."""
     out = {}
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
-        if len(dims) == 4 and all(dims[1:]):
+        if len(dims) == 4 and all(dims[1:]) and dims[0] != 1:
             out[vi.name] = (dims[1], dims[2], dims[3])
     return out
 
