@@ -10,13 +10,15 @@ and for per-channel or elementwise arithmetic. This module finds connected *regi
 operations (each holding at least one 1x1 conv) on maps of at most `max_pixels` pixels and runs
 them on the folded layout: NCHW -> NHWC -> reshape [1, N*H, W, C] -> NCHW on the way in, the
 reverse on the way out. After quantization onnxruntime's layout optimizer cancels those
-transposes against its own NHWC ones, leaving a free Reshape at each region boundary.
+transposes against its own NHWC ones, leaving one Reshape (no copy, ~0.5 us of dispatch) at each
+region boundary.
 
-Measured (onnxruntime 1.32, 2-core AVX-512 VNNI; issue 14 note): the demo's INT8 model at batch 32
-1.13x vs 0.96x of float with 2 threads, 1.63x vs 1.36x with 1 thread; batch 1 pays ~10 us for the
-Reshapes (1.55x vs 1.70x). Folding large maps loses: mobilenet_v2 at 224 with every region folded
-1.76x vs 2.03x at batch 8, with maps up to 196 pixels 2.02x. The quantize stage measures a folded
-candidate against the others; nothing here assumes it wins. Torch-free: onnx + numpy.
+Measured (onnxruntime 1.32, 2-core AVX-512 VNNI, benchmarks/quantize.py; README "INT8 that is actually
+faster"): the demo's INT8 model at batch 32 1.22x vs 1.03x of float with 2 threads, 1.57x vs 1.28x with
+1 thread; batch 1 pays for the Reshapes (1.38x vs 1.58x). Folding large maps loses: mobilenet_v2 at 224,
+batch 8, every region folded 1.76x vs 2.03x unfolded, maps up to 196 pixels 2.02x (int8_explore.py's
+fold notes). The quantize stage measures a folded candidate against the others; nothing here
+assumes it wins. Torch-free: onnx + numpy.
 """
 
 from __future__ import annotations
