@@ -159,17 +159,17 @@ def _rewrite(graph, shapes, region: Dict[int, int]) -> None:
             node.input[j] = folded[key]
         nodes.append(node)
         for j, name in enumerate(node.output):
-            outside = [c for c in consumers.get(name, []) if region.get(c) != rid]
-            if not outside and name not in graph_outputs:
+            users = consumers.get(name, [])
+            if all(region.get(u) == rid for u in users) and name not in graph_outputs:
                 continue
             inner = f"{name}__folded"
-            for c in consumers.get(name, []):
-                if region.get(c) == rid:
-                    graph.node[c].input[:] = [inner if i == name else i for i in graph.node[c].input]
+            for u in users:
+                if region.get(u) == rid:
+                    graph.node[u].input[:] = [inner if i == name else i for i in graph.node[u].input]
             node.output[j] = inner
             producer[inner] = k
-            c_, h, w = shapes[name]
-            nodes += chain(inner, name, [-1, h, w, c_], f"{name}__unfold")
+            c, h, w = shapes[name]
+            nodes += chain(inner, name, [-1, h, w, c], f"{name}__unfold")
     del graph.node[:]
     graph.node.extend(nodes)
 
