@@ -323,6 +323,52 @@ def test_folding_leaves_large_maps_spatial_constants_and_a_static_batch_of_1_alo
     np.testing.assert_allclose(_run(tmp_path / "sf.onnx", x), _run(spatial, x), rtol=1e-5, atol=1e-5)
 
 
+def _tail_model(path):
+    """input [N,8,2,2] -> 3x3 depthwise (2x2 out) -> 3x3 depthwise stride 2 (1x1 out) -> Clip -> 1x1 conv 16
+    -> 3x3 depthwise on the 1x1 map -> 1x1 conv 8: the last stages of a 32x32 mobilenet."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, n) for n, s in
+             (("a_w", (8, 1, 3, 3)), ("b_w", (8, 1, 3, 3)), ("c_w", (16, 8, 1, 1)), ("d_w", (16, 1, 3, 3)),
+              ("d_b", (16,)), ("e_w", (8, 16, 1, 1)))]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0), ("hi", 6))]
+    dw = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    nodes = [helper.make_node("Conv", ["x", "a_w"], ["a"], name="dw_a", group=8, **dw),
+             helper.make_node("Conv", ["a", "b_w"], ["b"], name="dw_b", group=8, strides=[2, 2], **dw),
+             helper.make_node("Clip", ["b", "lo", "hi"], ["b6"], name="clip_b"),
+             helper.make_node("Conv", ["b6", "c_w"], ["c"], name="pw_c", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["c", "d_w", "d_b"], ["d"], name="dw_d", group=16, **dw),
+             helper.make_node("Conv", ["d", "e_w"], ["y"], name="pw_e", kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 1, 1])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_convs_with_a_one_pixel_output_shrink_to_the_taps_that_touch_data_and_fold(tmp_path):
+    import onnx
+    from onnx import helper
+
+    from toolchain.onnx.fold import fold_batch
+
+    src = _tail_model(tmp_path / "m.onnx")
+    assert fold_batch(src, tmp_path / "f.onnx", max_pixels=4) == 1  # dw_b .. pw_e: one region, not four
+    convs = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+             for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.op_type == "Conv"}
+    assert convs["dw_a"]["kernel_shape"] == [3, 3]  # a 2x2 output: windows overlap, stays spatial and unfolded
+    assert (convs["dw_b"]["kernel_shape"], convs["dw_b"]["strides"], convs["dw_b"]["pads"]) == ([2, 2], [2, 2], [0] * 4)
+    assert (convs["dw_d"]["kernel_shape"], convs["dw_d"]["strides"], convs["dw_d"]["group"]) == ([1, 1], [1, 1], 16)
+    assert _ops(tmp_path / "f.onnx")["Reshape"] == 2  # into the region after dw_a, out of it at y
+    for batch in (1, 3, 7):
+        x = np.random.default_rng(batch).standard_normal((batch, 8, 2, 2)).astype(np.float32)
+        np.testing.assert_allclose(_run(tmp_path / "f.onnx", x), _run(src, x), rtol=1e-5, atol=1e-5)
+    assert fold_batch(src, tmp_path / "k.onnx", max_pixels=4, keep=["dw_b"]) == 1  # kept float: not rewritten
+    kept = {n.name: n for n in onnx.load(str(tmp_path / "k.onnx")).graph.node}["dw_b"]
+    assert [helper.get_attribute_value(a) for a in kept.attribute if a.name == "kernel_shape"] == [[3, 3]]
+
+
 def test_folded_candidate_quantizes_with_the_same_settings_and_runs_the_region_as_one_image(tiny_pre, tmp_path):
     from toolchain.onnx.quantize import quantize
 

@@ -5,9 +5,12 @@ onnxruntime 1.32's QLinearConv runs the images of a batch one after the other an
 the pixels of one image over threads; on small maps (the last stages of a 32x32 network: 4x4 to
 1x1 pixels) a second thread has nothing to do, while float's NCHWc conv splits the batch
 (benchmarks/int8_explore.py). A 1x1 convolution with stride 1 treats every pixel alike, so a
-batch of N images of HxW is exactly one image of (N*H)xW for it; the same holds for activations
-and for per-channel or elementwise arithmetic. This module finds connected *regions* of such
-operations (each holding at least one 1x1 conv) on maps of at most `max_pixels` pixels and runs
+batch of N images of HxW is exactly one image of (N*H)xW for it; the same holds for activations,
+for per-channel or elementwise arithmetic, and for any conv whose windows tile the image without
+overlap or padding (kernel == stride). A conv with a 1x1 output map (a 3x3 depthwise conv on the
+last 1x1 or 2x2 maps) is rewritten into that form first: its kernel shrinks to the taps that touch
+real pixels. This module finds connected *regions* of such
+operations (each holding at least one conv) on maps of at most `max_pixels` pixels and runs
 them on the folded layout: NCHW -> NHWC -> reshape [1, N*H, W, C] -> NCHW on the way in, the
 reverse on the way out. After quantization onnxruntime's layout optimizer cancels those
 transposes against its own NHWC ones, leaving one Reshape (no copy, ~0.5 us of dispatch) at each
@@ -28,6 +31,9 @@ from typing import Dict, Iterable, List, Set, Tuple
 
 import numpy as np
 
+# Bump when the rewritten graph changes: the quantize stage's cache key holds it
+REVISION = 2
+
 # Ops that treat every pixel alike (given the input checks in _eligible)
 UNARY = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Identity"})
 BINARY = frozenset({"Add", "Mul", "Sub", "Div"})
@@ -44,6 +50,7 @@ def fold_batch(src: Path, dst: Path, max_pixels: int, keep: Iterable[str] = ()) 
     model = shape_inference.infer_shapes(onnx.load(str(src)))
     graph = model.graph
     shapes = _chw_shapes(graph)
+    _tile_single_pixel_convs(graph, shapes, max_pixels, set(keep))
     region = _regions(graph, shapes, max_pixels, set(keep))
     if region:
         _rewrite(graph, shapes, region)
@@ -75,14 +82,51 @@ def _per_channel_constant(dims: List[int]) -> bool:
     return len(dims) <= 1 or (dims[-2] == 1 and (len(dims) < 4 or dims[0] == 1))
 
 
+def _tile_single_pixel_convs(graph, shapes, max_pixels: int, keep: Set[str]) -> None:
+    """Rewrite each conv with a 1x1 output from an HxW input (at most max_pixels) into the same conv with an
+    HxW kernel, stride HxW and no padding: the window of the one output pixel covers input row r with kernel
+    row r + pad_top, so those taps are all that ever touch data (the rest multiply padding). Exact, and the
+    result tiles the image, so it folds; a 1x1 input gives a 1x1 pointwise conv."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    uses: Dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for node in graph.node:
+        if node.op_type != "Conv" or node.name in keep or node.input[0] not in shapes:
+            continue
+        weight, attrs, out = inits.get(node.input[1]), _attrs(node), shapes.get(node.output[0])
+        _, h, w = shapes[node.input[0]]
+        if (weight is None or len(weight.dims) != 4 or uses[node.input[1]] != 1 or out is None or out[1:] != (1, 1)
+                or h * w > max_pixels or any(d != 1 for d in attrs.get("dilations", [1, 1]))
+                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+            continue
+        top, left = attrs.get("pads", [0, 0, 0, 0])[:2]
+        kernel = numpy_helper.to_array(weight)
+        tiled = np.zeros(kernel.shape[:2] + (h, w), dtype=kernel.dtype)
+        rows, cols = range(max(0, -top), min(h, kernel.shape[2] - top)), range(max(0, -left), min(w, kernel.shape[3] - left))
+        for r in rows:
+            tiled[:, :, r, cols.start:cols.stop] = kernel[:, :, r + top, cols.start + left:cols.stop + left]
+        weight.CopyFrom(numpy_helper.from_array(tiled, weight.name))
+        kept = [a for a in node.attribute if a.name not in ("kernel_shape", "strides", "pads", "dilations", "auto_pad")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in
+                              (("kernel_shape", [h, w]), ("strides", [h, w]), ("pads", [0, 0, 0, 0])))
+
+
 def _eligible(node, inits, shapes) -> bool:
     if not node.output or node.output[0] not in shapes:
         return False
-    if node.op_type == "Conv":
+    if node.op_type == "Conv":  # windows that tile each image (kernel == stride, no padding) never cross images
         weight, attrs = inits.get(node.input[1]), _attrs(node)
-        return (weight is not None and list(weight.dims[2:]) == [1, 1] and attrs.get("group", 1) == 1
-                and all(s == 1 for s in attrs.get("strides", [1, 1])) and not any(attrs.get("pads", [0]))
-                and node.input[0] in shapes)
+        if weight is None or node.input[0] not in shapes:
+            return False
+        kernel, (_, h, w) = list(weight.dims[2:]), shapes[node.input[0]]
+        return (list(attrs.get("strides", [1, 1])) == kernel and not any(attrs.get("pads", [0]))
+                and all(d == 1 for d in attrs.get("dilations", [1, 1])) and h % kernel[0] == 0 and w % kernel[1] == 0)
     if node.op_type in UNARY:  # Clip's min / max: constants
         return node.input[0] in shapes and all(i in inits for i in node.input[1:] if i)
     if node.op_type in BINARY:  # same-shape tensors, or one tensor and a per-channel constant
@@ -94,7 +138,7 @@ def _eligible(node, inits, shapes) -> bool:
 
 
 def _regions(graph, shapes, max_pixels: int, keep: Set[str]) -> Dict[int, int]:
-    """Node index -> region id, for regions that hold at least one 1x1 conv."""
+    """Node index -> region id, for regions that hold at least one conv."""
     inits = {i.name: i for i in graph.initializer}
     producer = {o: k for k, n in enumerate(graph.node) for o in n.output}
     members: Set[int] = set()

@@ -21,6 +21,7 @@ from ..bench.interleave import interleaved_benchmarks
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, file_sha256, file_sizes
+from ..onnx.fold import REVISION as FOLD_REVISION
 from ..onnx.quantize import (CANDIDATES, CalibrationReader, Measured, QuantizeError, choose, cpu_features,
                              needs_reduce_range, preprocess, quantize)
 from .common import pe_against_references
@@ -38,6 +39,9 @@ class Quantize(Stage):
 
     def inputs(self, cfg, models, ran):
         return {"export": "export"}
+
+    def fingerprint(self, cfg):
+        return {"fold_revision": FOLD_REVISION}  # a changed graph rewrite rebuilds cached candidates
 
     def preflight(self, cfg, data) -> None:
         available = data.train.num_samples * data.train.num_replicas  # the whole split, also under torchrun
