@@ -4,6 +4,7 @@ r"""INT8 format / option exploration: which quantize_static settings make INT8 f
     .venv/bin/python benchmarks/int8_explore.py --skip-demo --models mobilenet_v2,resnet18,efficientnet_b0 --sizes 224 \
         --threads 2,1 --time 2       (one command)
     .venv/bin/python benchmarks/int8_explore.py --variants all                 # every variant below (long)
+    ... --profile 2      # also: per-node onnxruntime profile at batch 1, float vs INT8 per conv kind
 
 For each model: quant_pre_process, then every variant below built with onnxruntime's quantize_static
 (format, activation / weight types, per-channel, extra_options, op_types_to_quantize), each timed
@@ -45,6 +46,16 @@ What it showed (onnxruntime 1.32, Xeon with AVX-512 VNNI + AMX, 2 cores; issue 1
   `prune.align: 16` suits INT8 on AVX-512 (72-channel depthwise convs of the align-8 demo model take the
   generic path); at 224 the int8 depthwise convs of mobilenet_v2 run at 0.9-1.2x of float's while the 1x1 convs
   run at 2-3x (per-node onnxruntime profile, batch 1, 2 threads), which bounds the whole model near 1.7x there.
+- Follow-ups (issue 14, later session; one-off scripts except where a flag is named): `--profile 2` on mobilenet_v2 @224, batch 1 (us, float / INT8): stem
+  145 / 303 INT8 or 145 / 147 kept float, depthwise 877 / 816-882, 1x1 convs 2745 / 1212-1221, other nodes
+  (Q, DQ, Transpose, QLinearAdd, ReorderOutput) 62 / 312-366. Keeping more of the first blocks float
+  (keep_first_convs 6 / 9) is slower (1.50x / 1.38x vs 1.64x). Removing the demo's one uint8 Transpose
+  (float Transpose fused into the stem's ReorderOutput, a Reshape + Max(x, -3e38) to stop onnxruntime moving
+  it back) changed nothing measurable (1.25x / 1.16x vs 1.30x / 1.17x): its 2-thread cost in the profile is
+  thread wake-up that moves to the next op. Folding 16x16 maps too (max_pixels 256 / 1024) did not help
+  (1.20x / 1.22x at batch 32 vs 1.22x). What did: convs with a one-pixel output shrink to the taps that touch
+  data and fold (fold.py; align-8 demo model 1.40x / 1.19x -> 1.45x / 1.26x on 2 threads), and align 16
+  (align-16 demo model 1.40x / 1.40x; its float model is also faster).
 """
 
 from __future__ import annotations
@@ -153,7 +164,8 @@ def last_convs(model_path: Path, n: int) -> List[str]:
     return convs[len(convs) - n:] if n > 0 else []
 
 
-def session(path: Path, threads: int, optimized: Optional[Path] = None, spinning: Optional[bool] = None):
+def session(path: Path, threads: int, optimized: Optional[Path] = None, spinning: Optional[bool] = None,
+            profile_prefix: Optional[str] = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -162,6 +174,8 @@ def session(path: Path, threads: int, optimized: Optional[Path] = None, spinning
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if optimized is not None:
         opts.optimized_model_filepath = str(optimized)
+    if profile_prefix is not None:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     if spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -199,6 +213,68 @@ def interleaved_p50(files: Dict[str, Path], batch_sizes: List[int], size: int, t
     return {n: {b: statistics.median(v) for b, v in per_b.items()} for n, per_b in per_round.items()}
 
 
+def conv_times(path: Path, work: Path, size: int, threads: int, runs: int = 200) -> tuple:
+    """onnxruntime's per-node profile at batch 1: (median us of each Conv / QLinearConv in the optimised
+    graph's order, median us of every other node summed)."""
+    import json
+    import os
+
+    import onnx
+
+    opts_path = work / (path.stem + ".prof.opt.onnx")
+    s = session(path, threads, optimized=opts_path, profile_prefix=str(work / "prof"))
+    feed = {s.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)}
+    for _ in range(runs):
+        s.run(None, feed)
+    trace = s.end_profiling()
+    per_node: Dict[str, List[float]] = collections.defaultdict(list)
+    for e in json.load(open(trace)):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"][: -len("_kernel_time")]].append(e["dur"])
+    os.remove(trace)
+    median = {n: float(np.median(v)) for n, v in per_node.items()}
+    convs = [n.name for n in onnx.load(str(opts_path)).graph.node if n.op_type in ("Conv", "QLinearConv")]
+    return [median.get(n, 0.0) for n in convs], sum(v for n, v in median.items() if n not in set(convs))
+
+
+def conv_kinds(path: Path) -> List[str]:
+    """stem (the first conv), depthwise, pointwise (1x1) or spatial, per Conv of the model in graph order."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    kinds = []
+    for n in (n for n in graph.node if n.op_type == "Conv"):
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        kinds.append("stem" if not kinds else "depthwise" if group > 1 else
+                     "pointwise" if dims.get(n.input[1], [0, 0, 0])[2:] == [1, 1] else "spatial")
+    return kinds
+
+
+def profile(float_path: Path, files: Dict[str, Path], work: Path, size: int, threads: int) -> None:
+    """Where INT8 wins and loses: per conv kind, float vs each variant at batch 1 (profiling adds overhead)."""
+    kinds = conv_kinds(float_path)
+    base, base_other = conv_times(float_path, work, size, threads)
+    print(f"\nper-node profile, batch 1, intra_op_threads={threads} (us; float / INT8 = speedup of that part)")
+    for name, path in files.items():
+        if name == "float":
+            continue
+        times, other = conv_times(path, work, size, threads)
+        if len(times) != len(kinds) or len(base) != len(kinds):
+            print(f"  {name}: conv count differs ({len(times)} vs {len(kinds)}), skipped")
+            continue
+        parts = []
+        for kind in ("stem", "depthwise", "pointwise", "spatial"):
+            idx = [i for i, k in enumerate(kinds) if k == kind]
+            if idx:
+                f, q = sum(base[i] for i in idx), sum(times[i] for i in idx)
+                parts.append(f"{kind} {f:.0f} / {q:.0f} = {f / max(q, 1):.2f}x")
+        total_f, total_q = sum(base) + base_other, sum(times) + other
+        parts.append(f"other nodes {base_other:.0f} / {other:.0f}; total {total_f:.0f} / {total_q:.0f} "
+                     f"= {total_f / max(total_q, 1):.2f}x")
+        print(f"  {name}: " + "; ".join(parts), flush=True)
+
+
 def demo_data():
     import dataclasses
 
@@ -213,7 +289,7 @@ def demo_data():
 
 def explore(label: str, float_path: Path, work: Path, size: int, batch_sizes: List[int], variants: List[str],
             calib, images: int, threads: List[int], seconds: float, rounds: int, spinning: Optional[bool],
-            test=None) -> None:
+            test=None, profile_threads: int = 0) -> None:
     from toolchain.onnx.export import onnx_accuracy
     from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize
 
@@ -250,6 +326,8 @@ def explore(label: str, float_path: Path, work: Path, size: int, batch_sizes: Li
             sp = " / ".join(f"{p50['float'][b] / p50[n][b]:.2f}x" for b in batch_sizes)
             graph = " ".join(f"{k}:{c}" for k, c in counts[n].items())
             print(f"| {n} | {a} | {ms} | {sp} | {graph} |", flush=True)
+    if profile_threads:
+        profile(float_path, files, work, size, profile_threads)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -265,6 +343,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--time", type=float, default=1.5, help="timed seconds per model and batch size (all rounds)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-accuracy", action="store_true", help="skip the demo model's test accuracy")
+    p.add_argument("--profile", type=int, default=0, metavar="THREADS",
+                   help="also profile every node at batch 1 with this many threads: float vs INT8 per conv kind")
     args = p.parse_args(argv)
     variants = ["float", *VARIANTS] if args.variants == "all" else [v for v in args.variants.split(",") if v]
     threads = [int(t) for t in args.threads.split(",")]
@@ -276,7 +356,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.skip_demo and demo.is_file():
             calib, _, test = demo_data()
             explore("demo pruned mobilenet_v2 (trained)", demo, work, 32, [1, 32], variants, calib, 512,
-                    threads, args.time, args.rounds, spinning, None if args.no_accuracy else test)
+                    threads, args.time, args.rounds, spinning, None if args.no_accuracy else test, args.profile)
         sizes = [int(s) for s in args.sizes.split(",") if s]
         models = [m for m in args.models.split(",") if m]
         if sizes and models:
@@ -291,7 +371,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for name in models:
                     path = export_random(name, size, work / f"{name}-{size}.onnx")
                     explore(f"{name} (random weights)", path, work, size, batch_sizes, variants,
-                            random_batches(size, 64), 64, threads, args.time, args.rounds, spinning)
+                            random_batches(size, 64), 64, threads, args.time, args.rounds, spinning,
+                            profile_threads=args.profile)
     print(f"\n{time.perf_counter() - t0:.0f} s")
     return 0
 

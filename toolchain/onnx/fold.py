@@ -9,16 +9,17 @@ batch of N images of HxW is exactly one image of (N*H)xW for it; the same holds 
 for per-channel or elementwise arithmetic, and for any conv whose windows tile the image without
 overlap or padding (kernel == stride). A conv with a 1x1 output map (a 3x3 depthwise conv on the
 last 1x1 or 2x2 maps) is rewritten into that form first: its kernel shrinks to the taps that touch
-real pixels. This module finds connected *regions* of such
-operations (each holding at least one conv) on maps of at most `max_pixels` pixels and runs
-them on the folded layout: NCHW -> NHWC -> reshape [1, N*H, W, C] -> NCHW on the way in, the
+real pixels. This module finds connected *regions* of such operations (each holding at least
+one conv) on maps of at most `max_pixels` pixels and runs them on the folded layout: NCHW -> NHWC -> reshape [1, N*H, W, C] -> NCHW on the way in, the
 reverse on the way out. After quantization onnxruntime's layout optimizer cancels those
 transposes against its own NHWC ones, leaving one Reshape (no copy, ~0.5 us of dispatch) at each
 region boundary.
 
 Measured (onnxruntime 1.32, 2-core AVX-512 VNNI, benchmarks/quantize.py; README "INT8 that is actually
-faster"): the demo's INT8 model at batch 32 1.22x vs 1.03x of float with 2 threads, 1.57x vs 1.28x with
-1 thread; batch 1 pays for the Reshapes (1.38x vs 1.58x). Folding large maps loses: mobilenet_v2 at 224,
+faster"): the demo's INT8 model at batch 1 / 32 runs 1.38x / 1.50x of float with 2 threads (unfolded 1.42x /
+1.17x), 1.51x / 1.81x with 1 thread. Shrinking the one-pixel-output convs (8 fewer Reshapes, the last four
+depthwise convs batched) took the align-8 demo model's fold from 1.40x / 1.19x to 1.45x / 1.26x on 2 threads
+(both versions in one interleaved run). Folding large maps loses: mobilenet_v2 at 224,
 batch 8, every region folded 1.76x vs 2.03x unfolded, maps up to 196 pixels 2.02x (int8_explore.py's
 fold notes). The quantize stage measures a folded candidate against the others; nothing here
 assumes it wins. Torch-free: onnx + numpy.
