@@ -10,10 +10,10 @@ for per-channel or elementwise arithmetic, and for any conv whose windows tile t
 overlap or padding (kernel == stride). A conv with a 1x1 output map (a 3x3 depthwise conv on the
 last 1x1 or 2x2 maps) is rewritten into that form first: its kernel shrinks to the taps that touch
 real pixels. This module finds connected *regions* of such operations (each holding at least
-one conv) on maps of at most `max_pixels` pixels and runs them on the folded layout: NCHW -> NHWC -> reshape [1, N*H, W, C] -> NCHW on the way in, the
-reverse on the way out. After quantization onnxruntime's layout optimizer cancels those
-transposes against its own NHWC ones, leaving one Reshape (no copy, ~0.5 us of dispatch) at each
-region boundary.
+one conv) on maps of at most `max_pixels` pixels and runs them on the folded layout: NCHW ->
+NHWC -> reshape [1, N*H, W, C] -> NCHW on the way in, the reverse on the way out. After
+quantization onnxruntime's layout optimizer cancels those transposes against its own NHWC ones,
+leaving one Reshape (no copy, ~0.5 us of dispatch) at each region boundary.
 
 Measured (onnxruntime 1.32, 2-core AVX-512 VNNI, benchmarks/quantize.py; README "INT8 that is actually
 faster"): the demo's INT8 model at batch 1 / 32 runs 1.38x / 1.50x of float with 2 threads (unfolded 1.42x /
