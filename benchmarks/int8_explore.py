@@ -46,16 +46,16 @@ What it showed (onnxruntime 1.32, Xeon with AVX-512 VNNI + AMX, 2 cores; issue 1
   `prune.align: 16` suits INT8 on AVX-512 (72-channel depthwise convs of the align-8 demo model take the
   generic path); at 224 the int8 depthwise convs of mobilenet_v2 run at 0.9-1.2x of float's while the 1x1 convs
   run at 2-3x (per-node onnxruntime profile, batch 1, 2 threads), which bounds the whole model near 1.7x there.
-- Follow-ups (issue 14, later session; one-off scripts except where a flag is named): `--profile 2` on mobilenet_v2 @224, batch 1 (us, float / INT8): stem
-  145 / 303 INT8 or 145 / 147 kept float, depthwise 877 / 816-882, 1x1 convs 2745 / 1212-1221, other nodes
-  (Q, DQ, Transpose, QLinearAdd, ReorderOutput) 62 / 312-366. Keeping more of the first blocks float
-  (keep_first_convs 6 / 9) is slower (1.50x / 1.38x vs 1.64x). Removing the demo's one uint8 Transpose
-  (float Transpose fused into the stem's ReorderOutput, a Reshape + Max(x, -3e38) to stop onnxruntime moving
-  it back) changed nothing measurable (1.25x / 1.16x vs 1.30x / 1.17x): its 2-thread cost in the profile is
-  thread wake-up that moves to the next op. Folding 16x16 maps too (max_pixels 256 / 1024) did not help
-  (1.20x / 1.22x at batch 32 vs 1.22x). What did: convs with a one-pixel output shrink to the taps that touch
-  data and fold (fold.py; align-8 demo model 1.40x / 1.19x -> 1.45x / 1.26x on 2 threads), and align 16
-  (align-16 demo model 1.40x / 1.40x; its float model is also faster).
+- Follow-ups (issue 14, later session; one-off scripts except where a flag is named): `--profile 2` on
+  mobilenet_v2 @224, batch 1 (us, float / INT8): stem 145 / 303 INT8 or 145 / 147 kept float, depthwise
+  877 / 816-882, 1x1 convs 2745 / 1212-1221, other nodes (Q, DQ, Transpose, QLinearAdd, ReorderOutput)
+  62 / 312-366. Keeping more of the first blocks float (keep_first_convs 6 / 9) is slower (1.50x / 1.38x vs
+  1.64x). Removing the demo's one uint8 Transpose (float Transpose fused into the stem's ReorderOutput, a
+  Reshape + Max(x, -3e38) to stop onnxruntime moving it back) changed nothing measurable (1.25x / 1.16x vs
+  1.30x / 1.17x): its 2-thread cost in the profile is thread wake-up that moves to the next op. Folding 16x16
+  maps too (max_pixels 256 / 1024) did not help (1.20x / 1.22x at batch 32 vs 1.22x). What did: convs with a
+  one-pixel output shrink to the taps that touch data and fold (fold.py; align-8 demo model 1.40x / 1.19x ->
+  1.45x / 1.26x on 2 threads), and align 16 (align-16 demo model 1.40x / 1.40x; its float model is faster too).
 """
 
 from __future__ import annotations
@@ -221,20 +221,20 @@ def conv_times(path: Path, work: Path, size: int, threads: int, runs: int = 200)
 
     import onnx
 
-    opts_path = work / (path.stem + ".prof.opt.onnx")
-    s = session(path, threads, optimized=opts_path, profile_prefix=str(work / "prof"))
-    feed = {s.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)}
+    optimized = work / (path.stem + ".prof.opt.onnx")
+    sess = session(path, threads, optimized=optimized, profile_prefix=str(work / "prof"))
+    feed = {sess.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)}
     for _ in range(runs):
-        s.run(None, feed)
-    trace = s.end_profiling()
+        sess.run(None, feed)
+    trace = sess.end_profiling()
     per_node: Dict[str, List[float]] = collections.defaultdict(list)
     for e in json.load(open(trace)):
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             per_node[e["name"][: -len("_kernel_time")]].append(e["dur"])
     os.remove(trace)
     median = {n: float(np.median(v)) for n, v in per_node.items()}
-    convs = [n.name for n in onnx.load(str(opts_path)).graph.node if n.op_type in ("Conv", "QLinearConv")]
-    return [median.get(n, 0.0) for n in convs], sum(v for n, v in median.items() if n not in set(convs))
+    convs = [n.name for n in onnx.load(str(optimized)).graph.node if n.op_type in ("Conv", "QLinearConv")]
+    return [median.get(n, 0.0) for n in convs], sum(v for n, v in median.items() if n not in convs)
 
 
 def conv_kinds(path: Path) -> List[str]:
