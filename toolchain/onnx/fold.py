@@ -50,9 +50,9 @@ def fold_batch(src: Path, dst: Path, max_pixels: int, keep: Iterable[str] = ()) 
 
     model = shape_inference.infer_shapes(onnx.load(str(src)))
     graph = model.graph
-    shapes = _chw_shapes(graph)
-    _tile_single_pixel_convs(graph, shapes, max_pixels, set(keep))
-    region = _regions(graph, shapes, max_pixels, set(keep))
+    shapes, inits, keep = _chw_shapes(graph), {i.name: i for i in graph.initializer}, set(keep)
+    _tile_single_pixel_convs(graph, inits, shapes, max_pixels, keep)
+    region = _regions(graph, inits, shapes, max_pixels, keep)
     if region:
         _rewrite(graph, shapes, region)
     del graph.value_info[:]  # stale for the rewritten tensors; onnxruntime re-infers
@@ -83,14 +83,13 @@ def _per_channel_constant(dims: List[int]) -> bool:
     return len(dims) <= 1 or (dims[-2] == 1 and (len(dims) < 4 or dims[0] == 1))
 
 
-def _tile_single_pixel_convs(graph, shapes, max_pixels: int, keep: Set[str]) -> None:
+def _tile_single_pixel_convs(graph, inits, shapes, max_pixels: int, keep: Set[str]) -> None:
     """Rewrite each conv with a 1x1 output from an HxW input (at most max_pixels) into the same conv with an
     HxW kernel, stride HxW and no padding: the window of the one output pixel covers input row r with kernel
     row r + pad_top, so those taps are all that ever touch data (the rest multiply padding). Exact, and the
     result tiles the image, so it folds; a 1x1 input gives a 1x1 pointwise conv."""
     from onnx import helper, numpy_helper
 
-    inits = {i.name: i for i in graph.initializer}
     uses: Dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -107,9 +106,8 @@ def _tile_single_pixel_convs(graph, shapes, max_pixels: int, keep: Set[str]) -> 
         top, left = attrs.get("pads", [0, 0, 0, 0])[:2]
         kernel = numpy_helper.to_array(weight)
         tiled = np.zeros(kernel.shape[:2] + (h, w), dtype=kernel.dtype)
-        rows, cols = range(max(0, -top), min(h, kernel.shape[2] - top)), range(max(0, -left), min(w, kernel.shape[3] - left))
-        for r in rows:
-            tiled[:, :, r, cols.start:cols.stop] = kernel[:, :, r + top, cols.start + left:cols.stop + left]
+        r0, r1, c0, c1 = max(0, -top), min(h, kernel.shape[2] - top), max(0, -left), min(w, kernel.shape[3] - left)
+        tiled[:, :, r0:r1, c0:c1] = kernel[:, :, r0 + top:r1 + top, c0 + left:c1 + left]
         weight.CopyFrom(numpy_helper.from_array(tiled, weight.name))
         kept = [a for a in node.attribute if a.name not in ("kernel_shape", "strides", "pads", "dilations", "auto_pad")]
         del node.attribute[:]
@@ -138,9 +136,8 @@ def _eligible(node, inits, shapes) -> bool:
     return False
 
 
-def _regions(graph, shapes, max_pixels: int, keep: Set[str]) -> Dict[int, int]:
+def _regions(graph, inits, shapes, max_pixels: int, keep: Set[str]) -> Dict[int, int]:
     """Node index -> region id, for regions that hold at least one conv."""
-    inits = {i.name: i for i in graph.initializer}
     producer = {o: k for k, n in enumerate(graph.node) for o in n.output}
     members: Set[int] = set()
     for k, node in enumerate(graph.node):  # graph order is topological
