@@ -390,3 +390,73 @@ def test_folded_candidate_quantizes_with_the_same_settings_and_runs_the_region_a
     outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
             for f in ("fold.onnx", "plain.onnx")]
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)  # same quantization, same arithmetic, other layout
+
+
+# ---------------------------------------------------------------- wide convs to the general QGEMM (onnx/gemm_route.py)
+
+
+def _weights_and_zero_points(model_path):
+    """Conv name -> (int8 weight, zero point) of its weight's DequantizeLinear."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name: (inits[dq[n.input[1]].input[0]], inits[dq[n.input[1]].input[2]])
+            for n in graph.node if n.op_type == "Conv" and n.input[1] in dq}
+
+
+def test_wide_convs_get_a_zero_point_of_minus_one_and_compute_the_same(tiny_pre, tmp_path):
+    import onnxruntime as ort
+
+    from toolchain.onnx.quantize import Candidate, quantize
+
+    plain = quantize(tiny_pre, tmp_path / "plain.onnx", Candidate("p", per_channel_only=("depthwise",)), _reader())
+    wide = quantize(tiny_pre, tmp_path / "gemm.onnx", Candidate("g", per_channel_only=("depthwise",), gemm_min_weights=16),
+                    _reader())
+    assert plain["gemm_convs"] == 0 and wide["gemm_convs"] == 2
+    before, after = _weights_and_zero_points(tmp_path / "plain.onnx"), _weights_and_zero_points(tmp_path / "gemm.onnx")
+    for name in ("stem", "pw2"):  # 27 and 16 weights per output channel
+        assert not before[name][1].any() and (after[name][1] == -1).all()
+        np.testing.assert_array_equal(after[name][0].astype(int) - after[name][1], before[name][0])  # w - zp unchanged
+    for name in ("dw", "pw1"):  # a depthwise conv (group 8) and a conv with 8 weights per output channel
+        np.testing.assert_array_equal(after[name][0], before[name][0])
+        assert not after[name][1].any()
+    ops = _optimized_ops(tmp_path / "gemm.onnx", tmp_path)
+    assert ops["QLinearConv"] == 4 and ops["Conv"] == 0  # onnxruntime still fuses every conv
+    x = np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            for f in ("plain.onnx", "gemm.onnx")]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
+def test_a_weight_of_minus_128_is_left_on_the_symmetric_kernel(tiny_pre, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from toolchain.onnx.gemm_route import route_wide_convs_to_gemm
+    from toolchain.onnx.quantize import Candidate, quantize
+
+    path = tmp_path / "q.onnx"
+    quantize(tiny_pre, path, Candidate("p", per_channel_only=("depthwise",)), _reader())
+    model = onnx.load(str(path))
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    pw2 = next(n for n in model.graph.node if n.name == "pw2")
+    init = next(i for i in model.graph.initializer if i.name == dq[pw2.input[1]].input[0])
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] = -128  # w - 1 would wrap to +127
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(path))
+    assert route_wide_convs_to_gemm(path, 16) == 1  # the stem only
+    after = _weights_and_zero_points(path)
+    assert (after["stem"][1] == -1).all() and not after["pw2"][1].any()
+    assert route_wide_convs_to_gemm(path, 16) == 0  # zero point no longer 0: nothing left to move
+
+
+def test_gemm_candidates_are_qdq_int8_weights_only():
+    from toolchain.onnx.quantize import Candidate
+
+    with pytest.raises(ValueError, match="needs format qdq and int8 weights"):
+        Candidate("x", format="qoperator", gemm_min_weights=320)
+    assert CANDIDATES.get("qdq_u8s8_dw_per_channel_keep_stem_fold_gemm").describe()["gemm_min_weights"] == 320

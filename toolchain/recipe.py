@@ -341,7 +341,8 @@ def _quant_candidates():
 class QuantizeConfig(Section):
     candidates: List[str] = Field(
         default_factory=lambda: ["qdq_u8s8_dw_per_channel_keep_stem", "qdq_u8s8_dw_per_channel_keep_stem_fold",
-                                 "qdq_u8s8_dw_per_channel", "qdq_u8s8_per_channel", "qdq_u8s8_per_tensor"],
+                                 "qdq_u8s8_dw_per_channel_keep_stem_fold_gemm", "qdq_u8s8_dw_per_channel",
+                                 "qdq_u8s8_dw_per_channel_gemm"],
         min_length=1, max_length=16,
         description="INT8 formats to build and measure (`python -m toolchain list quantizers`); the stage ships the fastest "
         "one within max_accuracy_drop that is faster than float at every batch size.")

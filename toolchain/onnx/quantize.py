@@ -8,7 +8,8 @@ pick. Torch-free: numpy, onnx, onnxruntime.
 
     preprocess(float_path, out_path)                   quant_pre_process (shape inference, fusions)
     quantize(pre_path, out_path, candidate, batches, calibration_images)
-                                                       (fold_max_pixels: onnx/fold.py rewrites the input first)
+                                                       (fold_max_pixels: onnx/fold.py rewrites the input first;
+                                                        gemm_min_weights: onnx/gemm_route.py the output after)
     excluded_nodes(model_path, groups, first_convs)    node names for first_conv / classifier / depthwise / first N convs
     quantize_options(pre_path, candidate)              the quantize_static keyword arguments a candidate means
     cpu_features(), needs_reduce_range()               ISA flags that decide which int8 kernels are fast
@@ -29,6 +30,7 @@ from ..errors import ToolchainError, first_line
 from ..fsutil import atomic_path
 from ..registry import Registry
 from .fold import fold_batch
+from .gemm_route import route_wide_convs_to_gemm
 
 EXCLUDE_GROUPS = ("first_conv", "classifier", "depthwise")
 
@@ -56,11 +58,16 @@ class Candidate:
     # > 0: regions of 1x1 convs and pixelwise ops on maps of at most this many pixels run the batch as one tall
     # image (onnx/fold.py), so onnxruntime's image-by-image INT8 convs can use every thread at batch > 1
     fold_max_pixels: int = 0
+    # > 0: convs with at least this many weights per output channel run on onnxruntime's general QGEMM (AMX
+    # where the CPU has it) instead of its symmetric conv kernels (onnx/gemm_route.py; exact)
+    gemm_min_weights: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.per_channel_only) - {"depthwise"}
         if unknown:
             raise ValueError(f"{self.name}: per_channel_only knows only 'depthwise', not {sorted(unknown)}")
+        if self.gemm_min_weights and (self.format != "qdq" or self.weights != "int8"):
+            raise ValueError(f"{self.name}: gemm_min_weights needs format qdq and int8 weights")
 
     def describe(self) -> Dict[str, Any]:
         return asdict(self)
@@ -95,6 +102,13 @@ for _c in (
     # 64 pixels (8x8 maps): measured on the demo model (32x32 input) and mobilenet_v2 at 224 (onnx/fold.py)
     Candidate("qdq_u8s8_dw_per_channel_keep_stem_fold", per_channel_only=("depthwise",), keep_first_convs=3,
               fold_max_pixels=64),
+    # 320 weights per output channel: where MLAS's general QGEMM overtakes its symmetric conv kernel on
+    # 2 threads (onnx/gemm_route.py); resnet18 and mobilenet_v2 at 224 gain from it
+    Candidate("qdq_u8s8_dw_per_channel_gemm", per_channel_only=("depthwise",), gemm_min_weights=320),
+    Candidate("qdq_u8s8_dw_per_channel_keep_stem_gemm", per_channel_only=("depthwise",), keep_first_convs=3,
+              gemm_min_weights=320),
+    Candidate("qdq_u8s8_dw_per_channel_keep_stem_fold_gemm", per_channel_only=("depthwise",), keep_first_convs=3,
+              fold_max_pixels=64, gemm_min_weights=320),
 ):
     _register(_c)
 
@@ -224,8 +238,9 @@ def quantize(pre_path: Path, out_path: Path, candidate: Candidate, reader: Calib
             quantize_static(str(source), str(tmp), reader, reduce_range=reduce_range, **options)
         except Exception as exc:
             raise QuantizeError(f"{candidate.name}: onnxruntime quantize_static failed ({first_line(exc)})") from None
+        gemm_convs = route_wide_convs_to_gemm(tmp, candidate.gemm_min_weights) if candidate.gemm_min_weights else 0
     return {"candidate": candidate.name, "excluded_nodes": excluded, "reduce_range": reduce_range,
-            "calibration_images": reader.images_read, "folded_regions": regions}
+            "calibration_images": reader.images_read, "folded_regions": regions, "gemm_convs": gemm_convs}
 
 
 @dataclass

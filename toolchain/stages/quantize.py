@@ -22,6 +22,7 @@ from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, file_sha256, file_sizes
 from ..onnx.fold import REVISION as FOLD_REVISION
+from ..onnx.gemm_route import REVISION as GEMM_REVISION
 from ..onnx.quantize import (CANDIDATES, CalibrationReader, Measured, QuantizeError, choose, cpu_features,
                              needs_reduce_range, preprocess, quantize)
 from .common import pe_against_references
@@ -41,7 +42,8 @@ class Quantize(Stage):
         return {"export": "export"}
 
     def fingerprint(self, cfg):
-        return {"fold_revision": FOLD_REVISION}  # a changed graph rewrite rebuilds cached candidates
+        # a changed graph rewrite rebuilds cached candidates
+        return {"fold_revision": FOLD_REVISION, "gemm_revision": GEMM_REVISION}
 
     def preflight(self, cfg, data) -> None:
         available = data.train.num_samples * data.train.num_replicas  # the whole split, also under torchrun
