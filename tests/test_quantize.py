@@ -91,7 +91,7 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
     what ships matches what the card and the bench say."""
     path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
                        export={"exporter": "torchscript", "opset": 17, "references": False},
-                       quantize={"candidates": ["qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor"],
+                       quantize={"candidates": ["qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor", "qdq_u8s8_dw_per_channel"],
                                  "calibration_images": 64, "time_per_model_s": 0.2, "max_accuracy_drop": 1.0,
                                  "min_speedup": 1.0, "intra_op_threads": 1},
                        bench={"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1,
@@ -101,7 +101,10 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
     summary = json.loads((run_dir / "summary.json").read_text())
     quantize, card = summary["stages"]["quantize"], json.loads((run_dir / "model_card.json").read_text())
     table = {row["name"]: row for row in quantize["info"]["candidates"]}
-    assert set(table) == {"qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor"}
+    assert set(table) == {"qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor", "qdq_u8s8_dw_per_channel"}
+    built = {p.stem: p for p in (tmp_path / "export").glob(".cache/quantize-*/candidates/*.onnx")}
+    # the same calibration images for every candidate: the same activation ranges in both QDQ models
+    assert _activation_scales(built["qdq_u8s8_per_tensor"]) == _activation_scales(built["qdq_u8s8_dw_per_channel"])
     for row in table.values():  # an INT8 file is smaller than the float one, and deflates
         assert 0 < row["sizes"]["zip_bytes"] <= row["sizes"]["bytes"] < summary["stages"]["export"]["metrics"]["onnx_file_size_bytes"]
     bench_models = json.loads((run_dir / "bench.json").read_text())["onnxruntime"]
@@ -114,6 +117,22 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
         assert not card["int8"]["shipped"] and not (run_dir / "model_int8.onnx").exists() and "int8" not in bench_models
     assert card["int8"]["cpu_features"]["machine"]
     assert quantize["info"]["intra_op_threads"] == card["int8"]["intra_op_threads"] == 1  # the device's thread count, as the recipe says
+
+
+def _activation_scales(model_path):
+    """Tensor name -> scale of every QuantizeLinear of activations (what calibration decided)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    inits = {i.name: float(numpy_helper.to_array(i).reshape(-1)[0]) for i in graph.initializer}
+    return {n.input[0]: inits[n.input[1]] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_calibration_reader_refuses_a_one_shot_iterator():
+    batches = ((torch.zeros(4, 3, 4, 4), torch.zeros(4)) for _ in range(2))
+    with pytest.raises(TypeError, match="re-iterable"):  # a second candidate would calibrate on other images
+        CalibrationReader(batches, "input", limit=4)
 
 
 # ---------------------------------------------------------------- candidate options (benchmarks/int8_explore.py)

@@ -18,6 +18,7 @@ pick. Torch-free: numpy, onnx, onnxruntime.
 
 from __future__ import annotations
 
+import collections.abc
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,9 +119,14 @@ for _c in (
 
 class CalibrationReader:
     """onnxruntime CalibrationDataReader over (images, labels) batches: feeds `limit` images,
-    already preprocessed like evaluation inputs, as float32 under the model's input name."""
+    already preprocessed like evaluation inputs, as float32 under the model's input name.
+    `batches` is iterated afresh on every rewind, so every candidate calibrates on the same images:
+    a one-shot iterator (a generator) would hand each candidate the next `limit` images instead."""
 
     def __init__(self, batches: Iterable[Tuple[Any, Any]], input_name: str, limit: int, batch_size: int = 32):
+        if isinstance(batches, collections.abc.Iterator):
+            raise TypeError("CalibrationReader needs re-iterable batches (a list or a loader), not a one-shot iterator: "
+                            "every candidate must calibrate on the same images")
         self.input_name, self.limit, self.batch_size = input_name, limit, batch_size
         self._batches = batches
         self._iter: Optional[Iterator[Dict[str, np.ndarray]]] = None
@@ -128,7 +134,7 @@ class CalibrationReader:
 
     def _chunks(self) -> Iterator[Dict[str, np.ndarray]]:
         for x, _ in self._batches:
-            x = np.asarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float32)
+            x = np.asarray(x.cpu().numpy() if hasattr(x, "cpu") else x, dtype=np.float32)
             for start in range(0, len(x), self.batch_size):
                 take = min(self.batch_size, self.limit - self.images_read, len(x) - start)
                 if take <= 0:

@@ -124,7 +124,7 @@ class Quantize(Stage):
 def calibration_reader(job: Job, input_name: str, images: int) -> CalibrationReader:
     """Training images with the evaluation preprocessing (no flips or crops), in split order."""
     plain = dataclasses.replace(job.data.train, augment=False, shuffle=False, num_replicas=1, rank=0)
-    return CalibrationReader(cpu_batches(plain), input_name, images)
+    return CalibrationReader(plain, input_name, images)  # re-iterable: every candidate sees the same images
 
 
 def build_candidates(job: Job, cfg, reader: CalibrationReader, reduce_range: bool) -> Dict[str, Tuple[Path, dict]]:
