@@ -30,6 +30,8 @@ from .export import cpu_batches
 
 INT8_FILE = "model_int8.onnx"
 ROUNDS = 3
+# 2: every candidate calibrates on the same images (1 handed each candidate the next ones)
+CALIBRATION_REVISION = 2
 
 
 @register_stage
@@ -43,7 +45,7 @@ class Quantize(Stage):
 
     def fingerprint(self, cfg):
         # a changed graph rewrite rebuilds cached candidates
-        return {"fold_revision": FOLD_REVISION, "gemm_revision": GEMM_REVISION}
+        return {"fold_revision": FOLD_REVISION, "gemm_revision": GEMM_REVISION, "calibration_revision": CALIBRATION_REVISION}
 
     def preflight(self, cfg, data) -> None:
         available = data.train.num_samples * data.train.num_replicas  # the whole split, also under torchrun
