@@ -56,6 +56,14 @@ What it showed (onnxruntime 1.32, Xeon with AVX-512 VNNI + AMX, 2 cores; issue 1
   maps too (max_pixels 256 / 1024) did not help (1.20x / 1.22x at batch 32 vs 1.22x). What did: convs with a
   one-pixel output shrink to the taps that touch data and fold (fold.py; align-8 demo model 1.40x / 1.19x ->
   1.45x / 1.26x on 2 threads), and align 16 (align-16 demo model 1.40x / 1.40x; its float model is faster too).
+- Later still: QLinearConv takes MLAS's symmetric conv kernels only when the int8 weight zero point is 0; any
+  other zero point takes the general u8s8 QGEMM (AMX here). `WeightSymmetric: False` does not get there (random
+  and trained weights calibrate to zero point ~0) and u8 weights take the slow u8u8 path (0.77x); shifting
+  the int8 weights of wide convs by -1 with zero point -1 does, exactly (toolchain/onnx/gemm_route.py,
+  benchmarks/gemm_route.py per conv shape): mobilenet_v2 @224 fold 1.66x / 2.11x -> 1.76x / 2.23x with
+  convs of >= 512 weights per output channel moved (1.69x / 2.27x at >= 384, 1.74x / 2.19x at >= 256: noise
+  apart, one-off script), resnet18 @224 2.62x / 2.95x -> 3.17x / 4.49x (>= 512). Moving the stem conv too:
+  1.73x vs 1.72x.
 """
 
 from __future__ import annotations

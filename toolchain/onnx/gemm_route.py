@@ -3,17 +3,22 @@
 onnxruntime 1.32's QLinearConv picks its kernel from the weight zero point: int8 weights whose zero
 point is 0 (what symmetric quantization writes) take MLAS's symmetric convolution kernels (AVX-512
 VNNI); any other zero point takes MLAS's general u8s8 QGEMM, which runs on AMX tiles where the CPU
-has them (MLAS platform.cpp, qgemm_kernel_amx.cpp). Which is faster depends on the conv's width,
-measured here (2-core Xeon with AVX-512 VNNI + AMX; one NHWC QLinearConv, batch 1, us symmetric /
-general, 2 threads): weights per output channel K = 24 at 56x56: 70 / 149; K = 128 at 28x28: 22 / 25;
-K = 256: 19 / 20 (N=64), 44 / 38 (N=256); K = 320: 26 / 24; K = 576: 36 / 27 at 14x14, 197 / 139 at
-56x56; K = 960: 33 / 23. So a conv with at least `min_weights` weights per output channel gets its int8
+has them (MLAS platform.cpp, qgemm_kernel_amx.cpp). Which is faster depends on the conv's width K
+(weights per output channel), measured with benchmarks/gemm_route.py (one NHWC QLinearConv, batch 1,
+2-core Xeon with AVX-512 VNNI + AMX; us symmetric / general on 2 threads): K = 16 (16 -> 96 at
+112x112): 125 / 414; K = 96: 41 / 50; K = 128-256: 0.88-1.16x; K = 320: 26 / 24 and 69 / 49 (-> 1280);
+K = 576 (1x1 at 14x14): 34 / 25; K = 960: 33 / 24; 3x3 convs with 128-512 channels 1.13-1.84x, but
+64 channels at 56x56 (K = 576, im2col on a large map) 214 / 322. On 1 thread the general kernel wins
+from K = 192. So a conv with at least `min_weights` weights per output channel (320 in the registered
+`*_gemm` candidates: where the 2-thread crossover lies) gets its int8
 weights shifted by -1 and a zero point of -1: w_q - zp is unchanged, so the model computes exactly
 the same function, but onnxruntime runs it on the general kernel. Symmetric int8 weights lie in
 [-127, 127], so the shift never overflows; a weight tensor holding -128 is left alone.
 
-Whole models (benchmarks/quantize.py, README "INT8 that is actually faster"): resnet18 at 224 and
-mobilenet_v2 at 224 gain, the demo's narrow pruned model has few convs that wide and is unchanged.
+Whole models (benchmarks/quantize.py, README "INT8 that is actually faster"; 2 threads, batch 1 / 8):
+resnet18 at 224 2.74x / 2.81x of float -> 3.21x / 4.28x, mobilenet_v2 at 224 1.51x / 2.13x -> 1.67x /
+2.23x; at 32x32 the route loses on 2 threads (small maps), and the demo's pruned model has 3 convs
+that wide (no measurable change).
 The quantize stage measures candidates with and without this rewrite and ships the faster one, so
 a CPU without AMX, where the general kernel may lose, keeps the symmetric kernels. Torch-free: onnx
 + numpy.
