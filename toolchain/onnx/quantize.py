@@ -244,7 +244,10 @@ def quantize(pre_path: Path, out_path: Path, candidate: Candidate, reader: Calib
             quantize_static(str(source), str(tmp), reader, reduce_range=reduce_range, **options)
         except Exception as exc:
             raise QuantizeError(f"{candidate.name}: onnxruntime quantize_static failed ({first_line(exc)})") from None
-        gemm_convs = route_wide_convs_to_gemm(tmp, candidate.gemm_min_weights) if candidate.gemm_min_weights else 0
+        try:
+            gemm_convs = route_wide_convs_to_gemm(tmp, candidate.gemm_min_weights) if candidate.gemm_min_weights else 0
+        except Exception as exc:  # onnx load / save of a graph it cannot handle
+            raise QuantizeError(f"{candidate.name}: moving wide convs to the general QGEMM failed ({first_line(exc)})") from None
     return {"candidate": candidate.name, "excluded_nodes": excluded, "reduce_range": reduce_range,
             "calibration_images": reader.images_read, "folded_regions": regions, "gemm_convs": gemm_convs}
 
