@@ -63,7 +63,9 @@ What it showed (onnxruntime 1.32, Xeon with AVX-512 VNNI + AMX, 2 cores; issue 1
   benchmarks/gemm_route.py per conv shape): mobilenet_v2 @224 fold 1.66x / 2.11x -> 1.76x / 2.23x with
   convs of >= 512 weights per output channel moved (1.69x / 2.27x at >= 384, 1.74x / 2.19x at >= 256: noise
   apart, one-off script), resnet18 @224 2.62x / 2.95x -> 3.17x / 4.49x (>= 512). Moving the stem conv too:
-  1.73x vs 1.72x.
+  1.73x vs 1.72x. Thresholds 128 / 192 / 320 on keep_stem_fold (19 / 14 / 11 convs moved), mobilenet_v2 @224,
+  batch 1 / 8: 1 thread 1.99x / 2.25x, 1.97x / 2.30x, 1.96x / 2.32x (unmoved 1.88x / 2.12x); 2 threads 1.71x /
+  2.14x, 1.73x / 2.15x, 1.73x / 2.11x (unmoved 1.66x / 2.06x): below 320 the threshold hardly matters.
 """
 
 from __future__ import annotations
