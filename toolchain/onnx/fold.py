@@ -27,6 +27,7 @@ assumes it wins. Torch-free: onnx + numpy.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Dict, Iterable, List, Set, Tuple
 
@@ -90,10 +91,7 @@ def _tile_single_pixel_convs(graph, inits, shapes, max_pixels: int, keep: Set[st
     result tiles the image, so it folds; a 1x1 input gives a 1x1 pointwise conv."""
     from onnx import helper, numpy_helper
 
-    uses: Dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = collections.Counter(name for node in graph.node for name in node.input)
     for node in graph.node:
         if node.op_type != "Conv" or node.name in keep or node.input[0] not in shapes:
             continue

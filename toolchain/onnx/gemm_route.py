@@ -26,8 +26,8 @@ a CPU without AMX, where the general kernel may lose, keeps the symmetric kernel
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 
@@ -46,10 +46,7 @@ def route_wide_convs_to_gemm(path: Path, min_weights: int) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    uses: Dict[str, int] = {}
-    for n in graph.node:
-        for name in n.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = collections.Counter(name for n in graph.node for name in n.input)
     rewritten, replaced = 0, set()
     for conv in (n for n in graph.node if n.op_type == "Conv" and _group(n) == 1):
         dq = producer.get(conv.input[1])
