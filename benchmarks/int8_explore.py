@@ -66,6 +66,11 @@ What it showed (onnxruntime 1.32, Xeon with AVX-512 VNNI + AMX, 2 cores; issue 1
   1.73x vs 1.72x. Thresholds 128 / 192 / 320 on keep_stem_fold (19 / 14 / 11 convs moved), mobilenet_v2 @224,
   batch 1 / 8: 1 thread 1.99x / 2.25x, 1.97x / 2.30x, 1.96x / 2.32x (unmoved 1.88x / 2.12x); 2 threads 1.71x /
   2.14x, 1.73x / 2.15x, 1.73x / 2.11x (unmoved 1.66x / 2.06x): below 320 the threshold hardly matters.
+- `--profile` prints a bound per variant: float's total over the INT8 convs alone (every other node free).
+  mobilenet_v2 @224 batch 1, dw_per_channel / dw_per_channel_gemm / keep_stem_fold_gemm: 1.63x / 1.64x /
+  1.75x on 2 threads, 1.73x / 1.90x / 1.96x on 1; measured whole-model 1.64x / 1.71x / 1.73x and 1.77x /
+  1.87x / 1.99x. The depthwise convs (1.01-1.13x of float) hold it there: 2x at batch 1 on 2 threads is
+  out of reach of onnxruntime 1.32's INT8 kernels whatever the format.
 """
 
 from __future__ import annotations
@@ -282,6 +287,9 @@ def profile(float_path: Path, files: Dict[str, Path], work: Path, size: int, thr
         total_f, total_q = sum(base) + base_other, sum(times) + other
         parts.append(f"other nodes {base_other:.0f} / {other:.0f}; total {total_f:.0f} / {total_q:.0f} "
                      f"= {total_f / max(total_q, 1):.2f}x")
+        # The most this variant's conv kernels allow: float's whole time over the INT8 convs alone,
+        # as if every Quantize / Transpose / Add node were free.
+        parts.append(f"bound with free non-conv nodes {total_f / max(sum(times), 1):.2f}x")
         print(f"  {name}: " + "; ".join(parts), flush=True)
 
 

@@ -479,3 +479,22 @@ def test_gemm_candidates_are_qdq_int8_weights_only():
     with pytest.raises(ValueError, match="needs format qdq and int8 weights"):
         Candidate("x", format="qoperator", gemm_min_weights=320)
     assert CANDIDATES.get("qdq_u8s8_dw_per_channel_keep_stem_fold_gemm").describe()["gemm_min_weights"] == 320
+
+
+def test_gemm_route_benchmark_times_two_kernels_of_the_same_function():
+    """benchmarks/gemm_route.py compares kernels, so its zero point 0 and -1 models must compute the same
+    outputs, for the dense and the depthwise rows alike."""
+    import importlib.util
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    spec = importlib.util.spec_from_file_location(
+        "gemm_route_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_route.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for cin, cout, k, depthwise in ((16, 8, 1, False), (8, 8, 3, False), (16, 16, 3, True)):
+        x = {"x": np.random.default_rng(2).integers(0, 256, (1, 6, 6, cin)).astype(np.uint8)}
+        y = [ort.InferenceSession(bench.conv_model(cin, cout, 6, k, zp, depthwise), providers=["CPUExecutionProvider"])
+             .run(None, x)[0] for zp in (0, -1)]
+        assert y[0].shape == (1, 6, 6, cout) and np.array_equal(y[0], y[1])
