@@ -7,7 +7,8 @@ formats were faster (../shared/DESIGN.md). So each candidate is a named format c
 pick. Torch-free: numpy, onnx, onnxruntime.
 
     preprocess(float_path, out_path)                   quant_pre_process (shape inference, fusions)
-    quantize(pre_path, out_path, candidate, batches, calibration_images)
+    CalibrationReader(batches, input_name, limit)      the first `limit` images, the same for every candidate
+    quantize(pre_path, out_path, candidate, reader, reduce_range)
                                                        (fold_max_pixels: onnx/fold.py rewrites the input first;
                                                         gemm_min_weights: onnx/gemm_route.py the output after)
     excluded_nodes(model_path, groups, first_convs)    node names for first_conv / classifier / depthwise / first N convs
