@@ -71,6 +71,12 @@ What it showed (onnxruntime 1.32, Xeon with AVX-512 VNNI + AMX, 2 cores; issue 1
   1.75x on 2 threads, 1.73x / 1.90x / 1.96x on 1; measured whole-model 1.64x / 1.71x / 1.73x and 1.77x /
   1.87x / 1.99x. The depthwise convs (1.01-1.13x of float) hold it there: 2x at batch 1 on 2 threads is
   out of reach of onnxruntime 1.32's INT8 kernels whatever the format.
+- Measured, not built: leaving 3x3 convs on maps over 1024 pixels on the symmetric kernel (resnet18's four
+  64-channel layer1 convs, 0.71x on the general one in gemm_route.py), one-off script, resnet18 @224 batch 1 / 8:
+  2 threads 3.15x / 4.44x -> 3.53x / 4.33x, 1 thread 4.74x / 4.68x -> 4.71x / 4.46x. It helps batch 1 on 2
+  threads and costs batch 8 on 1, so it would be one more candidate for the stage to measure, not a rule.
+  onnxruntime-openvino 1.24.1's OpenVINO EP on the same QDQ files (mobilenet_v2 @224, 2 threads): float 4.39 ms,
+  INT8 3.08 ms (1.43x), slower than onnxruntime 1.32's CPU EP for both, so it is no way past the bound either.
 """
 
 from __future__ import annotations
