@@ -284,3 +284,32 @@ def test_missing_onnxscript_is_a_clear_error(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(repo)})
     assert "needs onnxscript" in proc.stdout and "exporter: torchscript" in proc.stdout, proc.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _Pools(torch.nn.Module):
+    """Two spatial means (adaptive pool, mean keepdim) and two that are not (over channels; no keepdim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.sigmoid(y.mean((2, 3), keepdim=True)) + y.mean(1, keepdim=True)
+        return self.fc(torch.flatten(self.pool(y), 1)) + y.mean((2, 3)).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("exporter,opset,spatial", [("dynamo", 18, 2), ("torchscript", 13, 1)])
+def test_spatial_means_export_as_global_average_pool(exporter, opset, spatial, tmp_path):
+    """dynamo writes both spatial means as ReduceMean (axes an input), torchscript the keepdim one
+    (axes an attribute); only those become GlobalAveragePool, and the axes constants they read go."""
+    torch.manual_seed(0)
+    model, path = _Pools().eval(), tmp_path / "pools.onnx"
+    info = export_onnx(model, path, torch.randn(2, 3, 16, 16), ExportConfig(exporter=exporter, opset=opset), {})
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert info["global_pools"] == spatial and ops.count("GlobalAveragePool") == 2 and ops.count("ReduceMean") == 2
+    read = {name for n in graph.node for name in n.input}
+    assert all(i.name in read for i in graph.initializer)
+    assert all(n.output[0] in read for n in graph.node if n.op_type == "Constant")
+    check_parity(model, path, torch.randn(5, 3, 16, 16), atol=1e-5, min_agreement=1.0)

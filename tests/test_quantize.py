@@ -1,6 +1,7 @@
 """INT8 quantization: the calibration reader, CPU features, the selection gate, bad input, and a
 real quantize_static on a tiny exported model."""
 
+import copy
 import json
 
 import numpy as np
@@ -498,3 +499,39 @@ def test_gemm_route_benchmark_times_two_kernels_of_the_same_function():
         y = [ort.InferenceSession(bench.conv_model(cin, cout, 6, k, zp, depthwise), providers=["CPUExecutionProvider"])
              .run(None, x)[0] for zp in (0, -1)]
         assert y[0].shape == (1, 6, 6, cout) and np.array_equal(y[0], y[1])
+
+
+def test_a_spatial_reduce_mean_quantizes_only_once_it_is_a_global_average_pool(tmp_path):
+    """Why export rewrites the dynamo exporter's ReduceMean: onnxruntime's quantizer leaves ReduceMean
+    float (a DequantizeLinear of the whole map in front of it) but runs GlobalAveragePool in INT8."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from toolchain.onnx.pooling import reduce_means_to_global_pools
+    from toolchain.onnx.quantize import preprocess, quantize
+
+    model = onnx.load(str(_tiny_dw_model(tmp_path / "gap.onnx")))
+    graph = model.graph
+    i, pool = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "GlobalAveragePool")
+    graph.node.remove(pool)
+    graph.node.insert(i, helper.make_node("ReduceMean", ["p2", "axes"], ["g"], name="pool", keepdims=1))
+    graph.initializer.append(numpy_helper.from_array(np.array([-2, -1], np.int64), "axes"))
+    model.opset_import[0].version = 18
+    x = {"input": np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    ops, outputs = {}, {}
+    for rewrite in (False, True):
+        work = tmp_path / str(rewrite)
+        work.mkdir()
+        m = copy.deepcopy(model)
+        if rewrite:
+            assert reduce_means_to_global_pools(m) == 1
+        assert ("axes" in {t.name for t in m.graph.initializer}) is not rewrite
+        onnx.save(m, str(work / "float.onnx"))
+        outputs[rewrite] = ort.InferenceSession(str(work / "float.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+        preprocess(work / "float.onnx", work / "pre.onnx")
+        quantize(work / "pre.onnx", work / "int8.onnx", CANDIDATES.get("qdq_u8s8_dw_per_channel"), _reader())
+        ops[rewrite] = _optimized_ops(work / "int8.onnx", work)
+    np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-6, atol=1e-6)
+    assert ops[False]["ReduceMean"] == 1 and "QLinearGlobalAveragePool" not in ops[False]
+    assert ops[True]["QLinearGlobalAveragePool"] == 1 and "ReduceMean" not in ops[True]

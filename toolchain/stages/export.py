@@ -19,6 +19,7 @@ from .. import __version__
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_path, atomic_write_json, file_sha256, file_sizes
+from ..onnx.pooling import REVISION as POOLING_REVISION
 from .common import REFERENCES
 
 PARITY_BATCH = 64
@@ -83,6 +84,10 @@ class Export(Stage):
         if cfg.export.references:
             roles.update({role: stage for role, stage in REFERENCES.items() if stage in models and stage != final})
         return roles
+
+    def fingerprint(self, cfg):
+        # a changed graph rewrite re-exports cached models
+        return {"pooling_revision": POOLING_REVISION}
 
     def compute(self, job: Job) -> StageResult:
         cfg, final = job.cfg.export, job.inputs["model"]

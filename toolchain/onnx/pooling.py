@@ -1,0 +1,92 @@
+"""Global average pooling as GlobalAveragePool, not ReduceMean, in exported graphs.
+
+torch's dynamo exporter writes adaptive_avg_pool2d(x, 1) and x.mean((2, 3), keepdim=True) as
+ReduceMean over the two spatial axes. The result is the same, but onnxruntime treats the two
+differently: its static quantizer has an INT8 GlobalAveragePool (QLinearGlobalAveragePool, NHWC) and
+no INT8 ReduceMean, so a ReduceMean stays float behind a DequantizeLinear of the whole activation map,
+and its NCHWc float path keeps GlobalAveragePool blocked where ReduceMean needs a reorder first.
+Measured (one-off script, random-weight efficientnet_b0 at 224, whose 16 squeeze-excitation blocks
+each pool; onnxruntime 1.32, 2-core Xeon; batch 1 / 8, speedup vs the ReduceMean float model): float
+1.01x / 1.03x on 2 threads, 1.00x / 1.04x on 1; the quantize stage's dw_per_channel_gemm INT8 0.83x /
+1.19x -> 1.07x / 1.46x on 2 threads and 1.03x / 1.45x -> 1.32x / 1.69x on 1 (README "INT8 that is
+actually faster"). The export applies it to every model; the parity gate checks the result.
+Torch-free: onnx, imported when called (the stage registry imports this module for REVISION).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Dict, List, Optional
+
+# Bump when the rewritten graph changes: the export stage's cache key holds it
+REVISION = 1
+
+
+def reduce_means_to_global_pools(proto) -> int:
+    """Rewrite `proto` in place: every ReduceMean with keepdims=1 over exactly the last two axes of
+    a 4-d tensor becomes a GlobalAveragePool (same output shape and values). Axes given as a
+    constant input (opset >= 18) or as an attribute both count. Returns the number rewritten."""
+    from onnx import helper
+
+    graph = proto.graph
+    ranks = _ranks(proto)
+    constants = _constant_axes(graph)
+    rewritten, axes_inputs = 0, set()
+    for i, node in enumerate(list(graph.node)):
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx"):
+            continue
+        axes = _axes(node, constants)
+        rank = ranks.get(node.input[0])
+        if _attr(node, "keepdims", 1) != 1 or axes is None or rank != 4 or sorted(a % 4 for a in axes) != [2, 3]:
+            continue
+        pool = helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
+        axes_inputs.update(node.input[1:2])
+        graph.node.remove(node)
+        graph.node.insert(i, pool)
+        rewritten += 1
+    _drop_unused(graph, axes_inputs)
+    return rewritten
+
+
+def _ranks(proto) -> Dict[str, int]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    g = inferred.graph
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in (*g.input, *g.value_info, *g.output)
+            if v.type.tensor_type.HasField("shape")}
+
+
+def _constant_axes(graph) -> Dict[str, List[int]]:
+    """Integer tensors a node input may name: initializers and Constant nodes."""
+    from onnx import numpy_helper
+
+    found = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            found[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return {name: [int(a) for a in v.reshape(-1)] for name, v in found.items() if v.dtype.kind == "i"}
+
+
+def _axes(node, constants: Dict[str, List[int]]) -> Optional[List[int]]:
+    for a in node.attribute:
+        if a.name == "axes":
+            return list(a.ints)
+    if len(node.input) > 1 and node.input[1]:
+        return constants.get(node.input[1])
+    return None  # all axes (or none, with noop_with_empty_axes): not a spatial pool
+
+
+def _attr(node, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _drop_unused(graph, names) -> None:
+    """The rewritten nodes' axes tensors that nothing reads any more (graph inputs and outputs count)."""
+    uses = collections.Counter(name for n in graph.node for name in n.input)
+    uses.update(v.name for v in (*graph.input, *graph.output))
+    unused = {name for name in names if uses[name] == 0}
+    for init in [i for i in graph.initializer if i.name in unused]:
+        graph.initializer.remove(init)
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] in unused]:
+        graph.node.remove(node)
