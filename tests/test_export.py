@@ -308,8 +308,22 @@ def test_spatial_means_export_as_global_average_pool(exporter, opset, spatial, t
     info = export_onnx(model, path, torch.randn(2, 3, 16, 16), ExportConfig(exporter=exporter, opset=opset), {})
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
-    assert info["global_pools"] == spatial and ops.count("GlobalAveragePool") == 2 and ops.count("ReduceMean") == 2
+    assert info["pools_rewritten"] == spatial and ops.count("GlobalAveragePool") == 2 and ops.count("ReduceMean") == 2
     read = {name for n in graph.node for name in n.input}
     assert all(i.name in read for i in graph.initializer)
     assert all(n.output[0] in read for n in graph.node if n.op_type == "Constant")
     check_parity(model, path, torch.randn(5, 3, 16, 16), atol=1e-5, min_agreement=1.0)
+
+
+@pytest.mark.parametrize("exporter,opset", [("dynamo", 18), ("torchscript", 13)])
+def test_a_spatial_mean_over_a_one_pixel_map_exports_as_identity(exporter, opset, tmp_path):
+    """onnxruntime's INT8 pool loops channel by channel: over a 1x1 map the mean is the identity."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 4)).eval()
+    path = tmp_path / "one_pixel.onnx"
+    info = export_onnx(model, path, torch.randn(2, 3, 3, 3), ExportConfig(exporter=exporter, opset=opset), {})
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert info["pools_rewritten"] == 1 and "Identity" in ops
+    assert "GlobalAveragePool" not in ops and "ReduceMean" not in ops
+    check_parity(model, path, torch.randn(5, 3, 3, 3), atol=1e-5, min_agreement=1.0)

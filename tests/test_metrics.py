@@ -117,7 +117,7 @@ def test_pipeline_pe_uses_nonzero_params_against_dense_reference_params():
     teacher = {"test_accuracy": 0.90, "params": 1000, "nonzero_params": 1000, "macs": 5000}
     student = {"test_accuracy": 0.80, "params": 400, "nonzero_params": 400, "macs": 2000}
     pruned = {"test_accuracy": 0.72, "params": 400, "nonzero_params": 100, "macs": 2000}  # weight-pruned student
-    out = pe_against_references(fake_ctx(teacher=teacher, distill=student), pruned,
+    out = pe_against_references(fake_ctx(teacher=teacher, distill=student), pruned, "finetune",
                                 latency={"final": 1.0, "teacher": 4.0, "distill": 1.25})
     assert out["vs_teacher.retention"] == pytest.approx(0.8)
     assert out["vs_teacher.pe_params"] == pytest.approx(0.8 * 0.9)
@@ -131,8 +131,16 @@ def test_pipeline_pe_uses_nonzero_params_against_dense_reference_params():
 
 def test_pipeline_pe_skips_missing_references_and_latency():
     out = pe_against_references(fake_ctx(teacher={"test_accuracy": 1.0, "params": 10, "macs": 10}),
-                                {"test_accuracy": 0.5, "nonzero_params": 5, "macs": 5})
+                                {"test_accuracy": 0.5, "nonzero_params": 5, "macs": 5}, "finetune")
     assert out == {"vs_teacher.retention": 0.5, "vs_teacher.pe_params": 0.25, "vs_teacher.pe_macs": 0.25}
+
+
+def test_pipeline_pe_never_measures_a_model_against_itself():
+    """The KD student as the final model (or its INT8 file) has no student reference: PE vs itself is ~0."""
+    student = {"test_accuracy": 0.8, "params": 400, "nonzero_params": 400, "macs": 2000}
+    out = pe_against_references(fake_ctx(teacher={"test_accuracy": 0.9, "params": 1000, "macs": 5000}, distill=student),
+                                student, "distill")
+    assert set(out) == {"vs_teacher.retention", "vs_teacher.pe_params", "vs_teacher.pe_macs"}
 
 
 def test_latency_for_pe_is_cpu_p50_at_the_smallest_batch():

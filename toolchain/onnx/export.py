@@ -5,13 +5,13 @@ API (used by the pipeline):
         torch.onnx.export with dynamo=(cfg.exporter == "dynamo") passed explicitly, opset
         cfg.opset, input "input", output "logits", a dynamic batch axis named "batch" when
         cfg.dynamic_batch (dynamic_shapes for dynamo, dynamic_axes for torchscript).
-        Spatial ReduceMeans become GlobalAveragePool (onnx/pooling.py: onnxruntime quantizes
-        and blocks that one). Then metadata_props from `metadata` (str values as is, others JSON-encoded),
+        Spatial ReduceMeans become GlobalAveragePool, or Identity over a 1x1 map (onnx/pooling.py:
+        onnxruntime quantizes and blocks GlobalAveragePool, not ReduceMean). Then metadata_props from `metadata` (str values as is, others JSON-encoded),
         onnx.checker.check_model(full_check=True) and strict shape inference, and an atomic
         write (a failure leaves no half-written file). The model is exported in eval mode
         and its train/eval mode restored afterwards.
         info: path, exporter, opset, ir_version, dynamic_batch, input_name, output_name,
-        input_shape, output_shape, global_pools, file_size_bytes, export_time_s, torch_version, onnx_version.
+        input_shape, output_shape, pools_rewritten, file_size_bytes, export_time_s, torch_version, onnx_version.
     check_parity(model, onnx_path, batch, atol, min_agreement, rtol=0.0) -> {max_abs_diff, mean_abs_diff,
         max_abs_logit, outside_tolerance, top1_agreement, batch_size, atol, rtol, min_agreement}; raises
         ExportError unless |diff| <= atol + rtol * (the image's largest |PyTorch logit|) for every logit
@@ -49,7 +49,7 @@ from ..bench import ort as bench
 from ..errors import ExportError, first_line
 from ..fsutil import atomic_path, atomic_write_json
 from ..train.loop import eval_mode
-from .pooling import reduce_means_to_global_pools
+from .pooling import simplify_global_pools
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -151,7 +151,7 @@ def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, 
         raise ExportError(f"export.opset is {cfg.opset} but the {cfg.exporter} exporter produced opset {opset}; choose another export.opset")
     if proto.ByteSize() > 2**31 - 1:  # protobuf limit; the checker cannot even take it in memory
         raise ExportError("the model is over 2 GB, beyond a single ONNX protobuf file; this exporter writes single-file models")
-    pools = reduce_means_to_global_pools(proto)
+    pools = simplify_global_pools(proto)
     set_metadata(proto, metadata)
     proto = _check(proto)
     with atomic_path(path) as tmp:
@@ -166,7 +166,7 @@ def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, 
         "output_name": OUTPUT_NAME,
         "input_shape": _io_shape(proto.graph.input[0]),
         "output_shape": _io_shape(proto.graph.output[0]),
-        "global_pools": pools,
+        "pools_rewritten": pools,
         "file_size_bytes": Path(path).stat().st_size,
         "export_time_s": round(time.perf_counter() - start, 3),
         "torch_version": torch.__version__,

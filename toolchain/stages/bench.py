@@ -69,11 +69,11 @@ class Bench(Stage):
         latency = {"final": art.latency_ms["final"]}
         latency.update({REFERENCES[role]: ms for role, ms in art.latency_ms.items() if role in REFERENCES})
         final_metrics = run.outputs[final].result.metrics
-        pe = pe_against_references(run.outputs, final_metrics, latency)
+        pe = pe_against_references(run.outputs, final_metrics, final, latency)
         derived = {k: v for k, v in pe.items() if k.endswith("pe_latency")}
         if "int8" in art.latency_ms:  # same architecture and weights count, its own accuracy and latency
             int8 = {**final_metrics, "test_accuracy": run.outputs["quantize"].result.metrics["int8.test_accuracy"]}
-            pe = pe_against_references(run.outputs, int8, {**latency, "final": art.latency_ms["int8"]})
+            pe = pe_against_references(run.outputs, int8, final, {**latency, "final": art.latency_ms["int8"]})
             derived.update({f"int8.{k}": v for k, v in pe.items() if k.endswith("pe_latency")})
         return derived
 

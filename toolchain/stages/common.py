@@ -134,13 +134,14 @@ def model_fingerprint(model_cfg) -> Dict[str, Any]:
     return {"checkpoint": file_digest(model_cfg.checkpoint), **({"weights": weights} if weights else {})}
 
 
-def pe_against_references(outputs: Dict[str, StageOutput], metrics: Dict[str, float],
+def pe_against_references(outputs: Dict[str, StageOutput], metrics: Dict[str, float], own_stage: str,
                           latency: Optional[Dict[str, float]] = None) -> Dict[str, float]:
-    """PE of a model against this run's teacher and unpruned KD student (those present).
+    """PE of a model (made by `own_stage`, or its INT8 version) against this run's teacher and unpruned
+    KD student, those present and not `own_stage` itself (a model is no reference for itself).
     latency: reference stage -> p50 ms, plus "final" for the model itself."""
     out = {}
     for label, ref in REFERENCES.items():
-        if ref not in outputs:
+        if ref not in outputs or ref == own_stage:
             continue
         r = outputs[ref].result.metrics
         pe = performance_efficiency(
@@ -168,4 +169,4 @@ class ModelStage(Stage):
     def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
         if not output.result.metrics:
             return {}
-        return pe_against_references(run.outputs, output.result.metrics)
+        return pe_against_references(run.outputs, output.result.metrics, output.name)

@@ -62,4 +62,4 @@ class Prune(ModelStage):
     def publish(self, run, output, child) -> Dict[str, float]:
         if output.result.info.get("layers"):
             child.log_dict(output.result.info["layers"], "layers.json")
-        return pe_against_references(run.outputs, output.result.metrics)
+        return pe_against_references(run.outputs, output.result.metrics, output.name)

@@ -119,7 +119,7 @@ class Quantize(Stage):
         update_card(run, {"int8": {"shipped": True, "file": INT8_FILE, **_card_fields(output)},
                           "files": {INT8_FILE: {**file_sizes(path), "sha256": sha}}})
         final = run.outputs[art.stage].result.metrics
-        pe = pe_against_references(run.outputs, {**final, "test_accuracy": art.onnx_test_accuracy})
+        pe = pe_against_references(run.outputs, {**final, "test_accuracy": art.onnx_test_accuracy}, art.stage)
         return {f"int8.{k}": v for k, v in pe.items()}
 
 
