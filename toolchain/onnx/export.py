@@ -6,9 +6,10 @@ API (used by the pipeline):
         cfg.opset, input "input", output "logits", a dynamic batch axis named "batch" when
         cfg.dynamic_batch (dynamic_shapes for dynamo, dynamic_axes for torchscript).
         Spatial ReduceMeans become GlobalAveragePool, or Identity over a 1x1 map (onnx/pooling.py:
-        onnxruntime quantizes and blocks GlobalAveragePool, not ReduceMean). Then metadata_props from `metadata` (str values as is, others JSON-encoded),
-        onnx.checker.check_model(full_check=True) and strict shape inference, and an atomic
-        write (a failure leaves no half-written file). The model is exported in eval mode
+        onnxruntime quantizes and blocks GlobalAveragePool, not ReduceMean). Then metadata_props
+        from `metadata` (str values as is, others JSON-encoded), onnx.checker.check_model(
+        full_check=True) and strict shape inference, and an atomic write (a failure leaves no
+        half-written file). The model is exported in eval mode
         and its train/eval mode restored afterwards.
         info: path, exporter, opset, ir_version, dynamic_batch, input_name, output_name,
         input_shape, output_shape, pools_rewritten, file_size_bytes, export_time_s, torch_version, onnx_version.
