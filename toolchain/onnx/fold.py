@@ -27,11 +27,12 @@ assumes it wins. Torch-free: onnx + numpy.
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 from typing import Dict, Iterable, List, Set, Tuple
 
 import numpy as np
+
+from .graph import input_uses
 
 # Bump when the rewritten graph changes: the quantize stage's cache key holds it
 REVISION = 2
@@ -91,7 +92,7 @@ def _tile_single_pixel_convs(graph, inits, shapes, max_pixels: int, keep: Set[st
     result tiles the image, so it folds; a 1x1 input gives a 1x1 pointwise conv."""
     from onnx import helper, numpy_helper
 
-    uses = collections.Counter(name for node in graph.node for name in node.input)
+    uses = input_uses(graph)
     for node in graph.node:
         if node.op_type != "Conv" or node.name in keep or node.input[0] not in shapes:
             continue

@@ -26,10 +26,11 @@ a CPU without AMX, where the general kernel may lose, keeps the symmetric kernel
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import numpy as np
+
+from .graph import input_uses, int_attr
 
 # Bump when the rewritten graph changes: the quantize stage's cache key holds it
 REVISION = 1
@@ -46,9 +47,9 @@ def route_wide_convs_to_gemm(path: Path, min_weights: int) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    uses = collections.Counter(name for n in graph.node for name in n.input)
+    uses = input_uses(graph)
     rewritten, replaced = 0, set()
-    for conv in (n for n in graph.node if n.op_type == "Conv" and _group(n) == 1):
+    for conv in (n for n in graph.node if n.op_type == "Conv" and int_attr(n, "group", 1) == 1):
         dq = producer.get(conv.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
             continue
@@ -70,7 +71,3 @@ def route_wide_convs_to_gemm(path: Path, min_weights: int) -> int:
     if rewritten:
         onnx.save(model, str(path))
     return rewritten
-
-
-def _group(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)

@@ -21,8 +21,9 @@ Torch-free: onnx, imported when called (the stage registry imports this module f
 
 from __future__ import annotations
 
-import collections
 from typing import Dict, List, Optional
+
+from .graph import input_uses, int_attr
 
 # Bump when the rewritten graph changes: the export stage's cache key holds it
 REVISION = 2
@@ -38,7 +39,7 @@ def simplify_global_pools(proto) -> int:
 
     graph = proto.graph
     shapes = _shapes(proto)
-    constants = _constant_axes(graph)
+    constants = _constants(graph)
     rewritten, axes_inputs = 0, set()
     for i, node in enumerate(list(graph.node)):
         shape = shapes.get(node.input[0]) if node.input else None
@@ -46,7 +47,7 @@ def simplify_global_pools(proto) -> int:
             continue
         if node.op_type == "ReduceMean":
             axes = _axes(node, constants)
-            if _attr(node, "keepdims", 1) != 1 or axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            if int_attr(node, "keepdims", 1) != 1 or axes is None or sorted(a % 4 for a in axes) != [2, 3]:
                 continue
         elif node.op_type != "GlobalAveragePool" or shape[2:] != [1, 1]:
             continue
@@ -68,33 +69,31 @@ def _shapes(proto) -> Dict[str, List[Optional[int]]]:
             for v in (*g.input, *g.value_info, *g.output) if v.type.tensor_type.HasField("shape")}
 
 
-def _constant_axes(graph) -> Dict[str, List[int]]:
-    """Integer tensors a node input may name: initializers and Constant nodes."""
-    from onnx import numpy_helper
-
-    found = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+def _constants(graph) -> Dict[str, object]:
+    """Tensors a node input may name: initializers and Constant nodes (TensorProtos, not converted)."""
+    found = {i.name: i for i in graph.initializer}
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            found[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return {name: [int(a) for a in v.reshape(-1)] for name, v in found.items() if v.dtype.kind == "i"}
+            found[n.output[0]] = n.attribute[0].t
+    return found
 
 
-def _axes(node, constants: Dict[str, List[int]]) -> Optional[List[int]]:
+def _axes(node, constants: Dict[str, object]) -> Optional[List[int]]:
+    from onnx import numpy_helper
+
     for a in node.attribute:
         if a.name == "axes":
             return list(a.ints)
-    if len(node.input) > 1 and node.input[1]:
-        return constants.get(node.input[1])
-    return None  # all axes (or none, with noop_with_empty_axes): not a spatial pool
-
-
-def _attr(node, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
+    tensor = constants.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if tensor is None:
+        return None  # all axes (or none, with noop_with_empty_axes), or axes computed at run time
+    values = numpy_helper.to_array(tensor)
+    return [int(a) for a in values.reshape(-1)] if values.dtype.kind == "i" else None
 
 
 def _drop_unused(graph, names) -> None:
     """The rewritten nodes' axes tensors that nothing reads any more (graph inputs and outputs count)."""
-    uses = collections.Counter(name for n in graph.node for name in n.input)
+    uses = input_uses(graph)
     uses.update(v.name for v in (*graph.input, *graph.output))
     unused = {name for name in names if uses[name] == 0}
     for init in [i for i in graph.initializer if i.name in unused]:

@@ -33,6 +33,7 @@ from ..fsutil import atomic_path
 from ..registry import Registry
 from .fold import fold_batch
 from .gemm_route import route_wide_convs_to_gemm
+from .graph import int_attr
 
 EXCLUDE_GROUPS = ("first_conv", "classifier", "depthwise")
 
@@ -218,7 +219,7 @@ def quantize_options(pre_path: Path, candidate: Candidate) -> Dict[str, Any]:
 
 
 def _is_depthwise(node, inits) -> bool:
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    group = int_attr(node, "group", 1)
     weight = inits.get(node.input[1]) if len(node.input) > 1 else None
     # depthwise: one input channel per group (weight shape [out, 1, kh, kw]) and more than one group
     return group > 1 and weight is not None and len(weight.dims) == 4 and weight.dims[1] == 1
