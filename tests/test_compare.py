@@ -1,0 +1,183 @@
+"""The latency-comparison primitive (bench/compare.py): intervals, the stopping rule, the gate.
+
+Real timings are asserted only against their own intervals (a model against itself contains 1.0,
+a model against itself applied twice contains 2.0); the stopping and gating rules run on fed
+replicates with known ratios, so nothing here depends on how fast this machine is.
+"""
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from toolchain.bench.compare import Plan, Settings, compare, gate, interval, run_replicate
+from toolchain.errors import BenchError
+
+
+def chain_onnx(path, times: int, width: int = 512, depth: int = 2):
+    """x -> (MatMul, Tanh) x depth, the whole chain applied `times` times with the same weights:
+    times=2 does exactly twice the work of times=1 with one call's fixed overhead."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((width, width)) / math.sqrt(width)).astype(np.float32), f"w{i}")
+             for i in range(depth)]
+    nodes, x = [], "input"
+    for t in range(times):
+        for i in range(depth):
+            nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{t}_{i}"]),
+                      helper.make_node("Tanh", [f"m{t}_{i}"], [f"h{t}_{i}"])]
+            x = f"h{t}_{i}"
+    nodes.append(helper.make_node("Identity", [x], ["out"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", width])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chains")
+    return {"once": str(chain_onnx(d / "once.onnx", 1)), "twice": str(chain_onnx(d / "twice.onnx", 2))}
+
+
+ONE_THREAD = Settings(intra_op_threads=1, block_s=0.02, blocks=4)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_interval_contains_its_median_and_narrows_with_agreement():
+    wide = interval([1.0, 1.5, 2.0])
+    tight = interval([1.49, 1.5, 1.51])
+    assert wide.low <= wide.ratio <= wide.high and wide.ratio == 1.5
+    assert tight.low <= 1.5 <= tight.high
+    assert tight.width < wide.width
+    assert interval([2.0] * 4).low == pytest.approx(2.0)
+
+
+def test_interval_of_one_replicate_claims_nothing():
+    iv = interval([1.7])
+    assert iv.low == 0 and iv.high == math.inf and gate(iv, 1.1) == "undecided"
+
+
+def test_interval_refuses_nonsense_ratios():
+    for bad in ([], [0.0, 1.0], [float("nan"), 1.0], [-1.0, 2.0]):
+        with pytest.raises(BenchError):
+            interval(bad)
+
+
+def test_gate_takes_the_lower_end():
+    assert gate(interval([1.3, 1.35, 1.4]), 1.1) == "clears"
+    assert gate(interval([0.9, 0.95, 1.0]), 1.1) == "below"
+    assert gate(interval([0.97, 1.8, 1.04]), 1.1) == "undecided"  # the processes of issue 29
+
+
+# ---------------------------------------------------------------- stopping rule (fed replicates)
+
+
+def _feeder(ratios_per_replicate):
+    """A replicate function returning the given ratios for every pair and batch size, in turn."""
+    it = iter(ratios_per_replicate)
+
+    def replicate(spec):
+        r = next(it)
+        keys = [f"{b}|{c}@{bs}" for b, c in spec["pairs"] for bs in spec["batch_sizes"]]
+        return {"ratios": {k: r for k in keys}, "medians_ms": {}, "times": {}, "shapes": {}}
+    return replicate
+
+
+FILES = {"float": "f.onnx", "int8": "q.onnx"}
+
+
+def test_stops_when_converged():
+    c = compare(FILES, [("float", "int8")], [1], plan=Plan(min_replicates=3, max_replicates=20, target_width=0.05),
+                replicate=_feeder([1.50, 1.51, 1.50, 9.0]))
+    assert c.stopped == "converged" and len(c.replicates) == 3
+
+
+def test_keeps_adding_replicates_until_max_when_noisy():
+    c = compare(FILES, [("float", "int8")], [1, 32], plan=Plan(min_replicates=3, max_replicates=6, budget_s=600),
+                replicate=_feeder([0.97, 1.80, 1.04, 1.00, 1.57, 1.03, 5.0]))
+    assert c.stopped == "max_replicates" and len(c.replicates) == 6
+    assert gate(c.ratio("float", "int8", 32), 1.1) == "undecided"
+
+
+def test_stops_when_resolved_against_the_gate():
+    # wide but entirely above 1.1 after 3 replicates: no need to narrow it further for the decision
+    c = compare(FILES, [("float", "int8")], [1], plan=Plan(min_replicates=3, max_replicates=20, target_width=0.01),
+                replicate=_feeder([1.6, 2.0, 1.8, 1.7]), decide_at=1.1)
+    assert c.stopped == "resolved" and len(c.replicates) == 3
+
+
+def test_stops_on_budget_and_says_so():
+    fed = _feeder([1.0, 1.3] * 50)  # never converges at target_width 0.001
+
+    def slow(spec):
+        time.sleep(0.05)
+        return fed(spec)
+    c = compare(FILES, [("float", "int8")], [1], plan=Plan(min_replicates=2, max_replicates=100, budget_s=0.12,
+                                                           target_width=0.001), replicate=slow)
+    assert c.stopped == "budget" and 2 <= len(c.replicates) < 100
+
+
+def test_unknown_name_in_a_pair_is_one_line():
+    with pytest.raises(BenchError, match="only float, int8 have files"):
+        compare(FILES, [("float", "teacher")], [1], replicate=_feeder([1.0]))
+
+
+# ---------------------------------------------------------------- real timings
+
+
+def test_a_model_against_itself_contains_one(chains):
+    files = {"a": chains["once"], "b": chains["once"]}
+    c = compare(files, [("a", "b")], [1, 8], ONE_THREAD, Plan(min_replicates=3, max_replicates=4, isolation="session"))
+    for bs in (1, 8):
+        iv = c.ratio("a", "b", bs)
+        assert iv.low <= 1.0 <= iv.high, iv
+
+
+def test_twice_the_work_recovers_two(chains):
+    files = {"twice": chains["twice"], "once": chains["once"]}
+    c = compare(files, [("twice", "once")], [64], ONE_THREAD, Plan(min_replicates=4, max_replicates=6, isolation="session"))
+    iv = c.ratio("twice", "once", 64)
+    assert iv.low <= 2.0 <= iv.high, iv
+    assert c.replicates and c.stopped in ("converged", "max_replicates", "budget")
+
+
+def test_stats_rows_have_the_bench_fields(chains):
+    c = compare({"a": chains["once"]}, [], [1, 4], ONE_THREAD, Plan(min_replicates=2, isolation="session"))
+    rows = c.stats("a")
+    assert [r["batch_size"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["input_shape"][0] == r["batch_size"]
+        assert r["min_ms"] <= r["p50_ms"] <= r["p99_ms"] and r["iterations"] >= 2 * ONE_THREAD.blocks * ONE_THREAD.min_calls
+
+
+def test_replicate_in_a_fresh_process(chains):
+    """The default isolation: one python per replicate, spec in and result out as JSON."""
+    c = compare({"a": chains["once"], "b": chains["once"]}, [("a", "b")], [2], ONE_THREAD,
+                Plan(min_replicates=2, max_replicates=2, isolation="process"))
+    assert len(c.replicates) == 2 and c.ratio("a", "b", 2).replicates == 2
+    summary = c.summary()
+    json.dumps(summary)  # recorded as is in candidates.json / bench.json
+    assert summary["settings"]["intra_op_threads"] == 1 and summary["stopped"] in ("converged", "max_replicates")
+
+
+def test_worker_error_is_one_line(tmp_path):
+    spec = {"files": {"a": str(tmp_path / "missing.onnx")}, "pairs": [], "batch_sizes": [1],
+            "settings": {}, "input_shape": None}
+    proc = subprocess.run([sys.executable, "-m", "toolchain.bench.compare"], input=json.dumps(spec),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_replicate_rejects_a_shape_the_model_cannot_take(chains):
+    with pytest.raises(BenchError, match="does not fit"):
+        run_replicate({"a": chains["once"]}, [], [1], ONE_THREAD, input_shape=[3, 32, 32])
