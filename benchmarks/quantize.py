@@ -10,8 +10,9 @@ data exists (the demo's pruned mobilenet_v2 on Fashion-MNIST). "default" is onnx
 documented first choice (QDQ, s8 activations and weights, per-channel); "chosen" is what the
 quantize stage would ship: the fastest candidate within 1 point of float validation accuracy
 (accuracy-free for random weights) that is faster than float at every batch size.
-Speedups are float p50 / candidate p50 measured in the same run (ratios, not milliseconds,
-are what a shared machine can compare).
+Speedups are float p50 / candidate p50, the median over fresh-process replicates of paired
+blocks with the 95% interval (bench/compare.py, docs/latency.md): ratios, not milliseconds, are
+what a shared machine can compare, and only an interval says whether a second measurement agrees.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolchain.bench.interleave import interleaved_benchmarks  # noqa: E402
 from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, Measured, choose, preprocess, quantize  # noqa: E402
 
 DEFAULT = "qdq_s8s8_per_channel"  # onnxruntime's documented first choice
@@ -50,10 +50,12 @@ def random_batches(size: int, n: int):
     return [(torch.randn(n, 3, size, size, generator=g), torch.zeros(n, dtype=torch.int64))]
 
 
-def measure(float_path: Path, work: Path, calib, batch_sizes, time_s: float, val=None, test=None, threads: int = 0) -> List[Dict]:
-    """Every candidate built and timed with the float model; accuracy on val (choice) and test (report)."""
+def measure(float_path: Path, work: Path, calib, batch_sizes, block_s: float, val=None, test=None, threads: int = 0,
+            budget_s: float = 120.0) -> List[Dict]:
+    """Every candidate built and compared with float (bench/compare.py: paired blocks, fresh-process
+    replicates, 95% intervals); accuracy on val (choice) and test (report)."""
+    from toolchain.bench.compare import Plan, Settings, compare
     from toolchain.onnx.export import onnx_accuracy
-
     from toolchain.recipe import QuantizeConfig
 
     preprocess(float_path, work / "pre.onnx")
@@ -61,24 +63,25 @@ def measure(float_path: Path, work: Path, calib, batch_sizes, time_s: float, val
     for name in dict.fromkeys([DEFAULT, *QuantizeConfig().candidates]):  # the stage's default search + ORT's advice
         files[name] = work / f"{name}.onnx"
         quantize(work / "pre.onnx", files[name], CANDIDATES.get(name), CalibrationReader(calib, "input", 512))
-    latency = interleaved_benchmarks(files, batch_sizes, rounds=3, warmup=5, iterations=100000, time_budget_s=time_s,
-                                     intra_op_threads=threads)
-    p50 = {n: {r["batch_size"]: r["p50_ms"] for r in latency[n]["results"]} for n in files}
+    names = [n for n in files if n != "float"]
+    c = compare(files, [("float", n) for n in names], batch_sizes, Settings(intra_op_threads=threads, block_s=block_s),
+                Plan(budget_s=budget_s), progress=lambda line: print(f"  [{float_path.stem}] {line}", file=sys.stderr))
+    speedup = {n: {b: c.ratio("float", n, b) for b in batch_sizes} for n in names}
+    p50 = {n: {r["batch_size"]: r["p50_ms"] for r in c.stats(n)} for n in files}
     val_acc = {n: onnx_accuracy(p, val) if val else None for n, p in files.items()}
     test_acc = {n: onnx_accuracy(p, test) if test else None for n, p in files.items()}
-    float_run = Measured("float", val_acc["float"] or 0.0, p50["float"])
-    chosen, _ = choose(float_run, [Measured(n, val_acc[n] or 0.0, p50[n]) for n in files if n != "float"], 0.01,
+    chosen, _ = choose(val_acc["float"] or 0.0, [Measured(n, val_acc[n] or 0.0, speedup[n]) for n in names], 0.01,
                        QuantizeConfig().min_speedup)
-    rows = [{"variant": "float", "name": "float", "p50": p50["float"], "acc": test_acc["float"]},
-            {"variant": "ORT default", "name": DEFAULT, "p50": p50[DEFAULT], "acc": test_acc[DEFAULT]},
-            {"variant": "chosen", "name": chosen.name if chosen else "float (none faster)",
-             "p50": p50[chosen.name] if chosen else p50["float"], "acc": test_acc[chosen.name] if chosen else test_acc["float"]}]
-    for r in rows[:3]:
-        r["speedup"] = {b: p50["float"][b] / r["p50"][b] for b in batch_sizes}
-    for name in files:  # every candidate, for the record
-        if name not in ("float", DEFAULT):
-            rows.append({"variant": "candidate", "name": name, "p50": p50[name], "acc": test_acc[name],
-                         "speedup": {b: p50["float"][b] / p50[name][b] for b in batch_sizes}})
+    one = {b: None for b in batch_sizes}
+    rows = [{"variant": "float", "name": "float", "p50": p50["float"], "acc": test_acc["float"], "speedup": one},
+            {"variant": "ORT default", "name": DEFAULT, "p50": p50[DEFAULT], "acc": test_acc[DEFAULT], "speedup": speedup[DEFAULT]},
+            {"variant": "chosen", "name": chosen.name if chosen else "float (none clears the gate)",
+             "p50": p50[chosen.name] if chosen else p50["float"], "acc": test_acc[chosen.name] if chosen else test_acc["float"],
+             "speedup": speedup[chosen.name] if chosen else one}]
+    for name in names:  # every candidate, for the record
+        if name != DEFAULT:
+            rows.append({"variant": "candidate", "name": name, "p50": p50[name], "acc": test_acc[name], "speedup": speedup[name]})
+    print(f"  [{float_path.stem}] {len(c.replicates)} replicates, stopped: {c.stopped}", file=sys.stderr)
     return rows
 
 
@@ -99,7 +102,7 @@ def print_rows(model: str, size: int, rows: List[Dict], batch_sizes) -> None:
     for r in rows:
         acc = "-" if r["acc"] is None else f"{r['acc']:.4f}"
         p50 = " / ".join(f"{r['p50'][b]:.3f}" for b in batch_sizes)
-        speed = " / ".join(f"{r['speedup'][b]:.2f}x" for b in batch_sizes)
+        speed = " / ".join(r["speedup"][b].text() if r["speedup"][b] else "1" for b in batch_sizes)
         print(f"| {model} | {size} | {r['variant']} | {r['name']} | {acc} | {p50} | {speed} |", flush=True)
 
 
@@ -108,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", default="resnet18,mobilenet_v2,efficientnet_b0")
     p.add_argument("--sizes", default="32,224", help="input sizes for the random-weight models")
     p.add_argument("--skip-demo", action="store_true", help="skip the demo's trained, pruned model")
-    p.add_argument("--time", type=float, default=1.5, help="timed seconds per model and batch size")
+    p.add_argument("--block", type=float, default=0.05, help="seconds one side runs per block of the comparison")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per physical core)")
     p.add_argument("--large-batch", type=int, default=8, help="the second batch size at inputs larger than 64x64 "
                    "(8: 224 x 32 takes minutes per candidate here)")
@@ -122,13 +125,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         demo = ROOT / "export" / "mobilenet-fmnist" / "model.onnx"
         if not args.skip_demo and demo.is_file():
             calib, val, test = demo_data()
-            rows = measure(demo, work, calib, [1, 32], args.time, val=val, test=test, threads=args.threads)
+            rows = measure(demo, work, calib, [1, 32], args.block, val=val, test=test, threads=args.threads)
             print_rows("demo pruned mobilenet_v2 (trained)", 32, rows, [1, 32])
         for size in [int(s) for s in args.sizes.split(",") if s]:
             batch_sizes = [1, 32] if size <= 64 else [1, args.large_batch]
             for name in args.models.split(","):
                 path = export_random(name, size, work / f"{name}-{size}.onnx")
-                rows = measure(path, work, random_batches(size, 64), batch_sizes, args.time, threads=args.threads)
+                rows = measure(path, work, random_batches(size, 64), batch_sizes, args.block, threads=args.threads)
                 print_rows(f"{name} (random weights)", size, rows, batch_sizes)
     print(f"\n{time.perf_counter() - t0:.0f} s; batch sizes: 1/32 at 32x32, 1/{args.large_batch} above 64x64")
     return 0

@@ -1,13 +1,13 @@
-from toolchain.bench.ort import STAT_KEYS
-from toolchain.bench.interleave import median_of_rounds as _median_of_rounds
+from toolchain.bench.compare import Plan, compare
 
 
-def round_with(p50):
-    row = {"provider": "cpu", "batch_size": 1, "iterations": 10, **{k: p50 for k in STAT_KEYS}}
-    return {"results": [row], "environment": {}}
+def test_replicates_merge_to_the_median_of_their_medians():
+    """A stage's p50 is the median over replicates of each replicate's median; the tails pool every call."""
+    medians = iter([1.0, 9.0, 2.0])
 
-
-def test_rounds_merge_to_per_row_medians():
-    merged = _median_of_rounds([round_with(1.0), round_with(9.0), round_with(2.0)])
-    row = merged["results"][0]
-    assert row["p50_ms"] == 2.0 and row["iterations"] == 30 and merged["environment"]["rounds"] == 3
+    def replicate(spec):
+        m = next(medians)
+        return {"ratios": {}, "medians_ms": {"a@1": m}, "times": {"a@1": [m / 1e3] * 10}, "shapes": {"a@1": [1, 3]}}
+    c = compare({"a": "a.onnx"}, [], [1], plan=Plan(min_replicates=3), replicate=replicate)
+    row = c.stats("a")[0]
+    assert row["p50_ms"] == 2.0 and row["iterations"] == 30 and row["p99_ms"] > 8.9 and len(c.replicates) == 3

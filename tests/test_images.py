@@ -16,7 +16,7 @@ from toolchain.data.loaders import build_data
 from toolchain.errors import DataError
 from toolchain.recipe import DataConfig
 
-from conftest import photo as _photo, photo_folder as _folder
+from conftest import FAST_LATENCY, photo as _photo, photo_folder as _folder
 
 
 def _save(path, img, **kw):
@@ -208,7 +208,8 @@ def test_imagefolder_end_to_end_at_another_size(tmp_path):
                  "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.2},
         "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
         "prune": {"method": "channel", "sparsity": 0.5}, "finetune": {"epochs": 1, "lr": 0.01, "loss": "ce"},
-        "bench": {"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "compare_torch": False},
+        "bench": {"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "compare_torch": False,
+                  "latency": FAST_LATENCY},
         "package": {"golden_images": 2},
         "tracking": {"enabled": False},
     }

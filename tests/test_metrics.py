@@ -13,7 +13,7 @@ import torch.nn as nn
 from toolchain.engine.artifacts import StageResult
 from toolchain.engine.stage import StageOutput
 from toolchain.metrics import count_macs, count_nonzero_params, count_params, model_stats, performance_efficiency
-from toolchain.bench.interleave import p50_smallest as _p50_smallest
+from toolchain.bench.compare import p50_smallest as _p50_smallest
 from toolchain.stages.common import pe_against_references
 
 INPUT = (1, 3, 8, 8)

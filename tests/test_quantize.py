@@ -10,8 +10,10 @@ import torch
 
 from toolchain.cli import run
 from toolchain.errors import RecipeError
+from toolchain.bench.compare import interval
 from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, Measured, choose, cpu_features, needs_reduce_range
 from toolchain.recipe import validate_dict
+from conftest import FAST_LATENCY
 
 X86_VNNI = "model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
 X86_OLD = "model name\t: Intel(R) Xeon(R) CPU E5-2680 v4\nflags\t\t: fpu sse avx2\n"
@@ -43,30 +45,35 @@ def test_cpu_features_read_the_isa_flags(monkeypatch):
     assert arm["arm_dotprod"] and arm["arm_i8mm"] and not needs_reduce_range(arm)
 
 
-FLOAT = Measured("float", 0.90, {1: 1.0, 32: 10.0})
+def _sure(*ratios):
+    """Intervals as tight as many agreeing replicates give, one per batch size (1, 32)."""
+    return {b: interval([r * 0.99, r, r * 1.01]) for b, r in zip((1, 32), ratios)}
 
 
 def test_choose_ships_the_fastest_candidate_within_the_accuracy_gate():
-    fast_but_wrong = Measured("a", 0.85, {1: 0.2, 32: 2.0})  # 5 points lost
-    good = Measured("b", 0.895, {1: 0.6, 32: 6.0})
-    better = Measured("c", 0.892, {1: 0.5, 32: 5.0})
-    chosen, why = choose(FLOAT, [fast_but_wrong, good, better], max_accuracy_drop=0.01)
-    assert chosen is better and "2.00x / 2.00x" in why
+    fast_but_wrong = Measured("a", 0.85, _sure(5.0, 5.0))  # 5 points lost
+    good = Measured("b", 0.895, _sure(1.67, 1.67))
+    better = Measured("c", 0.892, _sure(2.0, 2.0))
+    chosen, why = choose(0.90, [fast_but_wrong, good, better], max_accuracy_drop=0.01)
+    assert chosen is better and "2.00x [1.9" in why and "at batch 32" in why
 
 
 def test_choose_keeps_float_when_no_candidate_is_faster_everywhere():
-    slower_at_bs1 = Measured("qdq_s8s8_per_channel", 0.90, {1: 1.9, 32: 7.0})  # the measured trap: slower at batch 1
-    chosen, why = choose(FLOAT, [slower_at_bs1], max_accuracy_drop=0.01)
+    slower_at_bs1 = Measured("qdq_s8s8_per_channel", 0.90, _sure(0.53, 1.43))  # the measured trap: slower at batch 1
+    chosen, why = choose(0.90, [slower_at_bs1], max_accuracy_drop=0.01)
     assert chosen is None and "not 1.10x faster at every batch size" in why and "0.53x" in why
-    within_noise = Measured("noise", 0.90, {1: 0.97, 32: 9.6})  # 3-4% faster: not a measured win
-    assert choose(FLOAT, [within_noise], max_accuracy_drop=0.01)[0] is None
-    assert choose(FLOAT, [within_noise], max_accuracy_drop=0.01, min_speedup=1.0)[0] is within_noise
+    within_noise = Measured("noise", 0.90, _sure(1.03, 1.04))  # 3-4% faster: not a measured win
+    assert choose(0.90, [within_noise], max_accuracy_drop=0.01)[0] is None
+    assert choose(0.90, [within_noise], max_accuracy_drop=0.01, min_speedup=1.0)[0] is within_noise
 
 
-def test_choose_gate_is_inclusive_and_absolute():
-    edge = Measured("edge", 0.89, {1: 0.5, 32: 5.0})
-    assert choose(FLOAT, [edge], max_accuracy_drop=0.01)[0] is edge
-    assert choose(FLOAT, [edge], max_accuracy_drop=0.005)[0] is None
+def test_choose_keeps_float_when_the_interval_straddles_the_gate_and_says_so():
+    """The demo of issue 29: processes measured 0.97x and 1.80x; the median clears 1.1, the interval does not."""
+    noisy = Measured("fold", 0.90, {1: interval([0.97, 1.80, 1.04, 1.57, 1.03]), 32: interval([1.72, 1.37, 1.65])})
+    chosen, why = choose(0.90, [noisy], max_accuracy_drop=0.01)
+    assert chosen is None and why.startswith("too noisy to decide") and "straddles 1.10x" in why
+    clear = Measured("fold", 0.90, {1: interval([1.30, 1.32, 1.31]), 32: interval([1.72, 1.70, 1.69])})
+    assert choose(0.90, [clear], max_accuracy_drop=0.01)[0] is clear
 
 
 def test_a_quantize_section_needs_export_and_known_candidates():
@@ -93,9 +100,10 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
     path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
                        export={"exporter": "torchscript", "opset": 17, "references": False},
                        quantize={"candidates": ["qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor", "qdq_u8s8_dw_per_channel"],
-                                 "calibration_images": 64, "time_per_model_s": 0.2, "max_accuracy_drop": 1.0,
+                                 "calibration_images": 64, "max_accuracy_drop": 1.0,
+                                 "latency": {"block_s": 0.01, "blocks": 2, "min_replicates": 2, "max_replicates": 2},
                                  "min_speedup": 1.0, "intra_op_threads": 1},
-                       bench={"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1,
+                       bench={"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "latency": FAST_LATENCY,
                               "compare_torch": False})
     assert run(["compress", str(path)]) == 0
     run_dir = tmp_path / "export" / "tiny"
@@ -112,12 +120,62 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
     if quantize["metrics"]["int8.shipped"]:
         assert card["int8"]["shipped"] and card["int8"]["candidate"] == quantize["info"]["chosen"]
         assert (run_dir / "model_int8.onnx").is_file() and "int8" in bench_models
-        assert min(table[card["int8"]["candidate"]]["speedup_vs_float"].values()) >= 1
+        assert min(low for low, _ in table[card["int8"]["candidate"]]["speedup_interval"].values()) >= 1
         assert "int8.vs_student.pe_params" not in quantize["metrics"]  # the student is the final model: no reference
     else:
         assert not card["int8"]["shipped"] and not (run_dir / "model_int8.onnx").exists() and "int8" not in bench_models
     assert card["int8"]["cpu_features"]["machine"]
     assert quantize["info"]["intra_op_threads"] == card["int8"]["intra_op_threads"] == 1  # the device's thread count, as the recipe says
+
+
+def _fed_comparison(monkeypatch, ratios):
+    """The stage's comparison with fed replicates: each replicate gives every candidate the next ratio."""
+    import toolchain.stages.quantize as stage
+    from toolchain.bench.compare import compare
+
+    it = iter(ratios)
+
+    def replicate(spec):
+        r = next(it)
+        keys = [f"{name}@{bs}" for name in spec["files"] for bs in spec["batch_sizes"]]
+        return {"ratios": {f"{b}|{c}@{bs}": r for b, c in spec["pairs"] for bs in spec["batch_sizes"]},
+                "medians_ms": {k: 1.0 for k in keys}, "times": {k: [1e-3, 1e-3] for k in keys},
+                "shapes": {k: [int(k.rsplit("@", 1)[1]), 3, 32, 32] for k in keys}}
+    monkeypatch.setattr(stage, "compare", lambda *a, **kw: compare(*a, **kw, replicate=replicate))
+
+
+def test_quantize_gate_ships_on_a_clear_interval_and_keeps_float_on_a_straddling_one(tiny_recipe, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """Fed ratios: the whole path from the interval to the card, the closing line and MLflow."""
+    import mlflow
+
+    def recipe(min_speedup):
+        return tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+                           export={"exporter": "torchscript", "opset": 17, "references": False},
+                           quantize={"candidates": ["qdq_u8s8_per_tensor"], "calibration_images": 32, "max_accuracy_drop": 1.0,
+                                     "min_speedup": min_speedup, "latency": {"min_replicates": 3, "max_replicates": 5}})
+    _fed_comparison(monkeypatch, [1.50, 1.52, 1.51])
+    assert run(["compress", str(recipe(1.1))]) == 0
+    run_dir = tmp_path / "export" / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    m, card = summary["stages"]["quantize"]["metrics"], json.loads((run_dir / "model_card.json").read_text())
+    assert card["int8"]["shipped"] and (run_dir / "model_int8.onnx").is_file()
+    for b in (1, 32):
+        assert m[f"int8.speedup.bs{b}_lo"] <= m[f"int8.speedup.bs{b}"] == 1.51 <= m[f"int8.speedup.bs{b}_hi"]
+        assert m[f"int8.speedup.bs{b}_lo"] >= 1.1
+        assert card["int8"]["speedup_vs_float"][str(b)]["low"] == m[f"int8.speedup.bs{b}_lo"]
+    assert card["int8"]["latency"]["stopped"] == "converged" and card["int8"]["latency"]["replicates"] == 3
+    closing = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("INT8: "))
+    assert "1.51x [" in closing and "at batch 32" in closing and "95% interval" in closing
+    logged = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["parent_run_id"]).data.metrics
+    assert {"int8.speedup.bs1", "int8.speedup.bs1_lo", "int8.speedup.bs1_hi", "int8.speedup.bs32_lo"} <= set(logged)
+
+    _fed_comparison(monkeypatch, [0.97, 1.80, 1.04, 1.57, 1.03])  # issue 29's processes
+    assert run(["compress", str(recipe(1.15))]) == 0
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert not card["int8"]["shipped"] and not (run_dir / "model_int8.onnx").exists()
+    assert card["int8"]["why"].startswith("too noisy to decide") and "stopped: max_replicates" in card["int8"]["why"]
+    assert card["int8"]["latency"]["replicates"] == 5
 
 
 def _activation_scales(model_path):

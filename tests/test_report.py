@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from toolchain.cli import run
-from toolchain.report import COLUMNS, ReportError, make_report, method_comparison, pareto_front
+from toolchain.report import CSV_COLUMNS, ReportError, make_report, method_comparison, pareto_front
+from conftest import FAST_LATENCY
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("acc_vs_params.png", "acc_vs_latency.png", "pe_by_method.png")
@@ -50,6 +51,8 @@ def variant_metrics(acc, nonzero, macs, p50, pe):
     return {"final.test_accuracy": acc, "final.params": 1000, "final.nonzero_params": nonzero, "final.macs": macs,
             "latency_p50_ms.cpu.bs1": p50, "latency_p50_ms.cpu.bs32": p50 * 20,
             "speedup_vs_student.cpu.bs1": 0.5 / p50, "speedup_vs_teacher.cpu.bs1": 2.0 / p50,
+            "speedup_vs_student.cpu.bs1_lo": 0.45 / p50, "speedup_vs_student.cpu.bs1_hi": 0.55 / p50,
+            "int8.speedup.bs1": 1.5, "int8.speedup.bs1_lo": 1.4, "int8.speedup.bs1_hi": 1.6,
             "final.vs_teacher.retention": acc / 0.9, "final.vs_student.retention": acc / 0.8,
             "final.vs_teacher.pe_params": pe, "final.vs_teacher.pe_macs": pe / 2, "vs_teacher.pe_latency": pe / 3,
             "final.vs_student.pe_params": pe / 4, "final.vs_student.pe_macs": pe / 5, "vs_student.pe_latency": pe / 6}
@@ -90,7 +93,7 @@ def test_report_values_are_the_runs_values(synthetic, tmp_path):
     files = make_report("syn", tmp_path / "out", uri)
     rows = read_csv(files["csv"])
     assert [r["run_name"] for r in rows] == list(runs)  # newest per name, FINISHED only, in start order
-    assert list(rows[0]) == list(COLUMNS)
+    assert list(rows[0]) == list(CSV_COLUMNS)
     for row in rows:
         m = client.get_run(row["run_id"]).data.metrics
         assert row["run_id"] == ids[row["run_name"]]
@@ -102,6 +105,9 @@ def test_report_values_are_the_runs_values(synthetic, tmp_path):
                                ("vs_student.pe_macs", "final.vs_student.pe_macs"), ("vs_student.pe_latency", "vs_student.pe_latency"),
                                ("vs_teacher.retention", "final.vs_teacher.retention")):
             assert float(row[column]) == m[metric], (row["run_name"], column)
+        for end in ("lo", "hi"):  # every speedup with its interval
+            assert float(row[f"speedup_vs_student_{end}"]) == m[f"speedup_vs_student.cpu.bs1_{end}"]
+            assert float(row[f"int8_speedup_{end}"]) == m[f"int8.speedup.bs1_{end}"]
         assert row["latency_batch"] == "1" and row["finetune_loss"] == "kd" and row["dataset"] == "fashion_mnist"
     assert rows[1]["method"] == "channel" and float(rows[1]["sparsity"]) == 0.5
 
@@ -113,7 +119,7 @@ def test_report_values_are_the_runs_values(synthetic, tmp_path):
     assert float(students["arch_b"]["latency_p50_ms"]) == pytest.approx(0.5)
 
     md = files["markdown"].read_text()
-    assert "| s-b-channel | fashion_mnist | big | arch_b | channel | 0.5 | kd | - | 0.7400 | 1.00k | 120 | 1.50k | - | - | 1 | 0.200 |" in md
+    assert "| s-b-channel | fashion_mnist | big | arch_b | channel | 0.5 | kd | - | 0.7400 | 1.00k | 120 | 1.50k | - | - | 1 | 0.200 | 2.50x [2.25, 2.75] | 1.50x [1.40, 1.60] |" in md
     assert "s-c-weight" not in md and "s-d-weight" not in md
     assert "| fashion_mnist | arch_a | kd | 0.700 | 0.600 |" in md  # weight vs channel, pe_params
     for name in PLOTS:
@@ -171,7 +177,8 @@ def test_report_of_a_tiny_sweep(tiny_recipe, tmp_path):
         # the report is under test, not the exporter (dynamo: tests/test_export.py); torchscript halves the time
         path = tiny_recipe(prune={"method": "weight", "sparsity": 0.5}, finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
                            export={"exporter": "torchscript", "opset": 17},
-                           bench={"batch_sizes": [1, 4], "warmup": 1, "iterations": 5, "time_budget_s": 0.2, "compare_torch": False})
+                           bench={"batch_sizes": [1, 4], "warmup": 1, "iterations": 5, "time_budget_s": 0.2, "compare_torch": False,
+                                  "latency": FAST_LATENCY})
         recipe = yaml.safe_load(path.read_text())
         recipe["data"].update(subset=96, test_subset=32)
         recipe["teacher"]["model"] = "mobilenet_v3_small"

@@ -325,7 +325,7 @@ def test_the_view_columns_are_metrics_the_parent_run_gets():
     row = {"provider": "cpu", "batch_size": 1, "p50_ms": 1.0, "throughput_img_s": 1.0}
     logged = {"test_accuracy", "vs_teacher.pe_params", "vs_student.pe_params", "onnx_file_bytes", "onnx_zip_bytes",
               "int8.test_accuracy", "int8.file_bytes"}
-    logged |= set(bench_metrics({"final": [row], "int8": [row]}, None))
+    logged |= set(bench_metrics({"final": [row], "int8": [row]}, None, {}))
     assert set(tracking.HEADLINE_COLUMNS) <= logged
 
 

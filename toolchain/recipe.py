@@ -294,6 +294,25 @@ class ExportConfig(Section):
 MAX_BENCH_BATCH = 4096
 
 
+class LatencyConfig(Section):
+    """How a latency ratio is measured (bench/compare.py, docs/latency.md): both sides in alternating
+    blocks, replicated over fresh processes; the ratio is the median over replicates with a 95% interval."""
+
+    block_s: float = Field(0.05, gt=0, le=60, description="Seconds one side runs per block (the first calls of a block are not timed).")
+    blocks: int = Field(6, ge=2, le=1000, description="Blocks per side per replicate, order flipped every block.")
+    min_replicates: int = Field(3, ge=2, le=1000, description="Fresh-process replicates before any stopping rule applies (2 is the least that gives an interval).")
+    max_replicates: int = Field(10, ge=2, le=1000, description="Stop after this many replicates even if an interval is still wide.")
+    target_width: float = Field(0.10, gt=0, le=10, description="Stop when every interval's high / low - 1 is at most this.")
+    budget_s: float = Field(60.0, gt=0, le=86400, description="Stop adding replicates once the next one would end after this many seconds; the result says it stopped on budget.")
+    isolation: Literal["process", "session"] = Field("process", description="process: a fresh Python per replicate (processes disagree more than sessions of one process); session: fresh sessions in this process.")
+
+    @model_validator(mode="after")
+    def _replicates_ordered(self) -> "LatencyConfig":
+        if self.max_replicates < self.min_replicates:
+            raise ValueError(f"max_replicates ({self.max_replicates}) is below min_replicates ({self.min_replicates})")
+        return self
+
+
 class BenchConfig(Section):
     providers: List[Literal["cpu", "cuda", "tensorrt"]] = Field(default_factory=lambda: ["cpu"], description="onnxruntime execution providers to benchmark; a requested one that is not active is an error.")
     batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description=f"Batch sizes to measure, each 1 to {MAX_BENCH_BATCH}.")
@@ -304,6 +323,7 @@ class BenchConfig(Section):
     iterations: int = Field(200, ge=1, le=1000000, description="Max timed runs per batch size.")
     time_budget_s: float = Field(3.0, gt=0, le=3600, description="Max timed seconds per batch size (whichever of iterations / budget ends first).")
     compare_torch: bool = Field(True, description="Also time PyTorch eager on the same model and batch.")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig, description="How the ratio columns (vs teacher, vs student, vs float) and p50s are measured: replicated paired blocks with intervals.")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -348,10 +368,10 @@ class QuantizeConfig(Section):
         "one within max_accuracy_drop that is faster than float at every batch size.")
     calibration_images: int = Field(512, ge=1, le=100000, description="Training images (evaluation preprocessing) that calibrate the activation ranges.")
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest validation-accuracy loss vs the float ONNX model a shipped INT8 model may have.")
-    min_speedup: float = Field(1.1, ge=1.0, le=100, description="A shipped INT8 model is at least this many times faster than float at every batch size (1.1: beyond run-to-run noise).")
+    min_speedup: float = Field(1.1, ge=1.0, le=100, description="A shipped INT8 model is at least this many times faster than float at every batch size: the lower end of its 95% interval over replicates clears it.")
     on_miss: Literal["keep_float", "error"] = Field("keep_float", description="No candidate passes the gate and is faster: ship the float model and say so (keep_float), or fail (error).")
-    batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes at which a candidate must be faster than float (onnxruntime CPU p50, interleaved).")
-    time_per_model_s: float = Field(1.5, gt=0, le=600, description="Timed seconds per model and batch size (split over 3 interleaved rounds).")
+    batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes at which a candidate must be faster than float (onnxruntime CPU p50, paired blocks over fresh-process replicates).")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig, description="How each candidate is compared with float: replicated paired blocks; a candidate ships only where its interval's lower end clears min_speedup at every batch size.")
     intra_op_threads: int = Field(0, ge=0, le=1024, description="onnxruntime intra-op threads of the latency measurement: the device's "
                                   "(0: one per physical core of this machine). INT8 convolutions scale worse with threads than float "
                                   "ones (onnxruntime runs a batch's images one after the other), so the choice can differ by thread count.")
@@ -573,7 +593,22 @@ def stable_hash(obj: Any) -> str:
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    return stable_hash(recipe.model_dump(mode="json"))
+    """The recipe's identity, published in summary.json, the ONNX metadata, the card, the package
+    manifest and an MLflow tag. It hashes the tracking URI as saved (password masked): hashed raw, a
+    dictionary attack (fill each guess into the saved recipe.yaml, hash, compare) would recover it.
+    A URI without credentials masks to itself, so such recipes keep the hash they always had."""
+    from .tracking import mask_uri
+
+    dump = recipe.model_dump(mode="json")
+    dump["tracking"]["uri"] = mask_uri(dump["tracking"]["uri"])
+    return stable_hash(dump)
+
+
+def shown(recipe: Recipe) -> Recipe:
+    """The recipe as it may be printed, written or logged: the tracking URI's password masked."""
+    from .tracking import mask_uri
+
+    return recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"uri": mask_uri(recipe.tracking.uri)})})
 
 
 def to_yaml(recipe: Recipe) -> str:

@@ -35,10 +35,12 @@ REFS = ("teacher", "student")
 COLUMNS = (
     "run_name", "dataset", "teacher", "student", "method", "sparsity", "finetune_loss",
     "seed", "test_accuracy", "params", "nonzero_params", "macs", "onnx_zip_bytes", "int8_zip_bytes",
-    "latency_batch", "latency_p50_ms", "speedup_vs_student",
+    "latency_batch", "latency_p50_ms", "speedup_vs_student", "int8_speedup",
     *[f"vs_{ref}.{key}" for ref in REFS for key in ("retention", *PE_KEYS)],
     "run_id",
 )
+INTERVAL_COLUMNS = ("speedup_vs_student", "int8_speedup")  # each also in the CSV as <name>_lo, <name>_hi
+CSV_COLUMNS = (*COLUMNS, *[f"{c}_{end}" for c in INTERVAL_COLUMNS for end in ("lo", "hi")])
 REF_COLUMNS = ("role", "dataset", "model", "test_accuracy", "params", "nonzero_params", "macs", "latency_p50_ms", "runs")
 
 
@@ -103,6 +105,32 @@ def smallest_batch(metrics: Dict[str, float], provider: str = "cpu") -> Optional
     return min(batches) if batches else None
 
 
+class Ratio(float):
+    """A measured speedup that carries its 95% interval (bench/compare.py) into the report's tables."""
+
+    def __new__(cls, value: float, low: Optional[float], high: Optional[float]):
+        obj = super().__new__(cls, value)
+        obj.low, obj.high = low, high
+        return obj
+
+    def text(self) -> str:
+        if self.low is None or self.high is None:
+            return f"{float(self):.2f}x"
+        return f"{float(self):.2f}x [{self.low:.2f}, {self.high:.2f}]"
+
+
+def _ratio(metrics: Dict[str, float], name: str) -> Optional[Ratio]:
+    """A logged speedup with its _lo / _hi (runs of 0.4 and earlier logged none)."""
+    if name not in metrics:
+        return None
+    return Ratio(metrics[name], metrics.get(f"{name}_lo"), metrics.get(f"{name}_hi"))
+
+
+def _int8_batches(metrics: Dict[str, float]) -> List[int]:
+    """Batch sizes of the quantize stage's speedups (int8.speedup.bs<N>), logged when INT8 shipped."""
+    return [int(m.group(1)) for k in metrics if (m := re.fullmatch(r"int8\.speedup\.bs(\d+)", k))]
+
+
 def run_row(run) -> Dict[str, Any]:
     """One table row from a parent run: final.* metrics, bench metrics, recipe params, tags."""
     m, p, t = run.data.metrics, run.data.params, run.data.tags
@@ -124,13 +152,17 @@ def run_row(run) -> Dict[str, Any]:
         "int8_zip_bytes": m.get("int8.zip_bytes"),  # only when the quantize stage shipped an INT8 file
         "latency_batch": bs,
         "latency_p50_ms": m.get(f"latency_p50_ms.cpu.bs{bs}") if bs else None,
-        "speedup_vs_student": m.get(f"speedup_vs_student.cpu.bs{bs}") if bs else None,
+        "speedup_vs_student": _ratio(m, f"speedup_vs_student.cpu.bs{bs}") if bs else None,
+        "int8_speedup": _ratio(m, f"int8.speedup.bs{min(_int8_batches(m))}") if _int8_batches(m) else None,
         "run_id": run.info.run_id,
     }
     for ref in REFS:
         for key in ("retention", "pe_params", "pe_macs"):
             row[f"vs_{ref}.{key}"] = m.get(f"final.vs_{ref}.{key}")
         row[f"vs_{ref}.pe_latency"] = m.get(f"vs_{ref}.pe_latency")  # logged by the bench stage
+    for column in INTERVAL_COLUMNS:
+        value = row[column]
+        row[f"{column}_lo"], row[f"{column}_hi"] = (value.low, value.high) if value is not None else (None, None)
     return row
 
 
@@ -197,6 +229,8 @@ def collect(experiment: str, tracking_uri: Optional[str] = None):
 def fmt(value: Any, column: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, Ratio):
+        return value.text()
     if not isinstance(value, (int, float)):
         return str(value)
     if column in ("params", "nonzero_params", "macs"):
@@ -589,7 +623,7 @@ def make_report(experiment: str, out: str | Path = "docs/report", tracking_uri: 
     files["csv"] = out / "report.csv"
     files["references_csv"] = out / "references.csv"
     files["markdown"] = out / "report.md"
-    write_csv(files["csv"], rows, COLUMNS)
+    write_csv(files["csv"], rows, CSV_COLUMNS)
     write_csv(files["references_csv"], refs, REF_COLUMNS)
     atomic_write_text(files["markdown"], markdown_report(experiment, rows, refs, plots))
     if log_to_mlflow:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import BenchError, first_line
-from .ort import create_session, environment, latency_stats, make_input, model_input, resolve_input_shape
+from .ort import create_session, environment, latency_stats, make_input, model_input, resolve_input_shape, result_rows
 
 Pair = Tuple[str, str]  # (baseline, candidate)
 
@@ -157,6 +157,12 @@ class Comparison:
                 "replicates": len(self.replicates), "elapsed_s": self.elapsed_s, "environment": self.environment,
                 "ratios": [{"baseline": b, "candidate": c, "batch_size": bs, **iv.as_dict()}
                            for (b, c, bs), iv in self.intervals().items()]}
+
+
+def p50_smallest(results) -> float:
+    """p50 at the smallest CPU batch (the latency PE uses), else the smallest batch of any provider."""
+    rows = [r for r in result_rows(results) if r["provider"] == "cpu"] or result_rows(results)
+    return min(rows, key=lambda r: r["batch_size"])["p50_ms"]
 
 
 def _pair_key(pair: Pair, batch_size: int) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ..bench.compare import Interval, gate
 from ..bench.device import cpu_features, needs_reduce_range  # noqa: F401  (importable from here, as before)
 from ..errors import ToolchainError, first_line
 from ..fsutil import atomic_path
@@ -260,32 +261,41 @@ class Measured:
 
     name: str
     val_accuracy: float
-    latency_ms: Dict[int, float]  # batch size -> p50
+    speedup: Optional[Dict[int, Interval]] = None  # batch size -> float / candidate with its interval; None: not timed
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-def choose(float_run: Measured, candidates: List[Measured], max_accuracy_drop: float,
+def within_accuracy(float_val: float, m: Measured, max_accuracy_drop: float) -> bool:
+    # accuracies are ratios of counts: 0.90 - 0.89 is not exactly 0.01
+    return float_val - m.val_accuracy <= max_accuracy_drop + 1e-9
+
+
+def choose(float_val: float, candidates: List[Measured], max_accuracy_drop: float,
            min_speedup: float = 1.1) -> Tuple[Optional[Measured], str]:
-    """The fastest candidate (geometric mean speedup over the batch sizes) that loses at most
-    max_accuracy_drop of validation accuracy and is at least min_speedup times faster than float
-    at every batch size (a few percent is within run-to-run noise on a shared machine)."""
-    def speedups(m: Measured) -> List[float]:
-        return [float_run.latency_ms[b] / m.latency_ms[b] for b in float_run.latency_ms]
-
-    reasons, ok = [], []
+    """The fastest candidate (geometric mean of the median speedups over the batch sizes) that loses
+    at most max_accuracy_drop of validation accuracy and whose speedup interval's LOWER end clears
+    min_speedup at every batch size. When none clears and some interval straddles the gate, the
+    reason says the measurement could not decide (float ships, and the intervals are shown)."""
+    reasons, ok, undecided = [], [], []
     for m in candidates:
-        drop = float_run.val_accuracy - m.val_accuracy
-        if drop > max_accuracy_drop + 1e-9:  # accuracies are ratios of counts: 0.90 - 0.89 is not exactly 0.01
-            reasons.append(f"{m.name} loses {drop:.4f} accuracy")
-        elif min(speedups(m)) < min_speedup:
-            reasons.append(f"{m.name} is not {min_speedup:.2f}x faster at every batch size ({_ratios(speedups(m))})")
-        else:
+        if not within_accuracy(float_val, m, max_accuracy_drop):
+            reasons.append(f"{m.name} loses {float_val - m.val_accuracy:.4f} accuracy")
+            continue
+        verdicts = {gate(iv, min_speedup) for iv in m.speedup.values()}
+        if verdicts == {"clears"}:
             ok.append(m)
-    if not ok:
-        return None, "no candidate was both within the accuracy gate and faster: " + "; ".join(reasons)
-    best = max(ok, key=lambda m: float(np.exp(np.mean(np.log(speedups(m))))))
-    return best, f"{best.name}: fastest within the accuracy gate ({_ratios(speedups(best))} vs float)"
+        elif "below" in verdicts:
+            reasons.append(f"{m.name} is not {min_speedup:.2f}x faster at every batch size ({_ratios(m)})")
+        else:
+            undecided.append(m)
+            reasons.append(f"{m.name} {_ratios(m)} straddles {min_speedup:.2f}x")
+    if ok:
+        best = max(ok, key=lambda m: float(np.exp(np.mean(np.log([iv.ratio for iv in m.speedup.values()])))))
+        return best, f"{best.name}: fastest within the accuracy gate, {_ratios(best)} vs float (95% intervals)"
+    if undecided:
+        return None, "too noisy to decide, float ships (no interval's lower end clears the gate): " + "; ".join(reasons)
+    return None, "no candidate was both within the accuracy gate and faster: " + "; ".join(reasons)
 
 
-def _ratios(values: List[float]) -> str:
-    return " / ".join(f"{v:.2f}x" for v in values)
+def _ratios(m: Measured) -> str:
+    return " / ".join(f"{iv.text()} at batch {b}" for b, iv in m.speedup.items())

@@ -1,25 +1,31 @@
-"""bench: onnxruntime latency of the exported files (final model and references) in one
-interleaved run, plus PyTorch eager on the final model for comparison.
+"""bench: onnxruntime latency of the exported files (final model, references, the INT8 file)
+measured by the paired comparison of bench/compare.py: every ratio column (vs teacher, vs student,
+vs float) is a median over fresh-process replicates with its 95% interval; p50 is the median of the
+replicates' medians, p90/p99 are over every timed call. PyTorch eager on the final model is timed
+for comparison.
 
-Publish copies the table and numbers into export/<run>/ and derives pe_latency against this
-run's references.
+Publish copies the table and numbers into export/<run>/ and derives pe_latency (with its interval)
+against this run's references.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 from tqdm.auto import tqdm
 
-from ..bench.interleave import interleaved_benchmarks, p50_smallest
-from ..bench.ort import result_rows
+from ..bench.compare import Comparison, Settings, compare, p50_smallest
+from ..bench.ort import PROVIDERS, result_rows
 from ..engine.artifacts import BenchArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, atomic_write_text, file_sha256
-from .common import REFERENCES, pe_against_references
+from .common import REFERENCES, latency_plan, pe_against_references
 from .export import cpu_copy
 
-BENCH_ROUNDS = 3  # interleaved timing rounds per model (see bench/interleave.py)
+# ratio columns: (baseline, candidate); the INT8 file is also compared with the float file it came from
+COLUMNS = (("teacher", "final"), ("student", "final"), ("teacher", "int8"), ("student", "int8"), ("final", "int8"))
+LABELS = {"teacher": "teacher", "student": "student", "final": "float"}
+REVISION = 2  # 2: ratios from replicated paired blocks with intervals (1: three interleaved rounds)
 
 
 @register_stage
@@ -32,17 +38,17 @@ class Bench(Stage):
     def inputs(self, cfg, models, ran):
         return {"export": "export", "model": models[-1], **({"quantize": "quantize"} if "quantize" in ran else {})}
 
+    def fingerprint(self, cfg):
+        return {"bench_revision": REVISION}
+
     def compute(self, job: Job) -> StageResult:
         cfg, export = job.cfg.bench, job.inputs["export"]
         files = {role: export.path(art.file) for role, art in export.result.artifacts.items()}
         int8 = job.inputs.get("quantize")
         if int8 is not None and "int8" in int8.result.artifacts:
             files["int8"] = int8.path(int8.result.artifacts["int8"].file)
-        tqdm.write(f"[bench] {', '.join(files)}: {BENCH_ROUNDS} interleaved rounds")
-        results = interleaved_benchmarks(files, cfg.batch_sizes, rounds=BENCH_ROUNDS, providers=cfg.providers,
-                                         intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads,
-                                         graph_optimization=cfg.graph_optimization, warmup=cfg.warmup,
-                                         iterations=cfg.iterations, time_budget_s=cfg.time_budget_s)
+        pairs = [p for p in COLUMNS if p[0] in files and p[1] in files]
+        results, comparisons = measure(files, pairs, cfg)
         eager = None
         if cfg.compare_torch:
             from ..bench.torch_eager import torch_eager_latency
@@ -51,9 +57,12 @@ class Bench(Stage):
             eager = torch_eager_latency(cpu_copy(job.inputs["model"].model), shape, cfg.batch_sizes, cfg.warmup,
                                         cfg.iterations, cfg.time_budget_s)
         path = job.stage_dir / "bench.json"
-        atomic_write_json(path, {"onnxruntime": results, "torch_eager": eager})
+        atomic_write_json(path, {"onnxruntime": results, "torch_eager": eager,
+                                 "comparisons": {p: c.summary() for p, c in comparisons.items()}})
         art = BenchArtifact(path.name, {role: p50_smallest(r) for role, r in results.items()}, file_sha256(path))
-        return StageResult(bench_metrics(results, eager), artifacts={"bench": art}, info={"table": latency_table(results, eager)})
+        metrics = bench_metrics(results, eager, comparisons)
+        return StageResult(metrics, artifacts={"bench": art},
+                           info={"table": latency_table(results, eager, comparisons)})
 
     def headline(self, output: StageOutput) -> Dict[str, float]:
         return dict(output.metrics)
@@ -66,70 +75,97 @@ class Bench(Stage):
         child.log_artifact(output.path(art.file))
         run.summary.add_files(files)
         final = run.outputs["export"].result.artifacts["final"].stage
-        latency = {"final": art.latency_ms["final"]}
-        latency.update({REFERENCES[role]: ms for role, ms in art.latency_ms.items() if role in REFERENCES})
         final_metrics = run.outputs[final].result.metrics
-        pe = pe_against_references(run.outputs, final_metrics, final, latency)
-        derived = {k: v for k, v in pe.items() if k.endswith("pe_latency")}
+        derived = pe_latency(run.outputs, final_metrics, final, output.metrics, "")
         if "int8" in art.latency_ms:  # same architecture and weights count, its own accuracy and latency
             int8 = {**final_metrics, "test_accuracy": run.outputs["quantize"].result.metrics["int8.test_accuracy"]}
-            pe = pe_against_references(run.outputs, int8, final, {**latency, "final": art.latency_ms["int8"]})
-            derived.update({f"int8.{k}": v for k, v in pe.items() if k.endswith("pe_latency")})
+            derived.update(pe_latency(run.outputs, int8, final, output.metrics, "int8."))
         return derived
 
 
-def bench_metrics(results: Dict[str, Any], eager) -> Dict[str, float]:
-    """Latency, throughput and speedups of the shipped float model (unprefixed, as the report
-    reads them) and of the INT8 model when there is one (prefixed int8.)."""
-    out = _model_metrics(results, "final", "")
-    if "int8" in results:
-        out.update(_model_metrics(results, "int8", "int8.", vs=("teacher", "student", "final")))
-    final = _by_key(results["final"])
+def pe_latency(outputs, model_metrics: Dict[str, float], own_stage: str, bench: Dict[str, float],
+               prefix: str) -> Dict[str, float]:
+    """pe_latency = retention x (1 - 1 / speedup) at the smallest CPU batch, for the measured speedup
+    and for both ends of its interval (keys ..pe_latency, ..pe_latency_lo, ..pe_latency_hi)."""
+    batches = sorted(int(k.rsplit("bs", 1)[1]) for k in bench if k.startswith(f"{prefix}latency_p50_ms.cpu.bs"))
+    if not batches:
+        return {}
+    out: Dict[str, float] = {}
+    for end in ("", "_lo", "_hi"):
+        speedups = {stage: bench.get(f"{prefix}speedup_vs_{label}.cpu.bs{batches[0]}{end}")
+                    for label, stage in REFERENCES.items()}
+        latency = {"final": 1.0, **{stage: v for stage, v in speedups.items() if v}}  # ratios stand in for p50s
+        pe = pe_against_references(outputs, model_metrics, own_stage, latency)
+        out.update({f"{prefix}{k}{end}": v for k, v in pe.items() if k.endswith("pe_latency")})
+    return out
+
+
+def measure(files: Dict[str, Any], pairs: List[Tuple[str, str]], cfg) -> Tuple[Dict[str, Any], Dict[str, Comparison]]:
+    """One comparison per provider; per model, ort.benchmark-style results from its timed calls."""
+    settings, plan = latency_plan(cfg)
+    comparisons: Dict[str, Comparison] = {}
+    results: Dict[str, Any] = {role: {"model": str(path), "results": []} for role, path in files.items()}
+    for provider in cfg.providers:
+        tqdm.write(f"[bench] {provider}: {', '.join(files)}; ratios {', '.join(f'{a}/{b}' for a, b in pairs) or '-'} "
+                   f"at batch {', '.join(map(str, cfg.batch_sizes))}, replicated in fresh processes")
+        c = compare(files, pairs, cfg.batch_sizes, _with_provider(settings, provider), plan,
+                    progress=lambda line, p=provider: tqdm.write(f"[bench] {p} {line}"))
+        comparisons[provider] = c
+        for role in files:
+            results[role]["results"] += c.stats(role)
+            results[role]["environment"] = {**c.environment, "providers_active": {provider: [PROVIDERS[provider]]},
+                                            "replicates": len(c.replicates), "stopped": c.stopped}
+    return results, comparisons
+
+
+def _with_provider(settings: Settings, provider: str) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, provider=provider)
+
+
+def bench_metrics(results: Dict[str, Any], eager, comparisons: Dict[str, Comparison]) -> Dict[str, float]:
+    """Latency, throughput and speedups (each with _lo / _hi, its 95% interval) of the shipped float
+    model (unprefixed, as the report reads them) and of the INT8 model (prefixed int8.)."""
+    out: Dict[str, float] = {}
+    for role, prefix in (("final", ""), ("int8", "int8.")):
+        for r in result_rows(results.get(role, [])):
+            out[f"{prefix}latency_p50_ms.{r['provider']}.bs{r['batch_size']}"] = r["p50_ms"]
+            out[f"{prefix}throughput.{r['provider']}.bs{r['batch_size']}"] = r["throughput_img_s"]
+    for provider, c in comparisons.items():
+        for (base, cand, bs), iv in c.intervals().items():
+            name = f"{'int8.' if cand == 'int8' else ''}speedup_vs_{LABELS[base]}.{provider}.bs{bs}"
+            out.update({name: iv.ratio, f"{name}_lo": iv.low, f"{name}_hi": iv.high})
+    final = {r["batch_size"]: r for r in result_rows(results["final"]) if r["provider"] == "cpu"}
     for r in result_rows(eager or []):
-        ort = final.get(("cpu", r["batch_size"]))
+        ort = final.get(r["batch_size"])
         if ort:
             out[f"torch_eager_p50_ms.bs{r['batch_size']}"] = r["p50_ms"]
             out[f"ort_vs_torch_speedup.bs{r['batch_size']}"] = r["p50_ms"] / ort["p50_ms"]
     return out
 
 
-def _by_key(results) -> Dict[tuple, dict]:
-    return {(r["provider"], r["batch_size"]): r for r in result_rows(results)}
-
-
-def _model_metrics(results: Dict[str, Any], role: str, prefix: str, vs=("teacher", "student")) -> Dict[str, float]:
-    out: Dict[str, float] = {}
-    refs = {name: _by_key(results[name]) for name in vs if name in results}
-    for (provider, bs), row in _by_key(results[role]).items():
-        out[f"{prefix}latency_p50_ms.{provider}.bs{bs}"] = row["p50_ms"]
-        out[f"{prefix}throughput.{provider}.bs{bs}"] = row["throughput_img_s"]
-        for name, ref in refs.items():
-            if (provider, bs) in ref:
-                label = "float" if name == "final" else name
-                out[f"{prefix}speedup_vs_{label}.{provider}.bs{bs}"] = ref[(provider, bs)]["p50_ms"] / row["p50_ms"]
-    return out
-
-
-def latency_table(results: Dict[str, Any], eager) -> str:
-    """One line per (model, provider, batch): p50, p90, throughput, and speedups vs the references."""
+def latency_table(results: Dict[str, Any], eager, comparisons: Dict[str, Comparison]) -> str:
+    """One line per (model, provider, batch): p50, p90, throughput, and each ratio with its interval."""
     from ..bench.ort import format_environment
 
-    refs = {n: {(r["provider"], r["batch_size"]): r["p50_ms"] for r in result_rows(results[n])} for n in results}
     header = (f"{'model':<8} {'provider':<8} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>9} "
-              f"{'vs teacher':>10} {'vs student':>10} {'vs float':>8}")
+              f"{'vs teacher':>18} {'vs student':>18} {'vs float':>18}")
     lines = ["onnxruntime latency (" + format_environment(results["final"]) + ")", header, "-" * len(header)]
     for name in results:
         for r in result_rows(results[name]):
-            k = (r["provider"], r["batch_size"])
-            # "vs float" is the INT8 model's column: the float model it was quantized from
-            ratios = [refs[ref].get(k, 0) / r["p50_ms"] if ref in refs and ref != name and r["p50_ms"] else None
-                      for ref in ("teacher", "student", "final" if name == "int8" else None)]
-            cells = [f"{x:.2f}x" if x else "-" for x in ratios]
+            c = comparisons[r["provider"]]
+            cells = [c.ratio(ref, name, r["batch_size"]).text() if (ref, name) in c.pairs else "-"
+                     for ref in ("teacher", "student", "final")]
             lines.append(f"{name:<8} {r['provider']:<8} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
-                         f"{r['throughput_img_s']:>9.0f} {cells[0]:>10} {cells[1]:>10} {cells[2]:>8}")
+                         f"{r['throughput_img_s']:>9.0f} {cells[0]:>18} {cells[1]:>18} {cells[2]:>18}")
+    for provider, c in comparisons.items():
+        lines.append(f"{provider}: ratio = median over {len(c.replicates)} fresh-process replicates [95% interval], "
+                     f"stopped: {c.stopped} ({c.elapsed_s:.0f} s)")
+    final = {r["batch_size"]: r["p50_ms"] for r in result_rows(results["final"]) if r["provider"] == "cpu"}
     for r in result_rows(eager or []):
-        ort = refs["final"].get(("cpu", r["batch_size"]))
+        ort = final.get(r["batch_size"])
         if ort:
             lines.append(f"PyTorch eager, final model, batch {r['batch_size']}: p50 {r['p50_ms']:.3f} ms "
-                         f"-> onnxruntime is {r['p50_ms'] / ort:.2f}x faster")
+                         f"-> onnxruntime is {r['p50_ms'] / ort:.2f}x faster (one process, no interval)")
     return "\n".join(lines)

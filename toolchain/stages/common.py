@@ -8,10 +8,11 @@ student, so it is derived at publish time on every run, never cached.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..bench.compare import Plan, Settings
 from ..train import ddp as dist
 from ..models.checkpoint import load_weights, save_state
 from ..engine.artifacts import ModelArtifact, StageResult
@@ -170,3 +171,14 @@ class ModelStage(Stage):
         if not output.result.metrics:
             return {}
         return pe_against_references(run.outputs, output.result.metrics, output.name)
+
+
+def latency_plan(section) -> Tuple[Settings, Plan]:
+    """A recipe section with threads and a `latency` subsection -> how bench/compare.py measures:
+    the target's threads (recorded with every ratio) and the replication plan."""
+    lat = section.latency
+    settings = Settings(intra_op_threads=section.intra_op_threads,
+                        inter_op_threads=getattr(section, "inter_op_threads", 1),
+                        graph_optimization=getattr(section, "graph_optimization", "all"),
+                        block_s=lat.block_s, blocks=lat.blocks)
+    return settings, Plan(lat.min_replicates, lat.max_replicates, lat.target_width, lat.budget_s, lat.isolation)

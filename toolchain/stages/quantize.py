@@ -1,6 +1,8 @@
-"""quantize: static INT8 candidates of the exported model, each measured (validation accuracy
-with onnxruntime, p50 latency interleaved with the float model); the fastest one within the
-accuracy gate that is faster than float at every batch size ships, else the float model does.
+"""quantize: static INT8 candidates of the exported model, each measured: validation accuracy with
+onnxruntime, then, for those within the accuracy gate, the speedup over float from the paired,
+replicated comparison of bench/compare.py. The fastest one whose interval's lower end clears
+min_speedup at every batch size ships; else the float model does, and the reason says whether the
+measurement was below the gate or too noisy to decide.
 
 Publish writes export/<run>/model_int8.onnx (this run's identity stamped in) and the card's
 `int8` section, and derives the INT8 model's PE against this run's references.
@@ -12,26 +14,27 @@ import dataclasses
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm.auto import tqdm
 
 from ..bench.device import physical_cores
-from ..bench.interleave import interleaved_benchmarks
+from ..bench.compare import Comparison, Interval, compare
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, file_sha256, file_sizes
 from ..onnx.fold import REVISION as FOLD_REVISION
 from ..onnx.gemm_route import REVISION as GEMM_REVISION
 from ..onnx.quantize import (CANDIDATES, CalibrationReader, Measured, QuantizeError, choose, cpu_features,
-                             needs_reduce_range, preprocess, quantize)
-from .common import pe_against_references
+                             needs_reduce_range, preprocess, quantize, within_accuracy)
+from .common import latency_plan, pe_against_references
 from .export import cpu_batches
 
 INT8_FILE = "model_int8.onnx"
-ROUNDS = 3
 # 2: every candidate calibrates on the same images (1 handed each candidate the next ones)
 CALIBRATION_REVISION = 2
+# 2: speedups are replicated paired comparisons with intervals, the gate on their lower end
+LATENCY_REVISION = 2
 
 
 @register_stage
@@ -45,7 +48,8 @@ class Quantize(Stage):
 
     def fingerprint(self, cfg):
         # a changed graph rewrite rebuilds cached candidates
-        return {"fold_revision": FOLD_REVISION, "gemm_revision": GEMM_REVISION, "calibration_revision": CALIBRATION_REVISION}
+        return {"fold_revision": FOLD_REVISION, "gemm_revision": GEMM_REVISION, "calibration_revision": CALIBRATION_REVISION,
+                "latency_revision": LATENCY_REVISION}
 
     def preflight(self, cfg, data) -> None:
         available = data.train.num_samples * data.train.num_replicas  # the whole split, also under torchrun
@@ -63,26 +67,26 @@ class Quantize(Stage):
         reader = calibration_reader(job, float_art.metadata["input_name"], cfg.calibration_images)
         preprocess(float_path, job.stage_dir / "float_pre.onnx")
         built = build_candidates(job, cfg, reader, needs_reduce_range(features))
-        tqdm.write(f"[quantize] measuring float + {len(built)} INT8 candidate(s): validation accuracy, "
-                   f"p50 at batch {', '.join(map(str, cfg.batch_sizes))}")
         files = {"float": float_path, **{name: path for name, (path, _) in built.items()}}
-        latency = interleaved_benchmarks(files, cfg.batch_sizes, rounds=ROUNDS, warmup=5, iterations=100000,
-                                         time_budget_s=cfg.time_per_model_s, intra_op_threads=cfg.intra_op_threads)
         val = {name: onnx_accuracy(path, cpu_batches(job.data.val)) for name, path in files.items()}
-        float_run = Measured("float", val["float"], _p50(latency["float"]))
-        measured = [Measured(name, val[name], _p50(latency[name]), info) for name, (_, info) in built.items()]
-        chosen, reason = choose(float_run, measured, cfg.max_accuracy_drop, cfg.min_speedup)
-        table = candidate_table(job, float_run, measured, files)
-        float_val = float_run.val_accuracy
+        accurate = [n for n in built if within_accuracy(val["float"], Measured(n, val[n]), cfg.max_accuracy_drop)]
+        comparison = compare_with_float(cfg, files, accurate)
+        measured = [Measured(name, val[name], _speedups(comparison, name, cfg.batch_sizes), info)
+                    for name, (_, info) in built.items()]
+        chosen, reason = choose(val["float"], measured, cfg.max_accuracy_drop, cfg.min_speedup)
+        if comparison is not None:
+            reason += f" [{len(comparison.replicates)} fresh-process replicates, stopped: {comparison.stopped}]"
+        table = candidate_table(job, comparison, measured, files)
         tqdm.write(f"[quantize] {reason}")
         if chosen is None and cfg.on_miss == "error":
             raise QuantizeError(f"quantize: {reason}; loosen quantize.max_accuracy_drop, try other quantize.candidates, "
                                 "or set quantize.on_miss: keep_float")
-        return self._result(job, float_art, float_val, chosen, reason, table, features)
+        latency = comparison.summary() if comparison is not None else None
+        return self._result(job, float_art, val["float"], chosen, reason, table, features, latency)
 
-    def _result(self, job, float_art, float_val, chosen, reason, table, features) -> StageResult:
+    def _result(self, job, float_art, float_val, chosen, reason, table, features, latency) -> StageResult:
         info = {"chosen": chosen.name if chosen else None, "reason": reason, "candidates": table,
-                "cpu_features": features, "float_val_accuracy": float_val,
+                "cpu_features": features, "float_val_accuracy": float_val, "latency": latency,
                 "intra_op_threads": job.cfg.quantize.intra_op_threads or physical_cores()}
         atomic_write_json(job.stage_dir / "candidates.json", info)
         if chosen is None:
@@ -94,8 +98,10 @@ class Quantize(Stage):
                            row["test_accuracy"], file_sha256(job.stage_dir / INT8_FILE))
         metrics = {"int8.shipped": 1, "float_val_accuracy": float_val, "int8.val_accuracy": row["val_accuracy"],
                    "int8.test_accuracy": row["test_accuracy"], "int8.file_bytes": row["sizes"]["bytes"],
-                   "int8.zip_bytes": row["sizes"]["zip_bytes"],
-                   **{f"int8.speedup_vs_float.bs{b}": s for b, s in row["speedup_vs_float"].items()}}
+                   "int8.zip_bytes": row["sizes"]["zip_bytes"]}
+        for b, iv in chosen.speedup.items():
+            metrics.update({f"int8.speedup.bs{b}": iv.ratio, f"int8.speedup.bs{b}_lo": iv.low,
+                            f"int8.speedup.bs{b}_hi": iv.high})
         return StageResult(metrics, artifacts={"int8": art}, info=info)
 
     def headline(self, output: StageOutput) -> Dict[str, float]:
@@ -147,25 +153,54 @@ def build_candidates(job: Job, cfg, reader: CalibrationReader, reduce_range: boo
     return built
 
 
-def candidate_table(job: Job, float_run: Measured, measured: List[Measured], files: Dict[str, Path]) -> List[Dict[str, Any]]:
-    """Every candidate's numbers (test accuracy reported, validation accuracy used to choose)."""
+def compare_with_float(cfg, files: Dict[str, Path], names: List[str]) -> Optional[Comparison]:
+    """Each candidate within the accuracy gate against float, in its own paired blocks (its own float
+    figure), replicated in fresh processes until every interval is clear of min_speedup or narrow."""
+    if not names:
+        return None
+    settings, plan = latency_plan(cfg)
+    tqdm.write(f"[quantize] timing float vs {len(names)} candidate(s) within the accuracy gate at batch "
+               f"{', '.join(map(str, cfg.batch_sizes))} ({settings.intra_op_threads or physical_cores()} threads), "
+               f"replicated in fresh processes")
+    return compare({"float": files["float"], **{n: files[n] for n in names}}, [("float", n) for n in names],
+                   cfg.batch_sizes, settings, plan, decide_at=cfg.min_speedup,
+                   progress=lambda line: tqdm.write(f"[quantize] {line}"))
+
+
+def _speedups(comparison: Optional[Comparison], name: str, batch_sizes) -> Optional[Dict[int, Interval]]:
+    if comparison is None or ("float", name) not in comparison.pairs:
+        return None
+    return {b: comparison.ratio("float", name, b) for b in batch_sizes}
+
+
+def candidate_table(job: Job, comparison: Optional[Comparison], measured: List[Measured],
+                    files: Dict[str, Path]) -> List[Dict[str, Any]]:
+    """Every candidate's numbers (test accuracy reported, validation accuracy used to choose); the
+    candidates outside the accuracy gate are not timed."""
     from ..onnx.export import onnx_accuracy
 
-    base = float_run.latency_ms
-    return [{"name": m.name, "val_accuracy": m.val_accuracy,
-             "test_accuracy": onnx_accuracy(files[m.name], cpu_batches(job.data.test)),
-             "p50_ms": m.latency_ms, "float_p50_ms": base,
-             "speedup_vs_float": {b: base[b] / m.latency_ms[b] for b in m.latency_ms},
-             "sizes": file_sizes(files[m.name]), "settings": CANDIDATES.get(m.name).describe()}
-            for m in measured]
+    rows = []
+    for m in measured:
+        row = {"name": m.name, "val_accuracy": m.val_accuracy,
+               "test_accuracy": onnx_accuracy(files[m.name], cpu_batches(job.data.test)),
+               "timed": m.speedup is not None, "sizes": file_sizes(files[m.name]),
+               "settings": CANDIDATES.get(m.name).describe()}
+        if m.speedup is not None:
+            row.update(p50_ms=_p50(comparison.stats(m.name)), float_p50_ms=_p50(comparison.stats("float")),
+                       speedup_vs_float={b: iv.ratio for b, iv in m.speedup.items()},
+                       speedup_interval={b: [iv.low, iv.high] for b, iv in m.speedup.items()})
+        rows.append(row)
+    return rows
 
 
-def _p50(results: Dict[str, Any]) -> Dict[int, float]:
-    return {r["batch_size"]: r["p50_ms"] for r in results["results"]}
+def _p50(rows: List[Dict[str, Any]]) -> Dict[int, float]:
+    return {r["batch_size"]: r["p50_ms"] for r in rows}
 
 
 def _card_fields(output: StageOutput) -> Dict[str, Any]:
-    info = output.result.info
+    info, m = output.result.info, output.result.metrics
+    speedup = {b: {"ratio": m[f"int8.speedup.bs{b}"], "low": m[f"int8.speedup.bs{b}_lo"], "high": m[f"int8.speedup.bs{b}_hi"]}
+               for b in sorted(int(k.split("bs")[1]) for k in m if k.startswith("int8.speedup.bs") and "_" not in k)}
     return {"candidate": info["chosen"], "why": info["reason"], "cpu_features": info["cpu_features"],
             "intra_op_threads": info["intra_op_threads"], "float_val_accuracy": info["float_val_accuracy"],
-            "candidates": info["candidates"]}
+            "speedup_vs_float": speedup, "latency": info.get("latency"), "candidates": info["candidates"]}
