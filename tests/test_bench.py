@@ -307,11 +307,17 @@ def test_json_device_name_hostname_and_reference_timings(model_path, no_torch_en
     assert data["device"]["name"] == "pi-5" and "hostname" not in data["device"]
     teacher = data["references"]["teacher"]
     assert teacher["sha256"] == file_sha256(reference) and [r["batch_size"] for r in teacher["results"]] == [1]
+    # the ratio is a paired, replicated comparison (fresh torch-free processes too) with its interval
+    (ratio,) = data["comparisons"]["cpu"]["ratios"]
+    assert (ratio["baseline"], ratio["candidate"], ratio["batch_size"]) == ("teacher", "model", 1)
+    assert ratio["low"] <= ratio["ratio"] <= ratio["high"] and ratio["replicates"] >= 2
+    assert "faster than teacher (median, 95% interval over" in proc.stdout
 
 
 @pytest.mark.parametrize("args, expect", [
     (["--name", "pi.5"], "--name 'pi.5' is not a device name"),
     (["--reference", "mentor=x.onnx"], "expected teacher=PATH or student=PATH"),
+    (["--compare-budget", "0"], "--compare-budget must be > 0 seconds"),
     (["--reference", "teacher={dir}/nope.onnx"], "nope.onnx: ONNX model file not found"),
 ])
 def test_device_options_bad_input_is_one_line_exit_2(model_path, no_torch_env, tmp_path, args, expect):

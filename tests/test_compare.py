@@ -181,3 +181,20 @@ def test_worker_error_is_one_line(tmp_path):
 def test_replicate_rejects_a_shape_the_model_cannot_take(chains):
     with pytest.raises(BenchError, match="does not fit"):
         run_replicate({"a": chains["once"]}, [], [1], ONE_THREAD, input_shape=[3, 32, 32])
+
+
+# ---------------------------------------------------------------- per-node profile
+
+
+def test_node_profile_covers_every_op_of_the_optimised_graph(chains):
+    from toolchain.bench.profile import format_profile, node_profile
+
+    prof = node_profile(chains["twice"], batch_size=4, settings=ONE_THREAD, runs=5, replicates=2)
+    ops = {n["op_type"] for n in prof["nodes"]}
+    assert {"MatMul", "Tanh"} <= ops or {"FusedMatMul", "Tanh"} <= ops
+    assert prof["total_us"] == pytest.approx(sum(n["us"] for n in prof["nodes"]))
+    assert prof["total_us"] == pytest.approx(sum(prof["op_types"].values()))
+    assert [n["us"] for n in prof["nodes"]] == sorted((n["us"] for n in prof["nodes"]), reverse=True)
+    assert prof["replicates"] == 2 and prof["settings"]["intra_op_threads"] == 1
+    assert "per-node profile, batch 4" in format_profile(prof)
+    assert len([n for n in prof["nodes"] if n["op_type"] == "Tanh"]) == 4  # both applications of the chain

@@ -7,7 +7,7 @@ toolchain.tracking and mlflow only when --mlflow-run-id asks for them), so that
     python -m toolchain.bench MODEL.onnx [--batch-sizes 1,32] [--providers cpu] [--threads N]
         [--inter-op-threads N] [--graph-optimization all] [--warmup N] [--iterations N]
         [--time-budget S] [--input-shape 3,32,32] [--json out.json]
-        [--name NAME] [--no-hostname] [--reference teacher=PATH --reference student=PATH]
+        [--name NAME] [--no-hostname] [--reference teacher=PATH --reference student=PATH [--compare-budget S]]
         [--mlflow-run-id ID [--tracking-uri URI]]
 
 works on the deployment device. The JSON holds a `device` section (bench/device.py: CPU, cores,
@@ -440,6 +440,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action="append", type=_reference, default=[], metavar="ROLE=PATH",
                    help="also time the run's teacher or student ONNX file (export/RUN/summary.json, stages.export.paths), "
                    "so attach can log pe_latency on this device; repeatable")
+    p.add_argument("--compare-budget", type=float, default=60.0, help="seconds for the paired, replicated comparison "
+                   "with the references (bench/compare.py; default 60)")
     p.add_argument("--mlflow-run-id", default=None, help="log the results into this compress run (parent run id or run "
                    "name) directly, as attach does; needs mlflow and the tracking server")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --mlflow-run-id (default $MLFLOW_TRACKING_URI)")
@@ -458,8 +460,9 @@ def _check_counts(args) -> None:
                              ("--warmup", args.warmup, 0), ("--iterations", args.iterations, 1)):
         if value < low:
             raise BenchError(f"{flag} must be >= {low}, got {value}")
-    if not args.time_budget > 0:
-        raise BenchError(f"--time-budget must be > 0 seconds, got {args.time_budget}")
+    for flag, value in (("--time-budget", args.time_budget), ("--compare-budget", args.compare_budget)):
+        if not value > 0:
+            raise BenchError(f"{flag} must be > 0 seconds, got {value}")
 
 
 def _check_json_path(path: Optional[str]) -> None:
@@ -495,13 +498,25 @@ def _attach_target(args, device: Dict[str, Any]):
 
 
 def _bench_references(args) -> Dict[str, Any]:
-    """The references, timed one after the other after the model with the same settings."""
-    out = {}
-    for role, path in args.reference:
-        res = benchmark(path, args.batch_sizes, args.providers, args.threads, args.inter_op_threads,
-                        args.graph_optimization, args.warmup, args.iterations, args.time_budget, args.input_shape)
-        out[role] = {"model": path, "sha256": file_sha256(path), "results": res["results"]}
-    return out
+    """The references against the model, paired and replicated (bench/compare.py): each reference's
+    rows, and each ratio (reference p50 / model p50) with its 95% interval, per provider."""
+    from dataclasses import replace
+
+    from .compare import Plan, Settings, compare
+
+    files = {"model": args.model, **{role: path for role, path in args.reference}}
+    pairs = [(role, "model") for role, _ in args.reference]
+    base = Settings(intra_op_threads=args.threads, inter_op_threads=args.inter_op_threads,
+                    graph_optimization=args.graph_optimization)
+    out: Dict[str, Any] = {role: {"model": path, "sha256": file_sha256(path), "results": []} for role, path in args.reference}
+    comparisons = {}
+    for provider in args.providers:
+        c = compare(files, pairs, args.batch_sizes, replace(base, provider=provider), Plan(budget_s=args.compare_budget),
+                    input_shape=args.input_shape, progress=lambda line: print(f"[compare] {line}", file=sys.stderr))
+        comparisons[provider] = c.summary()
+        for role in out:
+            out[role]["results"] += c.stats(role)
+    return out, comparisons
 
 
 def _run(args) -> tuple:
@@ -519,7 +534,7 @@ def _run(args) -> tuple:
         args.graph_optimization, args.warmup, args.iterations, args.time_budget, args.input_shape,
     )}
     if args.reference:
-        results["references"] = _bench_references(args)
+        results["references"], results["comparisons"] = _bench_references(args)
     if args.json:
         _write_json(args.json, results)
     return results, target
@@ -527,6 +542,10 @@ def _run(args) -> tuple:
 
 def _print(args, results: Dict[str, Any]) -> None:
     inp = results["input"]
+    for provider, c in results.get("comparisons", {}).items():
+        for row in c["ratios"]:
+            print(f"{provider} batch {row['batch_size']}: {row['ratio']:.2f}x [{row['low']:.2f}, {row['high']:.2f}] faster "
+                  f"than {row['baseline']} (median, 95% interval over {row['replicates']} fresh-process replicates)")
     print(f"{args.model}: input {inp['name']} {_fmt_shape(inp['shape'])} {inp['dtype']}")
     print(format_environment(results))
     print(format_device(results["device"]))
