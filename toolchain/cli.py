@@ -77,9 +77,9 @@ class Commands:
           recipe: path to a YAML recipe
           overrides: dotted section.key=value pairs
         """
-        from .recipe import to_yaml
+        from .recipe import shown, to_yaml
 
-        print(to_yaml(_load(recipe, overrides)), end="")
+        print(to_yaml(shown(_load(recipe, overrides))), end="")  # the screen never shows the tracking password
 
     def bench(self, onnx: str, *args: str):
         """Benchmark an ONNX file with onnxruntime (torch-free). Same options as python -m toolchain.bench --help,

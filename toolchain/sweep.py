@@ -168,7 +168,25 @@ def _parse_overrides(overrides: Sequence[str], path: Path) -> Dict[str, Any]:
 
 
 def describe(variant: Variant) -> str:
-    return " ".join(f"{k}={_yaml_scalar(v)}" for k, v in variant.overrides.items()) or "(the recipe as written)"
+    shown = shown_overrides(variant.overrides)
+    return " ".join(f"{k}={_yaml_scalar(v)}" for k, v in shown.items()) or "(the recipe as written)"
+
+
+def shown_overrides(overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """The overrides as they may be printed or written: every URI with its password masked
+    (tracking.uri=http://user:password@host on the command line reaches every variant's overrides)."""
+    from .tracking import mask_uri
+
+    def masked(value: Any) -> Any:
+        if isinstance(value, str):
+            return mask_uri(value)
+        if isinstance(value, dict):
+            return {k: masked(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [masked(v) for v in value]
+        return value
+
+    return {key: masked(value) for key, value in overrides.items()}
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -268,5 +286,5 @@ def write_record(outcomes: List[Outcome]) -> None:
         recipe = group[0].variant.recipe
         base = Path(source).stem
         record = [{"name": o.variant.name, "status": o.status, "seconds": round(o.seconds, 1), "error": o.error,
-                   "overrides": o.variant.overrides, "mlflow": o.summary.get("mlflow")} for o in group]
+                   "overrides": shown_overrides(o.variant.overrides), "mlflow": o.summary.get("mlflow")} for o in group]
         atomic_write_json(Path(recipe.output_dir) / f"sweep-{base}.json", {"recipe": source, "variants": record})

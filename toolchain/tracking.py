@@ -119,6 +119,9 @@ DB_DRIVERS = {
 }
 _USERINFO_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#:@]*:)([^/?#]*)@")
 _QUERY_SECRET = re.compile(r"([?&](?:password|passwd|pwd|token|access_token|secret)=)([^&#]*)", re.IGNORECASE)
+# https://TOKEN@host (GitHub, GitLab, Databricks personal access tokens): a user name alone that is long and
+# mixes letters and digits is a credential; a short plain name (alice@host) is not and stays readable
+_USERINFO_TOKEN = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)((?=[^/?#:@]*[0-9])(?=[^/?#:@]*[A-Za-z])[^/?#:@]{16,})@")
 
 
 def mask_uri(uri: Optional[str]) -> Optional[str]:
@@ -126,15 +129,16 @@ def mask_uri(uri: Optional[str]) -> Optional[str]:
     the form to print, write to summary.json or log to MLflow."""
     if not uri:
         return uri
-    return _QUERY_SECRET.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", uri))
+    masked = _USERINFO_TOKEN.sub(r"\1***@", _USERINFO_PASSWORD.sub(r"\1***@", uri))
+    return _QUERY_SECRET.sub(r"\1***", masked)
 
 
 def _redact(text: str, uri: str) -> str:
     """Library messages may echo the password, raw or percent-decoded; print none of it."""
     from urllib.parse import unquote
 
-    match = _USERINFO_PASSWORD.match(uri)
-    secrets = [m.group(2) for m in _QUERY_SECRET.finditer(uri)] + ([match.group(2)] if match else [])
+    matches = (_USERINFO_PASSWORD.match(uri), _USERINFO_TOKEN.match(uri))
+    secrets = [m.group(2) for m in _QUERY_SECRET.finditer(uri)] + [m.group(2) for m in matches if m]
     for secret in sorted({v for s in secrets for v in (s, unquote(s)) if v}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
