@@ -1,10 +1,11 @@
 """Decode-once uint8 image cache on disk, for image sets of any size.
 
 Image files are decoded once (in parallel worker processes) to uint8 frames of one size and
-appended to a single flat file: <key>.u8 plus a <key>.json header (shape, labels, skipped
+appended to a single flat file: <key>.u8 plus a <key>.json header (shape, kept and skipped
 files). The key covers the files (paths, sizes, mtimes), the frame size, the fit, the
 interpolation and the colour mode, so editing a photo, adding one or changing image_size
-makes a new cache, and every other run reuses it. Both files are written atomically; the
+makes a new cache, and every other run reuses it. Labels are not part of what is reused:
+they come from the current folder listing on every run (a new class folder renumbers them). Both files are written atomically; the
 header is written last, so a killed build leaves no cache that looks complete.
 
 Batches are read with os.pread at the images' offsets: the bytes go through the OS page
@@ -120,7 +121,9 @@ def build_cache(paths: Sequence[str], labels: Sequence[int], frame, *, mode: str
             header = _build(paths, labels, frame, mode, fit, interpolation, data_path, skip_bad, workers, desc)
             header["key"] = key
             atomic_write_json(header_path, header)
-    return DiskImages(data_path, header)
+    # The key covers the pixels (files, frame, fit...), not the labels: a class folder added to train/
+    # renumbers every class without touching a file. So labels are always the caller's, never the header's.
+    return DiskImages(data_path, {**header, "labels": [int(labels[i]) for i in header["kept"]]})
 
 
 def _read_header(header_path: Path, data_path: Path) -> Optional[dict]:

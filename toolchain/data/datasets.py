@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -226,10 +227,11 @@ def imagefolder(root: Optional[str] = None, download: bool = False) -> RawSplits
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if not (base / "train").is_dir() or test_dir is None:
         raise DataError(f"imagefolder: {base} needs train/<class>/ and test/<class>/ (or val/<class>/) subfolders")
-    classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
+    classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir() and not _hidden(d))
+    _check_class_names(classes, base / "train")
     if not classes:
         raise DataError(f"imagefolder: no class subfolders in {base / 'train'}; put each class's images in train/<class>/")
-    unknown = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in classes)
+    unknown = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not _hidden(d) and d.name not in classes)
     if unknown:
         raise DataError(f"imagefolder: {test_dir.name}/{unknown[0]} is not a class of train/ (classes: {', '.join(classes)}); "
                         f"add train/{unknown[0]}/ images or remove the folder")
@@ -239,11 +241,32 @@ def imagefolder(root: Optional[str] = None, download: bool = False) -> RawSplits
                      classes, defaults, "RGB photos")
 
 
+def _hidden(path: Path) -> bool:
+    """Names starting with a dot: .ipynb_checkpoints, .DS_Store, macOS AppleDouble ._photo.jpg files
+    (metadata, not images): never a class, never an image."""
+    return path.name.startswith(".")
+
+
+def _check_class_names(classes: List[str], where: Path) -> None:
+    # labels.txt in the package holds one class name per line: a control character would shift every label
+    bad = next((c for c in classes if any(ord(ch) < 32 or ord(ch) == 127 for ch in c)), None)
+    if bad is not None:
+        raise DataError(f"imagefolder: class folder {bad!r} in {where} has a control character (newline, tab...) in "
+                        "its name; rename the folder (class names become the lines of the package's labels.txt)")
+
+
 def _list_files(directory: Path, classes: List[str], require_all: bool) -> FileSource:
     paths, labels = [], []
+    ignored = {"hidden entries": 0, "files of other types": 0, "nested folders": 0}
     for label, cls in enumerate(classes):
-        found = sorted(str(p) for p in (directory / cls).glob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()) \
-            if (directory / cls).is_dir() else []
+        found = []
+        for p in sorted((directory / cls).iterdir()) if (directory / cls).is_dir() else []:
+            kind = ("hidden entries" if _hidden(p) else "nested folders" if p.is_dir()
+                    else None if p.suffix.lower() in EXTENSIONS and p.is_file() else "files of other types")
+            if kind:
+                ignored[kind] += 1
+            else:
+                found.append(str(p))
         if not found and require_all:
             raise DataError(f"imagefolder: class folder {directory / cls} has no images ({'/'.join(EXTENSIONS)}); "
                             "add images or remove the folder")
@@ -251,4 +274,8 @@ def _list_files(directory: Path, classes: List[str], require_all: bool) -> FileS
         labels += [label] * len(found)
     if not paths:
         raise DataError(f"imagefolder: no images ({'/'.join(EXTENSIONS)}) under {directory}")
+    if any(ignored.values()):  # skipped, but never silently: a folder of GIFs would otherwise just vanish
+        counts = ", ".join(f"{n} {kind}" for kind, n in ignored.items() if n)
+        print(f"[data] {directory}: ignored {counts} in the class folders (images are "
+              f"{'/'.join(EXTENSIONS)}; names starting with '.' are skipped; subfolders are not read)", file=sys.stderr)
     return FileSource(paths, torch.tensor(labels, dtype=torch.int64))

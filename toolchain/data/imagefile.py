@@ -33,6 +33,8 @@ def _to_8bit(img):
 
     pixels = np.asarray(img, dtype=np.float64)
     top = 65535.0 if img.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+    if img.mode == "F" and pixels.size and 0 <= pixels.min() and pixels.max() <= 1:
+        top = 1.0  # float TIFFs are usually on the 0-1 scale; read as 0-255 they came out black
     return Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8), "L")
 
 

@@ -1,0 +1,95 @@
+"""Inputs that gave silently wrong results or a traceback (issue 34): image-folder labels after a
+class folder is added, hidden and foreign entries of an image folder, float TIFFs, and the recipe,
+model and checkpoint mistakes that must be one line and exit 2."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import photo, photo_folder
+from toolchain.cli import run
+from toolchain.data.loaders import build_data
+from toolchain.errors import DataError
+from toolchain.recipe import DataConfig
+
+
+def folder_cfg(root: Path, cache: Path, **kw) -> DataConfig:
+    return DataConfig(name="imagefolder", root=str(root), cache_dir=str(cache), val_fraction=0.25, image_size=16,
+                      batch_size=4, **kw)
+
+
+def labels_by_class(bundle, split: str):
+    """{class name: set of labels} over a split, read through the real batches."""
+    batches = getattr(bundle, split)
+    return {bundle.class_names[int(y)] for y in batches.labels.tolist()}, batches.labels
+
+
+def assert_one_line_error(capsys, argv, expected: str):
+    code = run([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert expected in err, err
+    return err
+
+
+# ---------------------------------------------------------------- item 4: labels follow the class list
+
+
+def test_a_new_class_folder_that_sorts_first_renumbers_the_labels_even_from_the_same_cache(tmp_path):
+    root = photo_folder(tmp_path / "photos", per_class=4, size=(20, 20), classes=("cat", "dog"))
+    cache = tmp_path / "cache"
+    first = build_data(folder_cfg(root, cache), seed=0)
+    assert first.class_names == ["cat", "dog"]
+    test_before = first.test.labels.clone()
+
+    photo_folder(tmp_path / "photos", per_class=4, size=(20, 20), classes=("aardvark",))  # sorts first: cat 0 -> 1
+    second = build_data(folder_cfg(root, cache), seed=0)
+    assert second.class_names == ["aardvark", "cat", "dog"]
+    # the test split's files did not change (same decode cache), their labels did: every old label + 1
+    old_test = second.test.labels[second.test.labels != 0]
+    assert sorted(old_test.tolist()) == sorted((test_before + 1).tolist())
+    # and every label is the index of the folder the file sits in
+    for split in (second.test,):
+        paths = sorted((root / "test").glob("*/*.png"))
+        expected = sorted(second.class_names.index(p.parent.name) for p in paths)
+        assert sorted(split.labels.tolist()) == expected
+
+
+# ---------------------------------------------------------------- weak: what an image folder may hold
+
+
+def test_hidden_entries_are_skipped_and_other_entries_are_counted(tmp_path, capsys):
+    root = photo_folder(tmp_path / "photos", per_class=4, size=(20, 20))
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS metadata, not a PNG
+    photo(20, 20, seed=9).save(root / "train" / "dog" / "anim.gif")
+    (root / "train" / "dog" / "nested").mkdir()
+    photo(20, 20, seed=8).save(root / "train" / "dog" / "nested" / "x.png")
+    bundle = build_data(folder_cfg(root, tmp_path / "cache"), seed=0)
+    assert bundle.class_names == ["cat", "dog"]
+    err = capsys.readouterr().err
+    assert "1 hidden entries" in err and "1 files of other types" in err and "1 nested folders" in err
+
+
+def test_a_newline_in_a_class_name_is_one_line(tmp_path):
+    root = photo_folder(tmp_path / "photos", per_class=4, size=(20, 20), classes=("cat", "dog\nx"))
+    with pytest.raises(DataError, match="control character") as err:
+        build_data(folder_cfg(root, tmp_path / "cache"), seed=0)
+    assert "\n" not in str(err.value).replace("\\n", "")
+
+
+def test_a_float_tiff_on_the_unit_scale_is_not_black(tmp_path):
+    from PIL import Image
+
+    from toolchain.data.imagefile import read_image
+
+    ramp = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    Image.fromarray(ramp, "F").save(tmp_path / "ramp.tif")
+    pixels = np.asarray(read_image(tmp_path / "ramp.tif", "grey"))
+    assert pixels.max() == 255 and pixels.min() == 0
