@@ -93,3 +93,96 @@ def test_a_float_tiff_on_the_unit_scale_is_not_black(tmp_path):
     Image.fromarray(ramp, "F").save(tmp_path / "ramp.tif")
     pixels = np.asarray(read_image(tmp_path / "ramp.tif", "grey"))
     assert pixels.max() == 255 and pixels.min() == 0
+
+
+# ---------------------------------------------------------------- items 5 and 9: the preflight runs the forward
+
+USER_NETS = '''
+import collections
+
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, outputs, shape="tensor"):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, outputs)
+        self.shape = shape
+
+    def forward(self, x):
+        features = self.body(x)
+        logits = self.head(features)
+        if self.shape == "tuple":
+            return logits, features
+        if self.shape == "dict":
+            return {"logits": logits, "features": features}
+        if self.shape == "list":
+            return [logits]
+        if self.shape == "namedtuple":
+            return collections.namedtuple("Out", "logits aux")(logits, logits)
+        return logits
+
+
+def wide(num_classes):
+    return Net(12)
+
+
+def narrow(num_classes):
+    return Net(7)
+
+
+def pair(num_classes):
+    return Net(num_classes, "tuple")
+
+
+def as_dict(num_classes):
+    return Net(num_classes, "dict")
+
+
+def as_list(num_classes):
+    return Net(num_classes, "list")
+
+
+def named(num_classes):
+    return Net(num_classes, "namedtuple")
+
+
+def fine(num_classes):
+    return Net(num_classes)
+'''
+
+
+def user_model_recipe(tiny_recipe, tmp_path, builder, module):
+    (tmp_path / f"{module}.py").write_text(USER_NETS)
+    return tiny_recipe(student={"model": f"{module}:{builder}"})
+
+
+@pytest.mark.parametrize("builder, expected", [
+    ("wide", "forward returns shape (2, 12) for a batch of 2, but the dataset has 10 classes"),
+    ("narrow", "forward returns shape (2, 7) for a batch of 2, but the dataset has 10 classes"),
+    ("pair", "forward returns a tuple in train mode, not one logits tensor"),
+    ("as_dict", "forward returns a dict with keys logits, features in train mode"),
+    ("as_list", "forward returns a list in train mode"),
+    ("named", "forward returns a Out in train mode"),
+])
+def test_a_student_without_one_logits_tensor_of_the_class_count_is_refused_before_training(
+        tiny_recipe, tmp_path, capsys, builder, expected):
+    path = user_model_recipe(tiny_recipe, tmp_path, builder, f"nets_{builder}")
+    assert_one_line_error(capsys, ["compress", path], expected)
+    assert not list((tmp_path / "export" / ".cache").glob("teacher-*/result.json"))  # nothing trained first
+
+
+def test_torchvision_googlenet_in_train_mode_is_refused_with_the_way_out(tiny_recipe, tmp_path, capsys):
+    path = tiny_recipe(student={"model": "torchvision/googlenet", "kwargs": {"init_weights": False}})
+    assert_one_line_error(capsys, ["compress", path], "add kwargs: {aux_logits: false}")
+
+
+@pytest.mark.slow
+def test_inception_v3_at_80_px_names_its_smallest_input(tiny_recipe, tmp_path, capsys):
+    path = tiny_recipe(student={"model": "torchvision/inception_v3", "kwargs": {"init_weights": False}})
+    recipe = yaml.safe_load(Path(path).read_text())
+    recipe["data"]["image_size"] = 80
+    Path(path).write_text(yaml.safe_dump(recipe))
+    assert_one_line_error(capsys, ["compress", path], "the smallest input it runs on is 299x299")

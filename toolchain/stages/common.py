@@ -159,10 +159,11 @@ class ModelStage(Stage):
     followers = "train"
 
     def preflight(self, cfg, data) -> None:
-        """A model section's reference builds and its weights resolve before any stage trains."""
+        """A model section's reference builds, its weights resolve, and its forward gives one
+        (batch, num_classes) logits tensor on a real batch, before any stage trains."""
         for section in vars(cfg).values():
             if hasattr(section, "weights") and hasattr(section, "model"):  # teacher / student
-                resolve.check_model(section, data.num_classes)
+                resolve.check_model(section, data.num_classes, data.example_batch(2).cpu())
 
     def restore(self, job: Job, result: StageResult):
         return load_model(job, result.model())
