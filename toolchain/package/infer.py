@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """Classify image files with the packaged model. Needs only numpy, onnxruntime and Pillow.
 
-    python infer.py IMAGE [IMAGE ...] [--model model.ort] [--top-k 3] [--json]
+    python infer.py IMAGE [IMAGE ...] [--model model.ort] [--top-k 3] [--json] [--no-verify]
 
 Every image is prepared exactly as the model was evaluated (preprocess.json, next to this
 file): upright, grey or RGB as the contract says, fitted to the frame, resized and
 centre-cropped to the input size, /255, normalised with the training mean/std, NCHW
 float32. Prints the top-k classes of each file.
+
+Before it loads them, the model file and the contract are checked against manifest.json
+(their sha256): a corrupted or tampered file is refused instead of giving other answers. A
+model you replaced on purpose (your own re-export, a model outside this folder) runs with
+--no-verify; it must still take the input preprocess.json describes and give one score per class.
 
 This file and imagefile.py (the toolchain's own image decoding, the code that built the
 training cache) are copied verbatim into every device package by the package stage, which
@@ -17,6 +22,7 @@ preprocessing checked at packaging time is this very code.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -31,6 +37,7 @@ except ImportError:  # in a device package: the copy next to this file
 HERE = Path(__file__).resolve().parent
 # the shipped model first: an INT8 file is in the package only when the run shipped one
 DEFAULT_MODELS = ("model_int8.ort", "model.ort", "model_int8.onnx", "model.onnx")
+MANIFEST = "manifest.json"
 
 
 class InferError(Exception):
@@ -62,6 +69,56 @@ def default_model() -> Path:
         if (HERE / name).is_file():
             return HERE / name
     raise InferError(f"no model next to {Path(__file__).name} ({', '.join(DEFAULT_MODELS)}); pass --model PATH")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path, what: str, manifest_path: Path = None) -> None:
+    """`path` is the file manifest.json lists under its name in this package (same sha256); a
+    file outside the package must be a copy of a listed file of its kind (.ort, .onnx, .json). Else InferError."""
+    manifest_path = manifest_path or HERE / MANIFEST
+    skip = "pass --no-verify to run a file you replaced on purpose"
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InferError(f"cannot check {path.name}: {manifest_path} is missing or unreadable; restore the package's "
+                         f"manifest.json, or {skip}") from None
+    if not path.is_file():
+        return  # session() / load_contract() say it is missing
+    got = sha256(path)
+    try:
+        inside = path.resolve().relative_to(manifest_path.resolve().parent).as_posix()
+    except ValueError:
+        inside = None
+    if inside is not None:
+        expected = (files.get(inside) or {}).get("sha256")
+        if expected != got:
+            state = "is not listed in" if expected is None else "has another sha256 than"
+            raise InferError(f"{what} {path} {state} {MANIFEST} (corrupted or replaced); restore it from the package, "
+                             f"or {skip}")
+    elif got not in {e.get("sha256") for n, e in files.items() if Path(n).suffix == path.suffix}:
+        raise InferError(f"{what} {path} is not a copy of a {path.suffix} file listed in {manifest_path}; {skip}")
+
+
+def check_fits(sess, model: Path, contract: dict) -> None:
+    """The model takes the contract's (C, H, W) input and gives one score per class name: a model
+    from another run or export is one line here, not an onnxruntime traceback on the first image."""
+    shape, wanted = list(sess.get_inputs()[0].shape), list(contract.get("input_shape") or [])[1:]
+    if len(shape) != 4 or any(isinstance(d, int) and d != w for d, w in zip(shape[1:], wanted)):
+        raise InferError(f"model {model} takes input {shape}, but preprocess.json prepares images as "
+                         f"[batch, {', '.join(map(str, wanted))}]; use the model and preprocess.json of one package "
+                         "(--model, --contract)")
+    out = list(sess.get_outputs()[0].shape)
+    classes = len(contract.get("class_names") or [])
+    if out and isinstance(out[-1], int) and out[-1] != classes:
+        raise InferError(f"model {model} gives {out[-1]} scores per image, but preprocess.json names {classes} classes; "
+                         "use the model and preprocess.json of one package (--model, --contract)")
 
 
 def session(model: Path, threads: int = 0):
@@ -122,14 +179,21 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default 0: one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--no-verify", action="store_true", help="do not check the model and contract against "
+                   f"{MANIFEST}'s sha256 (for a model you replaced on purpose)")
     return p.parse_args(argv)
 
 
 def run(args) -> list:
-    contract = load_contract(args.contract)
     if args.top_k < 1:
         raise InferError(f"--top-k must be >= 1, got {args.top_k}")
-    sess = session(args.model or default_model(), args.threads)
+    model = args.model or default_model()
+    if not args.no_verify:
+        verify(args.contract, "preprocessing contract")
+        verify(model, "model file")
+    contract = load_contract(args.contract)
+    sess = session(model, args.threads)
+    check_fits(sess, model, contract)
     names = contract["class_names"]
     top = classify(sess, preprocess(args.images, contract), names, min(args.top_k, len(names)))
     return [{"file": str(f), "top": t} for f, t in zip(args.images, top)]

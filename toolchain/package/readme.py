@@ -49,6 +49,10 @@ Target platform `{target_platform}`: {_PLATFORM_NOTES[target_platform]}
     python infer.py --model model.onnx --top-k 5 --json photo.png
     python infer.py --help
 
+infer.py checks the model file and `preprocess.json` against `manifest.json` (sha256) before it
+runs them: a corrupted or altered file is refused. For a model you replaced on purpose, pass
+`--no-verify`; a model that does not take the contract's input is still refused, in one line.
+
 Check the device gives the packaged answers (compare with `golden/expected.json`):
 
     python infer.py --model {models['float']['ort']} golden/images/*.png

@@ -1,0 +1,136 @@
+"""What ships stays true (issue 34): the package's infer.py runs only the files its manifest lists,
+refuses a model that does not fit its contract in one line, and a publish is all or nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from toolchain.cli import run
+
+GOLDEN = 2
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory, fmnist_root):
+    """One tiny run (no teacher, 1 epoch ce, export without references, no bench) with a package."""
+    tmp = tmp_path_factory.mktemp("publish")
+    recipe = {"name": "tiny", "output_dir": str(tmp / "export"),
+              "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+              "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
+              "export": {"exporter": "dynamo", "opset": 18, "references": False}, "bench": None,
+              "package": {"target_platform": "amd64", "golden_images": GOLDEN},
+              "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"}}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run(["compress", str(path)]) == 0
+    return tmp / "export" / "tiny" / "package"
+
+
+@pytest.fixture
+def device_copy(package, tmp_path):
+    """The package as copied onto a device: a folder of its own, and Python without torch."""
+    folder = tmp_path / "device"
+    shutil.copytree(package, folder)
+    fake = tmp_path / "fake_torch"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch is not on the device')\n")
+    env = dict(os.environ, PYTHONPATH=str(fake), PYTHONDONTWRITEBYTECODE="1")
+    return folder, env
+
+
+def infer(folder: Path, env: dict, *args) -> subprocess.CompletedProcess:
+    images = [f"golden/images/{i:03d}.png" for i in range(GOLDEN)]
+    return subprocess.run([sys.executable, "infer.py", "--json", *map(str, args), *images], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def one_line_refusal(proc, expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and expected in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+def tampered(src: Path, dst: Path) -> None:
+    """The same graph with the classifier's weights negated: loads fine, gives other answers."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    name = [i for i in proto.graph.initializer if len(i.dims) == 2][-1].name  # the last Gemm/MatMul weight
+    for init in proto.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), name))
+    onnx.save(proto, str(dst))
+
+
+# ---------------------------------------------------------------- item 6: infer.py verifies what it runs
+
+
+def test_infer_refuses_a_tampered_model_and_runs_it_with_no_verify(device_copy):
+    folder, env = device_copy
+    honest = infer(folder, env, "--model", "model.onnx")
+    assert honest.returncode == 0, honest.stderr
+    tampered(folder / "model.onnx", folder / "model.onnx")
+    one_line_refusal(infer(folder, env, "--model", "model.onnx"), "model.onnx has another sha256 than manifest.json")
+    replaced = infer(folder, env, "--model", "model.onnx", "--no-verify")  # replaced on purpose: the user's call
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads(replaced.stdout) != json.loads(honest.stdout)
+
+
+def test_infer_refuses_a_corrupted_default_model(device_copy):
+    folder, env = device_copy
+    default = json.loads((folder / "manifest.json").read_text())["default_model"]
+    data = bytearray((folder / default).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / default).write_bytes(bytes(data))
+    one_line_refusal(infer(folder, env), f"{default} has another sha256 than manifest.json")
+
+
+def test_infer_refuses_an_altered_contract(device_copy):
+    folder, env = device_copy
+    contract = json.loads((folder / "preprocess.json").read_text())
+    contract["mean"] = [0.0, 0.0, 0.0]
+    (folder / "preprocess.json").write_text(json.dumps(contract))
+    one_line_refusal(infer(folder, env), "preprocess.json has another sha256 than manifest.json")
+
+
+def test_infer_refuses_a_model_from_outside_the_package_unless_told(device_copy, tmp_path):
+    folder, env = device_copy
+    outside = tmp_path / "mine.onnx"
+    tampered(folder / "model.onnx", outside)
+    one_line_refusal(infer(folder, env, "--model", outside), "is not a copy of a .onnx file listed in")
+    shutil.copyfile(folder / "model.onnx", tmp_path / "copy.onnx")  # an exact copy of a shipped model is fine
+    assert infer(folder, env, "--model", tmp_path / "copy.onnx").returncode == 0
+
+
+def small_model(path: Path, side: int, classes: int) -> None:
+    """A real ONNX classifier of another input size or class count: mean over the pixels, then Gemm."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((3, classes), np.float32), "w")
+    axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input", "axes"], ["pooled"], keepdims=0),
+         helper.make_node("MatMul", ["pooled", "w"], ["logits"])],
+        "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, side, side])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], [weight, axes])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+@pytest.mark.parametrize("side, classes, expected", [(64, 10, "takes input ['batch', 3, 64, 64], but preprocess.json "
+                                                      "prepares images as [batch, 3, 32, 32]"),
+                                                     (32, 12, "gives 12 scores per image, but preprocess.json names 10")])
+def test_a_model_that_does_not_fit_the_contract_is_one_line(device_copy, tmp_path, side, classes, expected):
+    folder, env = device_copy
+    small_model(tmp_path / "other.onnx", side, classes)
+    one_line_refusal(infer(folder, env, "--model", tmp_path / "other.onnx", "--no-verify"), expected)
