@@ -134,3 +134,99 @@ def test_a_model_that_does_not_fit_the_contract_is_one_line(device_copy, tmp_pat
     folder, env = device_copy
     small_model(tmp_path / "other.onnx", side, classes)
     one_line_refusal(infer(folder, env, "--model", tmp_path / "other.onnx", "--no-verify"), expected)
+
+
+# ---------------------------------------------------------------- item 7 and weak: attach refuses absurd numbers
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating its schema takes seconds); each test makes its own run."""
+    from toolchain.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path_factory.mktemp('devices')}/mlflow.db", "devices")
+    tracker.connect()
+    return tracker
+
+
+@pytest.fixture
+def device_run(store, tmp_path):
+    """A finished compress run (the newest named r) shipping model.onnx with a teacher reference (files of a
+    few bytes: attach matches sha256 only), and a bench JSON of that file as a device writes it."""
+    from toolchain.bench.device import fingerprint
+    from toolchain.fsutil import file_sha256
+
+    tracker, uri = store, store.uri
+    files = {n: tmp_path / f"{n}.onnx" for n in ("float", "teacher")}
+    for i, path in enumerate(files.values()):
+        path.write_bytes(bytes([i]) * 64)
+    tags = {"toolchain.run_name": "r", "toolchain.stage": "compress",
+            "toolchain.sha256.model.onnx": file_sha256(files["float"]),
+            "toolchain.sha256.reference.teacher": file_sha256(files["teacher"])}
+    with tracker.run("r", {}, tags) as parent:
+        parent.log_metrics({"final.vs_teacher.retention": 0.9})
+    data = {"device": fingerprint(files["float"], "pi"), "results": device_rows(2.0),
+            "references": {"teacher": {"sha256": file_sha256(files["teacher"]), "results": device_rows(8.0)}}}
+    return {"uri": uri, "client": tracker.client, "run_id": parent.run_id, "data": data, "tmp": tmp_path,
+            "tracker": tracker, "tags": tags}
+
+
+def device_rows(p50):
+    return [{"provider": "cpu", "batch_size": 1, "p50_ms": p50, "p90_ms": p50 * 1.1, "throughput_img_s": 1000 / p50}]
+
+
+def attach_cli(capsys, device_run, data, ref="r"):
+    path = device_run["tmp"] / "device.json"
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    code = run(["attach", ref, str(path), "--tracking-uri", device_run["uri"]])
+    out = capsys.readouterr()
+    return code, out
+
+
+def logged(device_run):
+    client = device_run["client"]
+    metrics = client.get_run(device_run["run_id"]).data.metrics
+    return {k: v for k, v in metrics.items() if k.startswith("device.")}, client.list_artifacts(device_run["run_id"], "device")
+
+
+@pytest.mark.parametrize("where, key, value, expected", [
+    ("results", "p50_ms", 1e300, "p50_ms is 1e+300, outside what a device measures"),
+    ("references", "p50_ms", 1e-300, "p50_ms is 1e-300, outside what a device measures"),
+    ("results", "p50_ms", float("nan"), "lacks a provider, batch_size or positive"),
+    ("results", "p50_ms", float("inf"), "lacks a provider, batch_size or positive"),
+    ("results", "p50_ms", -1.0, "lacks a provider, batch_size or positive"),
+    ("results", "p50_ms", 0.0, "lacks a provider, batch_size or positive"),
+    ("results", "throughput_img_s", 1e12, "throughput_img_s is 1e+12, outside"),
+    ("results", "p90_ms", 1.0, "p90_ms 1 is below p50_ms 2"),
+])
+def test_attach_refuses_absurd_latencies_in_one_line_and_logs_nothing(device_run, capsys, where, key, value, expected):
+    data = json.loads(json.dumps(device_run["data"]))
+    row = data["results"][0] if where == "results" else data["references"]["teacher"]["results"][0]
+    row[key] = value
+    code, out = attach_cli(capsys, device_run, data)
+    assert code == 2 and out.err.count("\n") == 1 and expected in out.err and "Traceback" not in out.err, out.err
+    assert logged(device_run) == ({}, [])
+
+
+def test_attach_twice_logs_once(device_run, capsys):
+    code, out = attach_cli(capsys, device_run, device_run["data"])
+    assert code == 0, out.err
+    first = logged(device_run)
+    history = device_run["client"].get_metric_history(device_run["run_id"], "device.pi.latency_p50_ms.cpu.bs1")
+    code, out = attach_cli(capsys, device_run, device_run["data"])
+    assert code == 0 and "already attached" in out.out and "nothing logged" in out.out
+    assert logged(device_run)[0] == first[0]
+    again = device_run["client"].get_metric_history(device_run["run_id"], "device.pi.latency_p50_ms.cpu.bs1")
+    assert len(again) == len(history) == 1
+
+
+@pytest.mark.parametrize("status", ["FAILED", "RUNNING", "KILLED"])
+def test_attach_by_id_to_an_unfinished_run_is_refused(device_run, capsys, status):
+    client = device_run["client"]
+    other = client.create_run(device_run["tracker"].experiment_id, run_name="r", tags=device_run["tags"])
+    if status != "RUNNING":
+        client.set_terminated(other.info.run_id, status)
+    code, out = attach_cli(capsys, device_run, device_run["data"], ref=other.info.run_id)
+    assert code == 2 and out.err.count("\n") == 1 and f"is {status}, not FINISHED" in out.err, out.err
+    assert not client.get_run(other.info.run_id).data.metrics

@@ -39,6 +39,11 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a piece of an MLflow metric name, no dots
 ROW_NUMBERS = ("p50_ms", "p90_ms", "throughput_img_s")
+# what one timed run of a model on a device can plausibly take: from a microsecond to an hour (ms), and what
+# it can plausibly process (images / s); outside, the JSON was edited or the clock broke, and a ratio of two
+# such numbers (pe_latency) overflows to a non-finite metric
+LATENCY_MS_RANGE = (1e-3, 3.6e6)
+THROUGHPUT_RANGE = (1e-4, 1e9)
 HOW_TO_BENCH = "python -m toolchain.bench MODEL.onnx --json FILE"
 
 
@@ -95,6 +100,14 @@ def check_rows(rows: Any, where: str) -> None:
         if not ok:
             raise AttachError(f"{where}[{i}] lacks a provider, batch_size or positive {', '.join(ROW_NUMBERS)}; "
                               f"pass the file {HOW_TO_BENCH} wrote, unedited")
+        for key, (low, high) in (("p50_ms", LATENCY_MS_RANGE), ("p90_ms", LATENCY_MS_RANGE),
+                                 ("throughput_img_s", THROUGHPUT_RANGE)):
+            if not low <= row[key] <= high:
+                raise AttachError(f"{where}[{i}].{key} is {row[key]:g}, outside what a device measures ({low:g} to "
+                                  f"{high:g}); nothing logged: pass the file {HOW_TO_BENCH} wrote, unedited")
+        if row["p90_ms"] < row["p50_ms"]:
+            raise AttachError(f"{where}[{i}]: p90_ms {row['p90_ms']:g} is below p50_ms {row['p50_ms']:g}; nothing "
+                              f"logged: pass the file {HOW_TO_BENCH} wrote, unedited")
 
 
 def _positive(value: Any) -> bool:
@@ -123,6 +136,9 @@ def find_run(client, ref: str, experiment: Optional[str] = None):
     if RUN_ID.fullmatch(ref):
         run = _get_run(client, ref)
         if run is not None and run.data.tags.get("toolchain.stage") == "compress" and run.info.experiment_id in ids:
+            if run.info.status != "FINISHED":  # its shipped files may be half published, or another run's
+                raise AttachError(f"run {ref} is {run.info.status}, not FINISHED: what it shipped is not final; "
+                                  "attach to a finished compress run (rerun compress, then bench its model)")
             return run
     if ids and "'" not in ref:
         query = f"tags.`toolchain.run_name` = '{ref}' and tags.`toolchain.stage` = 'compress' and attributes.status = 'FINISHED'"
@@ -242,13 +258,20 @@ def attach_data(client, run, data: Dict[str, Any], source: str) -> List[str]:
     label = device["name"] + (".int8" if int8 else "")
     pe, note = pe_latency(run, data, int8)
     metrics = {f"device.{label}.{k}": v for k, v in {**latency_metrics("", data["results"]), **pe}.items()}
+    broken = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if broken:  # the row checks should make this impossible; never log a non-finite number anyway
+        raise AttachError(f"{source}: {broken[0]} would be {metrics[broken[0]]}; nothing logged: pass the file "
+                          f"{HOW_TO_BENCH} wrote, unedited")
+    name = run.data.tags.get("toolchain.run_name", run.info.run_id)
+    if all(run.data.metrics.get(k) == float(v) for k, v in metrics.items()):
+        return [f"{source} is already attached to run {name} (parent run {run.info.run_id}): the same {len(metrics)} "
+                "metrics are there; nothing logged"]
     tags = {f"device.{device['name']}.cpu": str(device.get("cpu_model") or "unknown")[:500]}
     run_id, now = run.info.run_id, int(time.time() * 1000)
     # the artifact first: if the store refuses it, no metric claims a JSON that is not there
     retry(client.log_text, run_id, json.dumps(data, indent=2), f"device/{label}.json")
     retry(client.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
           tags=[RunTag(k, v) for k, v in tags.items()])
-    name = run.data.tags.get("toolchain.run_name", run_id)
     first = next(iter(sorted(metrics)))
     lines = [f"attached {source} to run {name} (parent run {run_id}): device {device['name']}, {file}, "
              f"{len(metrics)} metrics ({first} = {metrics[first]:.4g}), artifact device/{label}.json"]
