@@ -1,6 +1,6 @@
 """Model size/compute counters and Performance Efficiency.
 
-Performance Efficiency (PE) as defined in the README:
+Performance Efficiency (PE) as defined in docs/outputs.md:
     retention  = acc / acc_ref
     pe_params  = retention * (1 - nonzero_params / params_ref)   (headline)
     pe_macs    = retention * (1 - macs / macs_ref)

@@ -15,7 +15,7 @@ NHWC -> reshape [1, N*H, W, C] -> NCHW on the way in, the reverse on the way out
 quantization onnxruntime's layout optimizer cancels those transposes against its own NHWC ones,
 leaving one Reshape (no copy, ~0.5 us of dispatch) at each region boundary.
 
-Measured (onnxruntime 1.32, 2-core AVX-512 VNNI, benchmarks/quantize.py; README "INT8 that is actually
+Measured (onnxruntime 1.32, 2-core AVX-512 VNNI, benchmarks/quantize.py; docs/int8.md "INT8 that is actually
 faster"): the demo's INT8 model at batch 1 / 32 runs 1.38x / 1.50x of float with 2 threads (unfolded 1.42x /
 1.17x), 1.51x / 1.81x with 1 thread. Shrinking the one-pixel-output convs (8 fewer Reshapes, the last four
 depthwise convs batched) took the align-8 demo model's fold from 1.40x / 1.19x to 1.45x / 1.26x on 2 threads

@@ -15,7 +15,7 @@ weights shifted by -1 and a zero point of -1: w_q - zp is unchanged, so the mode
 the same function, but onnxruntime runs it on the general kernel. Symmetric int8 weights lie in
 [-127, 127], so the shift never overflows; a weight tensor holding -128 is left alone.
 
-Whole models (benchmarks/quantize.py, README "INT8 that is actually faster"; 2 threads, batch 1 / 8):
+Whole models (benchmarks/quantize.py, docs/int8.md "INT8 that is actually faster"; 2 threads, batch 1 / 8):
 resnet18 at 224 2.74x / 2.81x of float -> 3.21x / 4.28x, mobilenet_v2 at 224 1.51x / 2.13x -> 1.67x /
 2.23x; at 32x32 the route loses on 2 threads (small maps), and the demo's pruned model has 3 convs
 that wide (no measurable change).

@@ -8,7 +8,7 @@ and its NCHWc float path keeps GlobalAveragePool blocked where ReduceMean needs 
 Measured (one-off script, random-weight efficientnet_b0 at 224, whose 16 squeeze-excitation blocks
 each pool; onnxruntime 1.32, 2-core Xeon; batch 1 / 8, speedup vs the ReduceMean float model): float
 1.01x / 1.03x on 2 threads, 1.00x / 1.04x on 1; the quantize stage's dw_per_channel_gemm INT8 0.83x /
-1.19x -> 1.07x / 1.46x on 2 threads and 1.03x / 1.45x -> 1.32x / 1.69x on 1 (README "INT8 that is
+1.19x -> 1.07x / 1.46x on 2 threads and 1.03x / 1.45x -> 1.32x / 1.69x on 1 (docs/int8.md "INT8 that is
 actually faster"). A mean over a statically 1x1 map (the demo's 32x32 input ends on one) is the
 identity and becomes Identity instead: onnxruntime's INT8 pool runs channel by channel, and at batch
 32 that one node took 420 us of the 1.9 ms that a per-node profile (2 threads) summed for the demo's
