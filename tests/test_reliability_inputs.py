@@ -186,3 +186,108 @@ def test_inception_v3_at_80_px_names_its_smallest_input(tiny_recipe, tmp_path, c
     recipe["data"]["image_size"] = 80
     Path(path).write_text(yaml.safe_dump(recipe))
     assert_one_line_error(capsys, ["compress", path], "the smallest input it runs on is 299x299")
+
+
+# ---------------------------------------------------------------- items 13, 12: the recipe file
+
+
+def cli(*args, timeout=120):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "toolchain", *map(str, args)], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line(proc, expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and expected in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("seed, ok", [(4294967296, False), (2**64, False), (4294967295, True)])
+def test_the_seed_is_bounded_in_the_schema(tiny_recipe, capsys, seed, ok):
+    code = run(["validate", str(tiny_recipe()), f"seed={seed}"])
+    err = capsys.readouterr().err
+    if ok:
+        assert code == 0, err
+    else:
+        assert code == 2 and err.count("\n") == 1 and "seed: Input should be less than or equal to 4294967295" in err, err
+
+
+BOMB = """name: bomb
+student:
+  model: mobilenet_v3_small
+  kwargs:
+    lol:
+      a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+      b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+      c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+      d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+      e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+      f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+      g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+      h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+      i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]
+"""
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path):
+    (tmp_path / "bomb.yaml").write_text(BOMB)
+    one_line(cli("validate", tmp_path / "bomb.yaml"), "expands to more than 100,000 values through aliases")
+    one_line(cli("sweep", tmp_path / "bomb.yaml", "--dry-run"), "expands to more than 100,000 values")
+    (tmp_path / "self.yaml").write_text("name: x\nstudent: &s {model: mobilenet_v3_small, kwargs: {me: *s}}\n")
+    one_line(cli("validate", tmp_path / "self.yaml"), "a YAML alias refers to a node that contains it")
+
+
+def test_a_few_aliases_stay_allowed(tiny_recipe, tmp_path):
+    text = Path(tiny_recipe()).read_text()
+    recipe = yaml.safe_load(text)
+    recipe.pop("distill")
+    body = yaml.safe_dump(recipe) + "distill: &train {epochs: 1, lr: 0.05, loss: kd}\nfinetune: *train\n"
+    (tmp_path / "aliases.yaml").write_text(body)
+    assert run(["validate", str(tmp_path / "aliases.yaml")]) == 0
+
+
+# ---------------------------------------------------------------- items 11, 10 and weak: weight files
+
+
+def mobilenet_state():
+    from toolchain.models.registry import build_model
+
+    return build_model("mobilenet_v3_small", 10).state_dict()
+
+
+@pytest.mark.parametrize("key", ["weights", "checkpoint"])
+def test_a_truncated_safetensors_file_is_one_line(tiny_recipe, tmp_path, capsys, key):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "student.safetensors"
+    save_file({k: v.contiguous() for k, v in mobilenet_state().items()}, str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy cut short
+    recipe = tiny_recipe(student={"model": "mobilenet_v3_small", key: str(path)})
+    assert_one_line_error(capsys, ["compress", recipe], "not a readable .safetensors file, corrupt or truncated")
+
+
+def test_a_timm_tag_that_does_not_exist_is_one_line_naming_the_tags(tiny_recipe, capsys):
+    recipe = tiny_recipe(student={"model": "timm/resnet18.no_such_tag", "weights": "pretrained"})
+    assert_one_line_error(capsys, ["compress", recipe], "timm has no pretrained tag 'no_such_tag' for resnet18; use "
+                                                        "timm/resnet18.<tag> with one of: ")
+
+
+@pytest.mark.parametrize("layout", ["lightning", "timm_train", "ddp", "plain_loop"])
+def test_training_framework_checkpoint_layouts_load(tmp_path, layout):
+    from toolchain.models.checkpoint import load_weights
+    from toolchain.models.registry import build_model
+
+    state = mobilenet_state()
+    saved = {"lightning": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3,
+                           "optimizer_states": [{}]},
+             "timm_train": {"epoch": 3, "arch": "x", "state_dict": state, "state_dict_ema": state},
+             "ddp": {f"module.{k}": v for k, v in state.items()},
+             "plain_loop": {"model_state_dict": state, "optimizer_state_dict": {}}}[layout]
+    torch.save(saved, tmp_path / "ckpt.pt")
+    model = load_weights(build_model("mobilenet_v3_small", 10), tmp_path / "ckpt.pt", "mobilenet_v3_small")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])

@@ -520,7 +520,7 @@ class MatrixConfig(Section):
 
 class Recipe(Section):
     name: str = Field(..., pattern=RUN_NAME_PATTERN, description="Run name; becomes export/<name>/ (letters, digits, . _ -; no path separators).")
-    seed: int = Field(0, ge=0, description="Seed for data split, init, shuffling.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data split, init, shuffling (0 to 2^32 - 1: numpy's seed range).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto picks cuda when available.")
     threads: Optional[int] = Field(None, ge=1, le=1024, description="torch CPU threads for training and evaluation; None keeps torch's default (one per core). On a machine shared with other jobs, 1 is often faster.")
     output_dir: str = Field("export", description="Where export/<name>/ (summary, ONNX, checkpoints) is written.")
@@ -603,6 +603,46 @@ def validate_dict(raw: Dict[str, Any], source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"{source}: {_first_error(exc)}") from None
 
 
+# A recipe is a few hundred values. YAML aliases (&a / *a) share one parsed node, so 1 KB of nested
+# aliases loads in microseconds and then expands to billions of values in whatever walks it (validation,
+# copies, hashing); past this many values once expanded, the file is refused before anything walks it.
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _check_expansion(raw: Any, where: str) -> None:
+    """Count the values `raw` holds with every alias expanded, without expanding: each shared node is
+    sized once (memo by id). A node that contains itself (&a [*a]) is refused too."""
+    sizes: Dict[int, int] = {}
+    active: set = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise RecipeError(f"{where}: a YAML alias refers to a node that contains it (&anchor inside itself); "
+                              "write the values out")
+        active.add(key)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_EXPANDED_VALUES:
+                raise RecipeError(f"{where}: the YAML expands to more than {MAX_EXPANDED_VALUES:,} values through "
+                                  "aliases (&anchor / *alias, an alias bomb?); a recipe needs a few hundred: "
+                                  "write the values out or use fewer nested aliases")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        size(raw)
+    except RecursionError:
+        raise RecipeError(f"{where}: the YAML is nested too deeply; a recipe is a few levels of sections") from None
+
+
 def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found; pass the path to a YAML recipe (see recipes/)")
@@ -615,8 +655,11 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
         raise RecipeError(f"{path}: malformed YAML{where}: {problem}; fix the syntax") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a UTF-8 text file; a recipe is YAML text") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: the YAML is nested too deeply; a recipe is a few levels of sections") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: the recipe must be a YAML mapping (key: value), got {type(raw).__name__}")
+    _check_expansion(raw, str(path))
     return raw
 
 
@@ -628,6 +671,7 @@ def _apply_override(raw: Dict[str, Any], item: str, path: Path) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    _check_expansion(value, f"{path}: override {key}")
     set_dotted(raw, key, value, f"{path}: override")
 
 

@@ -28,28 +28,72 @@ def save_state(obj: Dict[str, Any], path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+def _safetensors_errors() -> tuple:
+    try:
+        from safetensors import SafetensorError
+
+        return (SafetensorError,)
+    except ImportError:
+        return ()
+
+
 def load_state(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; check the path in the recipe")
+    if path.suffix.lower() == ".safetensors":
+        return load_safetensors(path)
     try:
+        # torch.load itself hands a safetensors file (whatever its name) to safetensors: its errors too
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to load: the file holds pickled Python objects, not only tensors ({first_line(exc)}); "
             "save the model's state_dict instead: torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, *_safetensors_errors()) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(exc)}); re-create it") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state_dict (dict of tensors), got {type(obj).__name__}")
     return obj
 
 
+def load_safetensors(path: Path) -> Dict[str, Any]:
+    """A .safetensors file (tensors only by design, so nothing to refuse but damage): a truncated or
+    garbled file is one line, as for a .pt checkpoint."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001  (SafetensorError, OSError, and the bindings' own errors)
+        raise CheckpointError(f"{path}: not a readable .safetensors file, corrupt or truncated ({first_line(exc)}); "
+                              "re-create it (or copy it again if the transfer was cut)") from None
+
+
+# where common training frameworks keep the weights in a checkpoint: ours and timm's train.py ("model",
+# "state_dict_ema"), Lightning ("state_dict"), plain loops ("model_state_dict", "net")
+CONTAINER_KEYS = ("model", "state_dict", "model_state_dict", "net", "network")
+
+
 def extract_state_dict(obj: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """Accept a bare state_dict or our {'model': state_dict, ...} container."""
-    state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
+    """Accept a bare state_dict or a training checkpoint that holds one under a CONTAINER_KEYS key;
+    DataParallel / DDP's `module.` prefix is dropped."""
+    state = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), dict) and obj[k]), obj)
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def without_wrapper_prefix(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A LightningModule saves its network as `<attribute>.<name>` (model.conv1.weight): when every key
+    shares one first component and dropping it gives exactly the model's names, drop it."""
+    own = set(model.state_dict())
+    if set(state) == own or not state:
+        return state
+    first = {k.partition(".")[0] for k in state}
+    if len(first) == 1 and all("." in k for k in state):
+        stripped = {k.partition(".")[2]: v for k, v in state.items()}
+        if set(stripped) == own:
+            return stripped
+    return state
 
 
 def load_weights(model: nn.Module, path: str | Path, arch: str = "model", resize: bool = False,
@@ -69,6 +113,7 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "model", resize
 
 def load_state_dict_checked(model: nn.Module, state: Dict[str, torch.Tensor], path, arch: str) -> nn.Module:
     """load_state_dict(strict=True) with one-line errors: which tensors do not fit, and how to fix it."""
+    state = without_wrapper_prefix(model, state)
     _check_shapes(model, state, path, arch)
     try:
         model.load_state_dict(state, strict=True)
@@ -77,7 +122,8 @@ def load_state_dict_checked(model: nn.Module, state: Dict[str, torch.Tensor], pa
         unexpected = [k for k in state if k not in model.state_dict()][:3]
         raise CheckpointError(
             f"{path}: checkpoint does not fit architecture {arch!r} (missing {missing}, unexpected {unexpected}); "
-            "check the model name in the recipe or pass the checkpoint made for it"
+            "check the model name in the recipe or pass the checkpoint made for it (a bare state_dict, or one under "
+            f"{'/'.join(CONTAINER_KEYS)}, with or without a module. prefix)"
         ) from None
     return model
 

@@ -137,9 +137,18 @@ def _timm_pretrained(ref: Reference, num_classes: int, kwargs: Dict[str, Any]):
 
 
 def timm_pretrained_cfg(ref: Reference):
+    import timm
     import timm.models
 
-    cfg = timm.models.get_pretrained_cfg(ref.name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(ref.name)
+    except RuntimeError:  # timm: "Invalid pretrained tag (x) for arch"
+        arch, _, tag = ref.name.partition(".")
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        shown = ", ".join(tags[:8]) + (f" (and {len(tags) - 8} more)" if len(tags) > 8 else "")
+        raise CheckpointError(f"model timm/{ref.name}: timm has no pretrained tag {tag!r} for {arch}; "
+                              + (f"use timm/{arch}.<tag> with one of: {shown}" if tags else
+                                 "it has no pretrained weights at all: set weights: to a local file")) from None
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise CheckpointError(f"model timm/{ref.name}: timm has no pretrained weights for it; "
                               "pick a tag from timm.list_models(pretrained=True) or set weights: to a local file")
@@ -158,9 +167,9 @@ def _hf_cache() -> str:
 def load_pretrained_file(model, path: str, arch: str, num_classes: int):
     """Load a state_dict file into `model`; classifier layers whose class count differs keep their
     fresh initialisation (and the log says so). Any other mismatch is an error."""
-    from .checkpoint import load_state_dict_checked
+    from .checkpoint import load_state_dict_checked, without_wrapper_prefix
 
-    state = read_state_dict(path)
+    state = without_wrapper_prefix(model, read_state_dict(path))  # before the head check: Lightning's model. prefix
     own = model.state_dict()
     heads = _class_layers(model, num_classes)
     reset = sorted({k.rpartition(".")[0] for k, v in state.items()
@@ -178,16 +187,9 @@ def load_pretrained_file(model, path: str, arch: str, num_classes: int):
 def read_state_dict(path: str):
     from .checkpoint import extract_state_dict, load_state
 
-    if not str(path).lower().endswith(".safetensors"):
-        return extract_state_dict(load_state(path))
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: weights file not found; check weights: in the recipe")
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
-        raise CheckpointError(f"{path}: not a readable .safetensors file ({first_line(exc)}); re-create it") from None
+    return extract_state_dict(load_state(path))  # .safetensors too (checkpoint.load_safetensors)
 
 
 def _class_layers(model, num_classes: int) -> List[str]:
