@@ -60,3 +60,190 @@ def test_a_budget_recipe_dumps_without_sparsity_and_loads_again():
     assert validate_dict(dumped) == r
     assert recipe({"method": "channel", "sparsity": 0.3}).model_dump()["prune"]["sparsity"] == 0.3
     assert PruneConfig(method="channel", budget={"macs": 0.5}).budget.kind == "macs"
+
+
+# ---------------------------------------------------------------- the uniform search
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from toolchain.prune import budget as B  # noqa: E402
+from toolchain.prune.api import prune_model  # noqa: E402
+from toolchain.prune.registry import PruneError  # noqa: E402
+
+
+class Net(nn.Module):
+    """Plain convs of different widths (no coupling), so the grid has many distinct structures."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.a = nn.Conv2d(3, 40, 3, padding=1)
+        self.b = nn.Conv2d(40, 64, 3, padding=1)
+        self.c = nn.Conv2d(64, 24, 1)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 16, 16)
+
+
+def cfg_with(budget, **prune):
+    return PruneConfig(method="channel", budget=budget, **prune)
+
+
+def prune_fn(model, cfg):
+    return prune_model(model, cfg, X)
+
+
+@pytest.mark.parametrize("engine", ["nni", "torch_pruning"])
+def test_uniform_search_meets_a_macs_budget_within_one_alignment_step(engine, one_thread):
+    torch.manual_seed(0)
+    model, cfg = Net().eval(), cfg_with({"macs": 0.3}, engine=engine)
+    grid = B.sparsity_grid(model, cfg)
+    assert grid == sorted(grid) and len(grid) >= 6
+    most = prune_fn(model, B.trial_cfg(cfg, grid[-1])).model
+    kept = [most.a.out_channels, most.b.out_channels, most.c.out_channels]
+    if engine == "nni":
+        assert kept == [8, 8, 8]  # every layer at align
+    else:  # Torch-Pruning's grid ends where its narrowest layer reaches align
+        assert kept[2] == 8 and all(k % 8 == 0 for k in kept)
+    result, d = B.choose(model, cfg, B.make_meter(cfg.budget, X), prune_fn)
+    macs = lambda m: B.count_macs(m, (1, 3, 16, 16))  # noqa: E731
+    assert d.met and d.value == macs(result.model) / macs(model) <= 0.3
+    assert result.report["sparsity_target"] == d.sparsity == grid[grid.index(d.sparsity)]
+    i = grid.index(d.sparsity)
+    assert i > 0
+    looser = prune_fn(model, B.trial_cfg(cfg, grid[i - 1])).model  # one alignment step less pruned misses it
+    assert macs(looser) / macs(model) > 0.3
+    assert d.trials <= 2 + len(grid).bit_length() and d.retries == 0
+    assert d.history[-1]["stage"] == "final" and d.report()["budget.met"] == 1.0
+
+
+def test_params_budget_with_the_recipes_own_pruner_is_pruned_once_more(one_thread):
+    model, cfg = Net().eval(), cfg_with({"params": 0.5}, pruner="fpgm", schedule="iterative", steps=2, step_epochs=0)
+    result, d = B.choose(model, cfg, B.make_meter(cfg.budget, X), prune_fn)
+    assert d.met and d.value <= 0.5 and result.report["pruner"] == "fpgm"
+    assert [h["stage"] for h in d.history].count("final") == 1
+
+
+def test_an_unreachable_budget_names_the_best_reachable_value(one_thread):
+    model, cfg = Net().eval(), cfg_with({"macs": 0.01})
+    with pytest.raises(PruneError) as info:
+        B.check_reachable(model, cfg, B.make_meter(cfg.budget, X), prune_fn)
+    text = str(info.value)
+    best = B.Search(model, cfg, B.make_meter(cfg.budget, X), prune_fn, B.sparsity_grid(model, cfg))
+    value = best.measure(len(best.grid) - 1).value
+    assert "\n" not in text and text.startswith("prune.budget.macs 0.01 cannot be reached by Net")
+    assert f"the best reachable is {value:.4f}" in text and "every prunable layer at 8 channels" in text
+    with pytest.raises(PruneError, match="cannot be reached"):
+        B.choose(model, cfg, B.make_meter(cfg.budget, X), prune_fn)
+
+
+class Scripted(B.Meter):
+    """A meter reading MACs but answering 'missed' for the first `misses` final measurements."""
+
+    def __init__(self, budget, misses):
+        super().__init__(budget, X)
+        self.counts, self.misses, self.calls = B.CountMeter(budget, X), misses, 0
+
+    def __call__(self, student, pruned):
+        r = self.counts(student, pruned)
+        self.calls += 1
+        if r.met and self.calls > self.search_calls and self.misses > 0:
+            self.misses -= 1
+            return B.Reading(r.value, r.low, r.high, False)
+        return r
+
+
+def test_a_final_measurement_that_misses_tightens_one_step_at_a_time(one_thread, monkeypatch):
+    model = Net().eval()
+    cfg = cfg_with({"speedup": 1.5, "max_retries": 2})
+    probe = cfg_with({"macs": 0.3})
+    plain = B.choose(model, probe, B.make_meter(probe.budget, X), prune_fn)[1]
+    grid = B.sparsity_grid(model, cfg)
+    meter = Scripted(probe.budget, misses=1)
+    meter.kind, meter.search_calls = "speedup", plain.trials  # a latency kind: the final model is measured again
+    result, d = B.choose(model, cfg.model_copy(update={"budget": probe.budget.model_copy(update={"max_retries": 2})}),
+                         meter, prune_fn)
+    assert d.retries == 1 and d.met and d.sparsity == grid[grid.index(plain.sparsity) + 1]
+    assert [h["stage"] for h in d.history][-2:] == ["final", "final"] and not d.history[-2]["met"]
+    meter = Scripted(probe.budget, misses=5)
+    meter.kind, meter.search_calls = "speedup", plain.trials
+    _, d = B.choose(model, cfg.model_copy(update={"budget": probe.budget.model_copy(update={"max_retries": 2})}),
+                    meter, prune_fn)
+    assert d.retries == 2 and not d.met and "NOT met" in d.line()  # bounded: reported, not hidden
+
+
+# ---------------------------------------------------------------- latency budgets on fed comparisons
+
+
+def size_replicate(noise=0.0):
+    """Fed replicates: the candidate's 'latency' is its ONNX file size (falls with pruning, like the real one);
+    `noise` spreads the replicates so the interval has a width."""
+    import os
+
+    state = {"n": 0}
+
+    def replicate(spec):
+        state["n"] += 1
+        wobble = 1 + noise * (1 if state["n"] % 2 else -1)
+        bs = spec["batch_sizes"][0]
+        ms = {n: os.path.getsize(p) / 1e4 for n, p in spec["files"].items()}
+        ms["candidate"] *= wobble
+        keys = {f"{n}@{bs}": ms[n] for n in spec["files"]}
+        return {"ratios": {f"student|candidate@{bs}": ms["student"] / ms["candidate"]}, "medians_ms": keys,
+                "times": {k: [v / 1e3] * 2 for k, v in keys.items()}, "shapes": {k: [bs, 3, 16, 16] for k in keys}}
+
+    return replicate
+
+
+LATENCY = {"min_replicates": 3, "max_replicates": 4, "isolation": "session"}
+
+
+def latency_budget(**kind):
+    return recipe({"method": "channel", "budget": {**kind, "latency": LATENCY}},
+                  export={"exporter": "torchscript", "opset": 17}, bench={"batch_sizes": [4], "intra_op_threads": 1}).prune
+
+
+def test_speedup_budget_is_met_by_the_intervals_lower_end(one_thread):
+    model, cfg = Net().eval(), latency_budget(speedup=2.0)
+    meter = B.make_meter(cfg.budget, X, size_replicate(noise=0.02))
+    try:
+        result, d = B.choose(model, cfg, meter, prune_fn)
+    finally:
+        meter.close()
+    assert d.met and d.low >= 2.0 and d.low <= d.value <= d.high and (d.batch_size, d.threads) == (4, 1)
+    assert d.comparison["replicates"] >= 3 and d.comparison["speedup"]["low"] == d.low
+    misses = [h for h in d.history if h["stage"] == "search" and not h["met"]]
+    assert misses and all(h["sparsity"] < d.sparsity for h in misses)  # everything less pruned missed
+    assert "Budget: speedup >= 2 at batch 4, 1 threads: met, " in d.line() and "(95% interval)" in d.line()
+
+
+def test_latency_ms_budget_is_met_by_the_intervals_upper_end(one_thread):
+    model = Net().eval()
+    cfg = latency_budget(latency_ms=1.0)
+    meter = B.make_meter(cfg.budget, X, size_replicate(noise=0.02))
+    try:
+        _, d = B.choose(model, cfg, meter, prune_fn)
+        assert d.met and d.high <= 1.0 and d.comparison["p50_ms"]["high"] == d.high
+        tiny = latency_budget(latency_ms=0.001)
+        with pytest.raises(PruneError, match=r"prune.budget.latency_ms 0.001 cannot be reached .* at batch 4, 1 threads\) "
+                                             r"misses it; the best reachable is [0-9.]+ ms \(95% interval"):
+            B.check_reachable(model, tiny, B.make_meter(tiny.budget, X, size_replicate()), prune_fn)
+    finally:
+        meter.close()
+
+
+def test_file_bytes_budget_on_the_float_onnx_file(one_thread):
+    model = Net().eval()
+    cfg = recipe({"method": "channel", "budget": {"file_bytes": 20000}}, export={"exporter": "torchscript", "opset": 17}).prune
+    meter = B.make_meter(cfg.budget, X)
+    try:
+        result, d = B.choose(model, cfg, meter, prune_fn)
+        assert d.met and d.value <= 20000
+        assert float(__import__("os").path.getsize(meter.export(result.model, "again"))) == d.value
+    finally:
+        meter.close()
