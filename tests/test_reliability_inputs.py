@@ -291,3 +291,46 @@ def test_training_framework_checkpoint_layouts_load(tmp_path, layout):
     model = load_weights(build_model("mobilenet_v3_small", 10), tmp_path / "ckpt.pt", "mobilenet_v3_small")
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+# ---------------------------------------------------------------- item 14: sweep finds the user's model like compress
+
+
+def test_sweep_finds_a_user_model_module_next_to_its_recipe(tiny_recipe, tmp_path):
+    """A fresh process (no sys.path left over from other tests), run from another folder than the recipe's."""
+    (tmp_path / "sweepnets.py").write_text(USER_NETS)
+    path = tiny_recipe(student={"model": "sweepnets:fine"}, matrix={"axes": {"distill.lr": [0.05, 0.01]}})
+    swept = cli("sweep", path, "--dry-run")
+    assert swept.returncode == 0, swept.stderr
+    assert "2 variant(s)" in swept.stdout
+    plain = tiny_recipe(student={"model": "sweepnets:fine"})
+    assert cli("validate", plain).returncode == 0
+
+
+# ---------------------------------------------------------------- weak: sweeps of 0 or 10^6 variants, Ctrl-C
+
+
+def test_a_sweep_of_no_variant_or_a_million_is_one_line(tiny_recipe):
+    none = tiny_recipe(matrix={"axes": {"distill.lr": [0.05]}, "exclude": [{"distill.lr": 0.05}]})
+    one_line(cli("sweep", none, "--dry-run"), "the matrix leaves no variant")
+    axes = {f"data.{k}": list(range(20)) for k in ("subset", "test_subset", "batch_size", "eval_batch_size", "num_workers")}
+    huge = tiny_recipe(matrix={"axes": axes})
+    one_line(cli("sweep", huge, "--dry-run"), "the axes expand to 3,200,000 variants")
+
+
+def test_a_ctrl_c_sweep_still_writes_its_record(tiny_recipe, tmp_path, monkeypatch, capsys):
+    from toolchain.engine import runner
+
+    calls = []
+
+    def fake(recipe, force=False, recomputed=None):
+        calls.append(recipe.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"stages": {}}
+
+    monkeypatch.setattr(runner, "compress", fake)
+    path = tiny_recipe(matrix={"axes": {"distill.lr": [0.05, 0.01, 0.02]}})
+    assert run(["sweep", str(path)]) == 130
+    record = json.loads((tmp_path / "export" / "sweep-recipe.json").read_text())
+    assert [v["status"] for v in record["variants"]] == ["FINISHED", "KILLED"]

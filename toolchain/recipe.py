@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
@@ -469,6 +470,9 @@ def _check_dotted_keys(where: str, mapping: Dict[str, Any]) -> None:
                              "variants are named <name>-<suffix>, share one cache and one MLflow experiment)")
 
 
+MAX_VARIANTS = 10_000  # a sweep runs its variants one after the other: more is a typo, not a study
+
+
 class MatrixRule(Section):
     when: Dict[str, Any] = Field(..., min_length=1, description="Axis values a variant must have for `set` to apply, e.g. {prune.method: weight}.")
     set: Dict[str, Any] = Field(..., min_length=1, description="Dotted overrides applied to the matching variants, e.g. {prune.sparsity: 0.8}.")
@@ -498,6 +502,10 @@ class MatrixConfig(Section):
     def _consistent(self) -> "MatrixConfig":
         if not self.axes and not self.include:
             raise ValueError("a matrix needs axes or include entries")
+        product = math.prod(len(v) for v in self.axes.values()) if self.axes else 0
+        if product + len(self.include) > MAX_VARIANTS:  # counted before anything is expanded (memory)
+            raise ValueError(f"the axes expand to {product:,} variants (product of their lengths), more than "
+                             f"{MAX_VARIANTS:,}; split the sweep into several recipes or use fewer axis values")
         _check_dotted_keys("axes", self.axes)
         for key, values in self.axes.items():
             texts = [json.dumps(v, sort_keys=True, default=str) for v in values]

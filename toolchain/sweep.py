@@ -53,7 +53,7 @@ class Variant:
 @dataclass
 class Outcome:
     variant: Variant
-    status: str  # FINISHED or FAILED
+    status: str  # FINISHED, FAILED, or KILLED (the variant a Ctrl-C stopped)
     seconds: float
     error: str = ""
     summary: Dict[str, Any] = field(default_factory=dict)
@@ -88,7 +88,10 @@ def expand(path: str | Path, overrides: Sequence[str] = ()) -> List[Variant]:
 
 
 def expand_file(path: Path, overrides: Sequence[str] = ()) -> List[Variant]:
+    from .models.refs import add_import_root
+
     raw = _read_yaml(path)
+    add_import_root(path.parent)  # as load_recipe does for compress: model: package.module:callable next to the recipe
     base = validate_dict(raw, source=str(path))  # the base, matrix section included, through the schema
     if base.matrix is None:
         for item in overrides:
@@ -100,7 +103,11 @@ def expand_file(path: Path, overrides: Sequence[str] = ()) -> List[Variant]:
         raise RecipeError(f"{path}: override {clash[0]} is a matrix axis; edit matrix.axes in the recipe (or pick variants with --only)")
     body = {k: v for k, v in raw.items() if k != "matrix"}
     variants = []
-    for coords in points(base.matrix):
+    chosen = points(base.matrix)
+    if not chosen:
+        raise RecipeError(f"{path}: the matrix leaves no variant (its exclude entries remove every combination of the "
+                          "axes); remove an exclude entry or add include entries")
+    for coords in chosen:
         settings = dict(coords)
         for rule in base.matrix.rules:
             if matches(coords, rule.when):
@@ -215,7 +222,15 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), force: bool = Fal
         return []
     started = time.perf_counter()
     recomputed: set = set()  # --force: each stage once per sweep (one teacher), see engine.context.RunContext
-    outcomes = [run_variant(v, i, total, force, out, recomputed) for i, v in enumerate(variants, 1)]
+    outcomes: List[Outcome] = []
+    for i, v in enumerate(variants, 1):
+        t0 = time.perf_counter()
+        try:
+            outcomes.append(run_variant(v, i, total, force, out, recomputed))
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM: the record still says what ran, and where it stopped
+            outcomes.append(Outcome(v, "KILLED", time.perf_counter() - t0, error="interrupted"))
+            write_record(outcomes)
+            raise
     print(results_table(outcomes, time.perf_counter() - started), file=out, flush=True)
     write_record(outcomes)
     failed = [o.variant.name for o in outcomes if o.status != "FINISHED"]
