@@ -247,3 +247,64 @@ def test_file_bytes_budget_on_the_float_onnx_file(one_thread):
         assert float(__import__("os").path.getsize(meter.export(result.model, "again"))) == d.value
     finally:
         meter.close()
+
+
+# ---------------------------------------------------------------- the pipeline
+
+import json  # noqa: E402
+
+from toolchain.cli import run  # noqa: E402
+
+
+def test_an_unreachable_budget_fails_in_the_preflight_before_the_teacher_trains(tiny_recipe, tmp_path, capsys):
+    path = tiny_recipe(prune={"method": "channel", "engine": "torch_pruning", "budget": {"macs": 0.01}},
+                       finetune={"epochs": 1, "loss": "kd"})
+    assert run(["compress", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert "prune.budget.macs 0.01 cannot be reached by MobileNetV3" in err and "the best reachable is 0." in err, err
+    assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))  # nothing trained
+
+
+def test_a_budget_run_reports_the_decision_in_metrics_mlflow_budget_json_and_the_closing_line(tiny_recipe, tmp_path,
+                                                                                             capsys):
+    import mlflow
+
+    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+                       prune={"method": "channel", "engine": "torch_pruning", "budget": {"macs": 0.4}})
+    assert run(["compress", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "channel-prunes with engine torch_pruning; budget macs 0.4 is reachable" in out
+    summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    prune = summary["stages"]["prune"]
+    m, budget = prune["metrics"], prune["info"]["budget"]
+    assert m["prune.budget.met"] == 1.0 and m["prune.budget.value"] <= 0.4 and m["prune.budget.target"] == 0.4
+    assert m["prune.sparsity_target"] == m["prune.budget.sparsity"] == budget["sparsity"]
+    assert abs(m["macs"] / summary["stages"]["distill"]["metrics"]["macs"] - m["prune.budget.value"]) < 1e-9
+    assert budget["kind"] == "macs" and budget["history"][-1]["stage"] == "final"
+    closing = next(line for line in out.splitlines() if line.startswith("Budget: "))
+    assert closing.startswith("Budget: macs <= 0.4: met, ") and f"at sparsity {budget['sparsity']:.3f}" in closing
+    client = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"])
+    child = client.get_run(prune["mlflow_run_id"])
+    assert child.data.metrics["prune.budget.met"] == 1.0 and child.data.metrics["prune.budget.value"] <= 0.4
+    assert {"budget.json", "layers.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+
+
+@pytest.mark.slow
+def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """The stage's latency path end to end, timing replaced by fed replicates (file size as latency)."""
+    import toolchain.stages.prune as stage
+
+    monkeypatch.setattr(stage, "REPLICATE", size_replicate(noise=0.01))
+    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+                       prune={"method": "channel", "engine": "torch_pruning",
+                              "budget": {"speedup": 3, "batch_size": 2, "threads": 1, "exporter": "torchscript",
+                                         "opset": 17, "latency": LATENCY}})
+    assert run(["compress", str(path)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    m, budget = summary["stages"]["prune"]["metrics"], summary["stages"]["prune"]["info"]["budget"]
+    assert m["prune.budget.met"] == 1.0 and m["prune.budget.low"] >= 3 and m["prune.budget.batch_size"] == 2
+    assert budget["comparison"]["replicates"] >= 3 and budget["comparison"]["speedup"]["low"] == m["prune.budget.low"]
+    closing = next(line for line in out.splitlines() if line.startswith("Budget: "))
+    assert closing.startswith("Budget: speedup >= 3 at batch 2, 1 threads: met, ") and "(95% interval)" in closing

@@ -85,6 +85,8 @@ def final_table(summary: Summary) -> str:
     data = summary.data
     stages, files = data.get("stages", {}), data.get("files", {})
     lines = ["", f"== {data['run_name']}: results =="] + model_rows(stages)
+    if stages.get("prune", {}).get("info", {}).get("budget_line"):  # prune.budget: what was decided
+        lines.append(stages["prune"]["info"]["budget_line"])
     if "export" in stages:
         m = stages["export"]["metrics"]
         lines.append(f"ONNX: test acc {m['onnx_test_accuracy']:.4f} (PyTorch {m['torch_test_accuracy']:.4f}), "

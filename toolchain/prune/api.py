@@ -85,12 +85,17 @@ def check_prunable(model: nn.Module, cfg, example_input: torch.Tensor, time_limi
         return 0.0
     trial = cfg.model_copy(update={"pruner": "l1" if cfg.pruner == "taylor" else cfg.pruner, "schedule": "one_shot"})
     started = time.perf_counter()
-    with time_limit(time_limit_s, lambda: PruneError(
-            f"prune: engine {cfg.engine} did not finish pruning {type(model).__name__} within {time_limit_s:g} s "
-            f"(prune.check_time_limit_s); try prune.engine: {_other(cfg)}, keep the blocks it stalls on with prune.exclude, "
-            "or raise prune.check_time_limit_s if the model is just big")):
+    with check_time_limit(cfg, model, time_limit_s):
         prune_model(model, trial, example_input)
     return time.perf_counter() - started
+
+
+def check_time_limit(cfg, model: nn.Module, time_limit_s: float):
+    """The preflight's limit on one engine run, and the one line when it is exceeded."""
+    return time_limit(time_limit_s, lambda: PruneError(
+        f"prune: engine {cfg.engine} did not finish pruning {type(model).__name__} within {time_limit_s:g} s "
+        f"(prune.check_time_limit_s); try prune.engine: {_other(cfg)}, keep the blocks it stalls on with prune.exclude, "
+        "or raise prune.check_time_limit_s if the model is just big"))
 
 
 @contextmanager

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Dict
 
 from ..engine.stage import register_stage
 from ..train.tasks import make_task
 from .common import ModelStage, finalize, pe_against_references, reseed, teacher_role, train
+
+
+# Replaces the latency timing of budget comparisons (bench/compare.py's `replicate`); tests feed it.
+REPLICATE = None
 
 
 def step_train_cfg(cfg):
@@ -34,8 +39,35 @@ class Prune(ModelStage):
         if cfg.prune.method != "channel":
             return
         model = architecture(cfg.student, data.num_classes)
+        if cfg.prune.budget is not None:  # its check prunes the most-pruned aligned model: the structure check too
+            self._check_budget(model, cfg.prune, data)
+            return
         seconds = check_prunable(model, cfg.prune, data.example_batch(2), cfg.prune.check_time_limit_s)
         tqdm.write(f"[prune] preflight: {cfg.student.model} channel-prunes with engine {cfg.prune.engine} ({seconds:.1f} s)")
+
+    def _check_budget(self, model, cfg, data) -> None:
+        """An unreachable budget (the most-pruned aligned model misses it) fails now, naming the best reachable value."""
+        from tqdm import tqdm
+
+        from ..prune import prune_model
+        from ..prune.api import check_time_limit
+        from ..prune.budget import check_reachable, make_meter
+
+        example = data.example_batch(2).cpu()
+        meter = make_meter(cfg.budget, example, REPLICATE, tqdm.write)
+
+        def prune_once(m, c):
+            with check_time_limit(cfg, m, cfg.check_time_limit_s):
+                return prune_model(m, c, example)
+
+        started = time.perf_counter()
+        try:
+            reading = check_reachable(model.cpu(), cfg, meter, prune_once)
+        finally:
+            meter.close()
+        tqdm.write(f"[prune] preflight: {type(model).__name__} channel-prunes with engine {cfg.engine}; budget "
+                   f"{cfg.budget.kind} {cfg.budget.target:g} is reachable (most-pruned aligned model: "
+                   f"{reading.text(cfg.budget.kind)}; {time.perf_counter() - started:.1f} s)")
 
     def inputs(self, cfg, models, ran):
         # the teacher is an input too: taylor scores and iterative steps use the KD loss
@@ -51,15 +83,39 @@ class Prune(ModelStage):
         task = make_task(step_cfg, job.inputs["teacher"].model if "teacher" in job.inputs else None)
         gradients = GradientSource(job.data.train, lambda model, x, y: task.loss(model, x, y)[0], cfg.taylor_batches)
         source = job.inputs["model"]
-        result = prune_model(copy.deepcopy(source.model), cfg, job.data.example_batch(2),
-                             finetune_fn=finetune_fn, gradients=gradients)
+        example = job.data.example_batch(2)
+        prune_fn = lambda m, c: prune_model(m, c, example, finetune_fn=finetune_fn, gradients=gradients)  # noqa: E731
+        decision = None
+        if cfg.budget is None:
+            result = prune_fn(copy.deepcopy(source.model), cfg)
+        else:
+            result, decision = self._to_budget(copy.deepcopy(source.model), cfg, example, prune_fn)
+            result.report.update(decision.report())
         extra = {f"prune.{k}": v for k, v in result.report.items() if isinstance(v, (int, float))}
         out = finalize(job, result.model, source.result.model().spec(), extra=extra,
                        keep_zeros=cfg.method == "weight")
         out.info["layers"] = result.layers
+        if decision is not None:
+            out.info["budget"] = decision.as_dict()
+            out.info["budget_line"] = decision.line()
         return out
+
+    def _to_budget(self, model, cfg, example, prune_fn):
+        from tqdm import tqdm
+
+        from ..prune.budget import choose, make_meter
+
+        meter = make_meter(cfg.budget, example.cpu(), REPLICATE, tqdm.write)
+        try:
+            result, decision = choose(model, cfg, meter, prune_fn)
+        finally:
+            meter.close()
+        tqdm.write(f"[prune] {decision.line()}")
+        return result, decision
 
     def publish(self, run, output, child) -> Dict[str, float]:
         if output.result.info.get("layers"):
             child.log_dict(output.result.info["layers"], "layers.json")
+        if output.result.info.get("budget"):
+            child.log_dict(output.result.info["budget"], "budget.json")
         return pe_against_references(run.outputs, output.result.metrics, output.name)
