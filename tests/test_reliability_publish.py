@@ -230,3 +230,102 @@ def test_attach_by_id_to_an_unfinished_run_is_refused(device_run, capsys, status
     code, out = attach_cli(capsys, device_run, device_run["data"], ref=other.info.run_id)
     assert code == 2 and out.err.count("\n") == 1 and f"is {status}, not FINISHED" in out.err, out.err
     assert not client.get_run(other.info.run_id).data.metrics
+
+
+# ---------------------------------------------------------------- item 8: publish is all or nothing
+
+
+def shipped_state(run_dir: Path) -> dict:
+    """sha256 of every file export/<run>/ ships (summary.json is the run's record, not a shipped file)."""
+    from toolchain.fsutil import file_sha256
+
+    return {p.relative_to(run_dir).as_posix(): file_sha256(p) for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "summary.json"}
+
+
+def staging_left(export: Path) -> list:
+    return [p.name for p in export.iterdir() if p.name.endswith(".tmp")]
+
+
+def publish_recipe(tiny_recipe, lr: float, **extra):
+    from conftest import FAST_LATENCY
+
+    return tiny_recipe(teacher=None, distill={"epochs": 1, "lr": lr, "loss": "ce"},
+                       export={"exporter": "dynamo", "opset": 18, "references": False},
+                       bench={"batch_sizes": [1], "warmup": 1, "iterations": 3, "time_budget_s": 0.1,
+                              "latency": FAST_LATENCY, "compare_torch": False},
+                       package={"golden_images": 2}, **extra)
+
+
+def start_compress(path: Path) -> subprocess.Popen:
+    import signal
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "toolchain", "compress", str(path)], cwd=Path(__file__).resolve().parents[1],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.slow
+def test_a_failed_or_killed_rerun_changes_nothing_a_successful_run_shipped(tiny_recipe, tmp_path, capsys):
+    import signal
+    import time
+
+    export, run_dir = tmp_path / "export", tmp_path / "export" / "tiny"
+    assert run(["compress", str(publish_recipe(tiny_recipe, 0.05))]) == 0
+    first = json.loads((run_dir / "summary.json").read_text())
+    before = shipped_state(run_dir)
+    assert {"model.onnx", "model_card.json", "bench.json", "package/manifest.json", "recipe.yaml"} <= set(before)
+    assert first["shipped"]["parent_run_id"] == first["mlflow"]["parent_run_id"]
+
+    # another model, then quantize fails (no candidate can clear a 100x speedup, on_miss: error): after export
+    failing = publish_recipe(tiny_recipe, 0.02, quantize={"candidates": ["qdq_u8s8_dw_per_channel"], "calibration_images": 32,
+                                                           "min_speedup": 100, "on_miss": "error",
+                                                           "latency": {"block_s": 0.005, "blocks": 2, "min_replicates": 2,
+                                                                       "max_replicates": 2, "isolation": "session"}})
+    capsys.readouterr()
+    assert run(["compress", str(failing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert shipped_state(run_dir) == before and staging_left(export) == []
+    failed = json.loads((run_dir / "summary.json").read_text())
+    assert failed["status"] == "FAILED" and failed["shipped"]["parent_run_id"] == first["mlflow"]["parent_run_id"]
+    assert failed["files"] == first["files"] and "previous successful run" in failed["shipped"]["note"]
+
+    # SIGKILL once the new model.onnx is in the staging folder: nothing shipped changes; the next start
+    # removes the orphan staging folder
+    proc = start_compress(publish_recipe(tiny_recipe, 0.03))
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(export.glob(".tiny.*.publish.tmp/model.onnx")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert shipped_state(run_dir) == before and len(staging_left(export)) == 1
+
+    # a successful rerun replaces all of it, consistently
+    third = publish_recipe(tiny_recipe, 0.03)
+    assert run(["compress", str(third)]) == 0
+    after = shipped_state(run_dir)
+    final = json.loads((run_dir / "summary.json").read_text())
+    assert staging_left(export) == [] and final["status"] == "FINISHED"
+    assert after["model.onnx"] != before["model.onnx"] and after["package/model.onnx"] != before["package/model.onnx"]
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["files"]["model.onnx"]["sha256"] == after["model.onnx"]
+    assert final["files"]["model.onnx"] == str(run_dir / "model.onnx")
+    manifest = json.loads((run_dir / "package" / "manifest.json").read_text())
+    assert manifest["run"]["recipe_hash"] == final["recipe_hash"]
+
+
+def test_stale_publish_folders_go_once_their_process_is_gone(tmp_path):
+    from toolchain.fsutil import owned_temp_name, remove_stale_temp_files
+
+    live = tmp_path / owned_temp_name("run")  # this process: alive
+    dead = tmp_path / owned_temp_name("run").replace(f"-{os.getpid()}-", "-999999999-")
+    package = tmp_path / "run" / ".package.abcd1234.tmp"  # a killed package publish: judged by age
+    for folder in (live, dead, package):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "model.onnx").write_bytes(b"x")
+    old = 0
+    os.utime(package, (old, old))
+    assert remove_stale_temp_files(tmp_path) == 2
+    assert live.is_dir() and not dead.exists() and not package.exists()

@@ -44,19 +44,59 @@ def _write_failed(path: Path, reason: str) -> OutputError:
 
 
 TEMP_PATTERN = ".*.tmp"  # what atomic_path's temp files look like: .<name>.<random>.tmp
+# a run's publish staging folder (engine/publish.py): .<run>.<host>-<pid>-<random>.publish.tmp; it lives as
+# long as the run (hours of training), so it is judged by its owner process, not by its age
+OWNED_SUFFIX = ".publish.tmp"
+
+
+def owned_temp_name(stem: str) -> str:
+    import re
+    import socket
+    import uuid
+
+    host = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
+    return f".{stem}.{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}{OWNED_SUFFIX}"
+
+
+def _owner_gone(path: Path) -> bool:
+    """An owned temp folder whose process is gone from this host; another host's is never judged here."""
+    import re
+    import socket
+
+    match = re.search(r"\.([A-Za-z0-9]+)-(\d+)-[0-9a-f]+" + re.escape(OWNED_SUFFIX) + "$", path.name)
+    if not match or match.group(1) != (re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"):
+        return False
+    try:
+        os.kill(int(match.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
 
 
 def remove_stale_temp_files(directory: str | os.PathLike, older_than_s: float = 3600) -> int:
-    """Temp files a killed process left behind (up to a checkpoint's size each). Only old ones:
-    a concurrent run sharing the folder may be writing a fresh one right now."""
+    """Temp files and folders a killed process left behind (up to a checkpoint's size each; a package
+    staging folder; a run's publish staging folder). Only old ones: a concurrent run sharing the folder
+    may be writing a fresh one right now; a publish staging folder only once its process is gone."""
+    import shutil
     import time
 
     directory, removed = Path(directory), 0
     if not directory.is_dir():
         return 0
-    for tmp in directory.rglob(TEMP_PATTERN):
+    for tmp in sorted(directory.rglob(TEMP_PATTERN), key=lambda p: len(p.parts)):  # outer folders first
         try:
-            if tmp.is_file() and time.time() - tmp.stat().st_mtime > older_than_s:
+            if not tmp.exists():
+                continue  # inside a folder removed above
+            if tmp.name.endswith(OWNED_SUFFIX) and tmp.is_dir():
+                stale = _owner_gone(tmp)
+            else:
+                stale = time.time() - tmp.stat().st_mtime > older_than_s
+            if stale and tmp.is_dir():
+                shutil.rmtree(tmp)
+                removed += 1
+            elif stale and tmp.is_file():
                 tmp.unlink()
                 removed += 1
         except OSError:

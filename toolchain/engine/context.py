@@ -19,7 +19,7 @@ class RunContext:
     data_key: str
     tracker: Any
     parent: Any  # the parent MLflow run's handle
-    run_dir: Path  # export/<run>/: run-specific files, written by publish steps only
+    run_dir: Path  # where publish steps write this run's files: a staging folder swapped in for export/<run>/ at the end
     cache_dir: Path  # export/.cache/: content-keyed stage folders
     summary: Summary
     force: bool = False
@@ -27,6 +27,11 @@ class RunContext:
     # recomputes each stage once per sweep (one teacher), not once per variant
     recomputed: Set[Tuple[str, str]] = field(default_factory=set)
     outputs: Dict[str, StageOutput] = field(default_factory=dict)
+    final_dir: Optional[Path] = None  # export/<run>/ itself (engine/publish.py); None: run_dir is it
+
+    @property
+    def publish_dir(self) -> Path:
+        return self.final_dir or self.run_dir
 
     def model_stages(self) -> List[str]:
         return [name for name in self.outputs if STAGES.get(name).makes_model]

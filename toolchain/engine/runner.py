@@ -30,6 +30,7 @@ from ..fsutil import atomic_write_json, atomic_write_text, ensure_dir, file_lock
 from ..recipe import Recipe, recipe_hash, stable_hash, to_yaml
 from ..tracking import NullStageRun, flatten
 from . import distributed as stage_dist
+from . import publish
 from .artifacts import StageResult, damaged_files
 from .context import RunContext
 from .stage import STAGES, Job, Stage, StageOutput
@@ -206,7 +207,10 @@ def finish(run: RunContext) -> None:
     run.parent.log_metrics(headline)
     _register_model(run)
     run.summary.data["final_stage"] = final.name if final else None
-    text = final_table(run.summary)
+    # the table names the files where they will be once the run is published, not in the staging folder
+    shown = Summary(run.summary.path, {**run.summary.data, "files": publish.moved_paths(
+        run.summary.data.get("files", {}), run.run_dir, run.publish_dir)})
+    text = final_table(shown)
     run.summary.data["final_table"] = text
     run.summary.write()
     tqdm.write(text)
@@ -221,7 +225,7 @@ def _register_model(run: RunContext) -> None:
         tqdm.write(f"[mlflow] tracking.register_model {name}: nothing registered, this recipe ships no ONNX model "
                    "(add an export section)")
         return
-    card_path = run.summary.data.get("files", {}).get("model_card.json")
+    card_path = run.summary.data.get("files", {}).get("model_card.json")  # still in the staging folder here
     card = json.loads(Path(card_path).read_text()) if card_path else None
     version = run.tracker.register_model(name, model_uri, run.parent.run_id, card)
     run.summary.data["mlflow"]["registered_model"] = {"name": name, "version": str(version.version)}
@@ -276,6 +280,7 @@ def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
         torch.set_num_threads(recipe.threads)
     run_dir = ensure_dir(Path(recipe.output_dir) / recipe.name)
     cache_dir = ensure_dir(Path(recipe.output_dir) / ".cache")
+    previous = publish.previous_shipment(run_dir)  # whose files export/<run>/ holds until this run succeeds
     # under torchrun a user error on any rank (tracking unreachable on rank 0...) stops every rank
     tracker = dist.agree(lambda: make_tracker(recipe.tracking, dist.is_main()))
     device = dist.agree(lambda: resolve_device(recipe.device))
@@ -288,29 +293,66 @@ def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
         tags["toolchain.resumed_after"] = ",".join(stale)
     summary = Summary(run_dir / "summary.json", {"run_name": recipe.name, "recipe_hash": recipe_hash(recipe),
                                                   "toolchain_version": __version__, "status": "RUNNING",
-                                                  "distributed": scale}, owner=dist.is_main())
+                                                  "distributed": scale, "shipped": _kept(previous, "RUNNING")},
+                      owner=dist.is_main())
     # what is logged and written must not carry the tracking password; the real URI connected above
     shown = recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"uri": mask_uri(recipe.tracking.uri)})})
-    with tracker.run(recipe.name, flatten(shown.model_dump(mode="json")), tags) as parent:
-        if dist.is_main():
-            atomic_write_text(run_dir / "recipe.yaml", to_yaml(shown))
-            parent.log_artifact(run_dir / "recipe.yaml")
-            # the UI's Dataset column: which data (digest of the data section and seed) and how it was split
-            parent.log_dataset(recipe.data.name, dataset_digest(recipe, data),
-                               recipe.data.root or f"{recipe.data.name} (default location)",
-                               {split: len(getattr(data, split).labels) for split in ("train", "val", "test")})
-            parent.log_metrics({f"data.{k}": v for k, v in data.stats.items()})  # skipped / enlarged image files
-        summary.data["mlflow"] = {"tracking_uri": tracker.display_uri, "experiment_id": tracker.experiment_id,
-                                  "parent_run_id": tracker.parent_run_id}
-        summary.write()  # status RUNNING from the start: a crash before the first stage still leaves a trace
-        run = RunContext(recipe, device, data, data_key(recipe, data), tracker, parent, run_dir, cache_dir, summary,
-                         force=force, recomputed=set() if recomputed is None else recomputed)
-        try:
-            yield run
-        except KeyboardInterrupt:
-            summary.close("KILLED")
-            raise
-        except BaseException:
-            summary.close("FAILED")
-            raise
-        summary.close("FINISHED")
+    staging = publish.staging_dir(run_dir) if dist.is_main() else run_dir  # only rank 0 publishes
+    try:
+        with tracker.run(recipe.name, flatten(shown.model_dump(mode="json")), tags) as parent:
+            yield from _parent_run(recipe, data, tracker, parent, summary, shown, device, run_dir, staging, cache_dir,
+                                   previous, force, recomputed)
+    finally:
+        if staging != run_dir:
+            publish.discard(staging)  # a failed run's half-published files; gone already after a commit
+
+
+def _kept(previous: Dict[str, Any], status: str) -> Dict[str, Any]:
+    """summary.json's `shipped` while the run is not published: export/<run>/ holds the previous files."""
+    if previous:
+        return {**previous, "note": f"this run is {status}: export/<run>/ holds the files of the previous successful "
+                f"run (parent run {previous.get('parent_run_id')}), unchanged"}
+    return {"by": None, "files": {}, "note": f"this run is {status}: nothing published in export/<run>/"}
+
+
+def _parent_run(recipe, data, tracker, parent, summary, shown, device, run_dir, staging, cache_dir, previous, force,
+                recomputed):
+    """The body of open_run inside the parent MLflow run: the stages publish into `staging`, which
+    replaces run_dir only if the run finishes (engine/publish.py)."""
+    if dist.is_main():
+        atomic_write_text(staging / "recipe.yaml", to_yaml(shown))
+        parent.log_artifact(staging / "recipe.yaml")
+        # the UI's Dataset column: which data (digest of the data section and seed) and how it was split
+        parent.log_dataset(recipe.data.name, dataset_digest(recipe, data),
+                           recipe.data.root or f"{recipe.data.name} (default location)",
+                           {split: len(getattr(data, split).labels) for split in ("train", "val", "test")})
+        parent.log_metrics({f"data.{k}": v for k, v in data.stats.items()})  # skipped / enlarged image files
+    summary.data["mlflow"] = {"tracking_uri": tracker.display_uri, "experiment_id": tracker.experiment_id,
+                              "parent_run_id": tracker.parent_run_id}
+    summary.write()  # status RUNNING from the start: a crash before the first stage still leaves a trace
+    run = RunContext(recipe, device, data, data_key(recipe, data), tracker, parent, staging, cache_dir, summary,
+                     force=force, recomputed=set() if recomputed is None else recomputed, final_dir=run_dir)
+    try:
+        yield run
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        # none of this run's files were published: the summary names the ones export/<run>/ still holds
+        summary.data.update(files=previous.get("files", {}), shipped=_kept(previous, status))
+        summary.close(status)
+        raise
+    if dist.is_main():
+        _commit(summary, tracker, staging, run_dir)
+    summary.close("FINISHED")
+
+
+def _commit(summary: Summary, tracker, staging: Path, run_dir: Path) -> None:
+    """The summary goes in with the files it describes, then the folder is swapped in whole."""
+    summary.data["files"] = publish.moved_paths(summary.data.get("files", {}), staging, run_dir)
+    summary.data["shipped"] = {"by": "run", "parent_run_id": tracker.parent_run_id,
+                               "recipe_hash": summary.data.get("recipe_hash"), "files": summary.data["files"],
+                               "note": "this run's files"}
+    summary.data["status"] = "FINISHED"
+    summary.path = staging / "summary.json"
+    summary.write()
+    publish.commit(staging, run_dir)
+    summary.path = run_dir / "summary.json"

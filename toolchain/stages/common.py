@@ -161,9 +161,10 @@ class ModelStage(Stage):
     def preflight(self, cfg, data) -> None:
         """A model section's reference builds, its weights resolve, and its forward gives one
         (batch, num_classes) logits tensor on a real batch, before any stage trains."""
+        example = data.example_batch(2).cpu() if hasattr(data, "example_batch") else None  # None: build checks only
         for section in vars(cfg).values():
             if hasattr(section, "weights") and hasattr(section, "model"):  # teacher / student
-                resolve.check_model(section, data.num_classes, data.example_batch(2).cpu())
+                resolve.check_model(section, data.num_classes, example)
 
     def restore(self, job: Job, result: StageResult):
         return load_model(job, result.model())
