@@ -308,3 +308,13 @@ def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, 
     assert budget["comparison"]["replicates"] >= 3 and budget["comparison"]["speedup"]["low"] == m["prune.budget.low"]
     closing = next(line for line in out.splitlines() if line.startswith("Budget: "))
     assert closing.startswith("Budget: speedup >= 3 at batch 2, 1 threads: met, ") and "(95% interval)" in closing
+
+
+def test_the_budget_demo_recipe_validates():
+    from pathlib import Path
+
+    from toolchain.recipe import load_recipe
+
+    r = load_recipe(Path(__file__).parent.parent / "recipes" / "budget.yaml")
+    assert (r.prune.budget.kind, r.prune.budget.target, r.prune.budget.batch_size, r.prune.allocation) == \
+        ("speedup", 2.0, 32, "uniform")

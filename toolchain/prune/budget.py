@@ -45,6 +45,7 @@ from .pinned import pinned_layers
 from .registry import PruneError
 from .targets import out_channels, select_targets
 
+LATENCY_KINDS = ("speedup", "latency_ms")
 UNITS = {"speedup": "x", "latency_ms": "ms", "macs": "of the student's MACs", "params": "of the student's parameters",
          "file_bytes": "bytes"}
 

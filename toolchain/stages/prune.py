@@ -53,6 +53,11 @@ class Prune(ModelStage):
         from ..prune.api import check_time_limit
         from ..prune.budget import check_reachable, make_meter
 
+        from ..prune.budget import LATENCY_KINDS
+        from ..train import ddp as dist
+
+        if cfg.budget.kind in LATENCY_KINDS and not dist.is_main():
+            return  # torchrun: rank 0 measures (ranks timing at once would measure each other); its failure ends the job
         example = data.example_batch(2).cpu()
         meter = make_meter(cfg.budget, example, REPLICATE, tqdm.write)
 
