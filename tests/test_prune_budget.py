@@ -288,6 +288,8 @@ def test_a_budget_run_reports_the_decision_in_metrics_mlflow_budget_json_and_the
     child = client.get_run(prune["mlflow_run_id"])
     assert child.data.metrics["prune.budget.met"] == 1.0 and child.data.metrics["prune.budget.value"] <= 0.4
     assert {"budget.json", "layers.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    tags = client.get_run(summary["mlflow"]["parent_run_id"]).data.tags
+    assert tags["prune.budget"] == "macs=0.4" and tags["prune.sparsity"] == "budget"
 
 
 @pytest.mark.slow

@@ -240,7 +240,10 @@ def recipe_tags(recipe: Recipe) -> Dict[str, Any]:
         "student": recipe.student.model,
         "teacher": recipe.teacher.model if recipe.teacher else "none",
         "prune.method": recipe.prune.method if recipe.prune else "none",
-        "prune.sparsity": recipe.prune.sparsity if recipe.prune else 0.0,
+        "prune.sparsity": (recipe.prune.sparsity if recipe.prune.budget is None else "budget") if recipe.prune else 0.0,
+        # the budget chooses the sparsity in the prune stage (its metric prune.budget.sparsity)
+        **({"prune.budget": f"{recipe.prune.budget.kind}={recipe.prune.budget.target:g}"}
+           if recipe.prune and recipe.prune.budget else {}),
     }
 
 
