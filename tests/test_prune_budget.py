@@ -320,3 +320,57 @@ def test_the_budget_demo_recipe_validates():
     r = load_recipe(Path(__file__).parent.parent / "recipes" / "budget.yaml")
     assert (r.prune.budget.kind, r.prune.budget.target, r.prune.budget.batch_size, r.prune.allocation) == \
         ("speedup", 2.0, 32, "uniform")
+
+
+# ---------------------------------------------------------------- the allocator (latency_aware, not wired yet)
+
+import itertools  # noqa: E402
+import random  # noqa: E402
+
+from toolchain.prune.allocate import GroupTable, Option, allocate, kept_importance, options_from  # noqa: E402
+
+
+def brute_force(groups, budget):
+    best = None
+    for combo in itertools.product(*(g.options for g in groups)):
+        cost, imp = sum(o.cost for o in combo), sum(o.importance for o in combo)
+        if cost <= budget and (best is None or imp > best[1]):
+            best = ({g.name: o.kept for g, o in zip(groups, combo)}, imp)
+    return best
+
+
+def test_the_allocator_picks_the_known_optimum_where_greedy_does_not():
+    # a: cheap channels that matter little; b: expensive channels that matter a lot. Budget 10 ms.
+    # Greedy by importance per ms keeps a wide (16: 1 ms, +3) first, then cannot afford b at 16.
+    a = GroupTable("a", [Option(8, 1.0, 5.0), Option(16, 2.0, 8.0)])
+    b = GroupTable("b", [Option(8, 4.0, 10.0), Option(16, 8.0, 20.0)])
+    c = GroupTable("c", [Option(8, 1.0, 1.0), Option(16, 1.5, 1.2)])
+    choice = allocate([a, b, c], budget=10.0)
+    assert choice.kept == {"a": 8, "b": 16, "c": 8} and choice.cost == 10.0 and choice.importance == 26.0
+    assert brute_force([a, b, c], 10.0) == (choice.kept, choice.importance)
+    assert allocate([a, b, c], budget=5.9) is None  # the cheapest options cost 6
+    assert allocate([a, b, c], budget=6.0).kept == {"a": 8, "b": 8, "c": 8}
+
+
+def test_the_allocator_matches_brute_force_on_synthetic_tables_and_never_exceeds_the_budget():
+    rng = random.Random(0)
+    for trial in range(30):
+        groups = []
+        for g in range(rng.randint(1, 4)):
+            scores = [rng.random() for _ in range(rng.choice([16, 24, 32]))]
+            costs, c = {}, 0.0
+            for k in range(8, len(scores) + 1, 8):  # latency grows with kept channels, at multiples of align
+                c += rng.uniform(0.1, 2.0)
+                costs[k] = round(c, 3)
+            groups.append(GroupTable(f"g{g}", options_from(scores, costs)))
+        lo = sum(min(o.cost for o in g.options) for g in groups)
+        hi = sum(max(o.cost for o in g.options) for g in groups)
+        budget = rng.uniform(lo, hi)
+        choice, exact = allocate(groups, budget, resolution=20000), brute_force(groups, budget)
+        assert choice.cost <= budget + 1e-9
+        assert choice.importance == pytest.approx(exact[1], rel=1e-3), (trial, choice, exact)
+
+
+def test_kept_importance_is_the_sum_of_the_highest_scores():
+    assert kept_importance([0.1, 0.5, 0.3, 0.9], 2) == pytest.approx(1.4)
+    assert [o.kept for o in options_from([1.0] * 16, {16: 2.0, 8: 1.0})] == [8, 16]
