@@ -22,7 +22,8 @@ What "met" means (Meter.__call__ -> Reading):
   95% interval's LOWER end clears the budget (an interval straddling it is not met);
 - latency_ms: the pruned model's p50 over the same replicates, a 95% t-interval on the replicates'
   p50s (compare.interval); met when its UPPER end is at most the budget.
-The chosen sparsity is then pruned with the recipe's own pruner and schedule and measured again;
+The chosen sparsity is then pruned with the recipe's own pruner and schedule (a one-shot l1/l2/fpgm
+recipe reuses the search's model) and, for latency budgets, measured again;
 while that measurement misses (noise), the sparsity moves one grid point up, at most
 budget.max_retries times. A budget the most-pruned aligned model misses is unreachable
 (check_reachable, run in the prune preflight, before anything trains).
@@ -336,10 +337,12 @@ def choose(model: nn.Module, cfg, meter: Meter, prune_fn: PruneFn) -> Tuple[Any,
     retries = 0
     while True:
         final = cfg.model_copy(update={"sparsity": grid[index], "budget": None})
-        same = final == trial_cfg(cfg, grid[index]) and index in search.results and meter.kind in ("macs", "params")
-        # the trial already is this model (l1/l2/fpgm, one shot) and a count cannot change: no second run
+        # the trial already is this model (l1/l2/fpgm, one shot): no second engine run; a count or a
+        # file size cannot change, a latency is measured again
+        same = final == trial_cfg(cfg, grid[index]) and index in search.results
         result = search.results[index] if same else prune_fn(model, final)
-        reading = search.readings[index] if same else meter(model, result.model)
+        again = not same or meter.kind in LATENCY_KINDS
+        reading = meter(model, result.model) if again else search.readings[index]
         search.history.append({"sparsity": grid[index], "value": reading.value, "low": reading.low,
                                "high": reading.high, "met": reading.met, "stage": "final"})
         if reading.met or retries >= cfg.budget.max_retries or index == len(grid) - 1:
