@@ -374,3 +374,15 @@ def test_the_allocator_matches_brute_force_on_synthetic_tables_and_never_exceeds
 def test_kept_importance_is_the_sum_of_the_highest_scores():
     assert kept_importance([0.1, 0.5, 0.3, 0.9], 2) == pytest.approx(1.4)
     assert [o.kept for o in options_from([1.0] * 16, {16: 2.0, 8: 1.0})] == [8, 16]
+
+
+def test_a_sweep_can_put_budgets_on_a_matrix_axis(tmp_path):
+    from toolchain.sweep import expand
+
+    raw = {**BASE, "prune": {"method": "channel", "budget": {"speedup": 2}}, "bench": {"batch_sizes": [32]},
+           "matrix": {"axes": {"prune.budget.speedup": [2, 3], "prune.budget.batch_size": [1, 32]}}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    variants = expand(path)
+    got = sorted((v.recipe.prune.budget.speedup, v.recipe.prune.budget.batch_size) for v in variants)
+    assert got == [(2, 1), (2, 32), (3, 1), (3, 32)] and len({v.name for v in variants}) == 4
