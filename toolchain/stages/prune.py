@@ -51,9 +51,7 @@ class Prune(ModelStage):
 
         from ..prune import prune_model
         from ..prune.api import check_time_limit
-        from ..prune.budget import check_reachable, make_meter
-
-        from ..prune.budget import LATENCY_KINDS
+        from ..prune.budget import LATENCY_KINDS, check_reachable, make_meter
         from ..train import ddp as dist
 
         if cfg.budget.kind in LATENCY_KINDS and not dist.is_main():
