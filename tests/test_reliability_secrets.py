@@ -32,9 +32,9 @@ def free_port() -> int:
 class MlflowServer:
     """A real `mlflow server` on loopback (SQLite backend, proxied artifacts), started and stopped by pid."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, port: int = 0):
         self.root = root
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc = None
 
     def start(self, timeout: float = 180) -> "MlflowServer":
@@ -143,3 +143,42 @@ def test_a_sweep_against_a_real_server_leaves_no_password_anywhere(server, tiny_
     assert summary["recipe_hash"] == recipe_hash(guessed)  # the hash says nothing about the password
     saved = yaml.safe_load((tmp_path / "export" / "tiny-lr0.05" / "recipe.yaml").read_text())
     assert saved["tracking"]["uri"] == server.uri(password="***")
+
+
+# ---------------------------------------------------------------- item 3: the server dies mid-run
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_while_the_teacher_trains_is_one_line_and_the_rerun_resumes(tmp_path, tiny_recipe):
+    srv = MlflowServer(tmp_path / "server").start()
+    try:
+        path = tiny_recipe(teacher={"model": "cifar_resnet20", "train": {"epochs": 4, "lr": 0.05}},
+                           tracking={"uri": srv.uri(), "experiment": "tests"})
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "toolchain", "compress", str(path)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cache = tmp_path / "export" / ".cache"
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(cache.glob("teacher-*/train_state.pt")):
+            time.sleep(0.05)
+        srv.stop()  # mid-teacher: one epoch done, three to go
+        out, err = proc.communicate(timeout=600)  # a hang guard, not a performance bound
+    finally:
+        srv.stop()
+    assert proc.returncode == 2, err[-3000:]
+    assert err.count("\n") == 1 and err.startswith("error: MLflow tracking store http://alice:***@127.0.0.1:"), err
+    assert "stopped answering" in err and "rerun the same command" in err and "Traceback" not in err
+    assert SECRET not in out + err
+    assert list(cache.glob("teacher-*/train_state.pt")) and not list(cache.glob("teacher-*/result.json"))
+    no_secret_in(tmp_path / "export")
+    summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    assert summary["status"] == "FAILED"
+
+    again = MlflowServer(tmp_path / "server", srv.port).start()  # the same store, back
+    try:
+        resumed = cli("compress", str(path))
+    finally:
+        again.stop()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after epoch" in resumed.stdout + resumed.stderr
+    assert SECRET not in resumed.stdout + resumed.stderr

@@ -67,8 +67,11 @@ def runs_link(experiment_id: str) -> str:
 
 def quiet_library_logs() -> None:
     """MLflow/alembic/NNI log at INFO on every call; the user's terminal is for our progress."""
-    for name in ("mlflow", "alembic", "alembic.runtime.migration", "nni", "urllib3", "matplotlib"):
+    for name in ("mlflow", "alembic", "alembic.runtime.migration", "nni", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # urllib3 warns once per HTTP retry ("Retrying (Retry(total=6...)) after connection broken"): a dead
+    # tracking server is reported by the toolchain, in one line (Tracker._call)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -177,6 +180,11 @@ CONNECT_TIMEOUT_ENV = "TOOLCHAIN_TRACKING_CONNECT_TIMEOUT_S"
 # While connecting, MLflow's HTTP client must not retry a dead server (default: 7 retries with
 # exponential backoff, about 4 minutes) before we can say so. A value the user set wins.
 CONNECT_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# After connecting, for the rest of the run: a server that dies mid-run costs one call at most
+# (3 tries x 10 s + 1 + 2 s of backoff), then Tracker._call says so in one line; MLflow's defaults
+# (7 retries, backoff factor 2, 120 s timeout) kept a dead-server run waiting for many minutes per call.
+RUN_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def _is_http(uri: str) -> bool:
@@ -248,17 +256,22 @@ def _fail_fast(connect: Callable) -> Callable:
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
+            for key, value in RUN_HTTP_ENV.items():
+                os.environ.setdefault(key, value)  # a value the user set wins
 
     return wrapper
 
 
 class StageRun:
     """Handle on one MLflow run (the parent or a stage's child). Every call names its run id:
-    nothing here relies on MLflow's fluent "active run", which is whichever run started last."""
+    nothing here relies on MLflow's fluent "active run", which is whichever run started last.
+    call: how MLflow calls are made (Tracker._call: a dead server is one TrackingError); default retry."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, call: Optional[Callable] = None, name: str = "run"):
         self._client = client
         self.run_id = run_id
+        self.name = name
+        self._call = call or (lambda what, fn, *a, **k: retry(fn, *a, **k))
 
     def log_metrics(self, metrics: Dict[str, Any], step: Optional[int] = None) -> None:
         from mlflow.entities import Metric
@@ -267,29 +280,31 @@ class StageRun:
         clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if clean:
-            retry(self._client.log_batch, self.run_id, metrics=clean)
+            self._call(f"logging {self.name}'s metrics", self._client.log_batch, self.run_id, metrics=clean)
 
     def log_params(self, params: Dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         if params:
-            retry(self._client.log_batch, self.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+            self._call(f"logging {self.name}'s params", self._client.log_batch, self.run_id,
+                       params=[Param(k, str(v)[:500]) for k, v in params.items()])
 
     def set_tags(self, tags: Dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         # str(): SQLite accepts numbers, an HTTP tracking server's protobuf API does not
-        retry(self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call(f"tagging {self.name}", self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        retry(self._client.log_dict, self.run_id, obj, artifact_file)
+        self._call(f"logging {self.name}'s {artifact_file}", self._client.log_dict, self.run_id, obj, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        retry(self._client.log_artifact, self.run_id, str(path), artifact_path)
+        self._call(f"logging {self.name}'s {Path(path).name}", self._client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_dataset(self, name: str, digest: str, source: str, splits: Dict[str, int]) -> None:
         """The run's data as an MLflow dataset input (the UI's Dataset column): split sizes as its profile."""
-        retry(self._client.log_inputs, self.run_id, datasets=[dataset_input(name, digest, source, splits)])
+        self._call(f"logging {self.name}'s dataset", self._client.log_inputs, self.run_id,
+                   datasets=[dataset_input(name, digest, source, splits)])
 
 
 def dataset_input(name: str, digest: str, source: str, splits: Dict[str, int]):
@@ -445,20 +460,52 @@ class Tracker(NullTracker):
     def _start(self, run_name: str, tags: Dict[str, Any]) -> StageRun:
         process = {f"{TAG_PREFIX}pid": os.getpid(), f"{TAG_PREFIX}host": socket.gethostname()}
         all_tags = {k: str(v) for k, v in {**tags, **process}.items()}
-        run = retry(self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags)
-        return StageRun(self.client, run.info.run_id)
+        run = self._call(f"starting the {run_name} run", self.client.create_run, self.experiment_id, run_name=run_name,
+                         tags=all_tags)
+        return StageRun(self.client, run.info.run_id, self._call, run_name)
 
     @contextmanager
     def _ended_on_exit(self, run_id: str):
         try:
             yield
         except KeyboardInterrupt:
-            retry(self.client.set_terminated, run_id, "KILLED")
+            self._call("closing a run", self.client.set_terminated, run_id, "KILLED")
             raise
         except BaseException:
-            retry(self.client.set_terminated, run_id, "FAILED")
+            self._call("closing a run", self.client.set_terminated, run_id, "FAILED")
             raise
-        retry(self.client.set_terminated, run_id, "FINISHED")
+        self._call("closing a run", self.client.set_terminated, run_id, "FINISHED")
+
+    _lost: Optional[TrackingError] = None  # set once the store stopped answering mid-run
+
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        """An MLflow call of the run. Against a server or database (not the embedded SQLite file), a
+        failure is one TrackingError line with the password masked, and the store counts as lost: the
+        calls that follow (closing the runs while the error unwinds) are skipped instead of each waiting
+        out its own retries. The resume state on disk is untouched, so a rerun continues."""
+        if self._lost is not None:
+            return None
+        try:
+            return retry(fn, *args, **kwargs)
+        except Exception as exc:  # MlflowException, requests / SQLAlchemy errors
+            if _sqlite_path(self.uri) is not None:
+                raise  # the embedded store: a failure here is a bug or a full disk, keep its traceback
+            self._lost = TrackingError(
+                f"MLflow tracking store {self.display_uri} {_failure_kind(exc)} while {what} "
+                f"({type(exc).__name__}: {_redact(first_line(exc, 160), self.uri)}); finished stages and the current "
+                "stage's last epoch checkpoint are kept, this epoch's metrics were not logged: rerun the same command "
+                "when the store answers again to resume (the runs left RUNNING are then marked KILLED)")
+            raise self._lost from None
+
+
+_CONNECTION_WORDS = ("max retries exceeded", "connection refused", "connectionerror", "failed to establish",
+                     "timed out", "timeout", "connection aborted", "connection reset", "remotedisconnected",
+                     "could not connect", "connection to server")
+
+
+def _failure_kind(exc: BaseException) -> str:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return "stopped answering" if any(w in text for w in _CONNECTION_WORDS) else "refused a request"
 
 
 def _save_runs_view(client, experiment_id: str, uri: str) -> None:

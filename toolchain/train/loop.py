@@ -136,10 +136,11 @@ def fit(
         if val["accuracy"] >= result.best_val_accuracy:
             result.best_val_accuracy, result.best_epoch = val["accuracy"], epoch
             best_state = copy.deepcopy(dist.unwrap(model).state_dict())
-        if on_epoch:
-            on_epoch(epoch, metrics)
+        # the resume checkpoint first: if logging fails (the tracking server died), the epoch is not lost
         if state_path is not None and dist.is_main():
             _save(state_path, model, task, optimizer, scheduler, epoch, result, best_state)
+        if on_epoch:
+            on_epoch(epoch, metrics)
         _log_epoch(stage, epoch, cfg.epochs, metrics)
     if best_state is not None:
         dist.unwrap(model).load_state_dict(best_state)
