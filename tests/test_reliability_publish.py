@@ -329,3 +329,30 @@ def test_stale_publish_folders_go_once_their_process_is_gone(tmp_path):
     os.utime(package, (old, old))
     assert remove_stale_temp_files(tmp_path) == 2
     assert live.is_dir() and not dead.exists() and not package.exists()
+
+
+# ---------------------------------------------------------------- weak: preflights and a dead server for report
+
+
+def test_more_golden_images_than_the_test_split_fails_before_training(tiny_recipe, tmp_path, capsys):
+    recipe = yaml.safe_load(Path(tiny_recipe()).read_text())
+    recipe.update(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"}, export={"references": False},
+                  package={"golden_images": 20})
+    recipe["data"]["test_subset"] = 10
+    path = tmp_path / "golden.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run(["compress", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "package.golden_images is 20 but the test split has 10 images" in err, err
+    assert not list((tmp_path / "export" / ".cache").glob("distill-*/result.json"))  # nothing trained
+
+
+def test_report_against_a_dead_server_is_one_line_without_the_password(capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert run(["report", "tests", "--tracking_uri", f"http://alice:Hunter2-s3cret@127.0.0.1:{port}", "--nolog"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is unreachable" in err and "Hunter2" not in err and "alice:***@" in err, err

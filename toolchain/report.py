@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -59,6 +60,12 @@ def client_for(tracking_uri: Optional[str]):
     path = _sqlite_path(uri)
     if path is not None and not path.is_file():
         raise ReportError(f"no MLflow store at {uri}; run compress/sweep first or pass --tracking_uri")
+    if uri.startswith(("http://", "https://")):
+        from .tracking import RUN_HTTP_ENV, check_http_server
+
+        check_http_server(uri)  # a dead server: one line in seconds, not minutes of MLflow's HTTP retries
+        for key, value in RUN_HTTP_ENV.items():
+            os.environ.setdefault(key, value)  # bounded retries if it dies while the report reads (a value set wins)
     return mlflow.MlflowClient(uri), uri
 
 

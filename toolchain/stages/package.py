@@ -38,6 +38,13 @@ class Package(Stage):
     def inputs(self, cfg, models, ran):
         return {"export": "export", **({"quantize": "quantize"} if "quantize" in ran else {})}
 
+    def preflight(self, cfg, data) -> None:
+        """The golden images come from the test split: too few fails now, not after training."""
+        available = len(data.test.labels)
+        if cfg.package.golden_images > available:
+            raise PackageError(f"package.golden_images is {cfg.package.golden_images} but the test split has {available} "
+                               f"images; set package.golden_images: {available} or less")
+
     def compute(self, job: Job) -> StageResult:
         cfg, art = job.cfg.package, job.inputs["export"].result.artifacts["final"]
         models = shipped_models(job)
