@@ -182,3 +182,18 @@ def test_a_server_that_dies_while_the_teacher_trains_is_one_line_and_the_rerun_r
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after epoch" in resumed.stdout + resumed.stderr
     assert SECRET not in resumed.stdout + resumed.stderr
+
+
+def test_a_bare_postgresql_uri_names_sqlalchemys_default_driver(monkeypatch):
+    """SQLAlchemy 2.1 imports psycopg (3) for postgresql://; with only psycopg2 installed MLflow said
+    'start the server'. The check names the driver and the URI that uses the installed one."""
+    import toolchain.tracking as tracking
+    from toolchain.errors import TrackingError
+
+    monkeypatch.setattr(tracking, "_has_module", lambda name: name == "psycopg2")
+    with pytest.raises(TrackingError) as err:
+        tracking.check_uri(f"postgresql://u:{SECRET}@db/mlflow")
+    message = str(err.value)
+    assert "default driver for postgresql:// is psycopg" in message and "postgresql+psycopg2://" in message
+    assert SECRET not in message and "\n" not in message
+    tracking.check_uri(f"postgresql+psycopg2://u:{SECRET}@db/mlflow")  # the installed one: fine

@@ -249,8 +249,11 @@ def run_variant(variant: Variant, i: int, total: int, force: bool, out, recomput
     except ToolchainError as exc:
         return _failed(variant, i, total, t0, str(exc), out)
     except Exception as exc:  # a bug: keep its traceback, but the other variants still run
-        traceback.print_exc()
-        return _failed(variant, i, total, t0, f"{type(exc).__name__}: {exc}", out)
+        from .tracking import _redact, resolve_uri
+
+        uri = resolve_uri(variant.recipe.tracking.uri)  # a library's message may hold the URI: print it masked
+        sys.stderr.write(_redact(traceback.format_exc(), uri))
+        return _failed(variant, i, total, t0, _redact(f"{type(exc).__name__}: {exc}", uri), out)
     seconds = time.perf_counter() - t0
     print(f"[sweep {i}/{total}] {variant.name}: finished in {seconds:.0f} s", file=out, flush=True)
     return Outcome(variant, "FINISHED", seconds, summary=summary)

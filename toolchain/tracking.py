@@ -157,6 +157,17 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _sqlalchemy_default_driver(dialect: str):
+    """(module, pip package) of the driver SQLAlchemy uses for a bare dialect, None if it cannot tell."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        driver = make_url(f"{dialect}://").get_dialect().driver
+    except Exception:  # noqa: BLE001  (SQLAlchemy missing or a dialect it does not know)
+        return None
+    return DB_DRIVERS.get(f"{dialect}+{driver}", (driver, driver))
+
+
 def check_uri(uri: str) -> None:
     """Refuse, in one line, a URI MLflow would spend minutes retrying or misreport: an unknown
     scheme, a database driver that is not installed, a sqlite URI naming a directory."""
@@ -168,6 +179,12 @@ def check_uri(uri: str) -> None:
     if module and not _has_module(module):
         raise TrackingError(f"tracking URI {mask_uri(uri)} needs the {module} database driver, which is not "
                             f"installed; pip install {package}")
+    default = _sqlalchemy_default_driver(scheme) if module and "+" not in scheme else None
+    if default and default[0] != module and not _has_module(default[0]):
+        # SQLAlchemy 2.1 made psycopg (3) the default for postgresql://: MLflow would fail with "start the server"
+        raise TrackingError(f"tracking URI {mask_uri(uri)}: SQLAlchemy's default driver for {scheme}:// is {default[0]}, "
+                            f"which is not installed; pip install {default[1]}, or name the installed one: "
+                            f"{scheme}+{module}://...")
     sqlite_path = _sqlite_path(uri)
     if sqlite_path is not None and sqlite_path.is_dir():
         raise TrackingError(f"tracking URI {mask_uri(uri)} names the directory {sqlite_path}, not a database file; "
