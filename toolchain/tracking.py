@@ -367,6 +367,10 @@ class NullTracker:
         """The URI with any password masked: what may be printed or stored (the real one is `uri`)."""
         return mask_uri(self.uri)
 
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        """An MLflow call made on the run's behalf (Tracker: a dead server is one TrackingError line)."""
+        return retry(fn, *args, **kwargs)
+
     @contextmanager
     def run(self, run_name: str, params: Dict[str, Any], tags: Dict[str, Any]) -> Iterator[StageRun]:
         yield NullStageRun()
@@ -436,10 +440,10 @@ class Tracker(NullTracker):
             retry(self.client.create_registered_model, name)
         except Exception as exc:  # RESOURCE_ALREADY_EXISTS: add a version to it
             if "already exists" not in str(exc).lower():
-                raise
+                self._call(f"registering model {name}", _raise, exc)  # one masked line against a server
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
-        return retry(self.client.create_model_version, name, model_uri, run_id=run_id, description=card_description(card),
-                     tags=card_tags(card), model_id=model_id)
+        return self._call(f"registering model {name}", self.client.create_model_version, name, model_uri, run_id=run_id,
+                          description=card_description(card), tags=card_tags(card), model_id=model_id)
 
     def mark_stale_runs(self, run_name: str) -> list:
         """Runs of this name left RUNNING by a hard kill (their process is gone) -> KILLED."""
@@ -513,6 +517,10 @@ class Tracker(NullTracker):
                 "stage's last epoch checkpoint are kept, this epoch's metrics were not logged: rerun the same command "
                 "when the store answers again to resume (the runs left RUNNING are then marked KILLED)")
             raise self._lost from None
+
+
+def _raise(exc: BaseException):
+    raise exc
 
 
 _CONNECTION_WORDS = ("max retries exceeded", "connection refused", "connectionerror", "failed to establish",
