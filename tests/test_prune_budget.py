@@ -304,6 +304,7 @@ def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, 
                                          "opset": 17, "latency": LATENCY}})
     assert run(["compress", str(path)]) == 0
     out = capsys.readouterr().out
+    assert "[prune] budget chosen model at sparsity " in out and "[prune] budget trial at sparsity " in out
     summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
     m, budget = summary["stages"]["prune"]["metrics"], summary["stages"]["prune"]["info"]["budget"]
     assert m["prune.budget.met"] == 1.0 and m["prune.budget.low"] >= 3 and m["prune.budget.batch_size"] == 2

@@ -157,6 +157,7 @@ class Meter:
     def __init__(self, budget, example_input: torch.Tensor):
         self.budget, self.kind, self.target = budget, budget.kind, float(budget.target)
         self.example = example_input
+        self.label = ""  # what is being measured (the search sets it), for progress lines
 
     def __call__(self, student: nn.Module, pruned: nn.Module) -> Reading:
         raise NotImplementedError
@@ -226,9 +227,10 @@ class LatencyMeter(OnnxMeter):
         files = {"student": self.student_file(student), "candidate": self.export(pruned, "candidate")}
         settings = Settings(intra_op_threads=b.threads or 0, block_s=lat.block_s, blocks=lat.blocks)
         plan = Plan(lat.min_replicates, lat.max_replicates, lat.target_width, lat.budget_s, lat.isolation)
+        progress = (lambda line: self.progress(f"[prune] budget {self.label}: {line}")) if self.progress else None
         result = compare(files, [("student", "candidate")], [b.batch_size], settings, plan,
                          decide_at=self.target if self.kind == "speedup" else None,
-                         replicate=self.replicate, progress=self.progress)
+                         replicate=self.replicate, progress=progress)
         ratio = result.ratio("student", "candidate", b.batch_size)
         p50s = [r["medians_ms"][f"candidate@{b.batch_size}"] for r in result.replicates]
         p50 = interval(p50s)
@@ -272,6 +274,7 @@ class Search:
 
     def measure(self, index: int) -> Reading:
         if index not in self.readings:
+            self.meter.label = f"trial at sparsity {self.grid[index]:.3f}"
             result = self.prune_fn(self.model, trial_cfg(self.cfg, self.grid[index]))
             self.trials += 1
             reading = self.meter(self.model, result.model)
@@ -341,6 +344,7 @@ def choose(model: nn.Module, cfg, meter: Meter, prune_fn: PruneFn) -> Tuple[Any,
         # file size cannot change, a latency is measured again
         same = final == trial_cfg(cfg, grid[index]) and index in search.results
         result = search.results[index] if same else prune_fn(model, final)
+        meter.label = f"chosen model at sparsity {grid[index]:.3f}"
         again = not same or meter.kind in LATENCY_KINDS
         reading = meter(model, result.model) if again else search.readings[index]
         search.history.append({"sparsity": grid[index], "value": reading.value, "low": reading.low,
