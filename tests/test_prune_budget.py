@@ -129,6 +129,22 @@ def test_params_budget_with_the_recipes_own_pruner_is_pruned_once_more(one_threa
     assert [h["stage"] for h in d.history].count("final") == 1
 
 
+@pytest.mark.parametrize("align", [8, 16])
+def test_every_grid_point_is_a_new_structure_under_the_nni_rounding(align):
+    from toolchain.prune.alignment import kept_channels
+
+    cfg = cfg_with({"macs": 0.5}, align=align)
+    model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.Conv2d(24, 40, 1), nn.Conv2d(40, 64, 1), nn.Conv2d(64, 96, 1),
+                          nn.Conv2d(96, 10, 1))
+    grid = B.sparsity_grid(model, cfg)
+    kept = [(24, 40, 64, 96)] + [tuple(kept_channels(c, s, align) for c in (24, 40, 64, 96)) for s in grid]
+    assert all(a != b for a, b in zip(kept, kept[1:]))  # each point changes some layer: no step is skipped or repeated
+    assert all(all(x >= y for x, y in zip(a, b)) for a, b in zip(kept, kept[1:]))  # and only ever shrinks
+    assert kept[-1] == (align, align, align, align)
+    steps = sum(c // align - 1 for c in (24, 40, 64, 96) if c > align)  # alignment steps of every layer
+    assert len(grid) <= steps + 2  # one point each (+ a non-multiple's first rounding), fewer where two coincide
+
+
 def test_an_unreachable_budget_names_the_best_reachable_value(one_thread):
     model, cfg = Net().eval(), cfg_with({"macs": 0.01})
     with pytest.raises(PruneError) as info:
@@ -219,7 +235,7 @@ def test_speedup_budget_is_met_by_the_intervals_lower_end(one_thread):
     assert d.comparison["replicates"] >= 3 and d.comparison["speedup"]["low"] == d.low
     misses = [h for h in d.history if h["stage"] == "search" and not h["met"]]
     assert misses and all(h["sparsity"] < d.sparsity for h in misses)  # everything less pruned missed
-    assert "Budget: speedup >= 2 at batch 4, 1 threads: met, " in d.line() and "(95% interval)" in d.line()
+    assert "Budget: speedup >= 2 at batch 4, 1 thread: met, " in d.line() and "(95% interval)" in d.line()
 
 
 def test_latency_ms_budget_is_met_by_the_intervals_upper_end(one_thread):
@@ -230,7 +246,7 @@ def test_latency_ms_budget_is_met_by_the_intervals_upper_end(one_thread):
         _, d = B.choose(model, cfg, meter, prune_fn)
         assert d.met and d.high <= 1.0 and d.comparison["p50_ms"]["high"] == d.high
         tiny = latency_budget(latency_ms=0.001)
-        with pytest.raises(PruneError, match=r"prune.budget.latency_ms 0.001 cannot be reached .* at batch 4, 1 threads\) "
+        with pytest.raises(PruneError, match=r"prune.budget.latency_ms 0.001 cannot be reached .* at batch 4, 1 thread\) "
                                              r"misses it; the best reachable is [0-9.]+ ms \(95% interval"):
             B.check_reachable(model, tiny, B.make_meter(tiny.budget, X, size_replicate()), prune_fn)
     finally:
@@ -310,7 +326,7 @@ def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, 
     assert m["prune.budget.met"] == 1.0 and m["prune.budget.low"] >= 3 and m["prune.budget.batch_size"] == 2
     assert budget["comparison"]["replicates"] >= 3 and budget["comparison"]["speedup"]["low"] == m["prune.budget.low"]
     closing = next(line for line in out.splitlines() if line.startswith("Budget: "))
-    assert closing.startswith("Budget: speedup >= 3 at batch 2, 1 threads: met, ") and "(95% interval)" in closing
+    assert closing.startswith("Budget: speedup >= 3 at batch 2, 1 thread: met, ") and "(95% interval)" in closing
 
 
 def test_the_budget_demo_recipe_validates():

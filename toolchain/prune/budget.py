@@ -101,13 +101,17 @@ class Decision:
         return out
 
     def line(self) -> str:
-        where = f" at batch {self.batch_size}, {self.threads or 'all'} threads" if self.batch_size is not None else ""
+        where = f" at batch {self.batch_size}, {threads_text(self.threads)}" if self.batch_size is not None else ""
         sign = ">=" if self.kind == "speedup" else "<="
         reading = Reading(self.value, self.low, self.high, self.met)
         interval = " (95% interval)" if self.kind in ("speedup", "latency_ms") else ""
         return (f"Budget: {self.kind} {sign} {self.target:g}{where}: {'met' if self.met else 'NOT met'}, "
                 f"{reading.text(self.kind)}{interval} at sparsity {self.sparsity:.3f} ({self.allocation}, "
                 f"{self.trials} trials)")
+
+
+def threads_text(n: Optional[int]) -> str:
+    return "one thread per core" if not n else f"{n} thread{'s' if n > 1 else ''}"
 
 
 # ---------------------------------------------------------------- the grid
@@ -123,15 +127,17 @@ def prunable_channels(model: nn.Module, cfg) -> List[int]:
 def sparsity_grid(model: nn.Module, cfg) -> List[float]:
     """Every sparsity where some layer's aligned kept count changes, ascending; the last is the
     most-pruned aligned model (every prunable layer at `align` channels).
-    NNI (alignment.kept_channels): nearest multiple, ties down: c(1-s)/a = k + 1/2 -> k*a kept.
+    NNI (alignment.kept_channels): nearest multiple, ties down: c(1-s)/a = k + 1/2 -> k*a kept
+    (a grouped conv's group keeps multiples of lcm(align, blocks), whose steps this grid does not list:
+    the search still works, the one-step guarantee is then per align, not per block).
     Torch-Pruning: int(c(1-s)) rounded down to a multiple: just above 1 - k*a/c -> (k-1)*a kept; its
     grid ends where the narrowest prunable layer reaches align (further, it would keep that layer whole)."""
     a = cfg.align
     points = set()
     for c in prunable_channels(model, cfg):
         for k in range(1, c // a + 1):
-            if cfg.engine == "nni":
-                s = 1 - (k + 0.5) * a / c
+            if cfg.engine == "nni":  # just past the tie, so float error cannot round it back up
+                s = 1 - (k + 0.5) * a / c + 1e-9
             elif k >= 2:
                 s = 1 - k * a / c + 1e-9
             else:
@@ -307,7 +313,7 @@ class Unreachable(Exception):
 
 def unreachable_message(cfg, model: nn.Module, sparsity: float, reading: Reading) -> str:
     b = cfg.budget
-    where = f" at batch {b.batch_size}, {b.threads or 'all'} threads" if b.kind in ("speedup", "latency_ms") else ""
+    where = f" at batch {b.batch_size}, {threads_text(b.threads)}" if b.kind in LATENCY_KINDS else ""
     best = {"speedup": f"the best reachable is {reading.value:.2f}x (95% interval [{reading.low:.2f}, {reading.high:.2f}])",
             "latency_ms": f"the best reachable is {reading.value:.3f} ms (95% interval [{reading.low:.3f}, {reading.high:.3f}])",
             "file_bytes": f"the best reachable is {int(reading.value)} bytes",
