@@ -316,8 +316,8 @@ def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, 
     monkeypatch.setattr(stage, "REPLICATE", size_replicate(noise=0.01))
     path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
                        prune={"method": "channel", "engine": "torch_pruning",
-                              "budget": {"speedup": 3, "batch_size": 2, "threads": 1, "exporter": "torchscript",
-                                         "opset": 17, "latency": LATENCY}})
+                              "budget": {"speedup": 3, "batch_size": 2, "threads": 1, "latency": LATENCY}},
+                       export={"exporter": "torchscript", "opset": 17, "references": False})
     assert run(["compress", str(path)]) == 0
     out = capsys.readouterr().out
     assert "[prune] budget chosen model at sparsity " in out and "[prune] budget trial at sparsity " in out
@@ -327,6 +327,9 @@ def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, 
     assert budget["comparison"]["replicates"] >= 3 and budget["comparison"]["speedup"]["low"] == m["prune.budget.low"]
     closing = next(line for line in out.splitlines() if line.startswith("Budget: "))
     assert closing.startswith("Budget: speedup >= 3 at batch 2, 1 thread: met, ") and "(95% interval)" in closing
+    card = json.loads((tmp_path / "export" / "tiny" / "model_card.json").read_text())
+    assert card["budget"]["met"] is True and card["budget"]["low"] == m["prune.budget.low"]
+    assert card["budget"]["line"] == closing and card["budget"]["sparsity"] == m["prune.budget.sparsity"]
 
 
 def test_the_budget_demo_recipe_validates():

@@ -185,5 +185,14 @@ def model_card(run, art: OnnxArtifact, metadata: Dict[str, Any]) -> Dict[str, An
         "parity": art.parity,
         "export": art.info,
         "pruning": recipe.prune.model_dump(mode="json") if recipe.prune else None,
+        **({"budget": _budget_decision(run)} if recipe.prune and recipe.prune.budget else {}),
         "mlflow": run.identity()["mlflow"],
     }
+
+
+def _budget_decision(run) -> Dict[str, Any]:
+    """prune.budget: what the prune stage decided and measured (its budget.json has every probed point)."""
+    info = run.outputs["prune"].result.info if "prune" in run.outputs else {}
+    decision = info.get("budget") or {}
+    keys = ("kind", "target", "allocation", "sparsity", "met", "value", "low", "high", "batch_size", "threads", "retries")
+    return {**{k: decision.get(k) for k in keys}, "line": info.get("budget_line")}
