@@ -1,12 +1,12 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv, installs pinned deps + the offline demo data, runs the main job
-#   make test   creates .venv if needed, runs the whole test suite
+#   make test   creates .venv if needed, runs the test suite's default tier (make test-all: every test)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= recipes/mobilenet.yaml
 
-.PHONY: demo test test-fast venv data bench clean
+.PHONY: demo test test-fast test-slow test-all venv data bench clean
 
 venv: $(VENV)/.installed
 
@@ -31,12 +31,24 @@ demo: venv data
 
 # One torch thread per test process: the suite starts subprocesses (torchrun, concurrent runs),
 # and oversubscribed threads on 2 cores make it several times slower.
-test: venv data
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
 
-# Inner loop: skips the tests marked slow (torchrun, subprocess-heavy, big models).
-test-fast: venv data
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" --durations=15
+# Two tiers that together are the whole suite, each test in exactly one:
+#   make test       the default tier: every test not marked slow (a few minutes on 2 cores)
+#   make test-slow  the tests marked @pytest.mark.slow: torchrun, SIGKILL / Ctrl-C and concurrent
+#                   CLI subprocesses, large models, long pipelines
+#   make test-all   both in one pytest session (.ci/run runs make test, then make test-slow)
+test: venv data
+	$(PYTEST) -m "not slow"
+
+test-slow: venv data
+	$(PYTEST) -m slow
+
+test-all: venv data
+	$(PYTEST)
+
+# The inner loop is the default tier (kept as a name for habit's sake).
+test-fast: test
 
 bench: venv
 	$(PY) benchmarks/prune_latency.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -15,6 +16,42 @@ import yaml
 
 # the decode-once image cache of every test (and of the CLI subprocesses they start) stays out of ~/.cache
 os.environ.setdefault("TOOLCHAIN_CACHE", tempfile.mkdtemp(prefix="toolchain-test-cache-"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_template_store(tmp_path_factory):
+    """A new SQLite MLflow store starts as a copy of one migrated once per session.
+
+    MLflow builds a fresh store by running its ~60 alembic migrations (5-8 s of DDL and fsyncs on
+    a 2-core box); the suite creates about a hundred stores. The migrations run here, once, with
+    MLflow's own code; every later store of this process whose file is new or empty is a copy of
+    that result, and MLflow then adds its Default experiment itself, with that store's artifact
+    root. Subprocesses the tests start are unaffected (they migrate as a user's run would)."""
+    try:
+        import mlflow.store.db.utils as db_utils
+        import mlflow.store.model_registry.sqlalchemy_store as registry_store
+    except ImportError:  # no MLflow: nothing to speed up
+        yield None
+        return
+    real = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+
+    def initialize_from_template(engine):
+        url = engine.url
+        path = Path(url.database) if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") else None
+        if path is None or (path.exists() and path.stat().st_size > 0):
+            return real(engine)  # another database, or a file with content: MLflow's own path
+        if not template.exists():
+            built = db_utils.create_sqlalchemy_engine_with_retry(f"sqlite:///{template}")
+            real(built)
+            built.dispose()
+        engine.dispose()  # no pooled connection keeps the empty file open
+        shutil.copyfile(template, path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(db_utils, "_initialize_tables", initialize_from_template)
+        mp.setattr(registry_store, "_initialize_tables", initialize_from_template)
+        yield template
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -159,3 +196,16 @@ def pipeline_runs(tmp_path_factory, fmnist_root):
     copy_first = summary("copy")
     assert run(["compress", str(path), "name=copy", "bench.batch_sizes=[1,3]"]) == 0
     return {"tmp": tmp, "tiny": tiny, "copy_first": copy_first, "copy": summary("copy")}
+
+
+@pytest.fixture
+def warm_cache(pipeline_runs, tmp_path):
+    """tmp_path/export/.cache (tiny_recipe's output_dir) with the teacher and KD-student entries
+    of `pipeline_runs`, whose teacher, student, distill and data sections are tiny_recipe()'s
+    defaults: a test of what happens around those stages reuses them instead of training them
+    again. Copies (not links), so a test may damage its entries."""
+    cache = tmp_path / "export" / ".cache"
+    for entry in sorted((pipeline_runs["tmp"] / "export" / ".cache").glob("*-*")):
+        if entry.is_dir() and entry.name.split("-")[0] in ("teacher", "distill"):
+            shutil.copytree(entry, cache / entry.name)
+    return cache

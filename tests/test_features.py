@@ -3,8 +3,6 @@
 import copy
 import json
 import signal
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -12,7 +10,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from tests.test_reliability import REPO, start, wait_for
+from tests.test_reliability import start, wait_for
 from toolchain.errors import RecipeError
 from toolchain.metrics import count_params
 from toolchain.models.checkpoint import load_state
@@ -105,12 +103,15 @@ def feature_recipe(tiny_recipe, features, **sections):
 GOOD = [{"student": "features.2", "teacher": "layer2", "loss": "mse"}]  # 24x4x4 -> 32x16x16: conv + pool
 
 
-def test_bad_module_path_is_one_line_exit_2(tiny_recipe, tmp_path):
+def test_bad_module_path_is_one_line_exit_2(tiny_recipe, tmp_path, capsys):
+    """In process (the CLI's own exit code and stderr); a one-line error from a real process: tests/test_recipe.py."""
+    from toolchain.cli import run
+
     path = feature_recipe(tiny_recipe, [{"student": "feature.2", "teacher": "layer2"}])
-    proc = subprocess.run([sys.executable, "-m", "toolchain", "compress", str(path)], cwd=REPO, capture_output=True,
-                          text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    code = run(["compress", str(path)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: distill.features[0].student: no module 'feature.2'")
     assert "features.2" in lines[0]
     assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))  # the preflight caught it: nothing trained
@@ -126,6 +127,7 @@ def test_a_bad_finetune_path_fails_before_the_teacher_trains(tiny_recipe, tmp_pa
     assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))
 
 
+@pytest.mark.slow  # SIGKILL: three CLI subprocesses
 def test_adapters_resume_after_sigkill_and_never_reach_the_export(tiny_recipe, tmp_path):
     path = feature_recipe(tiny_recipe, GOOD)
     proc = start(path)

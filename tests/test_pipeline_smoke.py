@@ -44,10 +44,12 @@ def test_compress_end_to_end(pipeline_runs):
     assert "PyTorch eager" in summary["stages"]["bench"]["info"]["table"]
 
 
-def test_rerun_reuses_finished_stages(tiny_recipe, tmp_path):
+def test_rerun_reuses_finished_stages(tiny_recipe, tmp_path, warm_cache):
     path = tiny_recipe()
     assert run(["compress", str(path)]) == 0
     first = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    # the entries warm_cache copied from another output_dir are reused: a cache entry does not depend on where it lives
+    assert first["stages"]["teacher"]["cached"] and first["stages"]["distill"]["cached"]
     assert run(["compress", str(path), "distill.lr=0.02"]) == 0
     second = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
     assert second["stages"]["teacher"]["cached"] is True
@@ -55,7 +57,7 @@ def test_rerun_reuses_finished_stages(tiny_recipe, tmp_path):
     assert second["stages"]["teacher"]["metrics"] == first["stages"]["teacher"]["metrics"]
 
 
-def test_taylor_pruner_scores_with_the_pipeline_training_data(tiny_recipe, tmp_path):
+def test_taylor_pruner_scores_with_the_pipeline_training_data(tiny_recipe, tmp_path, warm_cache):
     path = tiny_recipe(prune={"method": "channel", "pruner": "taylor", "sparsity": 0.5, "taylor_batches": 4},
                        finetune={"epochs": 1, "lr": 0.01, "loss": "kd"})
     assert run(["compress", str(path)]) == 0

@@ -57,6 +57,7 @@ def slow_recipe(tiny_recipe):
     return tiny_recipe(distill={"epochs": 3, "lr": 0.05, "loss": "kd"})
 
 
+@pytest.mark.slow  # SIGKILL: three CLI subprocesses
 def test_sigkill_then_rerun_resumes_and_matches(tiny_recipe, tmp_path):
     path = slow_recipe(tiny_recipe)
     proc = start(path)
@@ -95,6 +96,7 @@ def test_sigkill_then_rerun_resumes_and_matches(tiny_recipe, tmp_path):
     assert metrics_without_timing(fresh["stages"]["distill"]) == metrics_without_timing(after["stages"]["distill"])
 
 
+@pytest.mark.slow  # SIGINT to a CLI subprocess
 def test_ctrl_c_marks_run_killed_and_keeps_stage_unfinished(tiny_recipe, tmp_path):
     path = slow_recipe(tiny_recipe)
     proc = start(path)
@@ -135,6 +137,7 @@ def test_non_finite_loss_fails_the_run(tiny_recipe, tmp_path, capsys, monkeypatc
     assert {r.info.status for r in client.search_runs([s["mlflow"]["experiment_id"]])} == {"FAILED"}
 
 
+@pytest.mark.slow  # four CLI subprocesses at once
 def test_four_concurrent_runs_on_one_sqlite_store(tiny_recipe, tmp_path):
     base = yaml.safe_load(tiny_recipe(teacher=None, distill={"epochs": 1, "loss": "ce"}).read_text())
     procs = []
@@ -155,7 +158,7 @@ def test_four_concurrent_runs_on_one_sqlite_store(tiny_recipe, tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_same_recipe_and_seed_give_same_metrics(tiny_recipe, tmp_path):
+def test_same_recipe_and_seed_give_same_metrics(tiny_recipe, tmp_path, warm_cache):
     path = tiny_recipe()
     assert run(["compress", str(path)]) == 0
     first = summary(tmp_path)
@@ -166,7 +169,7 @@ def test_same_recipe_and_seed_give_same_metrics(tiny_recipe, tmp_path):
         assert metrics_without_timing(first["stages"][stage]) == metrics_without_timing(second["stages"][stage])
 
 
-def test_changing_one_section_recomputes_it_and_later_stages_only(tiny_recipe, tmp_path):
+def test_changing_one_section_recomputes_it_and_later_stages_only(tiny_recipe, tmp_path, warm_cache):
     path = tiny_recipe(prune={"method": "weight", "sparsity": 0.5}, finetune={"epochs": 1, "loss": "kd"})
     assert run(["compress", str(path)]) == 0
     assert run(["compress", str(path), "prune.sparsity=0.6"]) == 0
@@ -174,7 +177,7 @@ def test_changing_one_section_recomputes_it_and_later_stages_only(tiny_recipe, t
     assert cached == {"teacher": True, "distill": True, "prune": False, "finetune": False}
 
 
-def test_a_new_teacher_recomputes_a_prune_stage_that_distils(tiny_recipe, tmp_path):
+def test_a_new_teacher_recomputes_a_prune_stage_that_distils(tiny_recipe, tmp_path, warm_cache):
     """taylor scores channels with the KD loss: the teacher is an input of prune even when
     the student itself was distilled without it (distill.loss: ce)."""
     path = tiny_recipe(distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
