@@ -304,8 +304,12 @@ def test_a_budget_run_reports_the_decision_in_metrics_mlflow_budget_json_and_the
     child = client.get_run(prune["mlflow_run_id"])
     assert child.data.metrics["prune.budget.met"] == 1.0 and child.data.metrics["prune.budget.value"] <= 0.4
     assert {"budget.json", "layers.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
-    tags = client.get_run(summary["mlflow"]["parent_run_id"]).data.tags
-    assert tags["prune.budget"] == "macs=0.4" and tags["prune.sparsity"] == "budget"
+    parent = client.get_run(summary["mlflow"]["parent_run_id"])
+    assert parent.data.tags["prune.budget"] == "macs=0.4" and parent.data.tags["prune.sparsity"] == "budget"
+    assert parent.data.metrics["prune.budget.sparsity"] == budget["sparsity"] and parent.data.metrics["prune.budget.met"] == 1
+    from toolchain.report import run_row
+
+    assert run_row(parent)["sparsity"] == budget["sparsity"]  # the report's sparsity column: the chosen one
 
 
 @pytest.mark.slow

@@ -148,7 +148,7 @@ def run_row(run) -> Dict[str, Any]:
         "teacher": t.get("teacher"),
         "student": t.get("student"),
         "method": t.get("prune.method"),
-        "sparsity": _number(t.get("prune.sparsity")),
+        "sparsity": _number(t.get("prune.sparsity")) if t.get("prune.sparsity") != "budget" else m.get("prune.budget.sparsity"),
         "finetune_loss": p.get("finetune.loss") if p.get("finetune.loss") not in (None, "None") else "none",
         "seed": _number(p.get("seed")),
         "test_accuracy": m.get("final.test_accuracy"),

@@ -116,6 +116,12 @@ class Prune(ModelStage):
         tqdm.write(f"[prune] {decision.line()}")
         return result, decision
 
+    def headline(self, output) -> Dict[str, float]:
+        """A budget's decision on the parent run too (the runs table, `report`): the chosen sparsity, met or not."""
+        m = output.result.metrics
+        return {k: m[k] for k in ("prune.budget.sparsity", "prune.budget.met", "prune.budget.value",
+                                  "prune.budget.low", "prune.budget.high") if k in m}
+
     def publish(self, run, output, child) -> Dict[str, float]:
         if output.result.info.get("layers"):
             child.log_dict(output.result.info["layers"], "layers.json")
