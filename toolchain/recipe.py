@@ -362,7 +362,7 @@ class LatencyConfig(Section):
     max_replicates: int = Field(10, ge=2, le=1000, description="Stop after this many replicates even if an interval is still wide.")
     target_width: float = Field(0.10, gt=0, le=10, description="Stop when every interval's high / low - 1 is at most this.")
     budget_s: float = Field(60.0, gt=0, le=86400, description="Stop adding replicates once the next one would end after this many seconds; the result says it stopped on budget.")
-    isolation: Literal["process", "session"] = Field("process", description="process: a fresh Python per replicate (processes disagree more than sessions of one process); session: fresh sessions in this process.")
+    isolation: Literal["process", "session"] = Field("process", description="process: a fresh Python per replicate (rounds inside one process agreed with each other and not with the next process: docs/latency.md); session: fresh sessions in this process (cheaper; the test suite uses it).")
 
     @model_validator(mode="after")
     def _replicates_ordered(self) -> "LatencyConfig":
