@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from toolchain.bench import cli as bench_cli
 from toolchain.bench import ort as bench
 from toolchain.errors import BenchError
 
@@ -247,7 +248,7 @@ def test_cli_bad_input_is_one_line_exit_2(model_path, no_torch_env, tmp_path, ca
 def test_main_in_process_unavailable_provider(model_path, capsys):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("cuda is installed here")
-    assert bench.main([str(model_path), "--providers", "cuda", "--iterations", "2"]) == 2
+    assert bench_cli.main([str(model_path), "--providers", "cuda", "--iterations", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "onnxruntime-gpu" in err
 

@@ -85,7 +85,7 @@ def test_package_holds_models_contract_golden_data_and_a_true_manifest(packaged)
     pkg, info = packaged["package"], packaged["summary"]["stages"]["package"]["info"]
     for name in ("model.onnx", "model.ort", "required_operators.config", "labels.txt", "preprocess.json",
                  "infer.py", "README.md", "golden/inputs.npy", "golden/outputs_float.npy", "golden/expected.json",
-                 "toolchain/bench/ort.py", "manifest.json"):
+                 "toolchain/bench/ort.py", "toolchain/bench/cli.py", "toolchain/bench/compare.py", "manifest.json"):
         assert (pkg / name).is_file(), name
     assert not (pkg / "model_int8.onnx").exists()  # no quantize section: nothing INT8 ships
     assert sorted(p.name for p in (pkg / "golden" / "images").iterdir()) == [f"{i:03d}.png" for i in range(GOLDEN)]

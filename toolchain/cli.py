@@ -85,7 +85,7 @@ class Commands:
         """Benchmark an ONNX file with onnxruntime (torch-free). Same options as python -m toolchain.bench --help,
         e.g. bench export/RUN/model.onnx --batch-sizes 1,32 --providers cpu
         """
-        from .bench.ort import main
+        from .bench.cli import main
 
         return main([onnx, *args])  # run() normally routes `bench` straight to main(), bypassing fire
 
@@ -166,7 +166,7 @@ def run(argv: List[str]) -> int:
     if argv[:1] == ["attach"] or (argv[:1] == ["bench"] and "--help" not in argv[1:2]):
         # argparse CLIs: bench is shared with python -m toolchain.bench; attach keeps run ids as typed (and its --help)
         if argv[0] == "bench":
-            from .bench.ort import main
+            from .bench.cli import main
         else:
             from .attach import main
 

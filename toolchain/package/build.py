@@ -30,7 +30,7 @@ GOLDEN = "golden"
 PACKAGE_FORMAT = "toolchain-device-package/1"
 # the torch-free bench, bundled with the toolchain modules it imports at module level, so
 # `python -m toolchain.bench` runs in the package folder on a device without the toolchain
-BENCH_ENTRY = ("bench/__main__.py", "bench/ort.py")
+BENCH_ENTRY = ("bench/__main__.py", "bench/cli.py")
 
 
 class PackageError(ToolchainError):
