@@ -37,15 +37,18 @@ PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=15
 #   make test       the default tier: every test not marked slow (a few minutes on 2 cores)
 #   make test-slow  the tests marked @pytest.mark.slow: torchrun, SIGKILL / Ctrl-C and concurrent
 #                   CLI subprocesses, large models, long pipelines
-#   make test-all   both in one pytest session (.ci/run runs make test, then make test-slow)
+#   make test-all   both, one after the other (as .ci/run does)
+# The default tier runs on every core (pytest-xdist, one worker per core); --dist loadscope keeps a
+# module's tests on one worker, so its module fixtures (and the shared full pipeline run, read by
+# tests/test_engine.py alone) are built once. The slow tier runs in one process: its torchrun /
+# signal / concurrent-run tests start processes of their own.
 test: venv data
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow" -n auto --dist loadscope
 
 test-slow: venv data
 	$(PYTEST) -m slow
 
-test-all: venv data
-	$(PYTEST)
+test-all: test test-slow
 
 # The inner loop is the default tier (kept as a name for habit's sake).
 test-fast: test

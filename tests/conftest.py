@@ -174,8 +174,9 @@ FULL_SECTIONS = {
 @pytest.fixture(scope="session")
 def pipeline_runs(tmp_path_factory, fmnist_root):
     """The whole pipeline once on the tiny files (run `tiny`: the smoke test), then `name=copy`
-    (every stage reused), then a bench-only change of copy. Shared by the smoke and engine tests
-    so the suite pays for one full run."""
+    (every stage reused), then a bench-only change of copy. Read by the tests of
+    tests/test_engine.py alone, so the suite pays for one full run (under pytest-xdist's
+    --dist loadscope a module runs on one worker)."""
     from toolchain.cli import run
 
     tmp = tmp_path_factory.mktemp("pipeline")
@@ -198,14 +199,31 @@ def pipeline_runs(tmp_path_factory, fmnist_root):
     return {"tmp": tmp, "tiny": tiny, "copy_first": copy_first, "copy": summary("copy")}
 
 
+@pytest.fixture(scope="session")
+def warm_stages(tmp_path_factory, fmnist_root) -> Path:
+    """The stage cache of tiny_recipe()'s default teacher and KD student, trained once per session
+    (no tracking: MLflow is not part of a stage's key)."""
+    from toolchain.cli import run
+
+    tmp = tmp_path_factory.mktemp("warm")
+    recipe = {"name": "tiny", "output_dir": str(tmp / "export"),
+              "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+              "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
+              "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
+              "export": None, "bench": None, "tracking": {"enabled": False}}
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run(["compress", str(path)]) == 0
+    return tmp / "export" / ".cache"
+
+
 @pytest.fixture
-def warm_cache(pipeline_runs, tmp_path):
-    """tmp_path/export/.cache (tiny_recipe's output_dir) with the teacher and KD-student entries
-    of `pipeline_runs`, whose teacher, student, distill and data sections are tiny_recipe()'s
-    defaults: a test of what happens around those stages reuses them instead of training them
+def warm_cache(warm_stages, tmp_path):
+    """tmp_path/export/.cache (tiny_recipe's output_dir) holding `warm_stages`' teacher and KD
+    student: a test of what happens around those stages reuses them instead of training them
     again. Copies (not links), so a test may damage its entries."""
     cache = tmp_path / "export" / ".cache"
-    for entry in sorted((pipeline_runs["tmp"] / "export" / ".cache").glob("*-*")):
-        if entry.is_dir() and entry.name.split("-")[0] in ("teacher", "distill"):
+    for entry in sorted(warm_stages.glob("*-*")):
+        if entry.is_dir():
             shutil.copytree(entry, cache / entry.name)
     return cache

@@ -89,8 +89,9 @@ def resnet(tmp_path_factory):
 # ---------------------------------------------------------------- families
 
 
-@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v2", "mobilenet_v3_small",
-                                  pytest.param("densenet121", marks=pytest.mark.slow),  # large models
+@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v3_small",  # slow tier: larger models
+                                  pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+                                  pytest.param("densenet121", marks=pytest.mark.slow),
                                   pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
 def test_family_exports_checks_and_passes_parity(name, resnet, tmp_path):
     if name == "cifar_resnet20":

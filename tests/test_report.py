@@ -170,6 +170,7 @@ def test_method_comparison_picks_the_higher_pe():
 # ---------------------------------------------------------------- a real tiny sweep
 
 
+@pytest.mark.slow  # a three-variant sweep with export and bench (default tier: the report of synthetic stores)
 def test_report_of_a_tiny_sweep(tiny_recipe, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: two threads per process are several times slower

@@ -202,6 +202,7 @@ def test_study_recipes_expand(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # five compress runs (default tier: the control-variant sweep below)
 def test_tiny_sweep_trains_the_teacher_once(tiny_recipe, tmp_path, capsys, one_thread):
     path = tiny_recipe(prune={"method": "weight", "sparsity": 0.5}, finetune={"epochs": 1, "lr": 0.01, "loss": "kd"})
     recipe = yaml.safe_load(path.read_text())

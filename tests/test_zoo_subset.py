@@ -14,8 +14,10 @@ _spec.loader.exec_module(zoo)
 
 
 @pytest.mark.parametrize("name, engine", [
-    ("regnet_y_400mf", "nni"),  # grouped convs in equal blocks, SE
-    ("shufflenet_v2_x0_5", "nni"),  # channel shuffle: pinned layers
+    # grouped convs in equal blocks, SE; channel shuffle: pinned layers (slow tier; default tier:
+    # tests/test_checkpoint.py, test_prune_compat.py, test_prune_pinned.py prune both families)
+    pytest.param("regnet_y_400mf", "nni", marks=pytest.mark.slow),
+    pytest.param("shufflenet_v2_x0_5", "nni", marks=pytest.mark.slow),
     ("squeezenet1_1", "torch_pruning"),  # concatenations
 ])
 def test_zoo_families_prune_export_and_pass_parity(name, engine):
