@@ -38,9 +38,15 @@ def main() -> None:
     budget = {a.kind: int(a.value) if a.kind == "file_bytes" else a.value}
     if a.kind in B.LATENCY_KINDS:
         budget.update(batch_size=a.batch_size, threads=a.threads)
-    r = validate_dict({"name": "budget", "student": {"model": a.model}, "distill": {"loss": "ce"},
-                       "prune": {"method": "channel", "align": a.align, "engine": a.engine, "budget": budget},
-                       "export": {"exporter": a.exporter, "opset": 18 if a.exporter == "dynamo" else 17}})
+    r = validate_dict(
+        {
+            "name": "budget",
+            "student": {"model": a.model},
+            "distill": {"loss": "ce"},
+            "prune": {"method": "channel", "align": a.align, "engine": a.engine, "budget": budget},
+            "export": {"exporter": a.exporter, "opset": 18 if a.exporter == "dynamo" else 17},
+        }
+    )
     torch.manual_seed(0)
     model = architecture(r.student, 10).eval()
     x = torch.randn(2, 3, a.size, a.size)
@@ -52,8 +58,10 @@ def main() -> None:
         meter.close()
     print(f"{d.line()} ({time.perf_counter() - started:.0f} s, {d.grid_points} grid points)")
     for h in d.history:
-        print(f"  {h['stage']:<6} sparsity {h['sparsity']:.4f}: {h['value']:.4g} [{h['low']:.4g}, {h['high']:.4g}] "
-              f"{'met' if h['met'] else 'missed'}")
+        print(
+            f"  {h['stage']:<6} sparsity {h['sparsity']:.4f}: {h['value']:.4g} [{h['low']:.4g}, {h['high']:.4g}] "
+            f"{'met' if h['met'] else 'missed'}"
+        )
 
 
 if __name__ == "__main__":

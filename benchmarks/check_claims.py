@@ -45,7 +45,7 @@ def one_process(a: str, b: str, batch: int, rounds: int, side_s: float, threads:
     ratios = []
     for r in range(rounds):
         med = [0.0, 0.0]
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
             for _ in range(3):
                 sessions[i].run(None, feeds[i])
             times, end = [], time.perf_counter() + side_s
@@ -61,8 +61,12 @@ def one_process(a: str, b: str, batch: int, rounds: int, side_s: float, threads:
 def measure(a: Path, b: Path, batch: int, processes: int, rounds: int, threads: int) -> tuple:
     out = []
     for _ in range(processes):
-        proc = subprocess.run([sys.executable, __file__, "--one", str(a), str(b), str(batch), str(rounds), str(threads)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", str(a), str(b), str(batch), str(rounds), str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out.append(float(proc.stdout.strip()))
     boot = np.random.default_rng(0).choice(out, size=(2000, len(out)))
     low, high = np.percentile(np.median(boot, axis=1), [2.5, 97.5])
@@ -76,13 +80,31 @@ def claims(run_dir: Path) -> list:
     int8 = card.get("int8", {})
     if int8.get("shipped"):
         for bs, s in int8["speedup_vs_float"].items():
-            found.append(("INT8 vs float (quantize stage)", run_dir / "model.onnx", run_dir / "model_int8.onnx", int(bs),
-                          s["ratio"], s["low"], s["high"]))
+            found.append(
+                (
+                    "INT8 vs float (quantize stage)",
+                    run_dir / "model.onnx",
+                    run_dir / "model_int8.onnx",
+                    int(bs),
+                    s["ratio"],
+                    s["low"],
+                    s["high"],
+                )
+            )
     bench = json.loads((run_dir / "bench.json").read_text())
     paths = {role: Path(r["model"]) for role, r in bench["onnxruntime"].items()}
     for row in bench.get("comparisons", {}).get("cpu", {}).get("ratios", []):
-        found.append((f"{row['candidate']} vs {row['baseline']} (bench stage)", paths[row["baseline"]], paths[row["candidate"]],
-                      row["batch_size"], row["ratio"], row["low"], row["high"]))
+        found.append(
+            (
+                f"{row['candidate']} vs {row['baseline']} (bench stage)",
+                paths[row["baseline"]],
+                paths[row["candidate"]],
+                row["batch_size"],
+                row["ratio"],
+                row["low"],
+                row["high"],
+            )
+        )
     return found
 
 
@@ -104,8 +126,11 @@ def main() -> int:
         med, lo, hi, per = measure(a, b, bs, args.processes, args.rounds, args.threads)
         verdict = "holds" if hi >= low else "FAILS (re-measured below the claimed interval)"
         failed += hi < low
-        print(f"| {label} | {bs} | {ratio:.2f}x [{low:.2f}, {high:.2f}] | {med:.2f}x [{lo:.2f}, {hi:.2f}] | "
-              f"{', '.join(f'{x:.2f}' for x in per)} | {verdict} |", flush=True)
+        print(
+            f"| {label} | {bs} | {ratio:.2f}x [{low:.2f}, {high:.2f}] | {med:.2f}x [{lo:.2f}, {hi:.2f}] | "
+            f"{', '.join(f'{x:.2f}' for x in per)} | {verdict} |",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

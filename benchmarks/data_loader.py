@@ -63,18 +63,37 @@ def toolchain_data(root: Path, size: int, cache: Path, workers: int, subset=None
     from toolchain.data.loaders import build_data
     from toolchain.recipe import DataConfig
 
-    cfg = DataConfig(name="imagefolder", root=str(root), image_size=size, batch_size=BATCH, val_fraction=0.05,
-                     cache_dir=str(cache), num_workers=workers, subset=subset)
+    cfg = DataConfig(
+        name="imagefolder",
+        root=str(root),
+        image_size=size,
+        batch_size=BATCH,
+        val_fraction=0.05,
+        cache_dir=str(cache),
+        num_workers=workers,
+        subset=subset,
+    )
     return build_data(cfg, seed=0)
 
 
 def torchvision_loader(root: Path, size: int, batch: int = BATCH):
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    return torch.utils.data.DataLoader(datasets.ImageFolder(str(root / "train"), tf), batch_size=batch, shuffle=True,
-                                       num_workers=2, persistent_workers=True)
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    return torch.utils.data.DataLoader(
+        datasets.ImageFolder(str(root / "train"), tf),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=True,
+    )
 
 
 def loader_rate(batches, epochs: int = 1) -> float:
@@ -116,11 +135,13 @@ def peak_rss_mb(root: Path, size: int, cache: Path, subset: int) -> float:
     """One epoch of the toolchain's path in a fresh process (cache already built): its peak RSS."""
     # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child forked from this big
     # benchmark process would report the parent's peak
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r});"
-            f"from data_loader import toolchain_data, loader_rate; from pathlib import Path;"
-            f"d = toolchain_data(Path({str(root)!r}), {size}, Path({str(cache)!r}), 0, {subset});"
-            f"loader_rate(d.train); loader_rate(d.val);"
-            f"print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r});"
+        f"from data_loader import toolchain_data, loader_rate; from pathlib import Path;"
+        f"d = toolchain_data(Path({str(root)!r}), {size}, Path({str(cache)!r}), 0, {subset});"
+        f"loader_rate(d.train); loader_rate(d.val);"
+        f"print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1]) / 1024  # kB -> MB
 
@@ -151,21 +172,27 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[96, 224])
     p.add_argument("--n", type=int, default=2048, help="training images (the RSS check compares n/4 and n)")
     p.add_argument("--train-seconds", type=float, default=20.0)
-    p.add_argument("--work", type=Path, default=None, help="folder for the generated images and the cache (default: a temp folder)")
+    p.add_argument(
+        "--work", type=Path, default=None, help="folder for the generated images and the cache (default: a temp folder)"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="toolchain-loader-bench-"))
     root = write_folder(work / "images", args.n)
     print(f"torch threads {torch.get_num_threads()}; images in {root}", flush=True)
     rows = [run_size(root, size, args.n, work / f"cache-{size}", args.train_seconds) for size in args.sizes]
-    print("\n| size | cache build (once) | toolchain loader | toolchain, 2 workers | torchvision, 2 workers | vs torchvision "
-          "| train img/s (toolchain / torchvision) | loader / training | peak RSS N/4 -> N |")
+    print(
+        "\n| size | cache build (once) | toolchain loader | toolchain, 2 workers | torchvision, 2 workers | vs torchvision "
+        "| train img/s (toolchain / torchvision) | loader / training | peak RSS N/4 -> N |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['cache_build_s']:.1f} s ({r['cache_decode_img_s']:.0f} img/s) | {r['toolchain_img_s']:.0f} img/s "
-              f"| {r['toolchain_2workers_img_s']:.0f} img/s | {r['torchvision_img_s']:.0f} img/s | {r['loader_vs_torchvision']:.2f}x "
-              f"| {r['train_toolchain_img_s']:.1f} / {r['train_torchvision_img_s']:.1f} | {r['loader_vs_training']:.1f}x "
-              f"| {r['rss_n_mb']:.0f} -> {r['rss_4n_mb']:.0f} MB ({r['rss_growth']:+.0%}) |")
+        print(
+            f"| {r['size']} | {r['cache_build_s']:.1f} s ({r['cache_decode_img_s']:.0f} img/s) | {r['toolchain_img_s']:.0f} img/s "
+            f"| {r['toolchain_2workers_img_s']:.0f} img/s | {r['torchvision_img_s']:.0f} img/s | {r['loader_vs_torchvision']:.2f}x "
+            f"| {r['train_toolchain_img_s']:.1f} / {r['train_torchvision_img_s']:.1f} | {r['loader_vs_training']:.1f}x "
+            f"| {r['rss_n_mb']:.0f} -> {r['rss_4n_mb']:.0f} MB ({r['rss_growth']:+.0%}) |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

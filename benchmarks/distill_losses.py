@@ -26,8 +26,15 @@ from pathlib import Path
 from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
-DISTILL_ONLY = ["prune=null", "finetune=null", "export=null", "bench=null", "quantize=null", "package=null",
-                "tracking.enabled=false"]
+DISTILL_ONLY = [
+    "prune=null",
+    "finetune=null",
+    "export=null",
+    "bench=null",
+    "quantize=null",
+    "package=null",
+    "tracking.enabled=false",
+]
 VARIANTS: Dict[str, List[str]] = {
     "kd": [],  # the recipe's own distill section: Hinton KD, T=4, alpha=0.9
     # DKD as in mdistiller's CIFAR setting (alpha 1, beta 8, T 4); dkd-b2: a weaker non-target term
@@ -41,19 +48,26 @@ def run_one(recipe: str, variant: str, seed: int, out: Path, extra: List[str]) -
     name = f"{variant.replace('+', '-')}-s{seed}"
     overrides = [f"name={name}", f"seed={seed}", f"output_dir={out}", *DISTILL_ONLY, *VARIANTS[variant], *extra]
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "toolchain", "compress", recipe, *overrides], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "toolchain", "compress", recipe, *overrides], cwd=REPO, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{variant} seed {seed} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     summary = json.loads((out / name / "summary.json").read_text())
     metrics = summary["stages"]["distill"]["metrics"]
-    return {"test": metrics["test_accuracy"], "val": metrics["val_accuracy"],
-            "teacher": summary["stages"]["teacher"]["metrics"]["test_accuracy"], "seconds": time.perf_counter() - t0}
+    return {
+        "test": metrics["test_accuracy"],
+        "val": metrics["val_accuracy"],
+        "teacher": summary["stages"]["teacher"]["metrics"]["test_accuracy"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def table(results: Dict[str, Dict[int, Dict[str, float]]], seeds: List[int]) -> str:
-    lines = [f"| loss | {' | '.join(f'seed {s}' for s in seeds)} | mean | std | vs kd (points) |",
-             "|---|" + "---|" * (len(seeds) + 3)]
+    lines = [
+        f"| loss | {' | '.join(f'seed {s}' for s in seeds)} | mean | std | vs kd (points) |",
+        "|---|" + "---|" * (len(seeds) + 3),
+    ]
     base = statistics.mean(r["test"] for r in results["kd"].values()) if "kd" in results else None
     for variant, by_seed in results.items():
         accs = [by_seed[s]["test"] for s in seeds]
@@ -80,8 +94,11 @@ def main() -> None:
     def one_seed(seed: int) -> None:  # variants in turn: the seed's teacher trains once, the others reuse it
         for variant in variants:
             r = results[variant][seed] = run_one(args.recipe, variant, seed, Path(args.out), args.overrides)
-            print(f"{variant} seed {seed}: test {r['test']:.4f}  val {r['val']:.4f}  teacher {r['teacher']:.4f}  "
-                  f"({r['seconds']:.0f}s)", flush=True)
+            print(
+                f"{variant} seed {seed}: test {r['test']:.4f}  val {r['val']:.4f}  teacher {r['teacher']:.4f}  "
+                f"({r['seconds']:.0f}s)",
+                flush=True,
+            )
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one_seed, seeds))  # list(): a failed run raises here

@@ -24,12 +24,32 @@ import numpy as np
 
 # (input channels, output channels, map side, kernel side); input == output channels with "dw": depthwise
 SHAPES: List[Tuple[int, int, int, int]] = [
-    (16, 96, 112, 1), (24, 144, 56, 1), (96, 24, 56, 1), (144, 24, 56, 1), (128, 32, 28, 1), (192, 32, 28, 1),
-    (192, 64, 28, 1), (256, 64, 14, 1), (256, 256, 14, 1), (320, 96, 14, 1), (384, 64, 14, 1), (576, 96, 14, 1),
-    (960, 160, 7, 1), (320, 1280, 7, 1), (64, 64, 56, 3), (128, 128, 28, 3), (256, 256, 14, 3), (512, 512, 7, 3),
+    (16, 96, 112, 1),
+    (24, 144, 56, 1),
+    (96, 24, 56, 1),
+    (144, 24, 56, 1),
+    (128, 32, 28, 1),
+    (192, 32, 28, 1),
+    (192, 64, 28, 1),
+    (256, 64, 14, 1),
+    (256, 256, 14, 1),
+    (320, 96, 14, 1),
+    (384, 64, 14, 1),
+    (576, 96, 14, 1),
+    (960, 160, 7, 1),
+    (320, 1280, 7, 1),
+    (64, 64, 56, 3),
+    (128, 128, 28, 3),
+    (256, 256, 14, 3),
+    (512, 512, 7, 3),
 ]
-DEPTHWISE: List[Tuple[int, int, int, int]] = [(32, 32, 112, 3), (144, 144, 56, 3), (192, 192, 28, 3), (576, 576, 14, 3),
-                                              (960, 960, 7, 3)]
+DEPTHWISE: List[Tuple[int, int, int, int]] = [
+    (32, 32, 112, 3),
+    (144, 144, 56, 3),
+    (192, 192, 28, 3),
+    (576, 576, 14, 3),
+    (960, 960, 7, 3),
+]
 
 
 def conv_model(cin: int, cout: int, side: int, k: int, zero_point: int, depthwise: bool = False) -> bytes:
@@ -37,28 +57,48 @@ def conv_model(cin: int, cout: int, side: int, k: int, zero_point: int, depthwis
 
     group = cin if depthwise else 1
     w = np.random.default_rng(0).integers(-127, 128, (cout, cin // group, k, k)).astype(np.int16)
-    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "xs"), numpy_helper.from_array(np.array(128, np.uint8), "xz"),
-             numpy_helper.from_array((w + zero_point).astype(np.int8), "w"),  # w_q - zp is the same for both
-             numpy_helper.from_array(np.full(cout, 0.01, np.float32), "ws"),
-             numpy_helper.from_array(np.full(cout, zero_point, np.int8), "wz"),
-             numpy_helper.from_array(np.array(0.05, np.float32), "ys"), numpy_helper.from_array(np.array(128, np.uint8), "yz")]
-    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], domain="com.microsoft",
-                            channels_last=1, pads=[k // 2] * 4, group=group)
-    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, side, side, cin])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
-                             ).SerializeToString()
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+        numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+        numpy_helper.from_array((w + zero_point).astype(np.int8), "w"),  # w_q - zp is the same for both
+        numpy_helper.from_array(np.full(cout, 0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.full(cout, zero_point, np.int8), "wz"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
+        numpy_helper.from_array(np.array(128, np.uint8), "yz"),
+    ]
+    node = helper.make_node(
+        "QLinearConv",
+        ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"],
+        ["y"],
+        domain="com.microsoft",
+        channels_last=1,
+        pads=[k // 2] * 4,
+        group=group,
+    )
+    graph = helper.make_graph(
+        [node],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, side, side, cin])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+        inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
+    ).SerializeToString()
 
 
-def p50_pair(cin: int, cout: int, side: int, k: int, threads: int, seconds: float, rounds: int,
-             depthwise: bool = False) -> Tuple[float, float]:
+def p50_pair(
+    cin: int, cout: int, side: int, k: int, threads: int, seconds: float, rounds: int, depthwise: bool = False
+) -> Tuple[float, float]:
     """p50 us of the symmetric (zero point 0) and the general (zero point -1) kernel, median over rounds."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sessions = [ort.InferenceSession(conv_model(cin, cout, side, k, zp, depthwise), opts, providers=["CPUExecutionProvider"])
-                for zp in (0, -1)]
+    sessions = [
+        ort.InferenceSession(conv_model(cin, cout, side, k, zp, depthwise), opts, providers=["CPUExecutionProvider"])
+        for zp in (0, -1)
+    ]
     x = {"x": np.random.default_rng(1).integers(0, 256, (1, side, side, cin)).astype(np.uint8)}
     per_round: List[List[float]] = [[], []]
     for r in range(rounds):
@@ -81,7 +121,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
-    print("| conv (in -> out, map, kernel) | K | " + " | ".join(f"{t} thr: sym / general us (ratio)" for t in threads) + " |")
+    print(
+        "| conv (in -> out, map, kernel) | K | "
+        + " | ".join(f"{t} thr: sym / general us (ratio)" for t in threads)
+        + " |"
+    )
     print("|---|---|" + "---|" * len(threads))
     for depthwise, shapes in ((False, SHAPES), (True, DEPTHWISE)):
         for cin, cout, side, k in shapes:
@@ -90,7 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 sym, gemm = p50_pair(cin, cout, side, k, t, args.time, args.rounds, depthwise)
                 cells.append(f"{sym:.1f} / {gemm:.1f} ({sym / gemm:.2f}x)")
             kind, weights = ("dw ", k * k) if depthwise else ("", cin * k * k)
-            print(f"| {kind}{cin} -> {cout}, {side}x{side}, {k}x{k} | {weights} | " + " | ".join(cells) + " |", flush=True)
+            print(
+                f"| {kind}{cin} -> {cout}, {side}x{side}, {k}x{k} | {weights} | " + " | ".join(cells) + " |", flush=True
+            )
     return 0
 
 

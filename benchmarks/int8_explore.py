@@ -114,7 +114,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "qdq_u8s8_pc_convonly": dict(fmt="qdq", act="uint8", wt="int8", pc=True, ops=CONV_GEMM),
     "qop_u8s8_pc_convonly": dict(fmt="qoperator", act="uint8", wt="int8", pc=True, ops=CONV_GEMM),
     # keep Clip as its own quantized op (no folding): shows what folding is worth
-    "qdq_u8s8_pc_keepclip": dict(fmt="qdq", act="uint8", wt="int8", pc=True, extra={"QDQKeepRemovableActivations": True}),
+    "qdq_u8s8_pc_keepclip": dict(
+        fmt="qdq", act="uint8", wt="int8", pc=True, extra={"QDQKeepRemovableActivations": True}
+    ),
     # u8 weights too (u8u8 kernels)
     "qop_u8u8_pc": dict(fmt="qoperator", act="uint8", wt="uint8", pc=True),
     "qdq_u8u8_pc": dict(fmt="qdq", act="uint8", wt="uint8", pc=True),
@@ -129,22 +131,32 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "qdq_u8s8_pc_keep_first4": dict(fmt="qdq", act="uint8", wt="int8", pc=True, keep_first=4),
     "qdq_u8s8_pc_keep_first5": dict(fmt="qdq", act="uint8", wt="int8", pc=True, keep_first=5),
     "qdq_u8s8_pc_dw_only_keep_first3": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3),
-    "qdq_u8s8_pc_dw_only_keep_first3_cls": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3,
-                                                exclude=("classifier",)),
+    "qdq_u8s8_pc_dw_only_keep_first3_cls": dict(
+        fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, exclude=("classifier",)
+    ),
     "qdq_u8s8_pc_dw_only_keep_first2": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=2),
     # ... and the last n convs too (1x1 / 2x2 maps at 32x32 input, where QLinearConv's per-image loop cannot use
     # a second thread at batch 32 while float's NCHWc conv can)
-    "qdq_u8s8_dw_pc_keep_first3_last8": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=8),
-    "qdq_u8s8_dw_pc_keep_first3_last16": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=16),
-    "qdq_u8s8_dw_pc_keep_first3_last24": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=24),
-    "qdq_u8s8_pc_dw_only_keep_ends": dict(fmt="qdq", act="uint8", wt="int8", pc="depthwise",
-                                          exclude=("first_conv", "classifier")),
+    "qdq_u8s8_dw_pc_keep_first3_last8": dict(
+        fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=8
+    ),
+    "qdq_u8s8_dw_pc_keep_first3_last16": dict(
+        fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=16
+    ),
+    "qdq_u8s8_dw_pc_keep_first3_last24": dict(
+        fmt="qdq", act="uint8", wt="int8", pc="depthwise", keep_first=3, keep_last=24
+    ),
+    "qdq_u8s8_pc_dw_only_keep_ends": dict(
+        fmt="qdq", act="uint8", wt="int8", pc="depthwise", exclude=("first_conv", "classifier")
+    ),
 }
 
 # the stage's registry names worth comparing (ORT's default, the old and the new defaults) + informative variants
-DEFAULT_VARIANTS = ("float,qdq_s8s8_per_channel,qdq_u8s8_per_channel,qdq_u8s8_per_tensor,qdq_u8s8_dw_per_channel,"
-                    "qdq_u8s8_per_channel_keep_stem,qdq_u8s8_dw_per_channel_keep_stem,qdq_u8s8_dw_per_channel_keep_stem_fold,qop_u8u8_pc,"
-                    "qdq_u8s8_pc_convonly")
+DEFAULT_VARIANTS = (
+    "float,qdq_s8s8_per_channel,qdq_u8s8_per_channel,qdq_u8s8_per_tensor,qdq_u8s8_dw_per_channel,"
+    "qdq_u8s8_per_channel_keep_stem,qdq_u8s8_dw_per_channel_keep_stem,qdq_u8s8_dw_per_channel_keep_stem_fold,qop_u8u8_pc,"
+    "qdq_u8s8_pc_convonly"
+)
 
 
 def build(pre: Path, out: Path, spec: Dict[str, Any], calib, input_name: str, images: int) -> None:
@@ -156,12 +168,20 @@ def build(pre: Path, out: Path, spec: Dict[str, Any], calib, input_name: str, im
     extra = {"ActivationSymmetric": False, **spec.get("extra", {})}
     if spec["pc"] == "depthwise":
         extra["TensorQuantOverrides"] = {w: [{"axis": 0}] for w in depthwise_weights(pre)}
-    quantize_static(str(pre), str(out), CalibrationReader(calib, input_name, images),
-                    quant_format=QuantFormat.QDQ if spec["fmt"] == "qdq" else QuantFormat.QOperator,
-                    per_channel=spec["pc"] is True, activation_type=types[spec["act"]], weight_type=types[spec["wt"]],
-                    op_types_to_quantize=spec.get("ops"), extra_options=extra,
-                    nodes_to_exclude=excluded_nodes(pre, spec.get("exclude", ())) + first_convs(pre, spec.get("keep_first", 0))
-                    + last_convs(pre, spec.get("keep_last", 0)))
+    quantize_static(
+        str(pre),
+        str(out),
+        CalibrationReader(calib, input_name, images),
+        quant_format=QuantFormat.QDQ if spec["fmt"] == "qdq" else QuantFormat.QOperator,
+        per_channel=spec["pc"] is True,
+        activation_type=types[spec["act"]],
+        weight_type=types[spec["wt"]],
+        op_types_to_quantize=spec.get("ops"),
+        extra_options=extra,
+        nodes_to_exclude=excluded_nodes(pre, spec.get("exclude", ()))
+        + first_convs(pre, spec.get("keep_first", 0))
+        + last_convs(pre, spec.get("keep_last", 0)),
+    )
 
 
 def depthwise_weights(model_path: Path) -> List[str]:
@@ -184,11 +204,16 @@ def last_convs(model_path: Path, n: int) -> List[str]:
     import onnx
 
     convs = [node.name for node in onnx.load(str(model_path)).graph.node if node.op_type == "Conv"]
-    return convs[len(convs) - n:] if n > 0 else []
+    return convs[len(convs) - n :] if n > 0 else []
 
 
-def session(path: Path, threads: int, optimized: Optional[Path] = None, spinning: Optional[bool] = None,
-            profile_prefix: Optional[str] = None):
+def session(
+    path: Path,
+    threads: int,
+    optimized: Optional[Path] = None,
+    spinning: Optional[bool] = None,
+    profile_prefix: Optional[str] = None,
+):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -212,15 +237,22 @@ def node_counts(path: Path, work: Path) -> Dict[str, int]:
     return dict(collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node).most_common())
 
 
-def interleaved_p50(files: Dict[str, Path], batch_sizes: List[int], size: int, threads: int, seconds: float,
-                    rounds: int, spinning: Optional[bool] = None) -> Dict[str, Dict[int, float]]:
+def interleaved_p50(
+    files: Dict[str, Path],
+    batch_sizes: List[int],
+    size: int,
+    threads: int,
+    seconds: float,
+    rounds: int,
+    spinning: Optional[bool] = None,
+) -> Dict[str, Dict[int, float]]:
     """Per model and batch size: median over rounds of each round's p50 (rounds in rotated order)."""
     names = list(files)
     sessions = {n: session(p, threads, spinning=spinning) for n, p in files.items()}
     inputs = {b: np.random.default_rng(0).standard_normal((b, 3, size, size)).astype(np.float32) for b in batch_sizes}
     per_round: Dict[str, Dict[int, List[float]]] = {n: {b: [] for b in batch_sizes} for n in names}
     for r in range(rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             s = sessions[n]
             feed_name = s.get_inputs()[0].name
             for b in batch_sizes:
@@ -269,8 +301,15 @@ def conv_kinds(path: Path) -> List[str]:
     kinds = []
     for n in (n for n in graph.node if n.op_type == "Conv"):
         group = next((a.i for a in n.attribute if a.name == "group"), 1)
-        kinds.append("stem" if not kinds else "depthwise" if group > 1 else
-                     "pointwise" if dims.get(n.input[1], [0, 0, 0])[2:] == [1, 1] else "spatial")
+        kinds.append(
+            "stem"
+            if not kinds
+            else "depthwise"
+            if group > 1
+            else "pointwise"
+            if dims.get(n.input[1], [0, 0, 0])[2:] == [1, 1]
+            else "spatial"
+        )
     return kinds
 
 
@@ -293,8 +332,10 @@ def profile(float_path: Path, files: Dict[str, Path], work: Path, size: int, thr
                 f, q = sum(base[i] for i in idx), sum(times[i] for i in idx)
                 parts.append(f"{kind} {f:.0f} / {q:.0f} = {f / max(q, 1):.2f}x")
         total_f, total_q = sum(base) + base_other, sum(times) + other
-        parts.append(f"other nodes {base_other:.0f} / {other:.0f}; total {total_f:.0f} / {total_q:.0f} "
-                     f"= {total_f / max(total_q, 1):.2f}x")
+        parts.append(
+            f"other nodes {base_other:.0f} / {other:.0f}; total {total_f:.0f} / {total_q:.0f} "
+            f"= {total_f / max(total_q, 1):.2f}x"
+        )
         # The most this variant's conv kernels allow: float's whole time over the INT8 convs alone,
         # as if every Quantize / Transpose / Add node were free.
         parts.append(f"bound with free non-conv nodes {total_f / max(sum(times), 1):.2f}x")
@@ -313,9 +354,22 @@ def demo_data():
     return calib, data.val, data.test
 
 
-def explore(label: str, float_path: Path, work: Path, size: int, batch_sizes: List[int], variants: List[str],
-            calib, images: int, threads: List[int], seconds: float, rounds: int, spinning: Optional[bool],
-            test=None, profile_threads: int = 0) -> None:
+def explore(
+    label: str,
+    float_path: Path,
+    work: Path,
+    size: int,
+    batch_sizes: List[int],
+    variants: List[str],
+    calib,
+    images: int,
+    threads: List[int],
+    seconds: float,
+    rounds: int,
+    spinning: Optional[bool],
+    test=None,
+    profile_threads: int = 0,
+) -> None:
     from toolchain.onnx.export import onnx_accuracy
     from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize
 
@@ -361,16 +415,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--models", default="mobilenet_v2", help="random-weight models (toolchain model registry)")
     p.add_argument("--sizes", default="32")
     p.add_argument("--skip-demo", action="store_true")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help="names from VARIANTS here or from the stage's candidate registry (all: every VARIANTS entry)")
+    p.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help="names from VARIANTS here or from the stage's candidate registry (all: every VARIANTS entry)",
+    )
     p.add_argument("--threads", default="2", help="intra-op thread counts, comma separated (2: this machine's cores)")
-    p.add_argument("--spinning", choices=["default", "on", "off"], default="default",
-                   help="session.intra_op.allow_spinning")
+    p.add_argument(
+        "--spinning", choices=["default", "on", "off"], default="default", help="session.intra_op.allow_spinning"
+    )
     p.add_argument("--time", type=float, default=1.5, help="timed seconds per model and batch size (all rounds)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-accuracy", action="store_true", help="skip the demo model's test accuracy")
-    p.add_argument("--profile", type=int, default=0, metavar="THREADS",
-                   help="also profile every node at batch 1 with this many threads: float vs INT8 per conv kind")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="THREADS",
+        help="also profile every node at batch 1 with this many threads: float vs INT8 per conv kind",
+    )
     args = p.parse_args(argv)
     variants = ["float", *VARIANTS] if args.variants == "all" else [v for v in args.variants.split(",") if v]
     threads = [int(t) for t in args.threads.split(",")]
@@ -381,8 +444,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         demo = ROOT / "export" / "mobilenet-fmnist" / "model.onnx"
         if not args.skip_demo and demo.is_file():
             calib, _, test = demo_data()
-            explore("demo pruned mobilenet_v2 (trained)", demo, work, 32, [1, 32], variants, calib, 512,
-                    threads, args.time, args.rounds, spinning, None if args.no_accuracy else test, args.profile)
+            explore(
+                "demo pruned mobilenet_v2 (trained)",
+                demo,
+                work,
+                32,
+                [1, 32],
+                variants,
+                calib,
+                512,
+                threads,
+                args.time,
+                args.rounds,
+                spinning,
+                None if args.no_accuracy else test,
+                args.profile,
+            )
         sizes = [int(s) for s in args.sizes.split(",") if s]
         models = [m for m in args.models.split(",") if m]
         if sizes and models:
@@ -396,9 +473,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                 batch_sizes = [1, 32] if size <= 64 else [1, 8]
                 for name in models:
                     path = export_random(name, size, work / f"{name}-{size}.onnx")
-                    explore(f"{name} (random weights)", path, work, size, batch_sizes, variants,
-                            random_batches(size, 64), 64, threads, args.time, args.rounds, spinning,
-                            profile_threads=args.profile)
+                    explore(
+                        f"{name} (random weights)",
+                        path,
+                        work,
+                        size,
+                        batch_sizes,
+                        variants,
+                        random_batches(size, 64),
+                        64,
+                        threads,
+                        args.time,
+                        args.rounds,
+                        spinning,
+                        profile_threads=args.profile,
+                    )
     print(f"\n{time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -34,7 +34,9 @@ def demo_files() -> tuple:
     float_path = DEMO / "model.onnx"
     int8 = DEMO / "model_int8.onnx"
     if not int8.is_file():
-        found = sorted(glob.glob(str(ROOT / "export" / ".cache" / "quantize-*" / "candidates" / "*keep_stem_fold.onnx")))
+        found = sorted(
+            glob.glob(str(ROOT / "export" / ".cache" / "quantize-*" / "candidates" / "*keep_stem_fold.onnx"))
+        )
         int8 = Path(found[-1]) if found else int8
     for p in (float_path, int8):
         if not p.is_file():
@@ -59,7 +61,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     settings, plan = Settings(intra_op_threads=args.threads), Plan(budget_s=args.budget)
     print(f"float {float_path}\nINT8  {int8}\nthreads {args.threads or 'default'}, plan {plan}\n")
-    print("| comparison | batch | invocation | ratio [95% interval] | replicates | stopped | replicate spread | overlaps previous |")
+    print(
+        "| comparison | batch | invocation | ratio [95% interval] | replicates | stopped | replicate spread | overlaps previous |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     files = {"float": float_path, "float_again": float_path, "int8": int8}
     pairs = {"A vs A": ("float", "float_again"), "float / INT8": ("float", "int8")}
@@ -70,9 +74,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             for bs in batches:
                 iv = c.ratio(*pair, bs)
                 prev = previous.get((label, bs))
-                print(f"| {label} | {bs} | {inv} | {iv.text()} | {iv.replicates} | {c.stopped} | "
-                      f"{iv.spread[0]:.2f}-{iv.spread[1]:.2f} | {'-' if prev is None else ('yes' if overlaps(prev, iv) else 'NO')} |",
-                      flush=True)
+                print(
+                    f"| {label} | {bs} | {inv} | {iv.text()} | {iv.replicates} | {c.stopped} | "
+                    f"{iv.spread[0]:.2f}-{iv.spread[1]:.2f} | {'-' if prev is None else ('yes' if overlaps(prev, iv) else 'NO')} |",
+                    flush=True,
+                )
                 previous[(label, bs)] = iv
     print(f"\n{args.invocations} invocations in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -64,8 +64,14 @@ def export(model: torch.nn.Module, path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            model, (torch.randn(2, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
-            input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            model,
+            (torch.randn(2, 3, 32, 32),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
 
 
@@ -87,7 +93,9 @@ def check_parity(model: torch.nn.Module, sess: ort.InferenceSession) -> float:
     return float(np.abs(sess.run(None, {"input": x.numpy()})[0] - ref).max())
 
 
-def interleaved_samples(sessions: Dict[str, ort.InferenceSession], batch: int, calls: int, seed: int) -> Dict[str, List[float]]:
+def interleaved_samples(
+    sessions: Dict[str, ort.InferenceSession], batch: int, calls: int, seed: int
+) -> Dict[str, List[float]]:
     """Latencies (ms) per variant, timing one call of each variant in turn.
 
     Call-by-call interleaving means a burst of load from other processes lands on all
@@ -140,7 +148,14 @@ def bench_model(name: str, args, workdir: Path) -> List[dict]:
         export(model, paths[variant])
         parity = check_parity(model, session(paths[variant], args.threads, args.spin))
         assert parity < 1e-3, f"{name} {variant}: ONNX parity {parity}"
-        rows.append({"model": name, "variant": variant, "macs": count_macs(model, (1, 3, 32, 32)), "params": count_params(model)})
+        rows.append(
+            {
+                "model": name,
+                "variant": variant,
+                "macs": count_macs(model, (1, 3, 32, 32)),
+                "params": count_params(model),
+            }
+        )
     stats = measure(paths, args)
     for row in rows:
         row.update(stats[row["variant"]])
@@ -157,8 +172,10 @@ def add_ratios(rows: List[dict]) -> None:
 
 
 def table(rows: List[dict]) -> str:
-    head = ("| model | variant | MMACs | params | MACs ratio | bs1 p50 ms | bs1 speedup | bs32 p50 ms | bs32 speedup "
-            "| speedup/MACs-ratio bs1 | speedup/MACs-ratio bs32 |")
+    head = (
+        "| model | variant | MMACs | params | MACs ratio | bs1 p50 ms | bs1 speedup | bs32 p50 ms | bs32 speedup "
+        "| speedup/MACs-ratio bs1 | speedup/MACs-ratio bs32 |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
@@ -181,7 +198,9 @@ def checks(rows: List[dict], noise: float) -> List[str]:
         ours, peer = by[(model, "ours")], by[(model, "torch-pruning")]
         for b in ("bs1", "bs32"):
             ok = ours[f"speedup_{b}"] >= peer[f"speedup_{b}"] * (1 - noise)
-            out.append(f"{'PASS' if ok else 'MISS'} {model} {b}: ours {ours[f'speedup_{b}']:.2f}x vs torch-pruning {peer[f'speedup_{b}']:.2f}x")
+            out.append(
+                f"{'PASS' if ok else 'MISS'} {model} {b}: ours {ours[f'speedup_{b}']:.2f}x vs torch-pruning {peer[f'speedup_{b}']:.2f}x"
+            )
         if model in ("resnet18", "mobilenet_v2"):
             ok = ours["speedup_bs32"] >= 1.8
             out.append(f"{'PASS' if ok else 'MISS'} {model} bs32 speedup {ours['speedup_bs32']:.2f}x >= 1.8x")
@@ -194,10 +213,18 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--calls-bs1", type=int, default=600, help="timed calls per variant at batch 1 (interleaved)")
     p.add_argument("--calls-bs32", type=int, default=80, help="timed calls per variant at batch 32 (interleaved)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="onnxruntime intra-op threads. 1 by default: on a shared machine a multi-threaded pool "
-                        "waits on co-tenants and the ratios become noise (see docs/pruning.md)")
-    p.add_argument("--spin", action="store_true", help="let onnxruntime's intra-op workers spin (its default; noisy on shared cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads. 1 by default: on a shared machine a multi-threaded pool "
+        "waits on co-tenants and the ratios become noise (see docs/pruning.md)",
+    )
+    p.add_argument(
+        "--spin",
+        action="store_true",
+        help="let onnxruntime's intra-op workers spin (its default; noisy on shared cores)",
+    )
     p.add_argument("--noise", type=float, default=0.05, help="tolerance when comparing to torch-pruning")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
@@ -210,9 +237,11 @@ def main(argv=None) -> int:
             add_ratios(model_rows)
             rows += model_rows
     print(table(rows))
-    print(f"\nonnxruntime {ort.__version__}, torch {torch.__version__}, intra-op threads {args.threads}, "
-          f"{args.calls_bs1}/{args.calls_bs32} interleaved calls per variant at bs1/bs32, "
-          f"median IQR/p50 {_median_iqr(rows):.0%}, {time.time() - started:.0f} s")
+    print(
+        f"\nonnxruntime {ort.__version__}, torch {torch.__version__}, intra-op threads {args.threads}, "
+        f"{args.calls_bs1}/{args.calls_bs32} interleaved calls per variant at bs1/bs32, "
+        f"median IQR/p50 {_median_iqr(rows):.0%}, {time.time() - started:.0f} s"
+    )
     verdicts = checks(rows, args.noise)
     print("\n".join(verdicts))
     return 1 if args.strict and any(v.startswith("MISS") for v in verdicts) else 0

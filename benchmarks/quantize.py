@@ -50,8 +50,17 @@ def random_batches(size: int, n: int):
     return [(torch.randn(n, 3, size, size, generator=g), torch.zeros(n, dtype=torch.int64))]
 
 
-def measure(float_path: Path, work: Path, calib, batch_sizes, block_s: float, val=None, test=None, threads: int = 0,
-            budget_s: float = 120.0) -> List[Dict]:
+def measure(
+    float_path: Path,
+    work: Path,
+    calib,
+    batch_sizes,
+    block_s: float,
+    val=None,
+    test=None,
+    threads: int = 0,
+    budget_s: float = 120.0,
+) -> List[Dict]:
     """Every candidate built and compared with float (bench/compare.py: paired blocks, fresh-process
     replicates, 95% intervals); accuracy on val (choice) and test (report)."""
     from toolchain.bench.compare import Plan, Settings, compare
@@ -64,23 +73,53 @@ def measure(float_path: Path, work: Path, calib, batch_sizes, block_s: float, va
         files[name] = work / f"{name}.onnx"
         quantize(work / "pre.onnx", files[name], CANDIDATES.get(name), CalibrationReader(calib, "input", 512))
     names = [n for n in files if n != "float"]
-    c = compare(files, [("float", n) for n in names], batch_sizes, Settings(intra_op_threads=threads, block_s=block_s),
-                Plan(budget_s=budget_s), progress=lambda line: print(f"  [{float_path.stem}] {line}", file=sys.stderr))
+    c = compare(
+        files,
+        [("float", n) for n in names],
+        batch_sizes,
+        Settings(intra_op_threads=threads, block_s=block_s),
+        Plan(budget_s=budget_s),
+        progress=lambda line: print(f"  [{float_path.stem}] {line}", file=sys.stderr),
+    )
     speedup = {n: {b: c.ratio("float", n, b) for b in batch_sizes} for n in names}
     p50 = {n: {r["batch_size"]: r["p50_ms"] for r in c.stats(n)} for n in files}
     val_acc = {n: onnx_accuracy(p, val) if val else None for n, p in files.items()}
     test_acc = {n: onnx_accuracy(p, test) if test else None for n, p in files.items()}
-    chosen, _ = choose(val_acc["float"] or 0.0, [Measured(n, val_acc[n] or 0.0, speedup[n]) for n in names], 0.01,
-                       QuantizeConfig().min_speedup)
+    chosen, _ = choose(
+        val_acc["float"] or 0.0,
+        [Measured(n, val_acc[n] or 0.0, speedup[n]) for n in names],
+        0.01,
+        QuantizeConfig().min_speedup,
+    )
     one = {b: None for b in batch_sizes}
-    rows = [{"variant": "float", "name": "float", "p50": p50["float"], "acc": test_acc["float"], "speedup": one},
-            {"variant": "ORT default", "name": DEFAULT, "p50": p50[DEFAULT], "acc": test_acc[DEFAULT], "speedup": speedup[DEFAULT]},
-            {"variant": "chosen", "name": chosen.name if chosen else "float (none clears the gate)",
-             "p50": p50[chosen.name] if chosen else p50["float"], "acc": test_acc[chosen.name] if chosen else test_acc["float"],
-             "speedup": speedup[chosen.name] if chosen else one}]
+    rows = [
+        {"variant": "float", "name": "float", "p50": p50["float"], "acc": test_acc["float"], "speedup": one},
+        {
+            "variant": "ORT default",
+            "name": DEFAULT,
+            "p50": p50[DEFAULT],
+            "acc": test_acc[DEFAULT],
+            "speedup": speedup[DEFAULT],
+        },
+        {
+            "variant": "chosen",
+            "name": chosen.name if chosen else "float (none clears the gate)",
+            "p50": p50[chosen.name] if chosen else p50["float"],
+            "acc": test_acc[chosen.name] if chosen else test_acc["float"],
+            "speedup": speedup[chosen.name] if chosen else one,
+        },
+    ]
     for name in names:  # every candidate, for the record
         if name != DEFAULT:
-            rows.append({"variant": "candidate", "name": name, "p50": p50[name], "acc": test_acc[name], "speedup": speedup[name]})
+            rows.append(
+                {
+                    "variant": "candidate",
+                    "name": name,
+                    "p50": p50[name],
+                    "acc": test_acc[name],
+                    "speedup": speedup[name],
+                }
+            )
     print(f"  [{float_path.stem}] {len(c.replicates)} replicates, stopped: {c.stopped}", file=sys.stderr)
     return rows
 
@@ -113,8 +152,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--skip-demo", action="store_true", help="skip the demo's trained, pruned model")
     p.add_argument("--block", type=float, default=0.05, help="seconds one side runs per block of the comparison")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per physical core)")
-    p.add_argument("--large-batch", type=int, default=8, help="the second batch size at inputs larger than 64x64 "
-                   "(8: 224 x 32 takes minutes per candidate here)")
+    p.add_argument(
+        "--large-batch",
+        type=int,
+        default=8,
+        help="the second batch size at inputs larger than 64x64 (8: 224 x 32 takes minutes per candidate here)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     print("| model | input | variant | candidate | test acc | p50 ms (bs1 / bsN) | speedup vs float |")

@@ -35,8 +35,9 @@ from toolchain.train.tasks import make_task  # noqa: E402
 
 def bare_kd_epoch(student, teacher, train, val, cfg) -> None:
     """One epoch of Hinton KD written by hand, plus a validation pass."""
-    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        student.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=len(train))
     T, alpha = cfg.temperature, cfg.alpha
     teacher.to(memory_format=torch.channels_last)  # as the toolchain's memory_layout does for both models
@@ -47,7 +48,9 @@ def bare_kd_epoch(student, teacher, train, val, cfg) -> None:
         with torch.no_grad():
             t = teacher(x)
         s = student(x)
-        soft = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True) * T * T
+        soft = (
+            F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True) * T * T
+        )
         loss = alpha * soft + (1 - alpha) * F.cross_entropy(s, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -55,7 +58,7 @@ def bare_kd_epoch(student, teacher, train, val, cfg) -> None:
         sched.step()
     student.eval()
     with torch.no_grad():
-        for x, y in val:
+        for x, _ in val:
             student(x.contiguous(memory_format=torch.channels_last))
 
 
@@ -75,11 +78,15 @@ def timed(fn) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=3000, help="training images per epoch (Fashion-MNIST subset)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (each: one bare epoch, one toolchain epoch)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds (each: one bare epoch, one toolchain epoch)"
+    )
     p.add_argument("--batch-size", type=int, default=128)
     args = p.parse_args(argv)
 
-    data = build_data(DataConfig(subset=args.images, val_fraction=0.1, test_subset=100, batch_size=args.batch_size), seed=0)
+    data = build_data(
+        DataConfig(subset=args.images, val_fraction=0.1, test_subset=100, batch_size=args.batch_size), seed=0
+    )
     cfg = TrainConfig(epochs=1, lr=0.05, loss="kd", channels_last=True)
     torch.manual_seed(0)
     teacher = build_model("resnet18", 10).eval().to(memory_format=torch.channels_last)
@@ -88,9 +95,9 @@ def main(argv=None) -> int:
     bare, ours = [], []
     for r in range(args.rounds + 1):  # round 0 warms up (oneDNN kernels, allocator) and is not counted
         student = copy.deepcopy(initial).to(memory_format=torch.channels_last)
-        b = n / timed(lambda: bare_kd_epoch(student, teacher, data.train, data.val, cfg))
+        b = n / timed(lambda student=student: bare_kd_epoch(student, teacher, data.train, data.val, cfg))
         student = copy.deepcopy(initial)
-        o = n / timed(lambda: toolchain_epoch(student, teacher, data, cfg))
+        o = n / timed(lambda student=student: toolchain_epoch(student, teacher, data, cfg))
         print(f"round {r}{' (warm-up)' if r == 0 else ''}: bare {b:.1f} img/s, toolchain {o:.1f} img/s", flush=True)
         if r:
             bare.append(b)
@@ -99,8 +106,10 @@ def main(argv=None) -> int:
     print(f"\n| loop | images/s (median of {args.rounds}) | vs bare |\n|---|---|---|")
     print(f"| bare PyTorch KD loop | {statistics.median(bare):.1f} | 1.00x |")
     print(f"| toolchain fit() + DistillationTask | {statistics.median(ours):.1f} | {ratio:.3f}x |")
-    print(f"\ngoal >= 0.95x: {'met' if ratio >= 0.95 else 'MISSED'} (torch threads {torch.get_num_threads()}, "
-          f"{n} images/epoch, batch {args.batch_size}, student mobilenet_v2, teacher resnet18, 32x32)")
+    print(
+        f"\ngoal >= 0.95x: {'met' if ratio >= 0.95 else 'MISSED'} (torch threads {torch.get_num_threads()}, "
+        f"{n} images/epoch, batch {args.batch_size}, student mobilenet_v2, teacher resnet18, 32x32)"
+    )
     return 0
 
 

@@ -33,7 +33,9 @@ def finetuned(run: str, size: int) -> torch.nn.Module:
     stage_dir = ROOT / "export" / ".cache" / f"finetune-{summary['stages']['finetune']['key']}"
     art = json.loads((stage_dir / "result.json").read_text())["artifacts"]["model"]
     model = resolve.build(art["arch"], art["num_classes"], art["cifar_stem"], art["kwargs"])
-    load_weights(model, stage_dir / art["checkpoint"], art["arch"], resize=True, example_input=torch.zeros(2, 3, size, size))
+    load_weights(
+        model, stage_dir / art["checkpoint"], art["arch"], resize=True, example_input=torch.zeros(2, 3, size, size)
+    )
     return model.train().to(memory_format=torch.channels_last)
 
 
@@ -75,14 +77,16 @@ def main(argv=None) -> int:
     times["teacher forward"] = []
     for r in range(args.rounds):
         for run in args.runs if r % 2 == 0 else args.runs[::-1]:
-            times[run].append(per_step_ms(lambda: step(run), args.steps))
+            times[run].append(per_step_ms(lambda run=run: step(run), args.steps))
         times["teacher forward"].append(per_step_ms(teacher_forward, args.steps))
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:30s} {v:8.1f} ms per step of {args.batch}")
     a, b = args.runs
-    print(f"{a} / {b}: {med[a] / med[b]:.3f} (student step), "
-          f"{(med[a] + med['teacher forward']) / (med[b] + med['teacher forward']):.3f} (with the KD teacher forward)")
+    print(
+        f"{a} / {b}: {med[a] / med[b]:.3f} (student step), "
+        f"{(med[a] + med['teacher forward']) / (med[b] + med['teacher forward']):.3f} (with the KD teacher forward)"
+    )
     return 0
 
 

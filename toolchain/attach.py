@@ -62,8 +62,10 @@ def load_device_json(path: str) -> Dict[str, Any]:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AttachError(f"{path}: not valid JSON ({first_line(exc, 120)}); pass the file {HOW_TO_BENCH} wrote, "
-                          "unedited (copy it again if the transfer was cut)") from None
+        raise AttachError(
+            f"{path}: not valid JSON ({first_line(exc, 120)}); pass the file {HOW_TO_BENCH} wrote, "
+            "unedited (copy it again if the transfer was cut)"
+        ) from None
     except OSError as exc:
         raise AttachError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
     check_device_json(data, path)
@@ -72,14 +74,20 @@ def load_device_json(path: str) -> Dict[str, Any]:
 
 def check_device_json(data: Any, where: str) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("device"), dict):
-        raise AttachError(f"{where}: no device section (an older toolchain's bench, or another tool's JSON); "
-                          f"rerun {HOW_TO_BENCH} with this toolchain on the device")
+        raise AttachError(
+            f"{where}: no device section (an older toolchain's bench, or another tool's JSON); "
+            f"rerun {HOW_TO_BENCH} with this toolchain on the device"
+        )
     device = data["device"]
     if not SHA256.fullmatch(str(device.get("model_sha256", ""))):
-        raise AttachError(f"{where}: device.model_sha256 is missing or not a sha256; rerun {HOW_TO_BENCH} on the device")
+        raise AttachError(
+            f"{where}: device.model_sha256 is missing or not a sha256; rerun {HOW_TO_BENCH} on the device"
+        )
     if not KEY_PART.fullmatch(str(device.get("name", ""))):
-        raise AttachError(f"{where}: device.name {device.get('name')!r} is not a device name (1-64 letters, digits, "
-                          "'-' or '_'); rerun the bench with --name NAME")
+        raise AttachError(
+            f"{where}: device.name {device.get('name')!r} is not a device name (1-64 letters, digits, "
+            "'-' or '_'); rerun the bench with --name NAME"
+        )
     check_rows(data.get("results"), f"{where}: results")
     refs = data.get("references") or {}
     if not isinstance(refs, dict):
@@ -94,20 +102,33 @@ def check_rows(rows: Any, where: str) -> None:
     if not isinstance(rows, list) or not rows:
         raise AttachError(f"{where}: missing or empty; rerun {HOW_TO_BENCH} on the device")
     for i, row in enumerate(rows):
-        ok = (isinstance(row, dict) and KEY_PART.fullmatch(str(row.get("provider", "")))
-              and isinstance(row.get("batch_size"), int) and row["batch_size"] >= 1
-              and all(_positive(row.get(k)) for k in ROW_NUMBERS))
+        ok = (
+            isinstance(row, dict)
+            and KEY_PART.fullmatch(str(row.get("provider", "")))
+            and isinstance(row.get("batch_size"), int)
+            and row["batch_size"] >= 1
+            and all(_positive(row.get(k)) for k in ROW_NUMBERS)
+        )
         if not ok:
-            raise AttachError(f"{where}[{i}] lacks a provider, batch_size or positive {', '.join(ROW_NUMBERS)}; "
-                              f"pass the file {HOW_TO_BENCH} wrote, unedited")
-        for key, (low, high) in (("p50_ms", LATENCY_MS_RANGE), ("p90_ms", LATENCY_MS_RANGE),
-                                 ("throughput_img_s", THROUGHPUT_RANGE)):
+            raise AttachError(
+                f"{where}[{i}] lacks a provider, batch_size or positive {', '.join(ROW_NUMBERS)}; "
+                f"pass the file {HOW_TO_BENCH} wrote, unedited"
+            )
+        for key, (low, high) in (
+            ("p50_ms", LATENCY_MS_RANGE),
+            ("p90_ms", LATENCY_MS_RANGE),
+            ("throughput_img_s", THROUGHPUT_RANGE),
+        ):
             if not low <= row[key] <= high:
-                raise AttachError(f"{where}[{i}].{key} is {row[key]:g}, outside what a device measures ({low:g} to "
-                                  f"{high:g}); nothing logged: pass the file {HOW_TO_BENCH} wrote, unedited")
+                raise AttachError(
+                    f"{where}[{i}].{key} is {row[key]:g}, outside what a device measures ({low:g} to "
+                    f"{high:g}); nothing logged: pass the file {HOW_TO_BENCH} wrote, unedited"
+                )
         if row["p90_ms"] < row["p50_ms"]:
-            raise AttachError(f"{where}[{i}]: p90_ms {row['p90_ms']:g} is below p50_ms {row['p50_ms']:g}; nothing "
-                              f"logged: pass the file {HOW_TO_BENCH} wrote, unedited")
+            raise AttachError(
+                f"{where}[{i}]: p90_ms {row['p90_ms']:g} is below p50_ms {row['p50_ms']:g}; nothing "
+                f"logged: pass the file {HOW_TO_BENCH} wrote, unedited"
+            )
 
 
 def _positive(value: Any) -> bool:
@@ -120,9 +141,11 @@ def _positive(value: Any) -> bool:
 def open_store(uri: Optional[str]):
     """An MlflowClient on the store holding the run; creates nothing there."""
     if importlib.util.find_spec("mlflow") is None:
-        raise AttachError("mlflow is not installed in this Python; pip install mlflow-skinny (enough to log to a "
-                          "tracking server), or copy the --json file to a machine with the toolchain and run: "
-                          "python -m toolchain attach RUN FILE")
+        raise AttachError(
+            "mlflow is not installed in this Python; pip install mlflow-skinny (enough to log to a "
+            "tracking server), or copy the --json file to a machine with the toolchain and run: "
+            "python -m toolchain attach RUN FILE"
+        )
     from .tracking import open_existing_store
 
     return open_existing_store(uri)
@@ -137,8 +160,10 @@ def find_run(client, ref: str, experiment: Optional[str] = None):
         run = _get_run(client, ref)
         if run is not None and run.data.tags.get("toolchain.stage") == "compress" and run.info.experiment_id in ids:
             if run.info.status != "FINISHED":  # its shipped files may be half published, or another run's
-                raise AttachError(f"run {ref} is {run.info.status}, not FINISHED: what it shipped is not final; "
-                                  "attach to a finished compress run (rerun compress, then bench its model)")
+                raise AttachError(
+                    f"run {ref} is {run.info.status}, not FINISHED: what it shipped is not final; "
+                    "attach to a finished compress run (rerun compress, then bench its model)"
+                )
             return run
     if ids and "'" not in ref:
         query = f"tags.`toolchain.run_name` = '{ref}' and tags.`toolchain.stage` = 'compress' and attributes.status = 'FINISHED'"
@@ -146,8 +171,10 @@ def find_run(client, ref: str, experiment: Optional[str] = None):
         if found:
             return found[0]
     where = mask_uri(client.tracking_uri) + (f", experiment {experiment!r}" if experiment else "")
-    raise AttachError(f"run {ref!r}: no finished compress run of that name and no parent run with that id in {where}; "
-                      "check the name or id (export/<run>/summary.json: mlflow.parent_run_id) and --tracking-uri / --experiment")
+    raise AttachError(
+        f"run {ref!r}: no finished compress run of that name and no parent run with that id in {where}; "
+        "check the name or id (export/<run>/summary.json: mlflow.parent_run_id) and --tracking-uri / --experiment"
+    )
 
 
 def _experiment_ids(client, experiment: Optional[str]) -> List[str]:
@@ -157,8 +184,10 @@ def _experiment_ids(client, experiment: Optional[str]) -> List[str]:
         return [e.experiment_id for e in retry(client.search_experiments, max_results=1000)]
     found = retry(client.get_experiment_by_name, experiment)
     if found is None:
-        raise AttachError(f"experiment {experiment!r} not found in {mask_uri(client.tracking_uri)}; pass the recipe's "
-                          "tracking.experiment, or leave --experiment out to search them all")
+        raise AttachError(
+            f"experiment {experiment!r} not found in {mask_uri(client.tracking_uri)}; pass the recipe's "
+            "tracking.experiment, or leave --experiment out to search them all"
+        )
     return [found.experiment_id]
 
 
@@ -176,14 +205,18 @@ def shipped_file(run, sha: str, where: str) -> str:
     name = run.data.tags.get("toolchain.run_name", run.info.run_id)
     recorded = {f: run.data.tags[SHA_TAG + f] for f in SHIPPED if run.data.tags.get(SHA_TAG + f)}
     if not recorded:
-        raise AttachError(f"run {name} ({run.info.run_id}) has no sha256 of its shipped files (compressed by a toolchain "
-                          "before attach, or without an export section); rerun compress, then bench its new model.onnx")
+        raise AttachError(
+            f"run {name} ({run.info.run_id}) has no sha256 of its shipped files (compressed by a toolchain "
+            "before attach, or without an export section); rerun compress, then bench its new model.onnx"
+        )
     for file, digest in recorded.items():
         if digest == sha:
             return file
     shipped = ", ".join(f"{f} {d[:12]}" for f, d in recorded.items())
-    raise AttachError(f"{where}: it timed a model with sha256 {sha[:12]}, which run {name} did not ship ({shipped}); "
-                      f"bench export/{name}/model.onnx (or model_int8.onnx) of this run on the device and attach that JSON")
+    raise AttachError(
+        f"{where}: it timed a model with sha256 {sha[:12]}, which run {name} did not ship ({shipped}); "
+        f"bench export/{name}/model.onnx (or model_int8.onnx) of this run on the device and attach that JSON"
+    )
 
 
 def check_references(run, data: Dict[str, Any], where: str) -> None:
@@ -192,9 +225,11 @@ def check_references(run, data: Dict[str, Any], where: str) -> None:
     for role, entry in (data.get("references") or {}).items():
         recorded = run.data.tags.get(f"{SHA_TAG}reference.{role}")
         if entry.get("sha256") != recorded:
-            raise AttachError(f"{where}: references.{role} timed a file (sha256 {str(entry.get('sha256'))[:12]}) that is "
-                              f"not run {name}'s {role} ONNX file; bench the one in export/{name}/summary.json "
-                              f"(stages.export.paths.{role}) with --reference {role}=PATH")
+            raise AttachError(
+                f"{where}: references.{role} timed a file (sha256 {str(entry.get('sha256'))[:12]}) that is "
+                f"not run {name}'s {role} ONNX file; bench the one in export/{name}/summary.json "
+                f"(stages.export.paths.{role}) with --reference {role}=PATH"
+            )
 
 
 # ---------------------------------------------------------------- metrics
@@ -224,15 +259,23 @@ def pe_latency(run, data: Dict[str, Any], int8: bool) -> Tuple[Dict[str, float],
     refs = data.get("references") or {}
     if not refs:
         name = run.data.tags.get("toolchain.run_name", "<run>")
-        return {}, ("no pe_latency: the JSON times only the shipped model; bench it with --reference teacher=PATH "
-                    f"--reference student=PATH (the run's files: export/{name}/summary.json, stages.export.paths) to get it")
+        return {}, (
+            "no pe_latency: the JSON times only the shipped model; bench it with --reference teacher=PATH "
+            f"--reference student=PATH (the run's files: export/{name}/summary.json, stages.export.paths) to get it"
+        )
     out, notes = {}, []
     for role, entry in refs.items():
         retention = run.data.metrics.get(f"{'int8' if int8 else 'final'}.vs_{role}.retention")
         key = _smallest_common(data["results"], entry["results"])
         if retention is None or key is None:
-            notes.append(f"{role}: " + ("the run logged no accuracy retention against it" if retention is None
-                                        else "no provider and batch size timed for both"))
+            notes.append(
+                f"{role}: "
+                + (
+                    "the run logged no accuracy retention against it"
+                    if retention is None
+                    else "no provider and batch size timed for both"
+                )
+            )
             continue
         p50 = {(r["provider"], r["batch_size"]): r["p50_ms"] for r in data["results"]}[key]
         ref = {(r["provider"], r["batch_size"]): r["p50_ms"] for r in entry["results"]}[key]
@@ -260,25 +303,37 @@ def attach_data(client, run, data: Dict[str, Any], source: str) -> List[str]:
     metrics = {f"device.{label}.{k}": v for k, v in {**latency_metrics("", data["results"]), **pe}.items()}
     broken = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if broken:  # the row checks should make this impossible; never log a non-finite number anyway
-        raise AttachError(f"{source}: {broken[0]} would be {metrics[broken[0]]}; nothing logged: pass the file "
-                          f"{HOW_TO_BENCH} wrote, unedited")
+        raise AttachError(
+            f"{source}: {broken[0]} would be {metrics[broken[0]]}; nothing logged: pass the file "
+            f"{HOW_TO_BENCH} wrote, unedited"
+        )
     name = run.data.tags.get("toolchain.run_name", run.info.run_id)
     if all(run.data.metrics.get(k) == float(v) for k, v in metrics.items()):
-        return [f"{source} is already attached to run {name} (parent run {run.info.run_id}): the same {len(metrics)} "
-                "metrics are there; nothing logged"]
+        return [
+            f"{source} is already attached to run {name} (parent run {run.info.run_id}): the same {len(metrics)} "
+            "metrics are there; nothing logged"
+        ]
     tags = {f"device.{device['name']}.cpu": str(device.get("cpu_model") or "unknown")[:500]}
     run_id, now = run.info.run_id, int(time.time() * 1000)
     # the artifact first: if the store refuses it, no metric claims a JSON that is not there
     retry(client.log_text, run_id, json.dumps(data, indent=2), f"device/{label}.json")
-    retry(client.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-          tags=[RunTag(k, v) for k, v in tags.items()])
+    retry(
+        client.log_batch,
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     first = next(iter(sorted(metrics)))
-    lines = [f"attached {source} to run {name} (parent run {run_id}): device {device['name']}, {file}, "
-             f"{len(metrics)} metrics ({first} = {metrics[first]:.4g}), artifact device/{label}.json"]
+    lines = [
+        f"attached {source} to run {name} (parent run {run_id}): device {device['name']}, {file}, "
+        f"{len(metrics)} metrics ({first} = {metrics[first]:.4g}), artifact device/{label}.json"
+    ]
     return lines + ([note] if note else [])
 
 
-def attach(run_ref: str, json_path: str, tracking_uri: Optional[str] = None, experiment: Optional[str] = None) -> List[str]:
+def attach(
+    run_ref: str, json_path: str, tracking_uri: Optional[str] = None, experiment: Optional[str] = None
+) -> List[str]:
     data = load_device_json(json_path)  # before connecting: a bad file is a second's answer
     client = open_store(tracking_uri)
     return attach_data(client, find_run(client, run_ref, experiment), data, json_path)
@@ -295,15 +350,25 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog=_PROG, description="Log a device's latency (the --json of python -m toolchain.bench run on "
-                       "that device) into the MLflow parent run of the compress run that shipped the model.")
+    p = _OneLineParser(
+        prog=_PROG,
+        description="Log a device's latency (the --json of python -m toolchain.bench run on "
+        "that device) into the MLflow parent run of the compress run that shipped the model.",
+    )
     p.add_argument("run", help="run name (newest finished compress run of that name) or parent run id")
     p.add_argument("device_json", help="the file python -m toolchain.bench MODEL.onnx --json FILE wrote on the device")
-    p.add_argument("--tracking-uri", "--tracking_uri", default=None, help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db")
+    p.add_argument(
+        "--tracking-uri",
+        "--tracking_uri",
+        default=None,
+        help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db",
+    )
     p.add_argument("--experiment", default=None, help="look for RUN only in this experiment (default: all)")
-    p.epilog = ("Logs device.<name>[.int8].latency_p50_ms|latency_p90_ms|throughput.<provider>.bs<N>, "
-                "device.<name>[.int8].vs_teacher|vs_student.pe_latency (when the JSON also times the run's reference files: "
-                "bench --reference ROLE=PATH), the JSON as artifact device/<name>[.int8].json and tag device.<name>.cpu.")
+    p.epilog = (
+        "Logs device.<name>[.int8].latency_p50_ms|latency_p90_ms|throughput.<provider>.bs<N>, "
+        "device.<name>[.int8].vs_teacher|vs_student.pe_latency (when the JSON also times the run's reference files: "
+        "bench --reference ROLE=PATH), the JSON as artifact device/<name>[.int8].json and tag device.<name>.cpu."
+    )
     return p
 
 

@@ -34,7 +34,9 @@ class Commands:
         if loaded.matrix is not None:
             from .errors import RecipeError
 
-            raise RecipeError(f"{recipe} has a matrix section (a sweep of variants); run: python -m toolchain sweep {recipe}")
+            raise RecipeError(
+                f"{recipe} has a matrix section (a sweep of variants); run: python -m toolchain sweep {recipe}"
+            )
         compress(loaded, force=force or fresh)
 
     def sweep(self, recipe: str, *overrides: str, force: bool = False, dry_run: bool = False, only: str = ""):
@@ -103,8 +105,14 @@ class Commands:
         from .attach import main
 
         # run() normally routes `attach` straight to main(): fire would turn a numeric-looking run id into a number
-        return main([str(run), str(device_json), *(["--tracking-uri", tracking_uri] if tracking_uri else []),
-                     *(["--experiment", experiment] if experiment else [])])
+        return main(
+            [
+                str(run),
+                str(device_json),
+                *(["--tracking-uri", tracking_uri] if tracking_uri else []),
+                *(["--experiment", experiment] if experiment else []),
+            ]
+        )
 
     def list(self, kind: str = "all"):
         """List registry names: models, datasets, pruners, losses, quantizers, stages (or all)."""
@@ -130,8 +138,14 @@ def _registries():
     from .prune.registry import PRUNERS
     from .train.losses import LOSSES
 
-    return {"models": MODELS, "datasets": DATASETS, "pruners": PRUNERS, "losses": LOSSES, "quantizers": CANDIDATES,
-            "stages": STAGES}
+    return {
+        "models": MODELS,
+        "datasets": DATASETS,
+        "pruners": PRUNERS,
+        "losses": LOSSES,
+        "quantizers": CANDIDATES,
+        "stages": STAGES,
+    }
 
 
 def _load(path: str, overrides: Sequence[str]):

@@ -65,27 +65,76 @@ def _pruners():
 
 
 class DataConfig(Section):
-    name: str = Field("fashion_mnist", description="Dataset registry name (fashion_mnist, cifar10, cifar100, imagefolder).")
-    root: Optional[str] = Field(None, description="Where the dataset files are; None uses the dataset's default location.")
-    download: bool = Field(False, description="Allow torchvision to download the dataset when the files are missing (needs internet).")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of the training split held out (seeded) for validation / model selection.")
-    subset: Optional[int] = Field(None, ge=20, description="Use only this many training images (seeded) for quick runs; None uses all.")
+    name: str = Field(
+        "fashion_mnist", description="Dataset registry name (fashion_mnist, cifar10, cifar100, imagefolder)."
+    )
+    root: Optional[str] = Field(
+        None, description="Where the dataset files are; None uses the dataset's default location."
+    )
+    download: bool = Field(
+        False, description="Allow torchvision to download the dataset when the files are missing (needs internet)."
+    )
+    val_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Fraction of the training split held out (seeded) for validation / model selection.",
+    )
+    subset: Optional[int] = Field(
+        None, ge=20, description="Use only this many training images (seeded) for quick runs; None uses all."
+    )
     test_subset: Optional[int] = Field(None, ge=10, description="Use only this many test images; None uses all.")
     batch_size: int = Field(128, ge=1, le=65536, description="Training batch size (per process under torchrun).")
     eval_batch_size: int = Field(512, ge=1, le=65536, description="Batch size for evaluation.")
-    augment: bool = Field(True, description="Training augmentation on (train_crop + hflip); false trains on the evaluation view.")
-    image_size: Optional[Union[int, List[int]]] = Field(None, description="Model input size: an int for square, or [height, width]. None: the dataset's (32 for CIFAR and Fashion-MNIST, 224 for imagefolder).")
-    crop_pct: Optional[float] = Field(None, gt=0.05, le=1, description="Evaluation: resize to image_size / crop_pct, then centre-crop image_size. None: the dataset's (1.0 for CIFAR/Fashion-MNIST, 0.875 for imagefolder).")
-    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = Field(None, description="Resampling filter for every resize. None: bilinear.")
-    train_crop: Optional[Literal["none", "pad", "random_resized"]] = Field(None, description="Training crop: random_resized (RandomResizedCrop over crop_scale/crop_ratio), pad (CIFAR's pad-and-crop), none (the evaluation view). None: the dataset's (none for Fashion-MNIST, pad for CIFAR, random_resized for imagefolder).")
-    crop_scale: List[float] = Field(default_factory=lambda: [0.08, 1.0], description="random_resized: range of the crop's area as a fraction of the image.")
-    crop_ratio: List[float] = Field(default_factory=lambda: [3 / 4, 4 / 3], description="random_resized: range of the crop's aspect ratio (width / height).")
+    augment: bool = Field(
+        True, description="Training augmentation on (train_crop + hflip); false trains on the evaluation view."
+    )
+    image_size: Optional[Union[int, List[int]]] = Field(
+        None,
+        description="Model input size: an int for square, or [height, width]. None: the dataset's (32 for CIFAR and Fashion-MNIST, 224 for imagefolder).",
+    )
+    crop_pct: Optional[float] = Field(
+        None,
+        gt=0.05,
+        le=1,
+        description="Evaluation: resize to image_size / crop_pct, then centre-crop image_size. None: the dataset's (1.0 for CIFAR/Fashion-MNIST, 0.875 for imagefolder).",
+    )
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = Field(
+        None, description="Resampling filter for every resize. None: bilinear."
+    )
+    train_crop: Optional[Literal["none", "pad", "random_resized"]] = Field(
+        None,
+        description="Training crop: random_resized (RandomResizedCrop over crop_scale/crop_ratio), pad (CIFAR's pad-and-crop), none (the evaluation view). None: the dataset's (none for Fashion-MNIST, pad for CIFAR, random_resized for imagefolder).",
+    )
+    crop_scale: List[float] = Field(
+        default_factory=lambda: [0.08, 1.0],
+        description="random_resized: range of the crop's area as a fraction of the image.",
+    )
+    crop_ratio: List[float] = Field(
+        default_factory=lambda: [3 / 4, 4 / 3],
+        description="random_resized: range of the crop's aspect ratio (width / height).",
+    )
     hflip: bool = Field(True, description="Random horizontal flip during training.")
-    mean: Optional[List[float]] = Field(None, description="Per-channel normalisation mean (3 values, on the 0-1 scale). None: the dataset's.")
-    std: Optional[List[float]] = Field(None, description="Per-channel normalisation std (3 values). None: the dataset's.")
-    num_workers: int = Field(0, ge=0, le=256, description="Loader worker processes that read and augment training batches (0: in the training process); also the decoding processes of the image cache (0: one per core). See docs/data.md for what was measured.")
-    cache_dir: Optional[str] = Field(None, description="imagefolder: where the decode-once image cache lives; None: $TOOLCHAIN_CACHE/images or ~/.cache/toolchain/images.")
-    skip_bad_images: bool = Field(False, description="imagefolder: skip (and count, and log) unreadable or truncated image files instead of stopping with an error naming the file.")
+    mean: Optional[List[float]] = Field(
+        None, description="Per-channel normalisation mean (3 values, on the 0-1 scale). None: the dataset's."
+    )
+    std: Optional[List[float]] = Field(
+        None, description="Per-channel normalisation std (3 values). None: the dataset's."
+    )
+    num_workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Loader worker processes that read and augment training batches (0: in the training process); also the decoding processes of the image cache (0: one per core). See docs/data.md for what was measured.",
+    )
+    cache_dir: Optional[str] = Field(
+        None,
+        description="imagefolder: where the decode-once image cache lives; None: $TOOLCHAIN_CACHE/images or ~/.cache/toolchain/images.",
+    )
+    skip_bad_images: bool = Field(
+        False,
+        description="imagefolder: skip (and count, and log) unreadable or truncated image files instead of stopping with an error naming the file.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -124,16 +173,24 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    model: str = Field(..., description="The architecture: a registry name (resnet18, mobilenet_v2, cifar_resnet20), "
-                       "torchvision/<name> (any torchvision classifier), timm/<name> (any timm model), or "
-                       "package.module:callable (your code, importable from PYTHONPATH or the recipe's folder, called "
-                       "with num_classes= and the kwargs below, returning a torch.nn.Module).")
-    kwargs: Dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the model's builder "
-                                   "(torchvision/timm constructor or your callable), e.g. {drop_rate: 0.2}.")
+    model: str = Field(
+        ...,
+        description="The architecture: a registry name (resnet18, mobilenet_v2, cifar_resnet20), "
+        "torchvision/<name> (any torchvision classifier), timm/<name> (any timm model), or "
+        "package.module:callable (your code, importable from PYTHONPATH or the recipe's folder, called "
+        "with num_classes= and the kwargs below, returning a torch.nn.Module).",
+    )
+    kwargs: Dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the model's builder "
+        "(torchvision/timm constructor or your callable), e.g. {drop_rate: 0.2}.",
+    )
     weights: Optional[str] = Field(
-        None, description="Initial weights: DEFAULT or an enum name such as IMAGENET1K_V2 (torchvision/<name>), pretrained "
+        None,
+        description="Initial weights: DEFAULT or an enum name such as IMAGENET1K_V2 (torchvision/<name>), pretrained "
         "(timm/<name>), downloaded into the library's cache; or a state_dict file (.pth, .pt, .safetensors) for any model. "
-        "A classifier with another number of classes than the dataset is re-initialised.")
+        "A classifier with another number of classes than the dataset is re-initialised.",
+    )
     cifar_stem: bool = Field(
         False,
         description="Registry models: replace the ImageNet stem (stride-2 conv + maxpool) by a stride-1 3x3 conv, as in "
@@ -150,8 +207,10 @@ class ModelConfig(Section):
     def _own_kwargs(cls, v: Dict[str, Any]) -> Dict[str, Any]:
         taken = sorted(set(v) & {"num_classes", "weights", "pretrained", "cifar_stem"})
         if taken:
-            raise ValueError(f"kwargs cannot set {', '.join(taken)}: the toolchain sets them (num_classes from the "
-                             "dataset; use the section's weights: / cifar_stem: keys)")
+            raise ValueError(
+                f"kwargs cannot set {', '.join(taken)}: the toolchain sets them (num_classes from the "
+                "dataset; use the section's weights: / cifar_stem: keys)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -167,16 +226,35 @@ class ModelConfig(Section):
 
 
 class DKDConfig(Section):
-    alpha: float = Field(1.0, ge=0, le=100, description="DKD weight of TCKD, the target-class term (binary target / non-target KL).")
-    beta: float = Field(8.0, ge=0, le=100, description="DKD weight of NCKD, the non-target-class term (8 in the paper for CIFAR-100, 0.5 for ImageNet; on the Fashion-MNIST demo, 2 epochs, 2 beat KD by 0.5 points and 8 lost 0.6: benchmarks/distill_losses.py).")
+    alpha: float = Field(
+        1.0, ge=0, le=100, description="DKD weight of TCKD, the target-class term (binary target / non-target KL)."
+    )
+    beta: float = Field(
+        8.0,
+        ge=0,
+        le=100,
+        description="DKD weight of NCKD, the non-target-class term (8 in the paper for CIFAR-100, 0.5 for ImageNet; on the Fashion-MNIST demo, 2 epochs, 2 beat KD by 0.5 points and 8 lost 0.6: benchmarks/distill_losses.py).",
+    )
     ce_weight: float = Field(1.0, ge=0, le=100, description="DKD weight of the hard-label cross-entropy.")
-    warmup_epochs: int = Field(0, ge=0, le=10000, description="DKD terms are scaled by min(epoch / warmup_epochs, 1), epochs counted from 1; 0: no warm-up.")
+    warmup_epochs: int = Field(
+        0,
+        ge=0,
+        le=10000,
+        description="DKD terms are scaled by min(epoch / warmup_epochs, 1), epochs counted from 1; 0: no warm-up.",
+    )
 
 
 class FeatureConfig(Section):
-    student: str = Field(..., min_length=1, description="Student module path as in model.named_modules(), e.g. features.6 (read by a forward hook).")
+    student: str = Field(
+        ...,
+        min_length=1,
+        description="Student module path as in model.named_modules(), e.g. features.6 (read by a forward hook).",
+    )
     teacher: str = Field(..., min_length=1, description="Teacher module path as in model.named_modules(), e.g. layer2.")
-    loss: Literal["mse", "at"] = Field("mse", description="mse: feature maps (1x1 conv + BN adapter where channel counts differ); at: attention transfer (channel-free attention maps).")
+    loss: Literal["mse", "at"] = Field(
+        "mse",
+        description="mse: feature maps (1x1 conv + BN adapter where channel counts differ); at: attention transfer (channel-free attention maps).",
+    )
     weight: float = Field(1.0, gt=0, le=10000, description="Weight of this term in the total loss.")
 
 
@@ -190,15 +268,27 @@ class TrainConfig(Section):
         "onecycle", description="LR schedule, stepped per batch. onecycle converges fastest in few epochs."
     )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy term.")
-    channels_last: bool = Field(True, description="Train in channels-last memory layout (about 2x faster for MobileNet-style depthwise convs on CPU); weights return to the default layout afterwards.")
-    loss: str = Field("ce", description="Loss registry name: ce (plain classification), kd (Hinton distillation from the teacher) or dkd (Decoupled KD, Zhao et al. 2022; settings in dkd).")
-    temperature: float = Field(4.0, gt=0, le=100, description="KD and DKD softmax temperature T (the soft terms are scaled by T^2).")
-    alpha: float = Field(0.9, ge=0, le=1, description="KD weight of the soft (teacher) term; 1-alpha weights the hard-label CE.")
+    channels_last: bool = Field(
+        True,
+        description="Train in channels-last memory layout (about 2x faster for MobileNet-style depthwise convs on CPU); weights return to the default layout afterwards.",
+    )
+    loss: str = Field(
+        "ce",
+        description="Loss registry name: ce (plain classification), kd (Hinton distillation from the teacher) or dkd (Decoupled KD, Zhao et al. 2022; settings in dkd).",
+    )
+    temperature: float = Field(
+        4.0, gt=0, le=100, description="KD and DKD softmax temperature T (the soft terms are scaled by T^2)."
+    )
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="KD weight of the soft (teacher) term; 1-alpha weights the hard-label CE."
+    )
     dkd: DKDConfig = Field(default_factory=DKDConfig, description="Decoupled KD weights and warm-up (loss dkd).")
     features: List[FeatureConfig] = Field(
-        default_factory=list, max_length=64,
+        default_factory=list,
+        max_length=64,
         description="Feature distillation terms, added to the loss: student and teacher module paths read with forward hooks, "
-        "with a trained adapter each (not part of the exported model). Needs a teacher section.")
+        "with a trained adapter each (not part of the exported model). Needs a teacher section.",
+    )
 
     @field_validator("loss")
     @classmethod
@@ -213,7 +303,9 @@ class TrainConfig(Section):
 
 class TeacherConfig(ModelConfig):
     checkpoint: Optional[str] = Field(None, description="Load this state_dict (.pt, weights only) instead of training.")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="How to train the teacher when no checkpoint is given.")
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="How to train the teacher when no checkpoint is given."
+    )
 
     @model_validator(mode="after")
     def _train_or_load(self) -> "TeacherConfig":
@@ -221,14 +313,18 @@ class TeacherConfig(ModelConfig):
         if self.checkpoint is None and self.train.epochs == 0:
             raise ValueError("teacher needs a checkpoint or train.epochs >= 1")
         if self.train.needs_teacher:
-            raise ValueError(f"teacher.train cannot distil (loss {self.train.loss}"
-                             f"{', features' if self.train.features else ''}): the teacher has no teacher; use loss: ce "
-                             "without features")
+            raise ValueError(
+                f"teacher.train cannot distil (loss {self.train.loss}"
+                f"{', features' if self.train.features else ''}): the teacher has no teacher; use loss: ce "
+                "without features"
+            )
         return self
 
 
 class StudentConfig(ModelConfig):
-    checkpoint: Optional[str] = Field(None, description="Start the student from this state_dict instead of random init.")
+    checkpoint: Optional[str] = Field(
+        None, description="Start the student from this state_dict instead of random init."
+    )
 
     @model_validator(mode="after")
     def _one_start(self) -> "StudentConfig":
@@ -237,10 +333,11 @@ class StudentConfig(ModelConfig):
 
 def _checkpoint_or_weights(section):
     if section.checkpoint and section.weights:
-        raise ValueError("set checkpoint (this architecture and dataset, loaded strictly) or weights (pretrained, "
-                         "heads re-initialised), not both")
+        raise ValueError(
+            "set checkpoint (this architecture and dataset, loaded strictly) or weights (pretrained, "
+            "heads re-initialised), not both"
+        )
     return section
-
 
 
 BUDGET_KINDS = ("speedup", "latency_ms", "macs", "params", "file_bytes")
@@ -250,17 +347,65 @@ LATENCY_BUDGETS = ("speedup", "latency_ms")
 class PruneBudget(Section):
     """What the pruned model must reach (issue 31); the channel sparsity is searched to meet it (docs/pruning.md)."""
 
-    speedup: Optional[float] = Field(None, gt=1, le=1000, description="p50 of the unpruned student / p50 of the pruned model (onnxruntime CPU), measured side by side: met when the lower end of the 95% interval over replicates clears it.")
-    latency_ms: Optional[float] = Field(None, gt=0, le=1e6, description="p50 of the pruned model in milliseconds (onnxruntime CPU): met when the upper end of the 95% interval over replicates is at most this.")
-    macs: Optional[float] = Field(None, gt=0, lt=1, description="MACs of the pruned model as a fraction of the student's (counted on the physically pruned model).")
-    params: Optional[float] = Field(None, gt=0, lt=1, description="Parameters of the pruned model as a fraction of the student's.")
-    file_bytes: Optional[int] = Field(None, ge=1, le=2**40, description="Size in bytes of the pruned model's float ONNX file (the INT8 file is not what is budgeted).")
-    batch_size: Optional[int] = Field(None, ge=1, le=4096, description="speedup / latency_ms: the batch size measured. None: the bench section's first batch size (1 without a bench section).")
-    threads: Optional[int] = Field(None, ge=0, le=1024, description="speedup / latency_ms: onnxruntime intra-op threads of the measurement (0: one per physical core). None: bench.intra_op_threads (0 without a bench section).")
-    latency: Optional[LatencyConfig] = Field(None, description="speedup / latency_ms: how each candidate is compared with the student (replicated paired blocks). None: the bench section's latency settings.")
-    exporter: Optional[Literal["dynamo", "torchscript"]] = Field(None, description="speedup / latency_ms / file_bytes: exporter of the candidates' ONNX files. None: the export section's.")
-    opset: Optional[int] = Field(None, ge=11, le=23, description="speedup / latency_ms / file_bytes: ONNX opset of the candidates. None: the export section's.")
-    max_retries: int = Field(2, ge=0, le=20, description="The chosen model is measured again after it is pruned; while that measurement misses the budget, prune one alignment step further and measure again, at most this many times.")
+    speedup: Optional[float] = Field(
+        None,
+        gt=1,
+        le=1000,
+        description="p50 of the unpruned student / p50 of the pruned model (onnxruntime CPU), measured side by side: met when the lower end of the 95% interval over replicates clears it.",
+    )
+    latency_ms: Optional[float] = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="p50 of the pruned model in milliseconds (onnxruntime CPU): met when the upper end of the 95% interval over replicates is at most this.",
+    )
+    macs: Optional[float] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="MACs of the pruned model as a fraction of the student's (counted on the physically pruned model).",
+    )
+    params: Optional[float] = Field(
+        None, gt=0, lt=1, description="Parameters of the pruned model as a fraction of the student's."
+    )
+    file_bytes: Optional[int] = Field(
+        None,
+        ge=1,
+        le=2**40,
+        description="Size in bytes of the pruned model's float ONNX file (the INT8 file is not what is budgeted).",
+    )
+    batch_size: Optional[int] = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="speedup / latency_ms: the batch size measured. None: the bench section's first batch size (1 without a bench section).",
+    )
+    threads: Optional[int] = Field(
+        None,
+        ge=0,
+        le=1024,
+        description="speedup / latency_ms: onnxruntime intra-op threads of the measurement (0: one per physical core). None: bench.intra_op_threads (0 without a bench section).",
+    )
+    latency: Optional[LatencyConfig] = Field(
+        None,
+        description="speedup / latency_ms: how each candidate is compared with the student (replicated paired blocks). None: the bench section's latency settings.",
+    )
+    exporter: Optional[Literal["dynamo", "torchscript"]] = Field(
+        None,
+        description="speedup / latency_ms / file_bytes: exporter of the candidates' ONNX files. None: the export section's.",
+    )
+    opset: Optional[int] = Field(
+        None,
+        ge=11,
+        le=23,
+        description="speedup / latency_ms / file_bytes: ONNX opset of the candidates. None: the export section's.",
+    )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        le=20,
+        description="The chosen model is measured again after it is pruned; while that measurement misses the budget, prune one alignment step further and measure again, at most this many times.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> "PruneBudget":
@@ -279,23 +424,66 @@ class PruneBudget(Section):
 
 
 class PruneConfig(Section):
-    method: Literal["weight", "channel"] = Field(..., description="weight: unstructured zeros (smaller when compressed); channel: structured, channels physically removed (faster).")
-    pruner: str = Field("l1", description="Pruner registry name; weight: level; channel: l1, l2, fpgm, taylor. Omitted: level for method weight, l1 for channel.")
-    engine: Literal["nni", "torch_pruning"] = Field("nni", description="Pruning engine. nni is the default; torch_pruning must be chosen explicitly.")
-    sparsity: float = Field(0.5, gt=0, lt=1, description="Target sparsity: fraction of weights (weight) or channels (channel) removed.")
-    scope: Literal["layer", "global"] = Field("layer", description="layer: same sparsity in every layer; global: one threshold across layers (weight only).")
+    method: Literal["weight", "channel"] = Field(
+        ...,
+        description="weight: unstructured zeros (smaller when compressed); channel: structured, channels physically removed (faster).",
+    )
+    pruner: str = Field(
+        "l1",
+        description="Pruner registry name; weight: level; channel: l1, l2, fpgm, taylor. Omitted: level for method weight, l1 for channel.",
+    )
+    engine: Literal["nni", "torch_pruning"] = Field(
+        "nni", description="Pruning engine. nni is the default; torch_pruning must be chosen explicitly."
+    )
+    sparsity: float = Field(
+        0.5, gt=0, lt=1, description="Target sparsity: fraction of weights (weight) or channels (channel) removed."
+    )
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="layer: same sparsity in every layer; global: one threshold across layers (weight only)."
+    )
     op_types: List[str] = Field(default_factory=lambda: ["Conv2d", "Linear"], description="Module types to prune.")
-    exclude: List[str] = Field(default_factory=list, description="Module names (fnmatch patterns) never pruned, in addition to the classifier.")
-    prune_classifier: bool = Field(False, description="Weight method: also prune the final classifier layer. Channel method: never removes class outputs (its inputs shrink with the layer before).")
-    align: int = Field(8, ge=1, le=256, description="Round kept channel counts to a multiple of this (8 for AVX2/NEON, 16 for AVX-512).")
-    dependency_aware: bool = Field(True, description="Prune coupled channels (residual adds, concats, depthwise groups) together.")
-    schedule: Literal["one_shot", "iterative"] = Field("one_shot", description="Prune once, or in `steps` increasing steps with fine-tuning between.")
+    exclude: List[str] = Field(
+        default_factory=list, description="Module names (fnmatch patterns) never pruned, in addition to the classifier."
+    )
+    prune_classifier: bool = Field(
+        False,
+        description="Weight method: also prune the final classifier layer. Channel method: never removes class outputs (its inputs shrink with the layer before).",
+    )
+    align: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Round kept channel counts to a multiple of this (8 for AVX2/NEON, 16 for AVX-512).",
+    )
+    dependency_aware: bool = Field(
+        True, description="Prune coupled channels (residual adds, concats, depthwise groups) together."
+    )
+    schedule: Literal["one_shot", "iterative"] = Field(
+        "one_shot", description="Prune once, or in `steps` increasing steps with fine-tuning between."
+    )
     steps: int = Field(3, ge=1, le=100, description="Number of steps for the iterative schedule.")
     step_epochs: int = Field(1, ge=0, le=1000, description="KD fine-tuning epochs between iterative steps.")
-    check_time_limit_s: float = Field(300, gt=0, le=86400, json_schema_extra={"key": False}, description="Channel method: before anything trains, the untrained student is pruned once as a check (an architecture the engine cannot handle fails then, in one line); this long at most.")
-    taylor_batches: int = Field(32, ge=1, le=100000, description="Pruner taylor only: training batches whose (weight x gradient)^2 scores the channels (the fine-tune section's loss, KD when it distils).")
-    budget: Optional[PruneBudget] = Field(None, description="Channel method: what the pruned model must reach (speedup, latency_ms, macs, params or file_bytes); the sparsity is searched to meet it, so sparsity is not set. A budget the most-pruned aligned model misses fails in the preflight.")
-    allocation: Literal["uniform"] = Field("uniform", description="How a budget is spread over the layers. uniform: one aligned sparsity in every layer, the least one that meets the budget (latency_aware is not built yet).")
+    check_time_limit_s: float = Field(
+        300,
+        gt=0,
+        le=86400,
+        json_schema_extra={"key": False},
+        description="Channel method: before anything trains, the untrained student is pruned once as a check (an architecture the engine cannot handle fails then, in one line); this long at most.",
+    )
+    taylor_batches: int = Field(
+        32,
+        ge=1,
+        le=100000,
+        description="Pruner taylor only: training batches whose (weight x gradient)^2 scores the channels (the fine-tune section's loss, KD when it distils).",
+    )
+    budget: Optional[PruneBudget] = Field(
+        None,
+        description="Channel method: what the pruned model must reach (speedup, latency_ms, macs, params or file_bytes); the sparsity is searched to meet it, so sparsity is not set. A budget the most-pruned aligned model misses fails in the preflight.",
+    )
+    allocation: Literal["uniform"] = Field(
+        "uniform",
+        description="How a budget is spread over the layers. uniform: one aligned sparsity in every layer, the least one that meets the budget (latency_aware is not built yet).",
+    )
 
     @field_validator("pruner")
     @classmethod
@@ -324,8 +512,10 @@ class PruneConfig(Section):
         if self.budget is None:
             return self
         if self.method != "channel":
-            raise ValueError("prune.budget needs method: channel (weight pruning removes no compute; budget its size "
-                             "with sparsity instead)")
+            raise ValueError(
+                "prune.budget needs method: channel (weight pruning removes no compute; budget its size "
+                "with sparsity instead)"
+            )
         if "sparsity" in self.model_fields_set:
             raise ValueError("set prune.budget or prune.sparsity, not both: the budget chooses the sparsity")
         return self
@@ -343,10 +533,25 @@ class ExportConfig(Section):
     exporter: Literal["dynamo", "torchscript"] = Field("dynamo", description="torch.onnx exporter, chosen explicitly.")
     opset: int = Field(18, ge=11, le=23, description="ONNX opset version.")
     dynamic_batch: bool = Field(True, description="Export with a dynamic batch axis.")
-    parity_atol: float = Field(1e-3, gt=0, le=1, description="Absolute part of the parity tolerance: max abs difference of logits allowed between PyTorch and onnxruntime, plus parity_rtol x the image's largest |logit|.")
-    parity_rtol: float = Field(1e-3, ge=0, le=1, description="Relative part of the parity tolerance: each logit may differ by parity_atol + parity_rtol x its image's largest |PyTorch logit|, so float32 rounding at large logits does not fail the gate; 0 for an absolute-only gate.")
-    parity_min_agreement: float = Field(0.99, ge=0, le=1, description="Minimum top-1 agreement between PyTorch and onnxruntime on a validation batch.")
-    references: bool = Field(True, description="Also export the teacher and the unpruned KD student, so the bench measures speedup ratios against them in the same run.")
+    parity_atol: float = Field(
+        1e-3,
+        gt=0,
+        le=1,
+        description="Absolute part of the parity tolerance: max abs difference of logits allowed between PyTorch and onnxruntime, plus parity_rtol x the image's largest |logit|.",
+    )
+    parity_rtol: float = Field(
+        1e-3,
+        ge=0,
+        le=1,
+        description="Relative part of the parity tolerance: each logit may differ by parity_atol + parity_rtol x its image's largest |PyTorch logit|, so float32 rounding at large logits does not fail the gate; 0 for an absolute-only gate.",
+    )
+    parity_min_agreement: float = Field(
+        0.99, ge=0, le=1, description="Minimum top-1 agreement between PyTorch and onnxruntime on a validation batch."
+    )
+    references: bool = Field(
+        True,
+        description="Also export the teacher and the unpruned KD student, so the bench measures speedup ratios against them in the same run.",
+    )
 
 
 MAX_BENCH_BATCH = 4096
@@ -356,13 +561,32 @@ class LatencyConfig(Section):
     """How a latency ratio is measured (bench/compare.py, docs/latency.md): both sides in alternating
     blocks, replicated over fresh processes; the ratio is the median over replicates with a 95% interval."""
 
-    block_s: float = Field(0.05, gt=0, le=60, description="Seconds one side runs per block (the first calls of a block are not timed).")
+    block_s: float = Field(
+        0.05, gt=0, le=60, description="Seconds one side runs per block (the first calls of a block are not timed)."
+    )
     blocks: int = Field(6, ge=2, le=1000, description="Blocks per side per replicate, order flipped every block.")
-    min_replicates: int = Field(3, ge=2, le=1000, description="Fresh-process replicates before any stopping rule applies (2 is the least that gives an interval).")
-    max_replicates: int = Field(10, ge=2, le=1000, description="Stop after this many replicates even if an interval is still wide.")
-    target_width: float = Field(0.10, gt=0, le=10, description="Stop when every interval's high / low - 1 is at most this.")
-    budget_s: float = Field(60.0, gt=0, le=86400, description="Stop adding replicates once the next one would end after this many seconds; the result says it stopped on budget.")
-    isolation: Literal["process", "session"] = Field("process", description="process: a fresh Python per replicate (rounds inside one process agreed with each other and not with the next process: docs/latency.md); session: fresh sessions in this process (cheaper; the test suite uses it).")
+    min_replicates: int = Field(
+        3,
+        ge=2,
+        le=1000,
+        description="Fresh-process replicates before any stopping rule applies (2 is the least that gives an interval).",
+    )
+    max_replicates: int = Field(
+        10, ge=2, le=1000, description="Stop after this many replicates even if an interval is still wide."
+    )
+    target_width: float = Field(
+        0.10, gt=0, le=10, description="Stop when every interval's high / low - 1 is at most this."
+    )
+    budget_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="Stop adding replicates once the next one would end after this many seconds; the result says it stopped on budget.",
+    )
+    isolation: Literal["process", "session"] = Field(
+        "process",
+        description="process: a fresh Python per replicate (rounds inside one process agreed with each other and not with the next process: docs/latency.md); session: fresh sessions in this process (cheaper; the test suite uses it).",
+    )
 
     @model_validator(mode="after")
     def _replicates_ordered(self) -> "LatencyConfig":
@@ -372,16 +596,33 @@ class LatencyConfig(Section):
 
 
 class BenchConfig(Section):
-    providers: List[Literal["cpu", "cuda", "tensorrt"]] = Field(default_factory=lambda: ["cpu"], description="onnxruntime execution providers to benchmark; a requested one that is not active is an error.")
-    batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description=f"Batch sizes to measure, each 1 to {MAX_BENCH_BATCH}.")
-    intra_op_threads: int = Field(0, ge=0, le=1024, description="onnxruntime intra-op threads (0: one per physical core).")
+    providers: List[Literal["cpu", "cuda", "tensorrt"]] = Field(
+        default_factory=lambda: ["cpu"],
+        description="onnxruntime execution providers to benchmark; a requested one that is not active is an error.",
+    )
+    batch_sizes: List[int] = Field(
+        default_factory=lambda: [1, 32], description=f"Batch sizes to measure, each 1 to {MAX_BENCH_BATCH}."
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, le=1024, description="onnxruntime intra-op threads (0: one per physical core)."
+    )
     inter_op_threads: int = Field(1, ge=1, le=1024, description="onnxruntime inter-op threads.")
-    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field("all", description="onnxruntime graph optimisation level.")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="onnxruntime graph optimisation level."
+    )
     warmup: int = Field(10, ge=0, le=100000, description="Warm-up runs per input shape (not timed).")
     iterations: int = Field(200, ge=1, le=1000000, description="Max timed runs per batch size.")
-    time_budget_s: float = Field(3.0, gt=0, le=3600, description="Max timed seconds per batch size (whichever of iterations / budget ends first).")
+    time_budget_s: float = Field(
+        3.0,
+        gt=0,
+        le=3600,
+        description="Max timed seconds per batch size (whichever of iterations / budget ends first).",
+    )
     compare_torch: bool = Field(True, description="Also time PyTorch eager on the same model and batch.")
-    latency: LatencyConfig = Field(default_factory=LatencyConfig, description="How the ratio columns (vs teacher, vs student, vs float) and p50s are measured: replicated paired blocks with intervals.")
+    latency: LatencyConfig = Field(
+        default_factory=LatencyConfig,
+        description="How the ratio columns (vs teacher, vs student, vs float) and p50s are measured: replicated paired blocks with intervals.",
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -389,24 +630,34 @@ class BenchConfig(Section):
         if not v or any(b < 1 for b in v):
             raise ValueError("batch_sizes must be a non-empty list of integers >= 1")
         if max(v) > MAX_BENCH_BATCH:
-            raise ValueError(f"batch size {max(v)} is above the maximum {MAX_BENCH_BATCH}; use batch sizes from 1 to "
-                             f"{MAX_BENCH_BATCH} (`python -m toolchain.bench MODEL.onnx --batch-sizes N` takes larger ones, bounded by memory)")
+            raise ValueError(
+                f"batch size {max(v)} is above the maximum {MAX_BENCH_BATCH}; use batch sizes from 1 to "
+                f"{MAX_BENCH_BATCH} (`python -m toolchain.bench MODEL.onnx --batch-sizes N` takes larger ones, bounded by memory)"
+            )
         return v
 
 
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log to MLflow.")
-    uri: Optional[str] = Field(None, description="MLflow tracking URI (sqlite, http(s), postgresql, mysql, mssql, file, databricks); None uses $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db. A password in it is masked (***) in outputs; MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD keep it out of the recipe.")
+    uri: Optional[str] = Field(
+        None,
+        description="MLflow tracking URI (sqlite, http(s), postgresql, mysql, mssql, file, databricks); None uses $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db. A password in it is masked (***) in outputs; MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD keep it out of the recipe.",
+    )
     experiment: str = Field("toolchain", min_length=1, description="MLflow experiment name.")
     register_model: Optional[str] = Field(
-        None, min_length=1, max_length=256,
+        None,
+        min_length=1,
+        max_length=256,
         description="Register the shipped ONNX model (the MLflow model on the parent run) under this name in the MLflow "
-        "model registry when the run finishes, a new version per run, described by its model card; None registers nothing.")
+        "model registry when the run finishes, a new version per run, described by its model card; None registers nothing.",
+    )
 
     @model_validator(mode="after")
     def _registry_needs_tracking(self) -> "TrackingConfig":
         if self.register_model and not self.enabled:
-            raise ValueError("register_model needs tracking.enabled: true (the model is registered from its MLflow run)")
+            raise ValueError(
+                "register_model needs tracking.enabled: true (the model is registered from its MLflow run)"
+            )
         return self
 
 
@@ -418,22 +669,62 @@ def _quant_candidates():
 
 class QuantizeConfig(Section):
     candidates: List[str] = Field(
-        default_factory=lambda: ["qdq_u8s8_dw_per_channel_keep_stem", "qdq_u8s8_dw_per_channel_keep_stem_fold",
-                                 "qdq_u8s8_dw_per_channel_keep_stem_fold_gemm", "qdq_u8s8_dw_per_channel",
-                                 "qdq_u8s8_dw_per_channel_gemm"],
-        min_length=1, max_length=16,
+        default_factory=lambda: [
+            "qdq_u8s8_dw_per_channel_keep_stem",
+            "qdq_u8s8_dw_per_channel_keep_stem_fold",
+            "qdq_u8s8_dw_per_channel_keep_stem_fold_gemm",
+            "qdq_u8s8_dw_per_channel",
+            "qdq_u8s8_dw_per_channel_gemm",
+        ],
+        min_length=1,
+        max_length=16,
         description="INT8 formats to build and measure (`python -m toolchain list quantizers`); the stage ships the fastest "
-        "one within max_accuracy_drop that is faster than float at every batch size.")
-    calibration_images: int = Field(512, ge=1, le=100000, description="Training images (evaluation preprocessing) that calibrate the activation ranges.")
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest validation-accuracy loss vs the float ONNX model a shipped INT8 model may have.")
-    min_speedup: float = Field(1.1, ge=1.0, le=100, description="A shipped INT8 model is at least this many times faster than float at every batch size: the lower end of its 95% interval over replicates clears it.")
-    on_miss: Literal["keep_float", "error"] = Field("keep_float", description="No candidate passes the gate and is faster: ship the float model and say so (keep_float), or fail (error).")
-    batch_sizes: List[int] = Field(default_factory=lambda: [1, 32], description="Batch sizes at which a candidate must be faster than float (onnxruntime CPU p50, paired blocks over fresh-process replicates).")
-    latency: LatencyConfig = Field(default_factory=LatencyConfig, description="How each candidate is compared with float: replicated paired blocks; a candidate ships only where its interval's lower end clears min_speedup at every batch size.")
-    intra_op_threads: int = Field(0, ge=0, le=1024, description="onnxruntime intra-op threads of the latency measurement: the device's "
-                                  "(0: one per physical core of this machine). INT8 convolutions scale worse with threads than float "
-                                  "ones (onnxruntime runs a batch's images one after the other), so the choice can differ by thread count.")
-    search_budget_s: float = Field(600, gt=0, le=86400, description="Stop building new candidates after this many seconds (the ones built are still measured).")
+        "one within max_accuracy_drop that is faster than float at every batch size.",
+    )
+    calibration_images: int = Field(
+        512,
+        ge=1,
+        le=100000,
+        description="Training images (evaluation preprocessing) that calibrate the activation ranges.",
+    )
+    max_accuracy_drop: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Largest validation-accuracy loss vs the float ONNX model a shipped INT8 model may have.",
+    )
+    min_speedup: float = Field(
+        1.1,
+        ge=1.0,
+        le=100,
+        description="A shipped INT8 model is at least this many times faster than float at every batch size: the lower end of its 95% interval over replicates clears it.",
+    )
+    on_miss: Literal["keep_float", "error"] = Field(
+        "keep_float",
+        description="No candidate passes the gate and is faster: ship the float model and say so (keep_float), or fail (error).",
+    )
+    batch_sizes: List[int] = Field(
+        default_factory=lambda: [1, 32],
+        description="Batch sizes at which a candidate must be faster than float (onnxruntime CPU p50, paired blocks over fresh-process replicates).",
+    )
+    latency: LatencyConfig = Field(
+        default_factory=LatencyConfig,
+        description="How each candidate is compared with float: replicated paired blocks; a candidate ships only where its interval's lower end clears min_speedup at every batch size.",
+    )
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="onnxruntime intra-op threads of the latency measurement: the device's "
+        "(0: one per physical core of this machine). INT8 convolutions scale worse with threads than float "
+        "ones (onnxruntime runs a batch's images one after the other), so the choice can differ by thread count.",
+    )
+    search_budget_s: float = Field(
+        600,
+        gt=0,
+        le=86400,
+        description="Stop building new candidates after this many seconds (the ones built are still measured).",
+    )
 
     @field_validator("candidates")
     @classmethod
@@ -453,8 +744,16 @@ class QuantizeConfig(Section):
 
 
 class PackageConfig(Section):
-    target_platform: Literal["amd64", "arm"] = Field("amd64", description="CPU family of the device: the ORT-format files are optimised for it (amd64: x86-64, may use x86-only NCHWc layout nodes; arm: ARM CPUs, without them).")
-    golden_images: int = Field(4, ge=1, le=64, description="Test images shipped as golden PNG files with their model inputs and outputs, which the package is checked against before it ships.")
+    target_platform: Literal["amd64", "arm"] = Field(
+        "amd64",
+        description="CPU family of the device: the ORT-format files are optimised for it (amd64: x86-64, may use x86-only NCHWc layout nodes; arm: ARM CPUs, without them).",
+    )
+    golden_images: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Test images shipped as golden PNG files with their model inputs and outputs, which the package is checked against before it ships.",
+    )
 
 
 DOTTED_KEY_PATTERN = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -466,16 +765,24 @@ def _check_dotted_keys(where: str, mapping: Dict[str, Any]) -> None:
         if not re.fullmatch(DOTTED_KEY_PATTERN, str(key)):
             raise ValueError(f"{where}: {key!r} is not a dotted recipe key like prune.sparsity")
         if str(key).split(".")[0] in SWEEP_FIXED:
-            raise ValueError(f"{where}: {key!r} cannot vary in a sweep (name, output_dir, tracking are shared: "
-                             "variants are named <name>-<suffix>, share one cache and one MLflow experiment)")
+            raise ValueError(
+                f"{where}: {key!r} cannot vary in a sweep (name, output_dir, tracking are shared: "
+                "variants are named <name>-<suffix>, share one cache and one MLflow experiment)"
+            )
 
 
 MAX_VARIANTS = 10_000  # a sweep runs its variants one after the other: more is a typo, not a study
 
 
 class MatrixRule(Section):
-    when: Dict[str, Any] = Field(..., min_length=1, description="Axis values a variant must have for `set` to apply, e.g. {prune.method: weight}.")
-    set: Dict[str, Any] = Field(..., min_length=1, description="Dotted overrides applied to the matching variants, e.g. {prune.sparsity: 0.8}.")
+    when: Dict[str, Any] = Field(
+        ...,
+        min_length=1,
+        description="Axis values a variant must have for `set` to apply, e.g. {prune.method: weight}.",
+    )
+    set: Dict[str, Any] = Field(
+        ..., min_length=1, description="Dotted overrides applied to the matching variants, e.g. {prune.sparsity: 0.8}."
+    )
 
 
 class MatrixConfig(Section):
@@ -492,10 +799,12 @@ class MatrixConfig(Section):
         "e.g. when {prune.method: weight} set {prune.sparsity: 0.8}; when {prune.method: channel} set {prune.sparsity: 0.5}.",
     )
     exclude: List[Dict[str, Any]] = Field(
-        default_factory=list, description="Drop the variants whose axis values match every pair of an entry, e.g. {student.model: densenet121, prune.method: weight}."
+        default_factory=list,
+        description="Drop the variants whose axis values match every pair of an entry, e.g. {student.model: densenet121, prune.method: weight}.",
     )
     include: List[Dict[str, Any]] = Field(
-        default_factory=list, description="Extra variants beyond the product, each a mapping of dotted overrides (rules apply to them too)."
+        default_factory=list,
+        description="Extra variants beyond the product, each a mapping of dotted overrides (rules apply to them too).",
     )
 
     @model_validator(mode="after")
@@ -504,8 +813,10 @@ class MatrixConfig(Section):
             raise ValueError("a matrix needs axes or include entries")
         product = math.prod(len(v) for v in self.axes.values()) if self.axes else 0
         if product + len(self.include) > MAX_VARIANTS:  # counted before anything is expanded (memory)
-            raise ValueError(f"the axes expand to {product:,} variants (product of their lengths), more than "
-                             f"{MAX_VARIANTS:,}; split the sweep into several recipes or use fewer axis values")
+            raise ValueError(
+                f"the axes expand to {product:,} variants (product of their lengths), more than "
+                f"{MAX_VARIANTS:,}; split the sweep into several recipes or use fewer axis values"
+            )
         _check_dotted_keys("axes", self.axes)
         for key, values in self.axes.items():
             texts = [json.dumps(v, sort_keys=True, default=str) for v in values]
@@ -515,7 +826,9 @@ class MatrixConfig(Section):
         for i, rule in enumerate(self.rules):
             _check_dotted_keys(f"rules[{i}].set", rule.set)
             if not set(rule.when) <= known:
-                raise ValueError(f"rules[{i}].when: {sorted(set(rule.when) - known)} not an axis or include key; match on those")
+                raise ValueError(
+                    f"rules[{i}].when: {sorted(set(rule.when) - known)} not an axis or include key; match on those"
+                )
         for i, entry in enumerate(self.exclude):
             if not entry or not set(entry) <= set(self.axes):
                 raise ValueError(f"exclude[{i}]: give axis keys only (axes: {', '.join(self.axes) or 'none'})")
@@ -527,25 +840,54 @@ class MatrixConfig(Section):
 
 
 class Recipe(Section):
-    name: str = Field(..., pattern=RUN_NAME_PATTERN, description="Run name; becomes export/<name>/ (letters, digits, . _ -; no path separators).")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for data split, init, shuffling (0 to 2^32 - 1: numpy's seed range).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto picks cuda when available.")
-    threads: Optional[int] = Field(None, ge=1, le=1024, description="torch CPU threads for training and evaluation; None keeps torch's default (one per core). On a machine shared with other jobs, 1 is often faster.")
+    name: str = Field(
+        ...,
+        pattern=RUN_NAME_PATTERN,
+        description="Run name; becomes export/<name>/ (letters, digits, . _ -; no path separators).",
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed for data split, init, shuffling (0 to 2^32 - 1: numpy's seed range)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Training device; auto picks cuda when available."
+    )
+    threads: Optional[int] = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch CPU threads for training and evaluation; None keeps torch's default (one per core). On a machine shared with other jobs, 1 is often faster.",
+    )
     output_dir: str = Field("export", description="Where export/<name>/ (summary, ONNX, checkpoints) is written.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loaders.")
     teacher: Optional[TeacherConfig] = Field(None, description="Teacher: trained here or loaded from a checkpoint.")
     student: StudentConfig = Field(..., description="The student architecture to distil into and compress.")
-    distill: TrainConfig = Field(default_factory=lambda: TrainConfig(loss="kd"), description="Student training (losses kd and dkd, and features, need a teacher).")
+    distill: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(loss="kd"),
+        description="Student training (losses kd and dkd, and features, need a teacher).",
+    )
     prune: Optional[PruneConfig] = Field(None, description="Pruning stage; omit to skip.")
-    finetune: Optional[TrainConfig] = Field(None, description="Fine-tuning after pruning (loss kd, dkd or ce; features too). "
-                                            "Without a prune section it fine-tunes the unpruned student: the same-budget control.")
-    export: Optional[ExportConfig] = Field(default_factory=ExportConfig, description="ONNX export with parity gate; null to skip.")
-    bench: Optional[BenchConfig] = Field(default_factory=BenchConfig, description="onnxruntime benchmark; null to skip.")
-    quantize: Optional[QuantizeConfig] = Field(None, description="INT8 quantization of the exported model, measured before it ships; omit to skip.")
-    package: Optional[PackageConfig] = Field(None, description="Self-checking device package of the shipped model(s) in export/<name>/package/ (ONNX + ORT format, infer.py, golden data); omit to skip.")
+    finetune: Optional[TrainConfig] = Field(
+        None,
+        description="Fine-tuning after pruning (loss kd, dkd or ce; features too). "
+        "Without a prune section it fine-tunes the unpruned student: the same-budget control.",
+    )
+    export: Optional[ExportConfig] = Field(
+        default_factory=ExportConfig, description="ONNX export with parity gate; null to skip."
+    )
+    bench: Optional[BenchConfig] = Field(
+        default_factory=BenchConfig, description="onnxruntime benchmark; null to skip."
+    )
+    quantize: Optional[QuantizeConfig] = Field(
+        None, description="INT8 quantization of the exported model, measured before it ships; omit to skip."
+    )
+    package: Optional[PackageConfig] = Field(
+        None,
+        description="Self-checking device package of the shipped model(s) in export/<name>/package/ (ONNX + ORT format, infer.py, golden data); omit to skip.",
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     matrix: Optional[MatrixConfig] = Field(
-        None, description="Sweep over variants of this recipe; run it with `python -m toolchain sweep` (compress refuses it)."
+        None,
+        description="Sweep over variants of this recipe; run it with `python -m toolchain sweep` (compress refuses it).",
     )
 
     @field_validator("name")
@@ -560,14 +902,20 @@ class Recipe(Section):
         for key, section in (("distill", self.distill), ("finetune", self.finetune)):
             if section is not None and section.needs_teacher and self.teacher is None:
                 what = f"loss is {section.loss}" if _loss_needs_teacher(section.loss) else "features is set"
-                raise ValueError(f"{key}.{what} but the recipe has no teacher section; add one or set {key}.loss: ce "
-                                 f"without {key}.features")
+                raise ValueError(
+                    f"{key}.{what} but the recipe has no teacher section; add one or set {key}.loss: ce "
+                    f"without {key}.features"
+                )
         if self.bench is not None and self.export is None:
             raise ValueError("bench needs the export stage (it measures the exported ONNX file)")
         if self.quantize is not None and self.export is None:
-            raise ValueError("quantize needs the export stage (it quantizes the exported ONNX file); add an export section")
+            raise ValueError(
+                "quantize needs the export stage (it quantizes the exported ONNX file); add an export section"
+            )
         if self.package is not None and self.export is None:
-            raise ValueError("package needs the export stage (it packages the exported ONNX file); add an export section")
+            raise ValueError(
+                "package needs the export stage (it packages the exported ONNX file); add an export section"
+            )
         self._resolve_budget()
         return self
 
@@ -584,7 +932,8 @@ class Recipe(Section):
             updates.update(
                 batch_size=budget.batch_size or (bench.batch_sizes[0] if bench else 1),
                 threads=budget.threads if budget.threads is not None else (bench.intra_op_threads if bench else 0),
-                latency=budget.latency or (bench.latency.model_copy() if bench else LatencyConfig()))
+                latency=budget.latency or (bench.latency.model_copy() if bench else LatencyConfig()),
+            )
         if any(getattr(budget, k) != v for k, v in updates.items()):
             self.prune.budget = budget.model_copy(update=updates)
 
@@ -630,17 +979,20 @@ def _check_expansion(raw: Any, where: str) -> None:
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise RecipeError(f"{where}: a YAML alias refers to a node that contains it (&anchor inside itself); "
-                              "write the values out")
+            raise RecipeError(
+                f"{where}: a YAML alias refers to a node that contains it (&anchor inside itself); write the values out"
+            )
         active.add(key)
         children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
         total = 1
         for child in children:
             total += size(child)
             if total > MAX_EXPANDED_VALUES:
-                raise RecipeError(f"{where}: the YAML expands to more than {MAX_EXPANDED_VALUES:,} values through "
-                                  "aliases (&anchor / *alias, an alias bomb?); a recipe needs a few hundred: "
-                                  "write the values out or use fewer nested aliases")
+                raise RecipeError(
+                    f"{where}: the YAML expands to more than {MAX_EXPANDED_VALUES:,} values through "
+                    "aliases (&anchor / *alias, an alias bomb?); a recipe needs a few hundred: "
+                    "write the values out or use fewer nested aliases"
+                )
         active.discard(key)
         sizes[key] = total
         return total
@@ -735,7 +1087,9 @@ def shown(recipe: Recipe) -> Recipe:
     """The recipe as it may be printed, written or logged: the tracking URI's password masked."""
     from .tracking import mask_uri
 
-    return recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"uri": mask_uri(recipe.tracking.uri)})})
+    return recipe.model_copy(
+        update={"tracking": recipe.tracking.model_copy(update={"uri": mask_uri(recipe.tracking.uri)})}
+    )
 
 
 def to_yaml(recipe: Recipe) -> str:

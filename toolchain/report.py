@@ -27,22 +27,47 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ToolchainError
-from .stats import Paired, Spread, paired, spread
 from .fsutil import atomic_write_text, ensure_dir
+from .stats import Paired, Spread, paired, spread
 from .tracking import TAG_PREFIX, _sqlite_path, quiet_library_logs, resolve_uri, retry
 
 PE_KEYS = ("pe_params", "pe_macs", "pe_latency")
 REFS = ("teacher", "student")
 COLUMNS = (
-    "run_name", "dataset", "teacher", "student", "method", "sparsity", "finetune_loss",
-    "seed", "test_accuracy", "params", "nonzero_params", "macs", "onnx_zip_bytes", "int8_zip_bytes",
-    "latency_batch", "latency_p50_ms", "speedup_vs_student", "int8_speedup",
+    "run_name",
+    "dataset",
+    "teacher",
+    "student",
+    "method",
+    "sparsity",
+    "finetune_loss",
+    "seed",
+    "test_accuracy",
+    "params",
+    "nonzero_params",
+    "macs",
+    "onnx_zip_bytes",
+    "int8_zip_bytes",
+    "latency_batch",
+    "latency_p50_ms",
+    "speedup_vs_student",
+    "int8_speedup",
     *[f"vs_{ref}.{key}" for ref in REFS for key in ("retention", *PE_KEYS)],
     "run_id",
 )
 INTERVAL_COLUMNS = ("speedup_vs_student", "int8_speedup")  # each also in the CSV as <name>_lo, <name>_hi
 CSV_COLUMNS = (*COLUMNS, *[f"{c}_{end}" for c in INTERVAL_COLUMNS for end in ("lo", "hi")])
-REF_COLUMNS = ("role", "dataset", "model", "test_accuracy", "params", "nonzero_params", "macs", "latency_p50_ms", "runs")
+REF_COLUMNS = (
+    "role",
+    "dataset",
+    "model",
+    "test_accuracy",
+    "params",
+    "nonzero_params",
+    "macs",
+    "latency_p50_ms",
+    "runs",
+)
 
 
 class ReportError(ToolchainError):
@@ -148,14 +173,18 @@ def run_row(run) -> Dict[str, Any]:
         "teacher": t.get("teacher"),
         "student": t.get("student"),
         "method": t.get("prune.method"),
-        "sparsity": _number(t.get("prune.sparsity")) if t.get("prune.sparsity") != "budget" else m.get("prune.budget.sparsity"),
+        "sparsity": _number(t.get("prune.sparsity"))
+        if t.get("prune.sparsity") != "budget"
+        else m.get("prune.budget.sparsity"),
         "finetune_loss": p.get("finetune.loss") if p.get("finetune.loss") not in (None, "None") else "none",
         "seed": _number(p.get("seed")),
         "test_accuracy": m.get("final.test_accuracy"),
         "params": m.get("final.params"),
         "nonzero_params": m.get("final.nonzero_params"),
         "macs": m.get("final.macs"),
-        "onnx_zip_bytes": m.get("onnx_zip_bytes"),  # the shipped float file, deflated: where weight pruning's zeros show
+        "onnx_zip_bytes": m.get(
+            "onnx_zip_bytes"
+        ),  # the shipped float file, deflated: where weight pruning's zeros show
         "int8_zip_bytes": m.get("int8.zip_bytes"),  # only when the quantize stage shipped an INT8 file
         "latency_batch": bs,
         "latency_p50_ms": m.get(f"latency_p50_ms.cpu.bs{bs}") if bs else None,
@@ -190,9 +219,19 @@ def reference_rows(parents: List[Any], children: Dict[str, Dict[str, Any]]) -> L
         cm = members[0][1].data.metrics
         ref = "teacher" if role == "teacher" else "student"
         latencies = [lat for parent, _ in members if (lat := _reference_latency(parent.data.metrics, ref)) is not None]
-        rows.append({"role": role, "dataset": dataset, "model": model, "test_accuracy": acc, "params": params,
-                     "nonzero_params": cm.get("nonzero_params"), "macs": cm.get("macs"),
-                     "latency_p50_ms": _median(latencies), "runs": len(members)})
+        rows.append(
+            {
+                "role": role,
+                "dataset": dataset,
+                "model": model,
+                "test_accuracy": acc,
+                "params": params,
+                "nonzero_params": cm.get("nonzero_params"),
+                "macs": cm.get("macs"),
+                "latency_p50_ms": _median(latencies),
+                "runs": len(members),
+            }
+        )
     return sorted(rows, key=lambda r: (r["dataset"] or "", r["role"] != "teacher", r["model"] or ""))
 
 
@@ -224,7 +263,9 @@ def collect(experiment: str, tracking_uri: Optional[str] = None):
     exp = find_experiment(client, experiment)
     parents = parent_runs(client, exp.experiment_id)
     if not parents:
-        raise ReportError(f"experiment {experiment!r} has no finished compress runs; run `python -m toolchain sweep RECIPE` first")
+        raise ReportError(
+            f"experiment {experiment!r} has no finished compress runs; run `python -m toolchain sweep RECIPE` first"
+        )
     ids = [r.info.run_id for r in parents]
     children = {stage: child_runs(client, exp.experiment_id, stage, ids) for stage in ("teacher", "distill")}
     return exp, [run_row(r) for r in parents], reference_rows(parents, children), uri
@@ -285,15 +326,23 @@ def method_comparison(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for key in PE_KEYS:
             w, c = (by_method[m].get(f"vs_teacher.{key}") for m in ("weight", "channel"))
             entry[f"weight.{key}"], entry[f"channel.{key}"] = w, c
-            entry[f"{key} winner"] = "-" if w is None or c is None else "weight" if w > c else "channel" if c > w else "tie"
+            entry[f"{key} winner"] = (
+                "-" if w is None or c is None else "weight" if w > c else "channel" if c > w else "tie"
+            )
         out.append(entry)
     return out
 
 
 # ---------------------------------------------------------------- repeats (seeds)
 
-SEED_METRICS = ("test_accuracy", "vs_teacher.pe_params", "vs_teacher.pe_macs", "vs_teacher.pe_latency",
-                "onnx_zip_bytes", "int8_zip_bytes")
+SEED_METRICS = (
+    "test_accuracy",
+    "vs_teacher.pe_params",
+    "vs_teacher.pe_macs",
+    "vs_teacher.pe_latency",
+    "onnx_zip_bytes",
+    "int8_zip_bytes",
+)
 PAIRED_METRICS = SEED_METRICS[:5]
 CONTROL = "none"  # a run without a prune section: the unpruned KD student given the same fine-tune
 
@@ -308,16 +357,25 @@ def seed_table(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for row in rows:
         groups.setdefault((*_cell(row), row["method"]), []).append(row)
     out = []
-    for (dataset, student, loss, method), members in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        entry: Dict[str, Any] = {"dataset": dataset, "student": student, "finetune_loss": loss, "method": method,
-                                 "seeds": len(members),
-                                 "int8_shipped": f"{sum(r.get('int8_zip_bytes') is not None for r in members)}/{len(members)}"}
+    for (dataset, student, loss, method), members in sorted(
+        groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])
+    ):
+        entry: Dict[str, Any] = {
+            "dataset": dataset,
+            "student": student,
+            "finetune_loss": loss,
+            "method": method,
+            "seeds": len(members),
+            "int8_shipped": f"{sum(r.get('int8_zip_bytes') is not None for r in members)}/{len(members)}",
+        }
         entry.update({key: spread(r.get(key) for r in members) for key in SEED_METRICS})
         out.append(entry)
     return out
 
 
-def paired_table(rows: List[Dict[str, Any]], a: str, b: str, keys: Sequence[str] = PAIRED_METRICS) -> List[Dict[str, Any]]:
+def paired_table(
+    rows: List[Dict[str, Any]], a: str, b: str, keys: Sequence[str] = PAIRED_METRICS
+) -> List[Dict[str, Any]]:
     """Per (dataset, student, fine-tune loss): method a minus method b, paired by seed, with a 95% interval."""
     by_cell: Dict[Tuple[str, str, str], Dict[str, Dict[Any, Dict[str, Any]]]] = {}
     for row in rows:
@@ -326,9 +384,16 @@ def paired_table(rows: List[Dict[str, Any]], a: str, b: str, keys: Sequence[str]
     for (dataset, student, loss), methods in sorted(by_cell.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         if a not in methods or b not in methods:
             continue
-        entry: Dict[str, Any] = {"dataset": dataset, "student": student, "finetune_loss": loss, "comparison": f"{a} - {b}"}
+        entry: Dict[str, Any] = {
+            "dataset": dataset,
+            "student": student,
+            "finetune_loss": loss,
+            "comparison": f"{a} - {b}",
+        }
         for key in keys:
-            entry[key] = paired({s: r.get(key) for s, r in methods[a].items()}, {s: r.get(key) for s, r in methods[b].items()})
+            entry[key] = paired(
+                {s: r.get(key) for s, r in methods[a].items()}, {s: r.get(key) for s, r in methods[b].items()}
+            )
         entry["pairs"] = max((d.n for d in entry.values() if isinstance(d, Paired)), default=0)
         out.append(entry)
     return out
@@ -401,10 +466,20 @@ def markdown_report(experiment: str, rows, refs, plots: Sequence[str]) -> str:
         markdown_table(rows, [c for c in COLUMNS if c != "run_id"]),
     ]
     if refs:
-        parts += ["", "## References (unpruned)", "", "Latency: median over the runs' benchmarks (each benchmarks its references in the same process).",
-                  "", markdown_table(refs, REF_COLUMNS)]
+        parts += [
+            "",
+            "## References (unpruned)",
+            "",
+            "Latency: median over the runs' benchmarks (each benchmarks its references in the same process).",
+            "",
+            markdown_table(refs, REF_COLUMNS),
+        ]
     if comparison:
-        cols = ["dataset", "student", "finetune_loss"] + [f"{m}.{k}" for k in PE_KEYS for m in ("weight", "channel")] + [f"{k} winner" for k in PE_KEYS]
+        cols = (
+            ["dataset", "student", "finetune_loss"]
+            + [f"{m}.{k}" for k in PE_KEYS for m in ("weight", "channel")]
+            + [f"{k} winner" for k in PE_KEYS]
+        )
         parts += ["", "## Weight vs channel pruning (PE vs teacher)", "", markdown_table(comparison, cols)]
     if _repeated(rows):
         parts += seed_sections(rows)
@@ -421,19 +496,32 @@ def _repeated(rows: List[Dict[str, Any]]) -> bool:
 def seed_sections(rows: List[Dict[str, Any]]) -> List[str]:
     spreads = seed_table(rows)
     keys = ["dataset", "student", "finetune_loss", "method", "seeds"]
-    parts = ["", "## Mean ± standard deviation over seeds", "",
-             "PE against the teacher. Sizes: the shipped float ONNX file, deflated (zip); INT8: only the runs whose "
-             "quantize stage shipped an INT8 file (`int8_shipped` of the seeds). `none`: no pruning, the unpruned KD "
-             "student given the same fine-tune (the same-budget control).", "",
-             markdown_table(spreads, keys + list(SEED_METRICS) + ["int8_shipped"])]
-    for a, b, title in (("weight", "channel", "Weight vs channel pruning"), ("weight", CONTROL, "Weight pruning vs the control"),
-                        ("channel", CONTROL, "Channel pruning vs the control")):
+    parts = [
+        "",
+        "## Mean ± standard deviation over seeds",
+        "",
+        "PE against the teacher. Sizes: the shipped float ONNX file, deflated (zip); INT8: only the runs whose "
+        "quantize stage shipped an INT8 file (`int8_shipped` of the seeds). `none`: no pruning, the unpruned KD "
+        "student given the same fine-tune (the same-budget control).",
+        "",
+        markdown_table(spreads, keys + list(SEED_METRICS) + ["int8_shipped"]),
+    ]
+    for a, b, title in (
+        ("weight", "channel", "Weight vs channel pruning"),
+        ("weight", CONTROL, "Weight pruning vs the control"),
+        ("channel", CONTROL, "Channel pruning vs the control"),
+    ):
         table = paired_table(rows, a, b)
         if table:
-            parts += ["", f"## {title}, paired by seed", "",
-                      f"Mean of ({a} - {b}) over the seeds both ran, with its 95% t interval; **bold**: the interval "
-                      "excludes 0 (the difference is resolved at this number of seeds).", "",
-                      markdown_table(table, ["dataset", "student", "finetune_loss", "comparison", "pairs", *PAIRED_METRICS])]
+            parts += [
+                "",
+                f"## {title}, paired by seed",
+                "",
+                f"Mean of ({a} - {b}) over the seeds both ran, with its 95% t interval; **bold**: the interval "
+                "excludes 0 (the difference is resolved at this number of seeds).",
+                "",
+                markdown_table(table, ["dataset", "student", "finetune_loss", "comparison", "pairs", *PAIRED_METRICS]),
+            ]
     return parts
 
 
@@ -457,14 +545,28 @@ def _scatter(ax, rows, refs, x_key: str, colors) -> None:
             continue
         hollow = len(losses) > 1 and r["finetune_loss"] != losses[-1]
         color = colors.get(r["student"], "grey")
-        ax.scatter(r[x_key], r["test_accuracy"], marker=MARKERS.get(r["method"], "o"), s=60, edgecolors=color,
-                   facecolors="none" if hollow else color, linewidths=1.5, zorder=3)
+        ax.scatter(
+            r[x_key],
+            r["test_accuracy"],
+            marker=MARKERS.get(r["method"], "o"),
+            s=60,
+            edgecolors=color,
+            facecolors="none" if hollow else color,
+            linewidths=1.5,
+            zorder=3,
+        )
     for ref in refs:
         if ref.get(x_key) is None:
             continue
         teacher = ref["role"] == "teacher"
-        ax.scatter(ref[x_key], ref["test_accuracy"], marker="*" if teacher else "X", s=160 if teacher else 80,
-                   color="black" if teacher else colors.get(ref["model"], "grey"), zorder=4)
+        ax.scatter(
+            ref[x_key],
+            ref["test_accuracy"],
+            marker="*" if teacher else "X",
+            s=160 if teacher else 80,
+            color="black" if teacher else colors.get(ref["model"], "grey"),
+            zorder=4,
+        )
     _legend(ax, rows, colors, losses)
 
 
@@ -472,13 +574,27 @@ def _legend(ax, rows, colors, losses) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], marker="o", ls="", color=c, label=s) for s, c in colors.items()]
-    handles += [Line2D([], [], marker=MARKERS.get(m, "o"), ls="", color="grey", label=f"{m} pruning")
-                for m in sorted({r["method"] for r in rows})]
+    handles += [
+        Line2D([], [], marker=MARKERS.get(m, "o"), ls="", color="grey", label=f"{m} pruning")
+        for m in sorted({r["method"] for r in rows})
+    ]
     if len(losses) > 1:
-        handles += [Line2D([], [], marker="o", ls="", color="grey", markerfacecolor="grey" if loss == losses[-1] else "none",
-                           label=f"fine-tune {loss}") for loss in losses]
-    handles += [Line2D([], [], marker="*", ls="", color="black", markersize=12, label="teacher"),
-                Line2D([], [], marker="X", ls="", color="grey", label="KD student (unpruned)")]
+        handles += [
+            Line2D(
+                [],
+                [],
+                marker="o",
+                ls="",
+                color="grey",
+                markerfacecolor="grey" if loss == losses[-1] else "none",
+                label=f"fine-tune {loss}",
+            )
+            for loss in losses
+        ]
+    handles += [
+        Line2D([], [], marker="*", ls="", color="black", markersize=12, label="teacher"),
+        Line2D([], [], marker="X", ls="", color="grey", label="KD student (unpruned)"),
+    ]
     ax.legend(handles=handles, fontsize=7, loc="best")
 
 
@@ -511,11 +627,27 @@ def plot_acc_vs_latency(rows, refs, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     _scatter(ax, rows, refs, "latency_p50_ms", _styles(rows))
     prefix = _common_prefix([r["run_name"] for r in rows])
-    points = [(r["latency_p50_ms"], r["test_accuracy"], r["run_name"][len(prefix):]) for r in rows if r.get("latency_p50_ms") is not None]
-    points += [(r["latency_p50_ms"], r["test_accuracy"], f"{r['model']} ({r['role']})") for r in refs if r.get("latency_p50_ms") is not None]
+    points = [
+        (r["latency_p50_ms"], r["test_accuracy"], r["run_name"][len(prefix) :])
+        for r in rows
+        if r.get("latency_p50_ms") is not None
+    ]
+    points += [
+        (r["latency_p50_ms"], r["test_accuracy"], f"{r['model']} ({r['role']})")
+        for r in refs
+        if r.get("latency_p50_ms") is not None
+    ]
     front = pareto_front(points)
     if front:
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="red", lw=1, alpha=0.7, label="Pareto front")
+        ax.step(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            where="post",
+            color="red",
+            lw=1,
+            alpha=0.7,
+            label="Pareto front",
+        )
         ax.scatter([p[0] for p in front], [p[1] for p in front], s=220, facecolors="none", edgecolors="red", zorder=5)
         for cost, acc, label in front:
             ax.annotate(label, (cost, acc), textcoords="offset points", xytext=(6, -10), fontsize=7, color="red")
@@ -544,8 +676,13 @@ def plot_pe(rows, path: Path, title: str) -> None:
     fig, axes = plt.subplots(len(REFS), len(PE_KEYS), figsize=(5 * len(PE_KEYS), 3.6 * len(REFS)), squeeze=False)
     for i, ref in enumerate(REFS):
         for j, key in enumerate(PE_KEYS):
-            _bar_panel(axes[i][j], rows, f"vs_{ref}.{key}", f"{key} vs {'teacher' if ref == 'teacher' else 'KD student'}",
-                       legend=i == 0 and j == 0)
+            _bar_panel(
+                axes[i][j],
+                rows,
+                f"vs_{ref}.{key}",
+                f"{key} vs {'teacher' if ref == 'teacher' else 'KD student'}",
+                legend=i == 0 and j == 0,
+            )
     fig.suptitle(f"{title}: Performance Efficiency by method and architecture (higher is better{_seeds_note(rows)})")
     _save(fig, path)
 
@@ -578,12 +715,20 @@ def _bar_panel(ax, rows, key: str, label: str, legend: bool, scale: float = 1.0)
     groups = sorted({(r["method"], r["finetune_loss"]) for r in rows})
     width = 0.8 / max(1, len(groups))
     for g, (method, loss) in enumerate(groups):
-        cells = [spread(r.get(key) for r in rows if (r["student"], r["method"], r["finetune_loss"]) == (s, method, loss))
-                 for s in students]
+        cells = [
+            spread(r.get(key) for r in rows if (r["student"], r["method"], r["finetune_loss"]) == (s, method, loss))
+            for s in students
+        ]
         means = [np.nan if c is None else c.mean / scale for c in cells]
         errors = [0.0 if c is None or c.std is None else c.std / scale for c in cells]
-        ax.bar(np.arange(len(students)) + (g - (len(groups) - 1) / 2) * width, means, width,
-               yerr=errors if any(errors) else None, capsize=3, label=method if len(losses) == 1 else f"{method}, ft {loss}")
+        ax.bar(
+            np.arange(len(students)) + (g - (len(groups) - 1) / 2) * width,
+            means,
+            width,
+            yerr=errors if any(errors) else None,
+            capsize=3,
+            label=method if len(losses) == 1 else f"{method}, ft {loss}",
+        )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(np.arange(len(students)))
     ax.set_xticklabels(students, rotation=20, fontsize=8)
@@ -604,15 +749,19 @@ def _save(fig, path: Path) -> None:
 # ---------------------------------------------------------------- entry point
 
 
-def make_report(experiment: str, out: str | Path = "docs/report", tracking_uri: Optional[str] = None,
-                log_to_mlflow: bool = True) -> Dict[str, Path]:
+def make_report(
+    experiment: str, out: str | Path = "docs/report", tracking_uri: Optional[str] = None, log_to_mlflow: bool = True
+) -> Dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     exp, rows, refs, uri = collect(experiment, tracking_uri)
     out = ensure_dir(out, "--out")
-    files = {"acc_vs_params": out / "acc_vs_params.png", "acc_vs_latency": out / "acc_vs_latency.png",
-             "pe_by_method": out / "pe_by_method.png"}
+    files = {
+        "acc_vs_params": out / "acc_vs_params.png",
+        "acc_vs_latency": out / "acc_vs_latency.png",
+        "pe_by_method": out / "pe_by_method.png",
+    }
     plot_acc_vs_params(rows, refs, files["acc_vs_params"], experiment)
     plot_acc_vs_latency(rows, refs, files["acc_vs_latency"], experiment)
     plot_pe(rows, files["pe_by_method"], experiment)
@@ -621,9 +770,17 @@ def make_report(experiment: str, out: str | Path = "docs/report", tracking_uri: 
         files["seeds"] = out / "acc_size_by_method.png"
         plot_seeds(rows, files["seeds"], experiment)
         plots.append(files["seeds"])
-        for name, table in (("seeds.csv", seed_table(rows)),
-                            ("paired.csv", [e for a, b in (("weight", "channel"), ("weight", CONTROL), ("channel", CONTROL))
-                                            for e in paired_table(rows, a, b)])):
+        for name, table in (
+            ("seeds.csv", seed_table(rows)),
+            (
+                "paired.csv",
+                [
+                    e
+                    for a, b in (("weight", "channel"), ("weight", CONTROL), ("channel", CONTROL))
+                    for e in paired_table(rows, a, b)
+                ],
+            ),
+        ):
             flat, columns = stat_csv_rows(table)
             files[name] = out / name
             write_csv(files[name], flat, columns)
@@ -645,8 +802,12 @@ def log_report(uri: str, experiment_id: str, files: List[Path], n_runs: int) -> 
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    run = retry(client.create_run, experiment_id, run_name="report",
-                tags={f"{TAG_PREFIX}stage": "report", f"{TAG_PREFIX}report_runs": str(n_runs)})
+    run = retry(
+        client.create_run,
+        experiment_id,
+        run_name="report",
+        tags={f"{TAG_PREFIX}stage": "report", f"{TAG_PREFIX}report_runs": str(n_runs)},
+    )
     try:
         for path in files:
             retry(client.log_artifact, run.info.run_id, str(path), "report")

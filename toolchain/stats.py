@@ -53,7 +53,9 @@ def spread(values: Iterable[Optional[float]]) -> Optional[Spread]:
     return Spread(len(xs), mean, std)
 
 
-def paired(a: Dict[Hashable, Optional[float]], b: Dict[Hashable, Optional[float]], level: float = 0.95) -> Optional[Paired]:
+def paired(
+    a: Dict[Hashable, Optional[float]], b: Dict[Hashable, Optional[float]], level: float = 0.95
+) -> Optional[Paired]:
     """a - b over the keys (seeds) where both have a value, with a two-sided t interval."""
     diffs = [a[k] - b[k] for k in a if k in b and a[k] is not None and b[k] is not None]
     if not diffs:

@@ -81,8 +81,10 @@ def expand(path: str | Path, overrides: Sequence[str] = ()) -> List[Variant]:
     seen: Dict[str, str] = {}
     for v in variants:
         if v.name in seen:
-            raise RecipeError(f"{v.source}: variant name {v.name!r} also comes from {seen[v.name]}; "
-                              "two variants would overwrite each other's export/<name>/ (rename a recipe or change the axes)")
+            raise RecipeError(
+                f"{v.source}: variant name {v.name!r} also comes from {seen[v.name]}; "
+                "two variants would overwrite each other's export/<name>/ (rename a recipe or change the axes)"
+            )
         seen[v.name] = v.source
     return variants
 
@@ -96,17 +98,23 @@ def expand_file(path: Path, overrides: Sequence[str] = ()) -> List[Variant]:
     if base.matrix is None:
         for item in overrides:
             _apply_override(raw, str(item), path)
-        return [Variant(base.name, str(path), {}, _parse_overrides(overrides, path), validate_dict(raw, source=str(path)))]
+        return [
+            Variant(base.name, str(path), {}, _parse_overrides(overrides, path), validate_dict(raw, source=str(path)))
+        ]
     cli = _parse_overrides(overrides, path)
     clash = sorted(set(cli) & set(base.matrix.axes))
     if clash:
-        raise RecipeError(f"{path}: override {clash[0]} is a matrix axis; edit matrix.axes in the recipe (or pick variants with --only)")
+        raise RecipeError(
+            f"{path}: override {clash[0]} is a matrix axis; edit matrix.axes in the recipe (or pick variants with --only)"
+        )
     body = {k: v for k, v in raw.items() if k != "matrix"}
     variants = []
     chosen = points(base.matrix)
     if not chosen:
-        raise RecipeError(f"{path}: the matrix leaves no variant (its exclude entries remove every combination of the "
-                          "axes); remove an exclude entry or add include entries")
+        raise RecipeError(
+            f"{path}: the matrix leaves no variant (its exclude entries remove every combination of the "
+            "axes); remove an exclude entry or add include entries"
+        )
     for coords in chosen:
         settings = dict(coords)
         for rule in base.matrix.rules:
@@ -118,7 +126,9 @@ def expand_file(path: Path, overrides: Sequence[str] = ()) -> List[Variant]:
         data["name"] = name
         for key, value in settings.items():
             set_dotted(data, key, value, f"{path} [variant {name}]:")
-        variants.append(Variant(name, str(path), coords, settings, validate_dict(data, source=f"{path} [variant {name}]")))
+        variants.append(
+            Variant(name, str(path), coords, settings, validate_dict(data, source=f"{path} [variant {name}]"))
+        )
     return variants
 
 
@@ -209,8 +219,14 @@ def select(variants: List[Variant], only: Optional[str]) -> List[Variant]:
     return chosen
 
 
-def run_sweep(path: str | Path, overrides: Sequence[str] = (), force: bool = False, dry_run: bool = False,
-              only: Optional[str] = None, out=None) -> List[Outcome]:
+def run_sweep(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    dry_run: bool = False,
+    only: Optional[str] = None,
+    out=None,
+) -> List[Outcome]:
     """Validate every variant, then run them in order; raises SweepError at the end if any failed."""
     out = out or sys.stdout
     variants = select(expand(path, overrides), only)
@@ -235,7 +251,9 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = (), force: bool = Fal
     write_record(outcomes)
     failed = [o.variant.name for o in outcomes if o.status != "FINISHED"]
     if failed:
-        raise SweepError(f"sweep: {len(failed)} of {total} variants failed: {', '.join(failed)} (their errors are printed above)")
+        raise SweepError(
+            f"sweep: {len(failed)} of {total} variants failed: {', '.join(failed)} (their errors are printed above)"
+        )
     return outcomes
 
 
@@ -303,6 +321,15 @@ def write_record(outcomes: List[Outcome]) -> None:
     for source, group in by_source.items():
         recipe = group[0].variant.recipe
         base = Path(source).stem
-        record = [{"name": o.variant.name, "status": o.status, "seconds": round(o.seconds, 1), "error": o.error,
-                   "overrides": shown_overrides(o.variant.overrides), "mlflow": o.summary.get("mlflow")} for o in group]
+        record = [
+            {
+                "name": o.variant.name,
+                "status": o.status,
+                "seconds": round(o.seconds, 1),
+                "error": o.error,
+                "overrides": shown_overrides(o.variant.overrides),
+                "mlflow": o.summary.get("mlflow"),
+            }
+            for o in group
+        ]
         atomic_write_json(Path(recipe.output_dir) / f"sweep-{base}.json", {"recipe": source, "variants": record})

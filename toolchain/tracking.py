@@ -39,9 +39,17 @@ RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_ID}"
 RUNS_VIEW_NAME = "Headline metrics (toolchain)"
 # metrics finish() logs on the parent run (engine/runner.py; bench and int8 ones only when those stages ran;
 # the UI skips a selected column no run has)
-HEADLINE_COLUMNS = ("test_accuracy", "vs_teacher.pe_params", "latency_p50_ms.cpu.bs1", "onnx_file_bytes",
-                    "vs_student.pe_params", "onnx_zip_bytes", "int8.test_accuracy", "int8.latency_p50_ms.cpu.bs1",
-                    "int8.file_bytes")
+HEADLINE_COLUMNS = (
+    "test_accuracy",
+    "vs_teacher.pe_params",
+    "latency_p50_ms.cpu.bs1",
+    "onnx_file_bytes",
+    "vs_student.pe_params",
+    "onnx_zip_bytes",
+    "int8.test_accuracy",
+    "int8.latency_p50_ms.cpu.bs1",
+    "int8.file_bytes",
+)
 
 
 def runs_view_value(now_ms: Optional[int] = None) -> str:
@@ -53,8 +61,13 @@ def runs_view_value(now_ms: Optional[int] = None) -> str:
     # metric columns about as wide as their names (the UI's default cuts vs_teacher.pe_params to "vs_teacher.pe_")
     widths = {f"metrics.`{name}`": max(100, 7 * len(name) + 24) for name in HEADLINE_COLUMNS}
     widths["attributes.`Dataset`"] = 220
-    state = {"orderByKey": "attributes.start_time", "orderByAsc": False,
-             "selectedColumns": columns, "columnOrder": columns, "columnWidths": widths}
+    state = {
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "columnWidths": widths,
+    }
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     return json.dumps({"name": RUNS_VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": json.dumps(state)})
 
@@ -173,22 +186,30 @@ def check_uri(uri: str) -> None:
     scheme, a database driver that is not installed, a sqlite URI naming a directory."""
     scheme = _scheme(uri)
     if scheme.split("+")[0] not in KNOWN_SCHEMES:
-        raise TrackingError(f"tracking URI {mask_uri(uri)} has an unknown scheme {scheme!r}; set tracking.uri / "
-                            f"MLFLOW_TRACKING_URI to one of {', '.join(s + '://' for s in KNOWN_SCHEMES)}")
+        raise TrackingError(
+            f"tracking URI {mask_uri(uri)} has an unknown scheme {scheme!r}; set tracking.uri / "
+            f"MLFLOW_TRACKING_URI to one of {', '.join(s + '://' for s in KNOWN_SCHEMES)}"
+        )
     module, package = DB_DRIVERS.get(scheme, (None, None))
     if module and not _has_module(module):
-        raise TrackingError(f"tracking URI {mask_uri(uri)} needs the {module} database driver, which is not "
-                            f"installed; pip install {package}")
+        raise TrackingError(
+            f"tracking URI {mask_uri(uri)} needs the {module} database driver, which is not "
+            f"installed; pip install {package}"
+        )
     default = _sqlalchemy_default_driver(scheme) if module and "+" not in scheme else None
     if default and default[0] != module and not _has_module(default[0]):
         # SQLAlchemy 2.1 made psycopg (3) the default for postgresql://: MLflow would fail with "start the server"
-        raise TrackingError(f"tracking URI {mask_uri(uri)}: SQLAlchemy's default driver for {scheme}:// is {default[0]}, "
-                            f"which is not installed; pip install {default[1]}, or name the installed one: "
-                            f"{scheme}+{module}://...")
+        raise TrackingError(
+            f"tracking URI {mask_uri(uri)}: SQLAlchemy's default driver for {scheme}:// is {default[0]}, "
+            f"which is not installed; pip install {default[1]}, or name the installed one: "
+            f"{scheme}+{module}://..."
+        )
     sqlite_path = _sqlite_path(uri)
     if sqlite_path is not None and sqlite_path.is_dir():
-        raise TrackingError(f"tracking URI {mask_uri(uri)} names the directory {sqlite_path}, not a database file; "
-                            f"use sqlite:///{sqlite_path.as_posix().rstrip('/')}/mlflow.db")
+        raise TrackingError(
+            f"tracking URI {mask_uri(uri)} names the directory {sqlite_path}, not a database file; "
+            f"use sqlite:///{sqlite_path.as_posix().rstrip('/')}/mlflow.db"
+        )
 
 
 # ---------------------------------------------------------------- tracking servers (http/https)
@@ -200,8 +221,11 @@ CONNECT_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST
 # After connecting, for the rest of the run: a server that dies mid-run costs one call at most
 # (3 tries x 10 s + 1 + 2 s of backoff), then Tracker._call says so in one line; MLflow's defaults
 # (7 retries, backoff factor 2, 120 s timeout) kept a dead-server run waiting for many minutes per call.
-RUN_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RUN_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 def _is_http(uri: str) -> bool:
@@ -243,15 +267,19 @@ def check_http_server(uri: str) -> None:
         urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError as exc:
         if credentials and exc.code in (401, 403):
-            raise TrackingError(f"MLflow tracking server {mask_uri(uri)} refused the credentials (HTTP {exc.code}); "
-                                "check the user and password in tracking.uri / MLFLOW_TRACKING_URI or "
-                                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") from None
+            raise TrackingError(
+                f"MLflow tracking server {mask_uri(uri)} refused the credentials (HTTP {exc.code}); "
+                "check the user and password in tracking.uri / MLFLOW_TRACKING_URI or "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+            ) from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         if isinstance(reason, OSError) and reason.strerror:
             reason = reason.strerror
-        raise TrackingError(f"MLflow tracking server {mask_uri(uri)} is unreachable ({_redact(str(reason), uri)}); "
-                            "start it (docs/scale_out.md) or point tracking.uri / MLFLOW_TRACKING_URI at a running one") from None
+        raise TrackingError(
+            f"MLflow tracking server {mask_uri(uri)} is unreachable ({_redact(str(reason), uri)}); "
+            "start it (docs/scale_out.md) or point tracking.uri / MLFLOW_TRACKING_URI at a running one"
+        ) from None
 
 
 def _fail_fast(connect: Callable) -> Callable:
@@ -294,8 +322,11 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        clean = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        clean = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         if clean:
             self._call(f"logging {self.name}'s metrics", self._client.log_batch, self.run_id, metrics=clean)
 
@@ -303,25 +334,40 @@ class StageRun:
         from mlflow.entities import Param
 
         if params:
-            self._call(f"logging {self.name}'s params", self._client.log_batch, self.run_id,
-                       params=[Param(k, str(v)[:500]) for k, v in params.items()])
+            self._call(
+                f"logging {self.name}'s params",
+                self._client.log_batch,
+                self.run_id,
+                params=[Param(k, str(v)[:500]) for k, v in params.items()],
+            )
 
     def set_tags(self, tags: Dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         # str(): SQLite accepts numbers, an HTTP tracking server's protobuf API does not
-        self._call(f"tagging {self.name}", self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call(
+            f"tagging {self.name}",
+            self._client.log_batch,
+            self.run_id,
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         self._call(f"logging {self.name}'s {artifact_file}", self._client.log_dict, self.run_id, obj, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self._call(f"logging {self.name}'s {Path(path).name}", self._client.log_artifact, self.run_id, str(path), artifact_path)
+        self._call(
+            f"logging {self.name}'s {Path(path).name}", self._client.log_artifact, self.run_id, str(path), artifact_path
+        )
 
     def log_dataset(self, name: str, digest: str, source: str, splits: Dict[str, int]) -> None:
         """The run's data as an MLflow dataset input (the UI's Dataset column): split sizes as its profile."""
-        self._call(f"logging {self.name}'s dataset", self._client.log_inputs, self.run_id,
-                   datasets=[dataset_input(name, digest, source, splits)])
+        self._call(
+            f"logging {self.name}'s dataset",
+            self._client.log_inputs,
+            self.run_id,
+            datasets=[dataset_input(name, digest, source, splits)],
+        )
 
 
 def dataset_input(name: str, digest: str, source: str, splits: Dict[str, int]):
@@ -330,7 +376,9 @@ def dataset_input(name: str, digest: str, source: str, splits: Dict[str, int]):
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     profile = json.dumps({"num_rows": sum(splits.values()), **{f"{k}_rows": v for k, v in splits.items()}})
-    dataset = Dataset(name, digest[:36], "local", json.dumps({"uri": source}), profile=profile)  # digest: 36 chars in MLflow's DB
+    dataset = Dataset(
+        name, digest[:36], "local", json.dumps({"uri": source}), profile=profile
+    )  # digest: 36 chars in MLflow's DB
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
@@ -376,7 +424,9 @@ class NullTracker:
         yield NullStageRun()
 
     @contextmanager
-    def stage(self, name: str, params: Optional[Dict[str, Any]] = None, tags: Optional[Dict[str, Any]] = None) -> Iterator[StageRun]:
+    def stage(
+        self, name: str, params: Optional[Dict[str, Any]] = None, tags: Optional[Dict[str, Any]] = None
+    ) -> Iterator[StageRun]:
         yield NullStageRun()
 
 
@@ -399,7 +449,9 @@ class Tracker(NullTracker):
         if sqlite_path is not None:
             from .fsutil import ensure_dir
 
-            ensure_dir(sqlite_path.parent if str(sqlite_path.parent) else Path("."), "tracking.uri (MLflow's SQLite file)")
+            ensure_dir(
+                sqlite_path.parent if str(sqlite_path.parent) else Path("."), "tracking.uri (MLflow's SQLite file)"
+            )
         self.mlflow.set_tracking_uri(self.uri)
         try:
             with _schema_lock(sqlite_path):
@@ -407,9 +459,11 @@ class Tracker(NullTracker):
         except TrackingError:
             raise
         except Exception as exc:
-            raise TrackingError(f"MLflow tracking store {self.display_uri} is unreachable ({type(exc).__name__}: "
-                                f"{_redact(first_line(exc, 200), self.uri)}); start the server or set "
-                                "tracking.uri / MLFLOW_TRACKING_URI") from None
+            raise TrackingError(
+                f"MLflow tracking store {self.display_uri} is unreachable ({type(exc).__name__}: "
+                f"{_redact(first_line(exc, 200), self.uri)}); start the server or set "
+                "tracking.uri / MLFLOW_TRACKING_URI"
+            ) from None
         # the process-wide experiment: mlflow.<flavor>.log_model files its LoggedModel there
         self.mlflow.set_experiment(experiment_id=self.experiment_id)
         self.client = self.mlflow.MlflowClient(self.uri)
@@ -421,8 +475,11 @@ class Tracker(NullTracker):
             # Embedded store: artifacts beside the database (mlruns/artifacts), not in MLflow's ./mlartifacts.
             location = (sqlite_path.parent / "artifacts").resolve().as_uri() if sqlite_path else None
             try:
-                return client.create_experiment(self.experiment_name, artifact_location=location,
-                                                tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], RUNS_VIEW_TAG: runs_view_value()})
+                return client.create_experiment(
+                    self.experiment_name,
+                    artifact_location=location,
+                    tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1], RUNS_VIEW_TAG: runs_view_value()},
+                )
             except Exception as exc:  # another process created it between our get and create
                 found = client.get_experiment_by_name(self.experiment_name)
                 if found is None:
@@ -442,8 +499,16 @@ class Tracker(NullTracker):
             if "already exists" not in str(exc).lower():
                 self._call(f"registering model {name}", _raise, exc)  # one masked line against a server
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
-        return self._call(f"registering model {name}", self.client.create_model_version, name, model_uri, run_id=run_id,
-                          description=card_description(card), tags=card_tags(card), model_id=model_id)
+        return self._call(
+            f"registering model {name}",
+            self.client.create_model_version,
+            name,
+            model_uri,
+            run_id=run_id,
+            description=card_description(card),
+            tags=card_tags(card),
+            model_id=model_id,
+        )
 
     def mark_stale_runs(self, run_name: str) -> list:
         """Runs of this name left RUNNING by a hard kill (their process is gone) -> KILLED."""
@@ -470,10 +535,14 @@ class Tracker(NullTracker):
             yield handle
 
     @contextmanager
-    def stage(self, name: str, params: Optional[Dict[str, Any]] = None, tags: Optional[Dict[str, Any]] = None) -> Iterator[StageRun]:
+    def stage(
+        self, name: str, params: Optional[Dict[str, Any]] = None, tags: Optional[Dict[str, Any]] = None
+    ) -> Iterator[StageRun]:
         """A child run of the parent opened by `run`."""
-        handle = self._start(name, {**self._common_tags, f"{TAG_PREFIX}stage": name,
-                                    "mlflow.parentRunId": self.parent_run_id, **(tags or {})})
+        handle = self._start(
+            name,
+            {**self._common_tags, f"{TAG_PREFIX}stage": name, "mlflow.parentRunId": self.parent_run_id, **(tags or {})},
+        )
         with self._ended_on_exit(handle.run_id):
             handle.log_params(params or {})
             yield handle
@@ -481,8 +550,9 @@ class Tracker(NullTracker):
     def _start(self, run_name: str, tags: Dict[str, Any]) -> StageRun:
         process = {f"{TAG_PREFIX}pid": os.getpid(), f"{TAG_PREFIX}host": socket.gethostname()}
         all_tags = {k: str(v) for k, v in {**tags, **process}.items()}
-        run = self._call(f"starting the {run_name} run", self.client.create_run, self.experiment_id, run_name=run_name,
-                         tags=all_tags)
+        run = self._call(
+            f"starting the {run_name} run", self.client.create_run, self.experiment_id, run_name=run_name, tags=all_tags
+        )
         return StageRun(self.client, run.info.run_id, self._call, run_name)
 
     @contextmanager
@@ -515,7 +585,8 @@ class Tracker(NullTracker):
                 f"MLflow tracking store {self.display_uri} {_failure_kind(exc)} while {what} "
                 f"({type(exc).__name__}: {_redact(first_line(exc, 160), self.uri)}); finished stages and the current "
                 "stage's last epoch checkpoint are kept, this epoch's metrics were not logged: rerun the same command "
-                "when the store answers again to resume (the runs left RUNNING are then marked KILLED)")
+                "when the store answers again to resume (the runs left RUNNING are then marked KILLED)"
+            )
             raise self._lost from None
 
 
@@ -523,9 +594,19 @@ def _raise(exc: BaseException):
     raise exc
 
 
-_CONNECTION_WORDS = ("max retries exceeded", "connection refused", "connectionerror", "failed to establish",
-                     "timed out", "timeout", "connection aborted", "connection reset", "remotedisconnected",
-                     "could not connect", "connection to server")
+_CONNECTION_WORDS = (
+    "max retries exceeded",
+    "connection refused",
+    "connectionerror",
+    "failed to establish",
+    "timed out",
+    "timeout",
+    "connection aborted",
+    "connection reset",
+    "remotedisconnected",
+    "could not connect",
+    "connection to server",
+)
 
 
 def _failure_kind(exc: BaseException) -> str:
@@ -538,9 +619,13 @@ def _save_runs_view(client, experiment_id: str, uri: str) -> None:
     try:
         retry(client.set_experiment_tag, experiment_id, RUNS_VIEW_TAG, runs_view_value())
     except Exception as exc:
-        logging.getLogger(__name__).warning("MLflow: could not save the runs-table view %s on experiment %s (%s); "
-                                            "the runs link opens without its columns", RUNS_VIEW_TAG, experiment_id,
-                                            _redact(first_line(exc, 200), uri))
+        logging.getLogger(__name__).warning(
+            "MLflow: could not save the runs-table view %s on experiment %s (%s); "
+            "the runs link opens without its columns",
+            RUNS_VIEW_TAG,
+            experiment_id,
+            _redact(first_line(exc, 200), uri),
+        )
 
 
 @contextmanager
@@ -568,8 +653,18 @@ def _process_alive(tags: Dict[str, str]) -> bool:
     return int(tags.get(f"{TAG_PREFIX}pid", "0")) > 0
 
 
-CARD_TAGS = ("name", "model", "dataset", "test_accuracy", "onnx_test_accuracy", "params", "nonzero_params", "macs",
-             "recipe_hash", "toolchain_version")
+CARD_TAGS = (
+    "name",
+    "model",
+    "dataset",
+    "test_accuracy",
+    "onnx_test_accuracy",
+    "params",
+    "nonzero_params",
+    "macs",
+    "recipe_hash",
+    "toolchain_version",
+)
 
 
 def card_tags(card: Dict[str, Any]) -> Dict[str, str]:
@@ -582,8 +677,10 @@ def card_tags(card: Dict[str, Any]) -> Dict[str, str]:
 
 def card_description(card: Dict[str, Any]) -> str:
     pe = (card.get("performance_efficiency") or {}).get("vs_teacher.pe_params")
-    head = (f"{card.get('model')} on {card.get('dataset')} (run {card.get('name')}): test accuracy "
-            f"{card.get('test_accuracy')}, ONNX {card.get('onnx_test_accuracy')}, PE(params) vs teacher {pe}.")
+    head = (
+        f"{card.get('model')} on {card.get('dataset')} (run {card.get('name')}): test accuracy "
+        f"{card.get('test_accuracy')}, ONNX {card.get('onnx_test_accuracy')}, PE(params) vs teacher {pe}."
+    )
     return head + " The full card is the run's model_card.json artifact."
 
 
@@ -594,8 +691,10 @@ def open_existing_store(uri: Optional[str]):
     check_uri(uri)
     sqlite_path = _sqlite_path(uri)
     if sqlite_path is not None and not sqlite_path.is_file():
-        raise TrackingError(f"tracking store {mask_uri(uri)}: no such database file; pass --tracking-uri of the store "
-                            "the run was logged to (export/<run>/summary.json: mlflow.tracking_uri)")
+        raise TrackingError(
+            f"tracking store {mask_uri(uri)}: no such database file; pass --tracking-uri of the store "
+            "the run was logged to (export/<run>/summary.json: mlflow.tracking_uri)"
+        )
     if _is_http(uri):
         check_http_server(uri)
     import mlflow

@@ -14,8 +14,7 @@ from ..errors import BenchError, OutputError, ToolchainError, first_line
 from ..fsutil import atomic_write_json, file_sha256
 from .compare import Plan, Settings, compare
 from .device import fingerprint, format_device
-from .ort import (GRAPH_OPT_LEVELS, PROVIDERS, _check_model_file, _fmt_shape, benchmark, format_environment,
-                  format_table)
+from .ort import GRAPH_OPT_LEVELS, PROVIDERS, _check_model_file, _fmt_shape, benchmark, format_environment, format_table
 
 # ---------------------------------------------------------------- CLI
 
@@ -44,34 +43,72 @@ def _provider_list(text: str) -> List[str]:
     names = [p.strip().lower() for p in text.split(",") if p.strip()]
     bad = [p for p in names if p not in PROVIDERS]
     if not names or bad:
-        raise argparse.ArgumentTypeError(f"unknown provider {','.join(bad) or text!r}; choose from {', '.join(PROVIDERS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown provider {','.join(bad) or text!r}; choose from {', '.join(PROVIDERS)}"
+        )
     return names
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog=_PROG, description="onnxruntime latency benchmark of an ONNX image classifier (no torch needed).")
+    p = _OneLineParser(
+        prog=_PROG, description="onnxruntime latency benchmark of an ONNX image classifier (no torch needed)."
+    )
     p.add_argument("model", help="path to the .onnx file")
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 32], help="comma-separated batch sizes (default 1,32)")
-    p.add_argument("--providers", type=_provider_list, default=["cpu"], help=f"comma-separated: {', '.join(PROVIDERS)} (default cpu)")
+    p.add_argument(
+        "--providers",
+        type=_provider_list,
+        default=["cpu"],
+        help=f"comma-separated: {', '.join(PROVIDERS)} (default cpu)",
+    )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = one per physical core (default)")
     p.add_argument("--inter-op-threads", type=int, default=1, help="inter-op threads (default 1)")
-    p.add_argument("--graph-optimization", choices=GRAPH_OPT_LEVELS, default="all", help="graph optimisation level (default all)")
+    p.add_argument(
+        "--graph-optimization", choices=GRAPH_OPT_LEVELS, default="all", help="graph optimisation level (default all)"
+    )
     p.add_argument("--warmup", type=int, default=10, help="untimed runs per input shape (default 10)")
     p.add_argument("--iterations", type=int, default=200, help="max timed runs per batch size (default 200)")
     p.add_argument("--time-budget", type=float, default=3.0, help="max timed seconds per batch size (default 3)")
-    p.add_argument("--input-shape", type=_int_list, default=None, help="per-sample input dims, e.g. 3,32,32 (default: from the model)")
-    p.add_argument("--json", default=None, help="also write the full results and the device fingerprint as JSON to this path "
-                   "(python -m toolchain attach RUN FILE logs it into the run)")
-    p.add_argument("--name", default=None, help="device name in the JSON and the MLflow metric names (default: the hostname)")
+    p.add_argument(
+        "--input-shape",
+        type=_int_list,
+        default=None,
+        help="per-sample input dims, e.g. 3,32,32 (default: from the model)",
+    )
+    p.add_argument(
+        "--json",
+        default=None,
+        help="also write the full results and the device fingerprint as JSON to this path "
+        "(python -m toolchain attach RUN FILE logs it into the run)",
+    )
+    p.add_argument(
+        "--name", default=None, help="device name in the JSON and the MLflow metric names (default: the hostname)"
+    )
     p.add_argument("--no-hostname", action="store_true", help="leave the hostname out of the JSON")
-    p.add_argument("--reference", action="append", type=_reference, default=[], metavar="ROLE=PATH",
-                   help="also time the run's teacher or student ONNX file (export/RUN/summary.json, stages.export.paths), "
-                   "so attach can log pe_latency on this device; repeatable")
-    p.add_argument("--compare-budget", type=float, default=60.0, help="seconds for the paired, replicated comparison "
-                   "with the references (bench/compare.py; default 60)")
-    p.add_argument("--mlflow-run-id", default=None, help="log the results into this compress run (parent run id or run "
-                   "name) directly, as attach does; needs mlflow and the tracking server")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --mlflow-run-id (default $MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--reference",
+        action="append",
+        type=_reference,
+        default=[],
+        metavar="ROLE=PATH",
+        help="also time the run's teacher or student ONNX file (export/RUN/summary.json, stages.export.paths), "
+        "so attach can log pe_latency on this device; repeatable",
+    )
+    p.add_argument(
+        "--compare-budget",
+        type=float,
+        default=60.0,
+        help="seconds for the paired, replicated comparison with the references (bench/compare.py; default 60)",
+    )
+    p.add_argument(
+        "--mlflow-run-id",
+        default=None,
+        help="log the results into this compress run (parent run id or run "
+        "name) directly, as attach does; needs mlflow and the tracking server",
+    )
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI for --mlflow-run-id (default $MLFLOW_TRACKING_URI)"
+    )
     return p
 
 
@@ -83,8 +120,12 @@ def _reference(text: str):
 
 
 def _check_counts(args) -> None:
-    for flag, value, low in (("--threads", args.threads, 0), ("--inter-op-threads", args.inter_op_threads, 1),
-                             ("--warmup", args.warmup, 0), ("--iterations", args.iterations, 1)):
+    for flag, value, low in (
+        ("--threads", args.threads, 0),
+        ("--inter-op-threads", args.inter_op_threads, 1),
+        ("--warmup", args.warmup, 0),
+        ("--iterations", args.iterations, 1),
+    ):
         if value < low:
             raise BenchError(f"{flag} must be >= {low}, got {value}")
     for flag, value in (("--time-budget", args.time_budget), ("--compare-budget", args.compare_budget)):
@@ -108,7 +149,9 @@ def _write_json(path: str, results: Dict[str, Any]) -> None:
     try:
         atomic_write_json(path, results)
     except (OSError, OutputError) as exc:  # OutputError's advice is about the pipeline's output_dir
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "its folder cannot be created or written"
+        reason = (
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else "its folder cannot be created or written"
+        )
         raise BenchError(f"--json {path}: cannot write the results ({reason}); pass a writable file path") from None
 
 
@@ -129,13 +172,25 @@ def _bench_references(args) -> Dict[str, Any]:
     rows, and each ratio (reference p50 / model p50) with its 95% interval, per provider."""
     files = {"model": args.model, **{role: path for role, path in args.reference}}
     pairs = [(role, "model") for role, _ in args.reference]
-    base = Settings(intra_op_threads=args.threads, inter_op_threads=args.inter_op_threads,
-                    graph_optimization=args.graph_optimization)
-    out: Dict[str, Any] = {role: {"model": path, "sha256": file_sha256(path), "results": []} for role, path in args.reference}
+    base = Settings(
+        intra_op_threads=args.threads,
+        inter_op_threads=args.inter_op_threads,
+        graph_optimization=args.graph_optimization,
+    )
+    out: Dict[str, Any] = {
+        role: {"model": path, "sha256": file_sha256(path), "results": []} for role, path in args.reference
+    }
     comparisons = {}
     for provider in args.providers:
-        c = compare(files, pairs, args.batch_sizes, replace(base, provider=provider), Plan(budget_s=args.compare_budget),
-                    input_shape=args.input_shape, progress=lambda line: print(f"[compare] {line}", file=sys.stderr))
+        c = compare(
+            files,
+            pairs,
+            args.batch_sizes,
+            replace(base, provider=provider),
+            Plan(budget_s=args.compare_budget),
+            input_shape=args.input_shape,
+            progress=lambda line: print(f"[compare] {line}", file=sys.stderr),
+        )
         comparisons[provider] = c.summary()
         for role in out:
             out[role]["results"] += c.stats(role)
@@ -152,10 +207,21 @@ def _run(args) -> tuple:
         raise BenchError(f"--reference {', '.join(roles)}: give each role once")
     device = fingerprint(args.model, args.name, not args.no_hostname, args.threads, args.inter_op_threads)
     target = _attach_target(args, device)
-    results = {"device": device, **benchmark(  # device first: what a reader of the JSON looks for first
-        args.model, args.batch_sizes, args.providers, args.threads, args.inter_op_threads,
-        args.graph_optimization, args.warmup, args.iterations, args.time_budget, args.input_shape,
-    )}
+    results = {
+        "device": device,
+        **benchmark(  # device first: what a reader of the JSON looks for first
+            args.model,
+            args.batch_sizes,
+            args.providers,
+            args.threads,
+            args.inter_op_threads,
+            args.graph_optimization,
+            args.warmup,
+            args.iterations,
+            args.time_budget,
+            args.input_shape,
+        ),
+    }
     if args.reference:
         results["references"], results["comparisons"] = _bench_references(args)
     if args.json:
@@ -167,8 +233,10 @@ def _print(args, results: Dict[str, Any]) -> None:
     inp = results["input"]
     for provider, c in results.get("comparisons", {}).items():
         for row in c["ratios"]:
-            print(f"{provider} batch {row['batch_size']}: {row['ratio']:.2f}x [{row['low']:.2f}, {row['high']:.2f}] faster "
-                  f"than {row['baseline']} (median, 95% interval over {row['replicates']} fresh-process replicates)")
+            print(
+                f"{provider} batch {row['batch_size']}: {row['ratio']:.2f}x [{row['low']:.2f}, {row['high']:.2f}] faster "
+                f"than {row['baseline']} (median, 95% interval over {row['replicates']} fresh-process replicates)"
+            )
     print(f"{args.model}: input {inp['name']} {_fmt_shape(inp['shape'])} {inp['dtype']}")
     print(format_environment(results))
     print(format_device(results["device"]))
@@ -184,8 +252,11 @@ def _log_to_run(args, target, results: Dict[str, Any]) -> None:
     try:
         print("\n".join(attach_data(*target, results, args.json or args.model)))
     except Exception as exc:  # the store failed after the timing (checked before it): the numbers must not be lost
-        kept = f"; the results are in {args.json}: attach them later with python -m toolchain attach RUN {args.json}" if args.json else \
-            "; rerun with --json FILE to keep the results"
+        kept = (
+            f"; the results are in {args.json}: attach them later with python -m toolchain attach RUN {args.json}"
+            if args.json
+            else "; rerun with --json FILE to keep the results"
+        )
         raise BenchError(f"--mlflow-run-id: logging failed ({first_line(exc, 200)}){kept}") from None
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -40,9 +41,33 @@ from .ort import create_session, environment, latency_stats, make_input, model_i
 Pair = Tuple[str, str]  # (baseline, candidate)
 
 # two-sided 95% Student t quantiles by degrees of freedom (scipy is not on every device)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+_T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    11: 2.201,
+    12: 2.179,
+    13: 2.160,
+    14: 2.145,
+    15: 2.131,
+    16: 2.120,
+    17: 2.110,
+    18: 2.101,
+    19: 2.093,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+    40: 2.021,
+    60: 2.000,
+    120: 1.980,
+}
 
 
 @dataclass(frozen=True)
@@ -86,8 +111,13 @@ class Interval:
         return f"{self.ratio:.2f}x [{self.low:.2f}, {self.high:.2f}]"
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"ratio": self.ratio, "low": self.low, "high": self.high, "replicates": self.replicates,
-                "spread": list(self.spread)}
+        return {
+            "ratio": self.ratio,
+            "low": self.low,
+            "high": self.high,
+            "replicates": self.replicates,
+            "spread": list(self.spread),
+        }
 
 
 def interval(ratios: Sequence[float]) -> Interval:
@@ -144,18 +174,30 @@ class Comparison:
         for bs in self.batch_sizes:
             key = f"{name}@{bs}"
             calls = [t for r in self.replicates for t in r["times"][key]]
-            row = {"provider": self.settings.provider, "batch_size": bs,
-                   "input_shape": self.replicates[0]["shapes"][key], **latency_stats(calls, bs)}
+            row = {
+                "provider": self.settings.provider,
+                "batch_size": bs,
+                "input_shape": self.replicates[0]["shapes"][key],
+                **latency_stats(calls, bs),
+            }
             row["p50_ms"] = float(statistics.median(r["medians_ms"][key] for r in self.replicates))
             rows.append(row)
         return rows
 
     def summary(self) -> Dict[str, Any]:
         """What a stage records: settings, the stopping reason, and each interval."""
-        return {"settings": asdict(self.settings), "plan": asdict(self.plan), "stopped": self.stopped,
-                "replicates": len(self.replicates), "elapsed_s": self.elapsed_s, "environment": self.environment,
-                "ratios": [{"baseline": b, "candidate": c, "batch_size": bs, **iv.as_dict()}
-                           for (b, c, bs), iv in self.intervals().items()]}
+        return {
+            "settings": asdict(self.settings),
+            "plan": asdict(self.plan),
+            "stopped": self.stopped,
+            "replicates": len(self.replicates),
+            "elapsed_s": self.elapsed_s,
+            "environment": self.environment,
+            "ratios": [
+                {"baseline": b, "candidate": c, "batch_size": bs, **iv.as_dict()}
+                for (b, c, bs), iv in self.intervals().items()
+            ],
+        }
 
 
 def p50_smallest(results) -> float:
@@ -185,12 +227,19 @@ def _timed_block(run: Callable[[], Any], s: Settings) -> List[float]:
             return times
 
 
-def run_replicate(files: Dict[str, str], pairs: Sequence[Pair], batch_sizes: Sequence[int], s: Settings,
-                  input_shape: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+def run_replicate(
+    files: Dict[str, str],
+    pairs: Sequence[Pair],
+    batch_sizes: Sequence[int],
+    s: Settings,
+    input_shape: Optional[Sequence[int]] = None,
+) -> Dict[str, Any]:
     """Fresh sessions of every model, then per batch size and comparison: blocks, order flipped
     every block. Models in no pair still get blocks of their own (their stats)."""
-    sessions = {n: create_session(p, s.provider, s.intra_op_threads, s.inter_op_threads, s.graph_optimization)
-                for n, p in files.items()}
+    sessions = {
+        n: create_session(p, s.provider, s.intra_op_threads, s.inter_op_threads, s.graph_optimization)
+        for n, p in files.items()
+    }
     times: Dict[str, List[float]] = {}
     pair_times: Dict[str, Dict[str, List[float]]] = {}
     shapes: Dict[str, List[int]] = {}
@@ -200,7 +249,7 @@ def run_replicate(files: Dict[str, str], pairs: Sequence[Pair], batch_sizes: Seq
             sides = list(dict.fromkeys(pair))
             own = {n: [] for n in sides}
             for block in range(s.blocks):
-                for n in (sides if block % 2 == 0 else sides[::-1]):
+                for n in sides if block % 2 == 0 else sides[::-1]:
                     own[n] += _timed_block(runs[n], s)
             pair_times[_pair_key(pair, bs)] = own
             for n, t in own.items():
@@ -226,38 +275,59 @@ def _replicate_result(pairs, batch_sizes, times, pair_times, shapes) -> Dict[str
         for bs in batch_sizes:
             own = pair_times[_pair_key(pair, bs)]
             ratios[_pair_key(pair, bs)] = float(np.median(own[pair[0]]) / np.median(own[pair[1]]))
-    return {"ratios": ratios, "medians_ms": {k: float(np.median(v)) * 1e3 for k, v in times.items()},
-            "times": times, "shapes": shapes}
+    return {
+        "ratios": ratios,
+        "medians_ms": {k: float(np.median(v)) * 1e3 for k, v in times.items()},
+        "times": times,
+        "shapes": shapes,
+    }
 
 
 # ---------------------------------------------------------------- replicates
 
 
 def _spec(files, pairs, batch_sizes, s: Settings, input_shape) -> Dict[str, Any]:
-    return {"files": {n: str(p) for n, p in files.items()}, "pairs": [list(p) for p in pairs],
-            "batch_sizes": [int(b) for b in batch_sizes], "settings": asdict(s),
-            "input_shape": list(input_shape) if input_shape else None}
+    return {
+        "files": {n: str(p) for n, p in files.items()},
+        "pairs": [list(p) for p in pairs],
+        "batch_sizes": [int(b) for b in batch_sizes],
+        "settings": asdict(s),
+        "input_shape": list(input_shape) if input_shape else None,
+    }
 
 
 def _replicate_in_process(spec: Dict[str, Any]) -> Dict[str, Any]:
-    return run_replicate(spec["files"], [tuple(p) for p in spec["pairs"]], spec["batch_sizes"],
-                         Settings(**spec["settings"]), spec["input_shape"])
+    return run_replicate(
+        spec["files"],
+        [tuple(p) for p in spec["pairs"]],
+        spec["batch_sizes"],
+        Settings(**spec["settings"]),
+        spec["input_shape"],
+    )
 
 
 def _replicate_in_subprocess(spec: Dict[str, Any]) -> Dict[str, Any]:
     """A fresh interpreter: its own allocator state and thread placement, as a second user's would be."""
-    proc = subprocess.run([sys.executable, "-m", "toolchain.bench.compare"], input=json.dumps(spec),
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "toolchain.bench.compare"], input=json.dumps(spec), capture_output=True, text=True
+    )
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise BenchError(f"latency replicate failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
     return json.loads(proc.stdout)
 
 
-def compare(files: Dict[str, Any], pairs: Sequence[Pair], batch_sizes: Sequence[int], settings: Settings = Settings(),
-            plan: Plan = Plan(), decide_at: Optional[float] = None, input_shape: Optional[Sequence[int]] = None,
-            replicate: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
-            progress: Optional[Callable[[str], None]] = None) -> Comparison:
+def compare(
+    files: Dict[str, Any],
+    pairs: Sequence[Pair],
+    batch_sizes: Sequence[int],
+    settings: Settings = Settings(),
+    plan: Plan = Plan(),
+    decide_at: Optional[float] = None,
+    input_shape: Optional[Sequence[int]] = None,
+    replicate: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Comparison:
     """Replicates until every interval is narrower than plan.target_width (converged), or every
     interval is on one side of decide_at (resolved), or the budget or max_replicates ends it.
     `replicate` replaces the timing (tests feed it known ratios)."""
@@ -268,10 +338,14 @@ def compare(files: Dict[str, Any], pairs: Sequence[Pair], batch_sizes: Sequence[
     if replicate is None:
         replicate = _replicate_in_subprocess if plan.isolation == "process" else _replicate_in_process
     spec = _spec(files, pairs, batch_sizes, settings, input_shape)
-    out = Comparison(pairs, [int(b) for b in batch_sizes], settings, plan,
-                     environment=environment(settings.intra_op_threads, settings.inter_op_threads,
-                                             settings.graph_optimization))
-    start = time.perf_counter()
+    out = Comparison(
+        pairs,
+        [int(b) for b in batch_sizes],
+        settings,
+        plan,
+        environment=environment(settings.intra_op_threads, settings.inter_op_threads, settings.graph_optimization),
+    )
+    load_start, start = _load_average(), time.perf_counter()
     while True:
         began = time.perf_counter()
         out.replicates.append(replicate(spec))
@@ -281,7 +355,17 @@ def compare(files: Dict[str, Any], pairs: Sequence[Pair], batch_sizes: Sequence[
             progress(_progress_line(out))
         if out.stopped:
             out.elapsed_s = now - start
+            out.environment["load_average"] = {"start": load_start, "end": _load_average()}
             return out
+
+
+def _load_average() -> Optional[float]:
+    """1-minute load average: above the core count, wall-clock ratios of unequal calls are distorted
+    (the longer call is preempted more often), so the result records it next to the ratios."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return None
 
 
 def _stop_reason(out: Comparison, decide_at: Optional[float], elapsed: float, last: float) -> str:
@@ -302,8 +386,11 @@ def _stop_reason(out: Comparison, decide_at: Optional[float], elapsed: float, la
 
 
 def _progress_line(out: Comparison) -> str:
-    widest = max((iv for iv in out.intervals().values()), key=lambda iv: iv.width, default=None) \
-        if len(out.replicates) > 1 and out.pairs else None
+    widest = (
+        max((iv for iv in out.intervals().values()), key=lambda iv: iv.width, default=None)
+        if len(out.replicates) > 1 and out.pairs
+        else None
+    )
     tail = f", widest {widest.text()}" if widest else ""
     return f"replicate {len(out.replicates)}{tail}{f' -> {out.stopped}' if out.stopped else ''}"
 

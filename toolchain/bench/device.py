@@ -89,8 +89,10 @@ def default_name(hostname: str) -> str:
 
 def check_name(name: str, where: str = "--name") -> str:
     if not NAME_PATTERN.fullmatch(name or ""):
-        raise BenchError(f"{where} {name!r} is not a device name; use 1-64 letters, digits, '-' or '_' "
-                         "(it becomes part of MLflow metric names), e.g. --name pi5")
+        raise BenchError(
+            f"{where} {name!r} is not a device name; use 1-64 letters, digits, '-' or '_' "
+            "(it becomes part of MLflow metric names), e.g. --name pi5"
+        )
     return name
 
 
@@ -102,8 +104,13 @@ def _runtime() -> Dict[str, Any]:
     return {"onnxruntime": ort.__version__, "providers_available": ort.get_available_providers()}
 
 
-def fingerprint(model_path: str | os.PathLike, name: Optional[str] = None, include_hostname: bool = True,
-                intra_op_threads: int = 0, inter_op_threads: int = 1) -> Dict[str, Any]:
+def fingerprint(
+    model_path: str | os.PathLike,
+    name: Optional[str] = None,
+    include_hostname: bool = True,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 1,
+) -> Dict[str, Any]:
     """The `device` section of the bench JSON. `attach` finds the run by the model's sha256 and
     names the metrics after `name` (default: the hostname; "device" when the hostname is left out)."""
     hostname = socket.gethostname()
@@ -123,8 +130,11 @@ def fingerprint(model_path: str | os.PathLike, name: Optional[str] = None, inclu
         "machine": platform.machine(),
         "python": platform.python_version(),
         **_runtime(),
-        "threads": {"intra_op": int(intra_op_threads), "intra_op_effective": int(intra_op_threads) or physical_cores(),
-                    "inter_op": int(inter_op_threads)},
+        "threads": {
+            "intra_op": int(intra_op_threads),
+            "intra_op_effective": int(intra_op_threads) or physical_cores(),
+            "inter_op": int(inter_op_threads),
+        },
         "model_file": Path(model_path).name,
         "model_sha256": file_sha256(model_path),
     }
@@ -134,5 +144,7 @@ def fingerprint(model_path: str | os.PathLike, name: Optional[str] = None, inclu
 def format_device(device: Dict[str, Any]) -> str:
     """One line for the bench's output: what the JSON's device section says."""
     isa = " ".join(k for k, v in device["isa"].items() if v) or "none of avx2/avx512/vnni/amx/dotprod/i8mm"
-    return (f"device {device['name']}: {device['cpu_model']} ({device['logical_cores']} logical / {device['physical_cores']} "
-            f"physical cores), {device['os']} {device['machine']}, int8 ISA: {isa}, model sha256 {device['model_sha256'][:12]}")
+    return (
+        f"device {device['name']}: {device['cpu_model']} ({device['logical_cores']} logical / {device['physical_cores']} "
+        f"physical cores), {device['os']} {device['machine']}, int8 ISA: {isa}, model sha256 {device['model_sha256'][:12]}"
+    )

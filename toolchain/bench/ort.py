@@ -156,8 +156,12 @@ def create_session(
         session = ort.InferenceSession(str(path), sess_options=opts, providers=chain, enable_fallback=0)
     except Exception as exc:  # ORT raises pybind-specific types (InvalidProtobuf, Fail, ...)
         if provider == "cpu":
-            raise BenchError(f"{path}: onnxruntime cannot load this model: {first_line(exc)}; is it an exported ONNX file?") from None
-        raise BenchError(f"{path}: onnxruntime cannot create a {provider} session: {first_line(exc)}; {_GPU_HINT[provider]}") from None
+            raise BenchError(
+                f"{path}: onnxruntime cannot load this model: {first_line(exc)}; is it an exported ONNX file?"
+            ) from None
+        raise BenchError(
+            f"{path}: onnxruntime cannot create a {provider} session: {first_line(exc)}; {_GPU_HINT[provider]}"
+        ) from None
     active = session.get_providers()
     if chain[0] not in active:
         raise BenchError(
@@ -174,7 +178,9 @@ def model_input(session) -> Dict[str, Any]:
     """The model's single input: name, shape (dynamic dims as their name or None), dtype."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
-        raise BenchError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); the benchmark supports single-input image models")
+        raise BenchError(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); the benchmark supports single-input image models"
+        )
     inp = inputs[0]
     if inp.type not in _DTYPES:
         raise BenchError(f"input {inp.name!r} has type {inp.type}, which the benchmark cannot feed")
@@ -186,7 +192,9 @@ def _fmt_shape(shape: Sequence[Any]) -> str:
     return "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def resolve_input_shape(model_shape: Sequence[Any], batch_size: int, sample_shape: Optional[Sequence[int]] = None) -> tuple:
+def resolve_input_shape(
+    model_shape: Sequence[Any], batch_size: int, sample_shape: Optional[Sequence[int]] = None
+) -> tuple:
     """Concrete input shape for one batch size: the model's dims, batch dim = batch_size.
 
     `sample_shape` (per-sample dims, e.g. (3, 32, 32)) fills dynamic dims; it must agree
@@ -202,7 +210,9 @@ def resolve_input_shape(model_shape: Sequence[Any], batch_size: int, sample_shap
         )
     if sample_shape is not None:
         sample_shape = [int(d) for d in sample_shape]
-        fits = len(sample_shape) == len(rest) and all(not isinstance(m, int) or m == u for m, u in zip(rest, sample_shape))
+        fits = len(sample_shape) == len(rest) and all(
+            not isinstance(m, int) or m == u for m, u in zip(rest, sample_shape)
+        )
         if not fits:
             raise BenchError(
                 f"input shape {','.join(map(str, sample_shape))} does not fit the model input {_fmt_shape(model_shape)}; "
@@ -210,7 +220,9 @@ def resolve_input_shape(model_shape: Sequence[Any], batch_size: int, sample_shap
             )
         return (batch_size, *sample_shape)
     if not all(isinstance(d, int) for d in rest):
-        raise BenchError(f"the model input {_fmt_shape(model_shape)} has dynamic dims besides the batch; pass --input-shape C,H,W")
+        raise BenchError(
+            f"the model input {_fmt_shape(model_shape)} has dynamic dims besides the batch; pass --input-shape C,H,W"
+        )
     return (batch_size, *rest)
 
 
@@ -238,7 +250,9 @@ def make_input(shape: Sequence[int], onnx_type: str, seed: int = 0) -> np.ndarra
     dtype = _DTYPES[onnx_type]
     if np.issubdtype(dtype, np.floating):
         # drawn in float32: a float64 draw would take twice the input's memory before the cast
-        draw = np.random.default_rng(seed).standard_normal(shape, dtype=np.float64 if dtype == np.float64 else np.float32)
+        draw = np.random.default_rng(seed).standard_normal(
+            shape, dtype=np.float64 if dtype == np.float64 else np.float32
+        )
         return draw.astype(dtype, copy=False)
     return np.zeros(shape, dtype=dtype)
 
@@ -284,18 +298,24 @@ def latency_stats(times_s: Sequence[float], batch_size: int) -> Dict[str, float]
 # ---------------------------------------------------------------- benchmark
 
 
-def _bench_session(session, inp: Dict[str, Any], provider: str, batch_sizes, input_shape, warmup, iterations, time_budget_s) -> List[dict]:
+def _bench_session(
+    session, inp: Dict[str, Any], provider: str, batch_sizes, input_shape, warmup, iterations, time_budget_s
+) -> List[dict]:
     rows = []
     for bs in batch_sizes:
         shape = resolve_input_shape(inp["shape"], int(bs), input_shape)
         feed = {inp["name"]: make_input(shape, inp["dtype"])}
-        run = lambda: session.run(None, feed)  # noqa: E731
+        run = lambda feed=feed: session.run(None, feed)  # noqa: E731
         try:
             run()  # first call outside timing: a shape the graph rejects fails here, clearly
         except Exception as exc:
-            raise BenchError(f"onnxruntime cannot run the model on input shape {list(shape)}: {first_line(exc)}") from None
+            raise BenchError(
+                f"onnxruntime cannot run the model on input shape {list(shape)}: {first_line(exc)}"
+            ) from None
         times = time_calls(run, warmup, iterations, time_budget_s)
-        rows.append({"provider": provider, "batch_size": int(bs), "input_shape": list(shape), **latency_stats(times, int(bs))})
+        rows.append(
+            {"provider": provider, "batch_size": int(bs), "input_shape": list(shape), **latency_stats(times, int(bs))}
+        )
     return rows
 
 
@@ -330,7 +350,9 @@ def benchmark(
 # ---------------------------------------------------------------- environment
 
 
-def environment(intra_op_threads: int = 0, inter_op_threads: int = 1, graph_optimization: str = "all") -> Dict[str, Any]:
+def environment(
+    intra_op_threads: int = 0, inter_op_threads: int = 1, graph_optimization: str = "all"
+) -> Dict[str, Any]:
     ort = _ort()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
@@ -357,7 +379,9 @@ def result_rows(results: Dict[str, Any] | Iterable[dict]) -> List[dict]:
     return list(results["results"] if isinstance(results, dict) else results)
 
 
-def format_table(results: Dict[str, Any] | Iterable[dict], reference: Dict[str, Any] | Iterable[dict] | None = None) -> str:
+def format_table(
+    results: Dict[str, Any] | Iterable[dict], reference: Dict[str, Any] | Iterable[dict] | None = None
+) -> str:
     """Fixed-width table of the rows; with `reference`, a column ref_p50 / p50 (>1: faster)."""
     rows = result_rows(results)
     ref = {r["batch_size"]: r["p50_ms"] for r in result_rows(reference)} if reference is not None else None

@@ -21,7 +21,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .compare import Settings
 from .ort import _check_model_file, _graph_opt_level, _ort, make_input, model_input, resolve_input_shape
@@ -57,14 +57,22 @@ def _one_replicate(path: Path, batch_size: int, s: Settings, runs: int, work: st
     return {n: (op_of[n], statistics.median(v)) for n, v in per_node.items()}
 
 
-def node_profile(onnx_path, batch_size: int = 1, settings: Settings = Settings(), runs: int = 100,
-                 replicates: int = 3) -> Dict[str, Any]:
+def node_profile(
+    onnx_path, batch_size: int = 1, settings: Optional[Settings] = None, runs: int = 100, replicates: int = 3
+) -> Dict[str, Any]:
+    settings = settings or Settings()
     path = _check_model_file(onnx_path)
     with tempfile.TemporaryDirectory(prefix="toolchain-profile-") as work:
         reps = [_one_replicate(path, batch_size, settings, runs, work) for _ in range(replicates)]
     names = list(dict.fromkeys(n for r in reps for n in r))
-    nodes = [{"name": n, "op_type": next(r[n][0] for r in reps if n in r),
-              "us": statistics.median(r[n][1] for r in reps if n in r)} for n in names]
+    nodes = [
+        {
+            "name": n,
+            "op_type": next(r[n][0] for r in reps if n in r),
+            "us": statistics.median(r[n][1] for r in reps if n in r),
+        }
+        for n in names
+    ]
     nodes.sort(key=lambda row: -row["us"])
     total = sum(row["us"] for row in nodes)
     for row in nodes:
@@ -72,13 +80,22 @@ def node_profile(onnx_path, batch_size: int = 1, settings: Settings = Settings()
     op_types: Dict[str, float] = defaultdict(float)
     for row in nodes:
         op_types[row["op_type"]] += row["us"]
-    return {"nodes": nodes, "op_types": dict(sorted(op_types.items(), key=lambda kv: -kv[1])), "total_us": total,
-            "batch_size": batch_size, "runs": runs, "replicates": replicates, "settings": asdict(settings)}
+    return {
+        "nodes": nodes,
+        "op_types": dict(sorted(op_types.items(), key=lambda kv: -kv[1])),
+        "total_us": total,
+        "batch_size": batch_size,
+        "runs": runs,
+        "replicates": replicates,
+        "settings": asdict(settings),
+    }
 
 
 def format_profile(profile: Dict[str, Any], top: int = 10) -> str:
-    lines = [f"per-node profile, batch {profile['batch_size']}, {profile['replicates']} sessions x {profile['runs']} runs "
-             f"(us, median; profiler overhead included)"]
+    lines = [
+        f"per-node profile, batch {profile['batch_size']}, {profile['replicates']} sessions x {profile['runs']} runs "
+        f"(us, median; profiler overhead included)"
+    ]
     lines += [f"  {op:<24} {us:>10.1f}  {us / profile['total_us']:>6.1%}" for op, us in profile["op_types"].items()]
     lines.append(f"  slowest {min(top, len(profile['nodes']))} nodes:")
     lines += [f"  {n['name'][:40]:<40} {n['op_type']:<16} {n['us']:>9.1f}" for n in profile["nodes"][:top]]

@@ -23,9 +23,11 @@ from .ort import cpu_model, latency_stats, time_calls
 
 def _forward_fn(model: torch.nn.Module, x: torch.Tensor):
     if x.device.type == "cuda":
+
         def run():
             model(x)
             torch.cuda.synchronize(x.device)  # CUDA launches are async: time the work, not the launch
+
         return run
     return lambda: model(x)
 
@@ -53,9 +55,21 @@ def torch_eager_latency(
                 shape = (int(bs), *[int(d) for d in input_shape_chw])
                 x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
                 times = time_calls(_forward_fn(model, x), warmup, iterations, time_budget_s)
-                rows.append({"provider": "torch_eager", "batch_size": int(bs), "input_shape": list(shape), **latency_stats(times, int(bs))})
-        env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-               "cpu_model": cpu_model(), "python": platform.python_version()}
+                rows.append(
+                    {
+                        "provider": "torch_eager",
+                        "batch_size": int(bs),
+                        "input_shape": list(shape),
+                        **latency_stats(times, int(bs)),
+                    }
+                )
+        env = {
+            "torch": torch.__version__,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "cpu_model": cpu_model(),
+            "python": platform.python_version(),
+        }
     finally:
         torch.set_num_threads(old_threads)
         model.train(was_training)

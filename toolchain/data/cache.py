@@ -44,8 +44,17 @@ def cache_key(paths: Sequence[str], frame, fit: str, interpolation: str, mode: s
     for p in paths:
         st = os.stat(p)
         stats.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
-    text = json.dumps({"v": FORMAT_VERSION, "files": stats, "frame": list(frame), "fit": fit,
-                       "interpolation": interpolation, "mode": mode}, sort_keys=True)
+    text = json.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "files": stats,
+            "frame": list(frame),
+            "fit": fit,
+            "interpolation": interpolation,
+            "mode": mode,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -108,9 +117,19 @@ def _decode_chunk(args) -> List[Tuple[Optional[bytes], bool, Optional[str]]]:
     return out
 
 
-def build_cache(paths: Sequence[str], labels: Sequence[int], frame, *, mode: str = "RGB", fit: str = "cover",
-                interpolation: str = "bilinear", cache_dir: Optional[str] = None, skip_bad: bool = False,
-                workers: int = 0, desc: str = "images") -> DiskImages:
+def build_cache(
+    paths: Sequence[str],
+    labels: Sequence[int],
+    frame,
+    *,
+    mode: str = "RGB",
+    fit: str = "cover",
+    interpolation: str = "bilinear",
+    cache_dir: Optional[str] = None,
+    skip_bad: bool = False,
+    workers: int = 0,
+    desc: str = "images",
+) -> DiskImages:
     """Decode `paths` once into a cache file (or reuse it); bad files fail, or are skipped with skip_bad."""
     directory = ensure_dir(Path(cache_dir) if cache_dir else default_cache_dir(), "data.cache_dir")
     key = cache_key(paths, frame, fit, interpolation, mode)
@@ -146,8 +165,14 @@ def _build(paths, labels, frame, mode, fit, interpolation, data_path, skip_bad, 
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_path(data_path))
         out = stack.enter_context(open(tmp, "wb"))
-        bar = stack.enter_context(tqdm(total=len(paths), desc=f"[data] decoding {desc} to {frame[1]}x{frame[0]} (once, cached)",
-                                       unit="img", leave=False))
+        bar = stack.enter_context(
+            tqdm(
+                total=len(paths),
+                desc=f"[data] decoding {desc} to {frame[1]}x{frame[0]} (once, cached)",
+                unit="img",
+                leave=False,
+            )
+        )
         results = map(_decode_chunk, chunks)
         if workers > 1:
             pool = ProcessPoolExecutor(workers)
@@ -159,7 +184,9 @@ def _build(paths, labels, frame, mode, fit, interpolation, data_path, skip_bad, 
             for pixels, small, error in chunk:
                 if error is not None:
                     if not skip_bad:
-                        raise DataError(f"{error}; remove or replace the file, or set data.skip_bad_images: true to skip it")
+                        raise DataError(
+                            f"{error}; remove or replace the file, or set data.skip_bad_images: true to skip it"
+                        )
                     skipped.append(error)
                 else:
                     out.write(pixels)
@@ -169,6 +196,10 @@ def _build(paths, labels, frame, mode, fit, interpolation, data_path, skip_bad, 
             bar.update(len(chunk))
     if not kept:
         raise DataError(f"imagefolder: none of the {len(paths)} {desc} could be read; see data.skip_bad_images")
-    return {"shape": [len(kept), channels, int(frame[0]), int(frame[1])], "kept": kept,
-            "labels": [int(labels[i]) for i in kept],
-            "skipped": skipped, "enlarged": enlarged}
+    return {
+        "shape": [len(kept), channels, int(frame[0]), int(frame[1])],
+        "kept": kept,
+        "labels": [int(labels[i]) for i in kept],
+        "skipped": skipped,
+        "enlarged": enlarged,
+    }

@@ -55,10 +55,22 @@ class RawSplits:
     defaults: PolicyDefaults
     description: str = ""
 
+
 # ---------------------------------------------------------------- Fashion-MNIST (idx)
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 IDX_FILES = {
     "train_x": "train-images-idx3-ubyte",
     "train_y": "train-labels-idx1-ubyte",
@@ -92,7 +104,9 @@ def _find_idx(root: Path, stem: str) -> Optional[Path]:
 
 
 def _fashion_mnist_files(root: Optional[str], download: bool) -> dict:
-    roots = [Path(root)] if root else [Path(FASHION_MNIST_DEBIAN), Path.home() / ".cache" / "toolchain" / "fashion_mnist"]
+    roots = (
+        [Path(root)] if root else [Path(FASHION_MNIST_DEBIAN), Path.home() / ".cache" / "toolchain" / "fashion_mnist"]
+    )
     for r in roots:
         found = {k: _find_idx(r, stem) for k, stem in IDX_FILES.items()}
         if all(found.values()):
@@ -102,7 +116,9 @@ def _fashion_mnist_files(root: Optional[str], download: bool) -> dict:
 
         target = roots[-1]
         for train in (True, False):
-            _download_or_fail(lambda: FashionMNIST(str(target), train=train, download=True), "fashion_mnist")
+            _download_or_fail(
+                lambda train=train: FashionMNIST(str(target), train=train, download=True), "fashion_mnist"
+            )
         return _fashion_mnist_files(str(target), download=False)
     where = " or ".join(str(r) for r in roots)
     raise DataError(
@@ -119,11 +135,16 @@ def fashion_mnist(root: Optional[str] = None, download: bool = False) -> RawSpli
     pad = lambda x: F.pad(torch.from_numpy(x.copy()).unsqueeze(1), (2, 2, 2, 2))  # noqa: E731
     labels = lambda y: torch.from_numpy(y.astype(np.int64))  # noqa: E731
     # Fashion-MNIST's 0.2860/0.3530 recomputed over the zero-padded 32x32 frame.
-    defaults = PolicyDefaults(image_size=(32, 32), mean=(0.2190,) * 3, std=(0.3317,) * 3, native_frame=(32, 32),
-                              image_mode="grey", fit="pad")
-    return RawSplits(ArraySource(pad(arrays["train_x"]), labels(arrays["train_y"])),
-                     ArraySource(pad(arrays["test_x"]), labels(arrays["test_y"])), FASHION_MNIST_CLASSES, defaults,
-                     "28x28 grey zero-padded to 32x32, repeated to 3 channels")
+    defaults = PolicyDefaults(
+        image_size=(32, 32), mean=(0.2190,) * 3, std=(0.3317,) * 3, native_frame=(32, 32), image_mode="grey", fit="pad"
+    )
+    return RawSplits(
+        ArraySource(pad(arrays["train_x"]), labels(arrays["train_y"])),
+        ArraySource(pad(arrays["test_x"]), labels(arrays["test_y"])),
+        FASHION_MNIST_CLASSES,
+        defaults,
+        "28x28 grey zero-padded to 32x32, repeated to 3 channels",
+    )
 
 
 # ---------------------------------------------------------------- CIFAR (python pickles)
@@ -186,29 +207,58 @@ def _cifar(name: str, folder: str, train_files, test_file, meta_file, label_key,
     meta = _load_pickle(directory / meta_file)
     class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
     defaults = PolicyDefaults(image_size=(32, 32), mean=mean, std=std, train_crop="pad", native_frame=(32, 32))
-    return RawSplits(ArraySource(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])),
-                     ArraySource(test_x, test_y), class_names, defaults, "32x32 RGB")
+    return RawSplits(
+        ArraySource(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])),
+        ArraySource(test_x, test_y),
+        class_names,
+        defaults,
+        "32x32 RGB",
+    )
 
 
 @DATASETS.register("cifar10")
 def cifar10(root: Optional[str] = None, download: bool = False) -> RawSplits:
     train = [f"data_batch_{i}" for i in range(1, 6)]
-    return _cifar("cifar10", "cifar-10-batches-py", train, "test_batch", "batches.meta", "labels", "label_names",
-                  root, download, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    return _cifar(
+        "cifar10",
+        "cifar-10-batches-py",
+        train,
+        "test_batch",
+        "batches.meta",
+        "labels",
+        "label_names",
+        root,
+        download,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+    )
 
 
 @DATASETS.register("cifar100")
 def cifar100(root: Optional[str] = None, download: bool = False) -> RawSplits:
-    return _cifar("cifar100", "cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names",
-                  root, download, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    return _cifar(
+        "cifar100",
+        "cifar-100-python",
+        ["train"],
+        "test",
+        "meta",
+        "fine_labels",
+        "fine_label_names",
+        root,
+        download,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+    )
 
 
 def _download_or_fail(fetch, name: str) -> None:
     try:
         fetch()
     except Exception as exc:  # torchvision raises URLError/RuntimeError/OSError variants offline
-        raise DataError(f"{name}: download failed ({type(exc).__name__}: {exc}); this machine may be offline, "
-                        "put the files in data.root instead") from None
+        raise DataError(
+            f"{name}: download failed ({type(exc).__name__}: {exc}); this machine may be offline, "
+            "put the files in data.root instead"
+        ) from None
 
 
 # ---------------------------------------------------------------- image folders
@@ -222,7 +272,9 @@ def imagefolder(root: Optional[str] = None, download: bool = False) -> RawSplits
     """root/train/<class>/<image files> and root/test/<class>/... (root/val is accepted for test).
     Files are listed here; they are decoded later, once, at the recipe's image size (cache.py)."""
     if not root:
-        raise DataError("imagefolder: data.root is required (a folder with train/<class>/ and test/<class>/ subfolders)")
+        raise DataError(
+            "imagefolder: data.root is required (a folder with train/<class>/ and test/<class>/ subfolders)"
+        )
     base = Path(root)
     test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
     if not (base / "train").is_dir() or test_dir is None:
@@ -230,15 +282,25 @@ def imagefolder(root: Optional[str] = None, download: bool = False) -> RawSplits
     classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir() and not _hidden(d))
     _check_class_names(classes, base / "train")
     if not classes:
-        raise DataError(f"imagefolder: no class subfolders in {base / 'train'}; put each class's images in train/<class>/")
+        raise DataError(
+            f"imagefolder: no class subfolders in {base / 'train'}; put each class's images in train/<class>/"
+        )
     unknown = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not _hidden(d) and d.name not in classes)
     if unknown:
-        raise DataError(f"imagefolder: {test_dir.name}/{unknown[0]} is not a class of train/ (classes: {', '.join(classes)}); "
-                        f"add train/{unknown[0]}/ images or remove the folder")
-    defaults = PolicyDefaults(image_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
-                              train_crop="random_resized")
-    return RawSplits(_list_files(base / "train", classes, require_all=True), _list_files(test_dir, classes, require_all=False),
-                     classes, defaults, "RGB photos")
+        raise DataError(
+            f"imagefolder: {test_dir.name}/{unknown[0]} is not a class of train/ (classes: {', '.join(classes)}); "
+            f"add train/{unknown[0]}/ images or remove the folder"
+        )
+    defaults = PolicyDefaults(
+        image_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, train_crop="random_resized"
+    )
+    return RawSplits(
+        _list_files(base / "train", classes, require_all=True),
+        _list_files(test_dir, classes, require_all=False),
+        classes,
+        defaults,
+        "RGB photos",
+    )
 
 
 def _hidden(path: Path) -> bool:
@@ -251,8 +313,10 @@ def _check_class_names(classes: List[str], where: Path) -> None:
     # labels.txt in the package holds one class name per line: a control character would shift every label
     bad = next((c for c in classes if any(ord(ch) < 32 or ord(ch) == 127 for ch in c)), None)
     if bad is not None:
-        raise DataError(f"imagefolder: class folder {bad!r} in {where} has a control character (newline, tab...) in "
-                        "its name; rename the folder (class names become the lines of the package's labels.txt)")
+        raise DataError(
+            f"imagefolder: class folder {bad!r} in {where} has a control character (newline, tab...) in "
+            "its name; rename the folder (class names become the lines of the package's labels.txt)"
+        )
 
 
 def _list_files(directory: Path, classes: List[str], require_all: bool) -> FileSource:
@@ -261,21 +325,33 @@ def _list_files(directory: Path, classes: List[str], require_all: bool) -> FileS
     for label, cls in enumerate(classes):
         found = []
         for p in sorted((directory / cls).iterdir()) if (directory / cls).is_dir() else []:
-            kind = ("hidden entries" if _hidden(p) else "nested folders" if p.is_dir()
-                    else None if p.suffix.lower() in EXTENSIONS and p.is_file() else "files of other types")
+            kind = (
+                "hidden entries"
+                if _hidden(p)
+                else "nested folders"
+                if p.is_dir()
+                else None
+                if p.suffix.lower() in EXTENSIONS and p.is_file()
+                else "files of other types"
+            )
             if kind:
                 ignored[kind] += 1
             else:
                 found.append(str(p))
         if not found and require_all:
-            raise DataError(f"imagefolder: class folder {directory / cls} has no images ({'/'.join(EXTENSIONS)}); "
-                            "add images or remove the folder")
+            raise DataError(
+                f"imagefolder: class folder {directory / cls} has no images ({'/'.join(EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
         paths += found
         labels += [label] * len(found)
     if not paths:
         raise DataError(f"imagefolder: no images ({'/'.join(EXTENSIONS)}) under {directory}")
     if any(ignored.values()):  # skipped, but never silently: a folder of GIFs would otherwise just vanish
         counts = ", ".join(f"{n} {kind}" for kind, n in ignored.items() if n)
-        print(f"[data] {directory}: ignored {counts} in the class folders (images are "
-              f"{'/'.join(EXTENSIONS)}; names starting with '.' are skipped; subfolders are not read)", file=sys.stderr)
+        print(
+            f"[data] {directory}: ignored {counts} in the class folders (images are "
+            f"{'/'.join(EXTENSIONS)}; names starting with '.' are skipped; subfolders are not read)",
+            file=sys.stderr,
+        )
     return FileSource(paths, torch.tensor(labels, dtype=torch.int64))

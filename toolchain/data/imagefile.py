@@ -95,8 +95,9 @@ def frame_array(img) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def load_frame(path, frame: Sequence[int], mode: str = "RGB", fit: str = "cover",
-               interpolation: str = "bilinear") -> Tuple[np.ndarray, bool]:
+def load_frame(
+    path, frame: Sequence[int], mode: str = "RGB", fit: str = "cover", interpolation: str = "bilinear"
+) -> Tuple[np.ndarray, bool]:
     """One file -> (uint8 (C, H, W) frame, whether it had to be enlarged to cover the frame)."""
     img = read_image(path, mode)
     small = img.height < frame[0] or img.width < frame[1]

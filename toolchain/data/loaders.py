@@ -84,8 +84,12 @@ class Batches:
         from torch.utils.data import DistributedSampler
 
         self.sampler = DistributedSampler(
-            range(len(self.labels)), num_replicas=self.num_replicas, rank=self.rank,
-            shuffle=self.shuffle, seed=self.seed, drop_last=False,
+            range(len(self.labels)),
+            num_replicas=self.num_replicas,
+            rank=self.rank,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            drop_last=False,
         )
         self._generator = torch.Generator().manual_seed(self.seed + 7919 * self.rank)
         self._reader = _Reader(self.images, self.labels, self.policy)
@@ -127,8 +131,14 @@ class Batches:
     def _workers(self):
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(
-                self._reader, batch_size=None, sampler=_Jobs(self), num_workers=self.num_workers,
-                persistent_workers=True, pin_memory=self.device.type == "cuda", prefetch_factor=2)
+                self._reader,
+                batch_size=None,
+                sampler=_Jobs(self),
+                num_workers=self.num_workers,
+                persistent_workers=True,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=2,
+            )
         return self._loader
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,8 +198,10 @@ def _check_subsets(cfg, raw) -> None:
     for key, wanted, split in (("subset", cfg.subset, "training"), ("test_subset", cfg.test_subset, "test")):
         available = len((raw.train if split == "training" else raw.test).labels)
         if wanted and wanted > available:  # slicing would quietly use fewer images than asked
-            raise DataError(f"data.{key} is {wanted} but the {cfg.name} {split} split has only {available} images; "
-                            f"set data.{key} to {available} or less, or remove it to use all")
+            raise DataError(
+                f"data.{key} is {wanted} but the {cfg.name} {split} split has only {available} images; "
+                f"set data.{key} to {available} or less, or remove it to use all"
+            )
 
 
 @dataclass
@@ -210,22 +222,42 @@ def _load_split(source: Source, idx: torch.Tensor, policy: Policy, cfg, split: s
     if isinstance(source, ArraySource):
         return _Split(source.images, idx, source.labels[idx], torch.arange(len(idx)))
     assert isinstance(source, FileSource)
-    cache = build_cache([source.paths[i] for i in idx.tolist()], source.labels[idx].tolist(), policy.frame,
-                        mode=policy.image_mode, fit=policy.fit, interpolation=policy.interpolation,
-                        cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad_images, workers=cfg.num_workers,
-                        desc=f"{split} images")
+    cache = build_cache(
+        [source.paths[i] for i in idx.tolist()],
+        source.labels[idx].tolist(),
+        policy.frame,
+        mode=policy.image_mode,
+        fit=policy.fit,
+        interpolation=policy.interpolation,
+        cache_dir=cfg.cache_dir,
+        skip_bad=cfg.skip_bad_images,
+        workers=cfg.num_workers,
+        desc=f"{split} images",
+    )
     stats = {f"{split}_skipped_images": len(cache.skipped), f"{split}_enlarged_images": cache.enlarged}
     if cache.skipped:
-        print(f"[data] skipped {len(cache.skipped)} unreadable {split} image file(s) (data.skip_bad_images), "
-              f"first: {cache.skipped[0]}", file=sys.stderr)
+        print(
+            f"[data] skipped {len(cache.skipped)} unreadable {split} image file(s) (data.skip_bad_images), "
+            f"first: {cache.skipped[0]}",
+            file=sys.stderr,
+        )
     if cache.enlarged:
-        print(f"[data] {cache.enlarged} {split} image(s) smaller than the {policy.frame[1]}x{policy.frame[0]} frame "
-              "were enlarged to it", file=sys.stderr)
+        print(
+            f"[data] {cache.enlarged} {split} image(s) smaller than the {policy.frame[1]}x{policy.frame[0]} frame "
+            "were enlarged to it",
+            file=sys.stderr,
+        )
     return _Split(cache, torch.arange(len(cache)), cache.labels, cache.kept, stats, cache.key)
 
 
-def build_data(cfg, seed: int, device: torch.device = torch.device("cpu"), num_replicas: int = 1, rank: int = 0,
-               weights_preprocessing: Optional[Dict[str, object]] = None) -> DataBundle:
+def build_data(
+    cfg,
+    seed: int,
+    device: Optional[torch.device] = None,
+    num_replicas: int = 1,
+    rank: int = 0,
+    weights_preprocessing: Optional[Dict[str, object]] = None,
+) -> DataBundle:
     """cfg is a recipe DataConfig. Split: seeded val carved from train; test kept for the end.
     weights_preprocessing: the student's pretrained weights' defaults (mean/std, size, crop_pct...)."""
     raw = DATASETS.get(cfg.name)(root=cfg.root, download=cfg.download)
@@ -235,21 +267,42 @@ def build_data(cfg, seed: int, device: torch.device = torch.device("cpu"), num_r
     if cfg.subset:
         order = order[: cfg.subset]
     n_val = max(1, int(round(len(order) * cfg.val_fraction)))
-    test_idx = _seeded_indices(len(raw.test.labels), seed + 1)[: cfg.test_subset] if cfg.test_subset else torch.arange(len(raw.test.labels))
+    test_idx = (
+        _seeded_indices(len(raw.test.labels), seed + 1)[: cfg.test_subset]
+        if cfg.test_subset
+        else torch.arange(len(raw.test.labels))
+    )
     train = _load_split(raw.train, order, policy, cfg, "train")
     test = _load_split(raw.test, test_idx, policy, cfg, "test")
     is_val = train.positions < n_val  # the first n_val of `order` are validation (fewer if bad files were skipped)
     if is_val.all() or not is_val.any():
-        raise DataError(f"data: {len(train.rows)} usable training images cannot be split into train and validation "
-                        f"(val_fraction {cfg.val_fraction}); add images or change data.val_fraction")
+        raise DataError(
+            f"data: {len(train.rows)} usable training images cannot be split into train and validation "
+            f"(val_fraction {cfg.val_fraction}); add images or change data.val_fraction"
+        )
 
     def batches(split: _Split, keep: torch.Tensor, **kw) -> Batches:
-        return Batches(Rows(split.store, split.rows[keep]), split.labels[keep], kw.pop("batch_size", cfg.eval_batch_size),
-                       policy, seed=seed, device=device, **kw)
+        return Batches(
+            Rows(split.store, split.rows[keep]),
+            split.labels[keep],
+            kw.pop("batch_size", cfg.eval_batch_size),
+            policy,
+            seed=seed,
+            device=device or torch.device("cpu"),
+            **kw,
+        )
 
     return DataBundle(
-        train=batches(train, ~is_val, batch_size=cfg.batch_size, shuffle=True, augment=cfg.augment,
-                      num_replicas=num_replicas, rank=rank, num_workers=cfg.num_workers),
+        train=batches(
+            train,
+            ~is_val,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            augment=cfg.augment,
+            num_replicas=num_replicas,
+            rank=rank,
+            num_workers=cfg.num_workers,
+        ),
         val=batches(train, is_val),
         test=batches(test, torch.ones(len(test.rows), dtype=torch.bool)),
         class_names=raw.class_names or [str(i) for i in range(int(raw.train.labels.max()) + 1)],
@@ -264,6 +317,12 @@ def tensor_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, 
     """Batches over an in-memory uint8 (N, C, H, W) tensor at its own size (tests, benchmarks)."""
     size = tuple(images.shape[-2:])
     flat = lambda v: tuple(float(x) for x in torch.as_tensor(v).flatten())  # noqa: E731
-    policy = Policy(size=size, frame=size, resize=size, mean=flat(mean), std=flat(std),
-                    image_mode="grey" if images.shape[1] == 1 else "RGB")
+    policy = Policy(
+        size=size,
+        frame=size,
+        resize=size,
+        mean=flat(mean),
+        std=flat(std),
+        image_mode="grey" if images.shape[1] == 1 else "RGB",
+    )
     return Batches(Rows(images, torch.arange(len(images))), labels, batch_size, policy, **kw)

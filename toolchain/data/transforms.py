@@ -65,7 +65,12 @@ class Policy:
     def apply(self, x: torch.Tensor, params: Dict[str, torch.Tensor]) -> torch.Tensor:
         """uint8 frames + planned parameters -> uint8 (N, C, size)."""
         if "boxes" in params:
-            x = torch.stack([_resized_crop(img, box, self.size, self.interpolation) for img, box in zip(x, params["boxes"].tolist())])
+            x = torch.stack(
+                [
+                    _resized_crop(img, box, self.size, self.interpolation)
+                    for img, box in zip(x, params["boxes"].tolist())
+                ]
+            )
         elif "offsets" in params:
             x = self._pad_crop(self._to_size(x), params["offsets"].tolist())
         else:
@@ -114,14 +119,24 @@ class Policy:
     def contract(self) -> Dict[str, object]:
         """What a device must do to an image file (imagefile.model_input reads exactly this)."""
         return {
-            "image_mode": self.image_mode, "frame": list(self.frame), "fit": self.fit, "resize": list(self.resize),
-            "crop": list(self.size), "interpolation": self.interpolation, "pixel_scale": 255.0,
-            "mean": list(self.mean), "std": list(self.std), "layout": "NCHW", "channel_order": "RGB",
+            "image_mode": self.image_mode,
+            "frame": list(self.frame),
+            "fit": self.fit,
+            "resize": list(self.resize),
+            "crop": list(self.size),
+            "interpolation": self.interpolation,
+            "pixel_scale": 255.0,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "layout": "NCHW",
+            "channel_order": "RGB",
         }
 
     def describe(self) -> str:
         h, w = self.size
-        steps = [f"{'grey' if self.image_mode == 'grey' else 'RGB'} {self.fit}-fitted to a {self.frame[1]}x{self.frame[0]} frame"]
+        steps = [
+            f"{'grey' if self.image_mode == 'grey' else 'RGB'} {self.fit}-fitted to a {self.frame[1]}x{self.frame[0]} frame"
+        ]
         if self.resize != self.frame:
             steps.append(f"resized to {self.resize[1]}x{self.resize[0]} ({self.interpolation})")
         if self.resize != self.size:
@@ -137,8 +152,11 @@ def _resize(x: torch.Tensor, size: Size, interpolation: str) -> torch.Tensor:
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2.functional import resize
 
-    mode = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
-            "bicubic": InterpolationMode.BICUBIC}[interpolation]
+    mode = {
+        "nearest": InterpolationMode.NEAREST,
+        "bilinear": InterpolationMode.BILINEAR,
+        "bicubic": InterpolationMode.BICUBIC,
+    }[interpolation]
     return resize(x, list(size), interpolation=mode, antialias=interpolation != "nearest")
 
 
@@ -184,6 +202,17 @@ def make_policy(cfg, defaults: PolicyDefaults, overrides: Optional[Dict[str, obj
     crop_pct = float(pick("crop_pct"))
     resize = (int(math.floor(size[0] / crop_pct + 1e-6)), int(math.floor(size[1] / crop_pct + 1e-6)))
     frame = defaults.native_frame or resize
-    return Policy(size=size, frame=frame, resize=resize, mean=tuple(pick("mean")), std=tuple(pick("std")),
-                  interpolation=pick("interpolation"), train_crop=pick("train_crop"), scale=tuple(cfg.crop_scale),
-                  ratio=tuple(cfg.crop_ratio), hflip=cfg.hflip, image_mode=defaults.image_mode, fit=defaults.fit)
+    return Policy(
+        size=size,
+        frame=frame,
+        resize=resize,
+        mean=tuple(pick("mean")),
+        std=tuple(pick("std")),
+        interpolation=pick("interpolation"),
+        train_crop=pick("train_crop"),
+        scale=tuple(cfg.crop_scale),
+        ratio=tuple(cfg.crop_ratio),
+        hflip=cfg.hflip,
+        image_mode=defaults.image_mode,
+        fit=defaults.fit,
+    )

@@ -19,7 +19,9 @@ class RunContext:
     data_key: str
     tracker: Any
     parent: Any  # the parent MLflow run's handle
-    run_dir: Path  # where publish steps write this run's files: a staging folder swapped in for export/<run>/ at the end
+    run_dir: (
+        Path  # where publish steps write this run's files: a staging folder swapped in for export/<run>/ at the end
+    )
     cache_dir: Path  # export/.cache/: content-keyed stage folders
     summary: Summary
     force: bool = False
@@ -46,5 +48,9 @@ class RunContext:
         from .. import __version__
         from ..recipe import recipe_hash
 
-        return {"run_name": self.recipe.name, "recipe_hash": recipe_hash(self.recipe),
-                "toolchain_version": __version__, "mlflow": self.summary.data.get("mlflow")}
+        return {
+            "run_name": self.recipe.name,
+            "recipe_hash": recipe_hash(self.recipe),
+            "toolchain_version": __version__,
+            "mlflow": self.summary.data.get("mlflow"),
+        }

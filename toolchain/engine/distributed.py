@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable
 
-from ..train import ddp as dist
 from ..tracking import NullStageRun
+from ..train import ddp as dist
 from .artifacts import StageResult
 from .stage import Job, Stage, StageOutput
 

@@ -41,8 +41,12 @@ def previous_shipment(run_dir: Path) -> Dict[str, Any]:
         before = {}
     shipped = before.get("shipped") or {}
     if before.get("status") == "FINISHED":
-        shipped = {"by": "run", "parent_run_id": (before.get("mlflow") or {}).get("parent_run_id"),
-                   "recipe_hash": before.get("recipe_hash"), "files": before.get("files", {})}
+        shipped = {
+            "by": "run",
+            "parent_run_id": (before.get("mlflow") or {}).get("parent_run_id"),
+            "recipe_hash": before.get("recipe_hash"),
+            "files": before.get("files", {}),
+        }
     return shipped if shipped.get("by") == "run" else {}
 
 
@@ -56,8 +60,10 @@ def commit(staging: Path, run_dir: Path) -> None:
     except OSError as exc:
         if old.exists() and not run_dir.exists():
             os.replace(old, run_dir)  # put the previous files back: nothing half published
-        raise OutputError(f"cannot publish {run_dir}: {exc.strerror or exc}; the previous files are kept; free disk "
-                          "space or point output_dir at a writable disk") from None
+        raise OutputError(
+            f"cannot publish {run_dir}: {exc.strerror or exc}; the previous files are kept; free disk "
+            "space or point output_dir at a writable disk"
+        ) from None
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -68,4 +74,4 @@ def discard(staging: Path) -> None:
 def moved_paths(files: Dict[str, str], staging: Path, run_dir: Path) -> Dict[str, str]:
     """Paths recorded under staging/ as they are after the swap, under run_dir/."""
     prefix = str(staging)
-    return {k: str(run_dir) + v[len(prefix):] if v.startswith(prefix) else v for k, v in files.items()}
+    return {k: str(run_dir) + v[len(prefix) :] if v.startswith(prefix) else v for k, v in files.items()}

@@ -24,11 +24,11 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..train import ddp as dist
 from ..errors import RecipeError, ToolchainError
 from ..fsutil import atomic_write_json, atomic_write_text, ensure_dir, file_lock, remove_stale_temp_files
 from ..recipe import Recipe, recipe_hash, stable_hash, to_yaml
 from ..tracking import NullStageRun, flatten
+from ..train import ddp as dist
 from . import distributed as stage_dist
 from . import publish
 from .artifacts import StageResult, damaged_files
@@ -51,7 +51,9 @@ def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
     recomputed: stages already recomputed under force by earlier calls (see RunContext.recomputed).
     """
     if recipe.matrix is not None:
-        raise RecipeError(f"recipe {recipe.name!r} has a matrix section (a sweep of variants); run it with `python -m toolchain sweep RECIPE`")
+        raise RecipeError(
+            f"recipe {recipe.name!r} has a matrix section (a sweep of variants); run it with `python -m toolchain sweep RECIPE`"
+        )
     if os.environ.get("RANK", "0") == "0":  # before the process group exists: torchrun's env says who leads
         remove_stale_temp_files(recipe.output_dir)
     with dist.session(recipe.device), open_run(recipe, force, recomputed) as run:  # torchrun: process group
@@ -73,8 +75,16 @@ def sections_of(recipe: Recipe, stage: Stage, checked: Tuple[str, ...] = ()) -> 
 
 def stage_key(stage: Stage, cfg: SimpleNamespace, input_keys: Dict[str, str], data_key: Optional[str]) -> str:
     sections = {n: (_keyed(s) if s is not None else None) for n, s in vars(cfg).items()}
-    return stable_hash({"stage": stage.name, "sections": sections, "files": stage.fingerprint(cfg),
-                        "inputs": input_keys, "data": data_key, "version": __version__})
+    return stable_hash(
+        {
+            "stage": stage.name,
+            "sections": sections,
+            "files": stage.fingerprint(cfg),
+            "inputs": input_keys,
+            "data": data_key,
+            "version": __version__,
+        }
+    )
 
 
 def _keyed(section) -> Dict[str, Any]:
@@ -90,8 +100,15 @@ def _keyed(section) -> Dict[str, Any]:
 def dataset_digest(recipe: Recipe, data, **extra) -> str:
     """Which data a run sees: the data section, the seed that splits it, the image files
     (their cache keys: paths, sizes, mtimes) and the resolved preprocessing."""
-    return stable_hash({"data": recipe.data.model_dump(mode="json"), "seed": recipe.seed, "files": data.fingerprint,
-                        "preprocess": data.contract(), **extra})
+    return stable_hash(
+        {
+            "data": recipe.data.model_dump(mode="json"),
+            "seed": recipe.seed,
+            "files": data.fingerprint,
+            "preprocess": data.contract(),
+            **extra,
+        }
+    )
 
 
 def pretrained_preprocessing(recipe: Recipe):
@@ -118,9 +135,22 @@ def data_key(recipe: Recipe, data) -> str:
 
 def run_stage(run: RunContext, stage: Stage) -> StageOutput:
     cfg = sections_of(run.recipe, stage)
-    inputs = {role: run.outputs[name] for role, name in stage.inputs(cfg, run.model_stages(), list(run.outputs)).items()}
-    key = stage_key(stage, cfg, {role: out.key for role, out in inputs.items()}, run.data_key if stage.uses_data else None)
-    job = Job(stage.name, cfg, inputs, run.data, run.device, run.recipe.seed, run.cache_dir / f"{stage.name}-{key}", NullStageRun())
+    inputs = {
+        role: run.outputs[name] for role, name in stage.inputs(cfg, run.model_stages(), list(run.outputs)).items()
+    }
+    key = stage_key(
+        stage, cfg, {role: out.key for role, out in inputs.items()}, run.data_key if stage.uses_data else None
+    )
+    job = Job(
+        stage.name,
+        cfg,
+        inputs,
+        run.data,
+        run.device,
+        run.recipe.seed,
+        run.cache_dir / f"{stage.name}-{key}",
+        NullStageRun(),
+    )
     output = stage_dist.follow_stage(stage, job, key) if not dist.is_main() else _lead(run, stage, job, key)
     run.outputs[stage.name] = output
     return output
@@ -133,8 +163,10 @@ def _lead(run: RunContext, stage: Stage, job: Job, key: str) -> StageOutput:
     done = job.stage_dir / "result.json"
     # two processes asking for the same stage output (a sweep, a double-started job) take turns:
     # the second waits, then finds result.json and reuses it instead of racing
-    with run.tracker.stage(stage.name, stage.params(job.cfg), {"toolchain.stage_key": key}) as child, \
-            file_lock(run.cache_dir / f".{stage.name}-{key}.lock"):
+    with (
+        run.tracker.stage(stage.name, stage.params(job.cfg), {"toolchain.stage_key": key}) as child,
+        file_lock(run.cache_dir / f".{stage.name}-{key}.lock"),
+    ):
         job.run = child
         reusable = None if force else _verified_result(stage.name, job.stage_dir)
         cached = stage_dist.lead_stage(reusable is not None, job.stage_dir, stage.followers)
@@ -154,7 +186,9 @@ def _lead(run: RunContext, stage: Stage, job: Job, key: str) -> StageOutput:
     run.summary.add_stage(output)
     stage_dist.publish_stage(job.stage_dir, result, stage.followers)
     if dist.is_distributed() and stage.followers == "load" and not cached:
-        output.model = stage.restore(job, result)  # continue from the checkpoint like the others: same modules everywhere
+        output.model = stage.restore(
+            job, result
+        )  # continue from the checkpoint like the others: same modules everywhere
     return output
 
 
@@ -171,8 +205,10 @@ def _verified_result(name: str, stage_dir: Path) -> Optional[StageResult]:
         return None
     damaged = damaged_files(stage_dir, result)
     if damaged:
-        tqdm.write(f"[{name}] warning: cache entry {stage_dir} has missing or altered files ({', '.join(damaged)}); "
-                   "recomputing the stage")
+        tqdm.write(
+            f"[{name}] warning: cache entry {stage_dir} has missing or altered files ({', '.join(damaged)}); "
+            "recomputing the stage"
+        )
         return None
     return result
 
@@ -200,16 +236,26 @@ def finish(run: RunContext) -> None:
     final = run.final_model()
     headline = {f"final.{k}": v for k, v in final.metrics.items() if isinstance(v, (int, float))} if final else {}
     # the same under the plain names the MLflow runs table shows as columns across runs
-    headline.update({k: headline[f"final.{k}"] for k in ("test_accuracy", "vs_teacher.pe_params", "vs_student.pe_params")
-                     if f"final.{k}" in headline})
+    headline.update(
+        {
+            k: headline[f"final.{k}"]
+            for k in ("test_accuracy", "vs_teacher.pe_params", "vs_student.pe_params")
+            if f"final.{k}" in headline
+        }
+    )
     for name, output in run.outputs.items():
         headline.update(STAGES.get(name).headline(output))
     run.parent.log_metrics(headline)
     _register_model(run)
     run.summary.data["final_stage"] = final.name if final else None
     # the table names the files where they will be once the run is published, not in the staging folder
-    shown = Summary(run.summary.path, {**run.summary.data, "files": publish.moved_paths(
-        run.summary.data.get("files", {}), run.run_dir, run.publish_dir)})
+    shown = Summary(
+        run.summary.path,
+        {
+            **run.summary.data,
+            "files": publish.moved_paths(run.summary.data.get("files", {}), run.run_dir, run.publish_dir),
+        },
+    )
     text = final_table(shown)
     run.summary.data["final_table"] = text
     run.summary.write()
@@ -222,8 +268,10 @@ def _register_model(run: RunContext) -> None:
     if not name:
         return
     if not model_uri:
-        tqdm.write(f"[mlflow] tracking.register_model {name}: nothing registered, this recipe ships no ONNX model "
-                   "(add an export section)")
+        tqdm.write(
+            f"[mlflow] tracking.register_model {name}: nothing registered, this recipe ships no ONNX model "
+            "(add an export section)"
+        )
         return
     card_path = run.summary.data.get("files", {}).get("model_card.json")  # still in the staging folder here
     card = json.loads(Path(card_path).read_text()) if card_path else None
@@ -242,8 +290,11 @@ def recipe_tags(recipe: Recipe) -> Dict[str, Any]:
         "prune.method": recipe.prune.method if recipe.prune else "none",
         "prune.sparsity": (recipe.prune.sparsity if recipe.prune.budget is None else "budget") if recipe.prune else 0.0,
         # the budget chooses the sparsity in the prune stage (its metric prune.budget.sparsity)
-        **({"prune.budget": f"{recipe.prune.budget.kind}={recipe.prune.budget.target:g}"}
-           if recipe.prune and recipe.prune.budget else {}),
+        **(
+            {"prune.budget": f"{recipe.prune.budget.kind}={recipe.prune.budget.target:g}"}
+            if recipe.prune and recipe.prune.budget
+            else {}
+        ),
     }
 
 
@@ -287,24 +338,55 @@ def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
     # under torchrun a user error on any rank (tracking unreachable on rank 0...) stops every rank
     tracker = dist.agree(lambda: make_tracker(recipe.tracking, dist.is_main()))
     device = dist.agree(lambda: resolve_device(recipe.device))
-    data = dist.agree(lambda: build_data(recipe.data, recipe.seed, device, dist.world_size(), dist.rank(),
-                                         weights_preprocessing=pretrained_preprocessing(recipe)))
+    data = dist.agree(
+        lambda: build_data(
+            recipe.data,
+            recipe.seed,
+            device,
+            dist.world_size(),
+            dist.rank(),
+            weights_preprocessing=pretrained_preprocessing(recipe),
+        )
+    )
     stale = tracker.mark_stale_runs(recipe.name) if hasattr(tracker, "mark_stale_runs") else []
     scale = dist.describe(recipe.data.batch_size)  # world size, backend, effective batch
     tags = {**recipe_tags(recipe), **{f"toolchain.{k}": v for k, v in scale.items()}}
     if stale:
         tags["toolchain.resumed_after"] = ",".join(stale)
-    summary = Summary(run_dir / "summary.json", {"run_name": recipe.name, "recipe_hash": recipe_hash(recipe),
-                                                  "toolchain_version": __version__, "status": "RUNNING",
-                                                  "distributed": scale, "shipped": _kept(previous, "RUNNING")},
-                      owner=dist.is_main())
+    summary = Summary(
+        run_dir / "summary.json",
+        {
+            "run_name": recipe.name,
+            "recipe_hash": recipe_hash(recipe),
+            "toolchain_version": __version__,
+            "status": "RUNNING",
+            "distributed": scale,
+            "shipped": _kept(previous, "RUNNING"),
+        },
+        owner=dist.is_main(),
+    )
     # what is logged and written must not carry the tracking password; the real URI connected above
-    shown = recipe.model_copy(update={"tracking": recipe.tracking.model_copy(update={"uri": mask_uri(recipe.tracking.uri)})})
+    shown = recipe.model_copy(
+        update={"tracking": recipe.tracking.model_copy(update={"uri": mask_uri(recipe.tracking.uri)})}
+    )
     staging = publish.staging_dir(run_dir) if dist.is_main() else run_dir  # only rank 0 publishes
     try:
         with tracker.run(recipe.name, flatten(shown.model_dump(mode="json")), tags) as parent:
-            yield from _parent_run(recipe, data, tracker, parent, summary, shown, device, run_dir, staging, cache_dir,
-                                   previous, force, recomputed)
+            yield from _parent_run(
+                recipe,
+                data,
+                tracker,
+                parent,
+                summary,
+                shown,
+                device,
+                run_dir,
+                staging,
+                cache_dir,
+                previous,
+                force,
+                recomputed,
+            )
     finally:
         if staging != run_dir:
             publish.discard(staging)  # a failed run's half-published files; gone already after a commit
@@ -313,28 +395,50 @@ def open_run(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
 def _kept(previous: Dict[str, Any], status: str) -> Dict[str, Any]:
     """summary.json's `shipped` while the run is not published: export/<run>/ holds the previous files."""
     if previous:
-        return {**previous, "note": f"this run is {status}: export/<run>/ holds the files of the previous successful "
-                f"run (parent run {previous.get('parent_run_id')}), unchanged"}
+        return {
+            **previous,
+            "note": f"this run is {status}: export/<run>/ holds the files of the previous successful "
+            f"run (parent run {previous.get('parent_run_id')}), unchanged",
+        }
     return {"by": None, "files": {}, "note": f"this run is {status}: nothing published in export/<run>/"}
 
 
-def _parent_run(recipe, data, tracker, parent, summary, shown, device, run_dir, staging, cache_dir, previous, force,
-                recomputed):
+def _parent_run(
+    recipe, data, tracker, parent, summary, shown, device, run_dir, staging, cache_dir, previous, force, recomputed
+):
     """The body of open_run inside the parent MLflow run: the stages publish into `staging`, which
     replaces run_dir only if the run finishes (engine/publish.py)."""
     if dist.is_main():
         atomic_write_text(staging / "recipe.yaml", to_yaml(shown))
         parent.log_artifact(staging / "recipe.yaml")
         # the UI's Dataset column: which data (digest of the data section and seed) and how it was split
-        parent.log_dataset(recipe.data.name, dataset_digest(recipe, data),
-                           recipe.data.root or f"{recipe.data.name} (default location)",
-                           {split: len(getattr(data, split).labels) for split in ("train", "val", "test")})
+        parent.log_dataset(
+            recipe.data.name,
+            dataset_digest(recipe, data),
+            recipe.data.root or f"{recipe.data.name} (default location)",
+            {split: len(getattr(data, split).labels) for split in ("train", "val", "test")},
+        )
         parent.log_metrics({f"data.{k}": v for k, v in data.stats.items()})  # skipped / enlarged image files
-    summary.data["mlflow"] = {"tracking_uri": tracker.display_uri, "experiment_id": tracker.experiment_id,
-                              "parent_run_id": tracker.parent_run_id}
+    summary.data["mlflow"] = {
+        "tracking_uri": tracker.display_uri,
+        "experiment_id": tracker.experiment_id,
+        "parent_run_id": tracker.parent_run_id,
+    }
     summary.write()  # status RUNNING from the start: a crash before the first stage still leaves a trace
-    run = RunContext(recipe, device, data, data_key(recipe, data), tracker, parent, staging, cache_dir, summary,
-                     force=force, recomputed=set() if recomputed is None else recomputed, final_dir=run_dir)
+    run = RunContext(
+        recipe,
+        device,
+        data,
+        data_key(recipe, data),
+        tracker,
+        parent,
+        staging,
+        cache_dir,
+        summary,
+        force=force,
+        recomputed=set() if recomputed is None else recomputed,
+        final_dir=run_dir,
+    )
     try:
         yield run
     except BaseException as exc:
@@ -351,9 +455,13 @@ def _parent_run(recipe, data, tracker, parent, summary, shown, device, run_dir, 
 def _commit(summary: Summary, tracker, staging: Path, run_dir: Path) -> None:
     """The summary goes in with the files it describes, then the folder is swapped in whole."""
     summary.data["files"] = publish.moved_paths(summary.data.get("files", {}), staging, run_dir)
-    summary.data["shipped"] = {"by": "run", "parent_run_id": tracker.parent_run_id,
-                               "recipe_hash": summary.data.get("recipe_hash"), "files": summary.data["files"],
-                               "note": "this run's files"}
+    summary.data["shipped"] = {
+        "by": "run",
+        "parent_run_id": tracker.parent_run_id,
+        "recipe_hash": summary.data.get("recipe_hash"),
+        "files": summary.data["files"],
+        "note": "this run's files",
+    }
     summary.data["status"] = "FINISHED"
     summary.path = staging / "summary.json"
     summary.write()

@@ -121,4 +121,3 @@ def register_stage(cls):
         raise ValueError(f"stage {cls.name}: followers={cls.followers!r}; expected one of {FOLLOWER_ROLES}")
     STAGES.register(cls.name)(cls())
     return cls
-

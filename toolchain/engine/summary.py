@@ -27,8 +27,14 @@ class Summary:
         """output: an engine StageOutput."""
         paths = {name: str(output.path(_main_file(a))) for name, a in output.result.artifacts.items()}
         self.data.setdefault("stages", {})[output.name] = {
-            "metrics": output.metrics, "history": output.result.history, "info": output.result.info,
-            "paths": paths, "key": output.key, "cached": output.cached, "mlflow_run_id": output.run_id}
+            "metrics": output.metrics,
+            "history": output.result.history,
+            "info": output.result.info,
+            "paths": paths,
+            "key": output.key,
+            "cached": output.cached,
+            "mlflow_run_id": output.run_id,
+        }
         self.write()
 
     def add_files(self, files: Dict[str, Path]) -> None:
@@ -64,8 +70,10 @@ def model_rows(stages: Dict[str, Dict[str, Any]]) -> List[str]:
             continue
         m = stages[stage]["metrics"]
         pe = m.get("vs_teacher.pe_params")
-        lines.append(f"{label:<13} {m['val_accuracy']:>7.4f} {m['test_accuracy']:>8.4f} {si(m['params']):>8} "
-                     f"{si(m['nonzero_params']):>8} {si(m['macs']):>8} {'-' if pe is None else f'{pe:.3f}':>21}")
+        lines.append(
+            f"{label:<13} {m['val_accuracy']:>7.4f} {m['test_accuracy']:>8.4f} {si(m['params']):>8} "
+            f"{si(m['nonzero_params']):>8} {si(m['macs']):>8} {'-' if pe is None else f'{pe:.3f}':>21}"
+        )
     return lines
 
 
@@ -74,11 +82,16 @@ def _int8_line(quantize: Dict[str, Any]) -> str:
     if not m.get("int8.shipped"):
         return f"INT8: not shipped, the float model ships ({info['reason']})"
     batches = sorted(int(k.split("bs")[1]) for k in m if k.startswith("int8.speedup.bs") and "_" not in k)
-    speedups = " / ".join(f"{m[f'int8.speedup.bs{b}']:.2f}x [{m[f'int8.speedup.bs{b}_lo']:.2f}, "
-                          f"{m[f'int8.speedup.bs{b}_hi']:.2f}] at batch {b}" for b in batches)
-    return (f"INT8: {info['chosen']}, test acc {m['int8.test_accuracy']:.4f}, val acc {m['int8.val_accuracy']:.4f} "
-            f"(float {m['float_val_accuracy']:.4f}), {speedups} faster than float (median, 95% interval over "
-            f"fresh-process replicates)")
+    speedups = " / ".join(
+        f"{m[f'int8.speedup.bs{b}']:.2f}x [{m[f'int8.speedup.bs{b}_lo']:.2f}, "
+        f"{m[f'int8.speedup.bs{b}_hi']:.2f}] at batch {b}"
+        for b in batches
+    )
+    return (
+        f"INT8: {info['chosen']}, test acc {m['int8.test_accuracy']:.4f}, val acc {m['int8.val_accuracy']:.4f} "
+        f"(float {m['float_val_accuracy']:.4f}), {speedups} faster than float (median, 95% interval over "
+        f"fresh-process replicates)"
+    )
 
 
 def final_table(summary: Summary) -> str:
@@ -89,8 +102,10 @@ def final_table(summary: Summary) -> str:
         lines.append(stages["prune"]["info"]["budget_line"])
     if "export" in stages:
         m = stages["export"]["metrics"]
-        lines.append(f"ONNX: test acc {m['onnx_test_accuracy']:.4f} (PyTorch {m['torch_test_accuracy']:.4f}), "
-                     f"parity max|diff| {m['parity_max_abs_diff']:.2e}, top-1 agreement {m['parity_top1_agreement']:.3f}")
+        lines.append(
+            f"ONNX: test acc {m['onnx_test_accuracy']:.4f} (PyTorch {m['torch_test_accuracy']:.4f}), "
+            f"parity max|diff| {m['parity_max_abs_diff']:.2e}, top-1 agreement {m['parity_top1_agreement']:.3f}"
+        )
     if "quantize" in stages:
         lines.append(_int8_line(stages["quantize"]))
     if "bench" in stages:
@@ -101,10 +116,14 @@ def final_table(summary: Summary) -> str:
     if "model_int8.onnx" in files:
         lines.append(f"INT8 model:   {files['model_int8.onnx']}")
     if "package" in files:
-        lines.append(f"Device pkg:   {files['package']}  (checked: ORT format, golden outputs, infer.py; see its README.md)")
+        lines.append(
+            f"Device pkg:   {files['package']}  (checked: ORT format, golden outputs, infer.py; see its README.md)"
+        )
     mlflow_info = data.get("mlflow", {})
     if mlflow_info.get("tracking_uri"):
-        lines.append(f"MLflow:       {mlflow_info['tracking_uri']}  parent run {mlflow_info['parent_run_id']}  "
-                     f"(browse: mlflow ui --backend-store-uri {mlflow_info['tracking_uri']}, then open "
-                     f"{runs_link(mlflow_info['experiment_id'])})")
+        lines.append(
+            f"MLflow:       {mlflow_info['tracking_uri']}  parent run {mlflow_info['parent_run_id']}  "
+            f"(browse: mlflow ui --backend-store-uri {mlflow_info['tracking_uri']}, then open "
+            f"{runs_link(mlflow_info['experiment_id'])})"
+        )
     return "\n".join(lines)

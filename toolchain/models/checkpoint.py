@@ -66,8 +66,10 @@ def load_safetensors(path: Path) -> Dict[str, Any]:
     try:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001  (SafetensorError, OSError, and the bindings' own errors)
-        raise CheckpointError(f"{path}: not a readable .safetensors file, corrupt or truncated ({first_line(exc)}); "
-                              "re-create it (or copy it again if the transfer was cut)") from None
+        raise CheckpointError(
+            f"{path}: not a readable .safetensors file, corrupt or truncated ({first_line(exc)}); "
+            "re-create it (or copy it again if the transfer was cut)"
+        ) from None
 
 
 # where common training frameworks keep the weights in a checkpoint: ours and timm's train.py ("model",
@@ -96,8 +98,13 @@ def without_wrapper_prefix(model: nn.Module, state: Dict[str, torch.Tensor]) -> 
     return state
 
 
-def load_weights(model: nn.Module, path: str | Path, arch: str = "model", resize: bool = False,
-                 example_input: Optional[torch.Tensor] = None) -> nn.Module:
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    arch: str = "model",
+    resize: bool = False,
+    example_input: Optional[torch.Tensor] = None,
+) -> nn.Module:
     """Load a checkpoint into `model`.
 
     resize=True is for the toolchain's own checkpoints of pruned models: layers take the stored
@@ -132,25 +139,35 @@ def _check_shapes(model: nn.Module, state: Dict[str, torch.Tensor], path, arch: 
     expected = model.state_dict()
     if set(expected) != set(state):
         return  # other layer names: another architecture, reported by the strict load below
-    wrong = [f"{k} {tuple(v.shape)} in the file vs {tuple(expected[k].shape)} in the model"
-             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} in the file vs {tuple(expected[k].shape)} in the model"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if wrong:
         raise CheckpointError(
             f"{path}: {len(wrong)} tensor(s) do not fit {arch!r} as this recipe builds it ({'; '.join(wrong[:3])}"
             f"{'; ...' if len(wrong) > 3 else ''}); pass a state_dict trained for this architecture and dataset "
-            "(same number of classes and input channels)")
+            "(same number of classes and input channels)"
+        )
 
 
-def resize_to_state_dict(model: nn.Module, state: Dict[str, torch.Tensor],
-                         example_input: Optional[torch.Tensor] = None, where: str = "checkpoint") -> None:
+def resize_to_state_dict(
+    model: nn.Module,
+    state: Dict[str, torch.Tensor],
+    example_input: Optional[torch.Tensor] = None,
+    where: str = "checkpoint",
+) -> None:
     """Give every parameter/buffer of `model` the shape it has in `state`, then fix the layer
     attributes forward() reads. Works for any layer type, since modules are kept, not replaced."""
     changed = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        resized = [_reshape_tensor(module, key, state[prefix + key])
-                   for key, tensor in [*module._parameters.items(), *module._buffers.items()]
-                   if tensor is not None and prefix + key in state and state[prefix + key].shape != tensor.shape]
+        resized = [
+            _reshape_tensor(module, key, state[prefix + key])
+            for key, tensor in [*module._parameters.items(), *module._buffers.items()]
+            if tensor is not None and prefix + key in state and state[prefix + key].shape != tensor.shape
+        ]
         if resized:
             _fit_attributes(module)
             changed.append((name, module))
@@ -204,8 +221,10 @@ def _settle_by_forward(model: nn.Module, grouped, example_input: Optional[torch.
         with torch.no_grad():
             model.eval()(example_input)
     except Exception as exc:  # noqa: BLE001  (any layer may fail; the user needs the one line)
-        raise CheckpointError(f"{where}: the pruned structure could not be rebuilt ({type(exc).__name__}: "
-                              f"{first_line(exc)}); recompute the stage with --force") from None
+        raise CheckpointError(
+            f"{where}: the pruned structure could not be rebuilt ({type(exc).__name__}: "
+            f"{first_line(exc)}); recompute the stage with --force"
+        ) from None
     finally:
         for hook in hooks:
             hook.remove()

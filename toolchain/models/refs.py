@@ -22,7 +22,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Mapping, Optional
+from typing import Any, FrozenSet, Mapping, Optional
 
 from ..errors import RecipeError, first_line
 
@@ -67,22 +67,26 @@ def check_reference(ref: str) -> str:
         from .registry import MODELS
 
         if ref not in MODELS:
-            raise ValueError(MODELS.unknown_message(ref) + "; or use torchvision/<name>, timm/<name>, package.module:callable")
+            raise ValueError(
+                MODELS.unknown_message(ref) + "; or use torchvision/<name>, timm/<name>, package.module:callable"
+            )
     else:
         names = library_models(parsed.kind)
         base = parsed.name.partition(".")[0] if parsed.kind == "timm" else parsed.name  # timm: name.pretrained_tag
         if base not in names:
             close = difflib.get_close_matches(base, names, n=3)
             hint = f"; did you mean {', '.join(f'{parsed.kind}/{c}' for c in close)}?" if close else ""
-            raise ValueError(f"unknown {parsed.kind} model {parsed.name!r}{hint} ({len(names)} {parsed.kind} models exist; "
-                             f"list them with {_lister(parsed.kind)})")
+            raise ValueError(
+                f"unknown {parsed.kind} model {parsed.name!r}{hint} ({len(names)} {parsed.kind} models exist; "
+                f"list them with {_lister(parsed.kind)})"
+            )
     return ref
 
 
 def _lister(library: str) -> str:
     if library == "timm":
-        return "`python -c \"import timm; print(timm.list_models())\"`"
-    return "`python -c \"import torchvision; print(torchvision.models.list_models(module=torchvision.models))\"`"
+        return '`python -c "import timm; print(timm.list_models())"`'
+    return '`python -c "import torchvision; print(torchvision.models.list_models(module=torchvision.models))"`'
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,14 +105,18 @@ def library_models(library: str) -> FrozenSet[str]:
 
 def _check_callable_reference(ref: Reference) -> None:
     if not CALLABLE_PATTERN.match(ref.name):
-        raise ValueError(f"model {ref.name!r}: a user model is written package.module:callable (e.g. mymodels.nets:build)")
+        raise ValueError(
+            f"model {ref.name!r}: a user model is written package.module:callable (e.g. mymodels.nets:build)"
+        )
     try:
         found = importlib.util.find_spec(ref.module)  # imports the parent packages only, not the module
     except (ImportError, ValueError) as exc:
         raise ValueError(f"model {ref.name!r}: cannot import {ref.module!r} ({first_line(exc)})") from None
     if found is None:
-        raise ValueError(f"model {ref.name!r}: module {ref.module!r} not found on PYTHONPATH or next to the recipe; "
-                         "put the package next to the recipe file or add its folder to PYTHONPATH")
+        raise ValueError(
+            f"model {ref.name!r}: module {ref.module!r} not found on PYTHONPATH or next to the recipe; "
+            "put the package next to the recipe file or add its folder to PYTHONPATH"
+        )
 
 
 def add_import_root(folder: str | Path) -> None:
@@ -144,8 +152,10 @@ def load_callable(ref: Reference):
     try:
         module = importlib.import_module(ref.module)
     except Exception as exc:  # noqa: BLE001  (the user's module may raise anything at import)
-        raise RecipeError(f"model {ref.name!r}: importing {ref.module!r} failed: {type(exc).__name__}: {first_line(exc)}; "
-                          "fix the module or PYTHONPATH") from None
+        raise RecipeError(
+            f"model {ref.name!r}: importing {ref.module!r} failed: {type(exc).__name__}: {first_line(exc)}; "
+            "fix the module or PYTHONPATH"
+        ) from None
     target: Any = module
     for part in ref.attribute.split("."):
         if not hasattr(target, part):
@@ -155,7 +165,9 @@ def load_callable(ref: Reference):
             raise RecipeError(f"model {ref.name!r}: module {ref.module!r} has no attribute {part!r}.{hint}")
         target = getattr(target, part)
     if not callable(target):
-        raise RecipeError(f"model {ref.name!r}: {ref.attribute!r} is a {type(target).__name__}, not a callable that builds a model")
+        raise RecipeError(
+            f"model {ref.name!r}: {ref.attribute!r} is a {type(target).__name__}, not a callable that builds a model"
+        )
     return target
 
 
@@ -167,10 +179,13 @@ def _called(ref: str, make):
     except RecipeError:
         raise
     except Exception as exc:  # noqa: BLE001  (a builder may raise anything; the user needs the one line)
-        raise RecipeError(f"model {ref!r}: building it raised {type(exc).__name__}: {first_line(exc)}; "
-                          "check the model's kwargs in the recipe") from None
+        raise RecipeError(
+            f"model {ref!r}: building it raised {type(exc).__name__}: {first_line(exc)}; "
+            "check the model's kwargs in the recipe"
+        ) from None
     if not isinstance(model, nn.Module):
-        raise RecipeError(f"model {ref!r}: the builder returned {type(model).__name__}, not a torch.nn.Module; "
-                          "return the model object")
+        raise RecipeError(
+            f"model {ref!r}: the builder returned {type(model).__name__}, not a torch.nn.Module; "
+            "return the model object"
+        )
     return model
-

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .refs import build, parse  # noqa: F401  (build: part of this module's API)
-from .weights import (create_pretrained, is_file, load_pretrained_file, timm_pretrained_cfg, torchvision_weights)
+from .weights import create_pretrained, is_file, load_pretrained_file, timm_pretrained_cfg, torchvision_weights
 
 
 def create(model_cfg, num_classes: int):
@@ -72,24 +72,40 @@ def check_forward(model, ref: str, example, num_classes: int) -> None:
             hint = ""
             if "too small" in text.lower() or "kernel size can't be greater" in text.lower():
                 smallest = _smallest_side(model, shape, mode)
-                hint = (f"; the smallest input it runs on is {smallest}x{smallest}, set data.image_size to at least that"
-                        if smallest else "; set a larger data.image_size")
+                hint = (
+                    f"; the smallest input it runs on is {smallest}x{smallest}, set data.image_size to at least that"
+                    if smallest
+                    else "; set a larger data.image_size"
+                )
                 if mode == "train" and getattr(model, "aux_logits", False):
                     hint += " (or kwargs: {aux_logits: false}: the auxiliary head needs the largest input)"
-            raise RecipeError(f"model {ref!r} cannot run ({mode} mode) on the data's {'x'.join(map(str, shape))} "
-                              f"inputs: {type(exc).__name__}: {text}{hint}") from None
+            raise RecipeError(
+                f"model {ref!r} cannot run ({mode} mode) on the data's {'x'.join(map(str, shape))} "
+                f"inputs: {type(exc).__name__}: {text}{hint}"
+            ) from None
         if not isinstance(out, torch.Tensor):
-            kind = type(out).__name__ if not isinstance(out, dict) else f"dict with keys {', '.join(map(str, list(out)[:4]))}"
-            aux = (" (torchvision googlenet / inception_v3: add kwargs: {aux_logits: false})"
-                   if hasattr(model, "aux_logits") else "")
-            raise RecipeError(f"model {ref!r}: forward returns a {kind} in {mode} mode, not one logits tensor; the "
-                              f"toolchain trains and ships models whose forward returns the (batch, {num_classes}) logits "
-                              f"tensor{aux}, or wrap it in a module that returns the logits")
+            kind = (
+                type(out).__name__
+                if not isinstance(out, dict)
+                else f"dict with keys {', '.join(map(str, list(out)[:4]))}"
+            )
+            aux = (
+                " (torchvision googlenet / inception_v3: add kwargs: {aux_logits: false})"
+                if hasattr(model, "aux_logits")
+                else ""
+            )
+            raise RecipeError(
+                f"model {ref!r}: forward returns a {kind} in {mode} mode, not one logits tensor; the "
+                f"toolchain trains and ships models whose forward returns the (batch, {num_classes}) logits "
+                f"tensor{aux}, or wrap it in a module that returns the logits"
+            )
         if out.dim() != 2 or out.shape != (example.shape[0], num_classes):
-            raise RecipeError(f"model {ref!r}: forward returns shape {tuple(out.shape)} for a batch of {example.shape[0]}, "
-                              f"but the dataset has {num_classes} classes: the head must have {num_classes} outputs "
-                              f"(the builder is called with num_classes={num_classes}; use it, and do not fix the head's "
-                              "width in kwargs or in your code)")
+            raise RecipeError(
+                f"model {ref!r}: forward returns shape {tuple(out.shape)} for a batch of {example.shape[0]}, "
+                f"but the dataset has {num_classes} classes: the head must have {num_classes} outputs "
+                f"(the builder is called with num_classes={num_classes}; use it, and do not fix the head's "
+                "width in kwargs or in your code)"
+            )
 
 
 def _smallest_side(model, shape, mode: str, limit: int = 1024) -> int:
@@ -127,7 +143,9 @@ def weights_identity(model_cfg) -> Optional[str]:
         from ..fsutil import file_sha256
 
         if not Path(weights).is_file():
-            raise CheckpointError(f"model {model_cfg.model!r}: weights file {weights} not found; check weights: in the recipe")
+            raise CheckpointError(
+                f"model {model_cfg.model!r}: weights file {weights} not found; check weights: in the recipe"
+            )
         return file_sha256(weights)[:16]
     ref = parse(model_cfg.model)
     if ref.kind == "torchvision":
@@ -148,14 +166,23 @@ def weights_preprocessing(model_cfg) -> Optional[Dict[str, Any]]:
     if ref.kind == "torchvision":
         t = torchvision_weights(ref, weights).transforms()
         crop, resize = t.crop_size[0], t.resize_size[0]
-        return {"mean": [float(v) for v in t.mean], "std": [float(v) for v in t.std], "image_size": [crop, crop],
-                "crop_pct": round(crop / resize, 4), "interpolation": t.interpolation.value}
+        return {
+            "mean": [float(v) for v in t.mean],
+            "std": [float(v) for v in t.std],
+            "image_size": [crop, crop],
+            "crop_pct": round(crop / resize, 4),
+            "interpolation": t.interpolation.value,
+        }
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config(pretrained_cfg=timm_pretrained_cfg(ref).to_dict())
-    return {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]],
-            "image_size": list(cfg["input_size"][1:]), "crop_pct": float(cfg["crop_pct"]),
-            "interpolation": _interpolation(cfg["interpolation"])}
+    return {
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "image_size": list(cfg["input_size"][1:]),
+        "crop_pct": float(cfg["crop_pct"]),
+        "interpolation": _interpolation(cfg["interpolation"]),
+    }
 
 
 def _interpolation(name: str) -> str:

@@ -40,8 +40,10 @@ def check_weights(model_ref: str, weights: str) -> str:
         return weights
     forms = {"torchvision": "DEFAULT or an enum name such as IMAGENET1K_V1", "timm": "pretrained"}.get(kind)
     library = f"{forms} (downloaded), or " if forms else ""
-    raise ValueError(f"weights {weights!r} does not fit model {model_ref!r}: use {library}a state_dict file "
-                     f"({', '.join(FILE_SUFFIXES)})")
+    raise ValueError(
+        f"weights {weights!r} does not fit model {model_ref!r}: use {library}a state_dict file "
+        f"({', '.join(FILE_SUFFIXES)})"
+    )
 
 
 # ---------------------------------------------------------------- library weights
@@ -65,7 +67,8 @@ def _torchvision_pretrained(ref: Reference, weights: str, num_classes: int, kwar
         name = enum.url.rsplit("/", 1)[-1]
         raise CheckpointError(
             f"model torchvision/{ref.name} weights {enum}: download failed ({first_line(exc)}); offline, put {name} "
-            f"(from {enum.url}) at {_torch_hub_dir()}/{name}, or set weights: to a local state_dict file") from None
+            f"(from {enum.url}) at {_torch_hub_dir()}/{name}, or set weights: to a local state_dict file"
+        ) from None
     replace_heads(model, len(enum.meta["categories"]), num_classes, f"torchvision/{ref.name}")
     return model
 
@@ -75,8 +78,9 @@ def torchvision_weights(ref: Reference, weights: str):
 
     members = tvm.get_model_weights(ref.name)
     if weights not in members.__members__:
-        raise CheckpointError(f"model torchvision/{ref.name}: no weights {weights!r}; choose one of "
-                              f"{', '.join(members.__members__)}")
+        raise CheckpointError(
+            f"model torchvision/{ref.name}: no weights {weights!r}; choose one of {', '.join(members.__members__)}"
+        )
     return members[weights]
 
 
@@ -129,10 +133,13 @@ def _timm_pretrained(ref: Reference, num_classes: int, kwargs: Dict[str, Any]):
             f"model timm/{ref.name}: pretrained weights not downloadable ({first_line(exc, 120)}); offline, run "
             f"`hf download {hub_id}` where there is internet and copy its folder models--{hub_id.replace('/', '--')} "
             f"into {_hf_cache()}, or download model.safetensors from https://huggingface.co/{hub_id} and set "
-            "weights: to its path") from None
+            "weights: to its path"
+        ) from None
     if cfg.num_classes and cfg.num_classes != num_classes:
-        _log(f"timm/{ref.name}: classifier {cfg.classifier!r} re-initialised for {num_classes} classes "
-             f"(the weights have {cfg.num_classes})")
+        _log(
+            f"timm/{ref.name}: classifier {cfg.classifier!r} re-initialised for {num_classes} classes "
+            f"(the weights have {cfg.num_classes})"
+        )
     return model
 
 
@@ -146,12 +153,19 @@ def timm_pretrained_cfg(ref: Reference):
         arch, _, tag = ref.name.partition(".")
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         shown = ", ".join(tags[:8]) + (f" (and {len(tags) - 8} more)" if len(tags) > 8 else "")
-        raise CheckpointError(f"model timm/{ref.name}: timm has no pretrained tag {tag!r} for {arch}; "
-                              + (f"use timm/{arch}.<tag> with one of: {shown}" if tags else
-                                 "it has no pretrained weights at all: set weights: to a local file")) from None
+        raise CheckpointError(
+            f"model timm/{ref.name}: timm has no pretrained tag {tag!r} for {arch}; "
+            + (
+                f"use timm/{arch}.<tag> with one of: {shown}"
+                if tags
+                else "it has no pretrained weights at all: set weights: to a local file"
+            )
+        ) from None
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-        raise CheckpointError(f"model timm/{ref.name}: timm has no pretrained weights for it; "
-                              "pick a tag from timm.list_models(pretrained=True) or set weights: to a local file")
+        raise CheckpointError(
+            f"model timm/{ref.name}: timm has no pretrained weights for it; "
+            "pick a tag from timm.list_models(pretrained=True) or set weights: to a local file"
+        )
     return cfg
 
 
@@ -172,11 +186,18 @@ def load_pretrained_file(model, path: str, arch: str, num_classes: int):
     state = without_wrapper_prefix(model, read_state_dict(path))  # before the head check: Lightning's model. prefix
     own = model.state_dict()
     heads = _class_layers(model, num_classes)
-    reset = sorted({k.rpartition(".")[0] for k, v in state.items()
-                    if k in own and v.shape != own[k].shape and k.rpartition(".")[0] in heads})
+    reset = sorted(
+        {
+            k.rpartition(".")[0]
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape and k.rpartition(".")[0] in heads
+        }
+    )
     if reset:
-        _log(f"{arch}: weights {Path(path).name}: classifier {', '.join(reset)} re-initialised for {num_classes} classes "
-             f"(the file has {state[reset[0] + '.weight'].shape[0]})")
+        _log(
+            f"{arch}: weights {Path(path).name}: classifier {', '.join(reset)} re-initialised for {num_classes} classes "
+            f"(the file has {state[reset[0] + '.weight'].shape[0]})"
+        )
     for layer in reset:
         for key in (f"{layer}.weight", f"{layer}.bias"):
             if key in state:
@@ -197,9 +218,12 @@ def _class_layers(model, num_classes: int) -> List[str]:
     num_classes outputs."""
     import torch.nn as nn
 
-    return [name for name, m in model.named_modules()
-            if (isinstance(m, nn.Linear) and m.out_features == num_classes)
-            or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)
+    ]
 
 
 def replace_heads(model, weight_classes: int, num_classes: int, arch: str) -> None:
@@ -210,16 +234,25 @@ def replace_heads(model, weight_classes: int, num_classes: int, arch: str) -> No
         return
     heads = _class_layers(model, weight_classes)
     if not heads:
-        raise CheckpointError(f"{arch}: no Linear/Conv2d layer with the weights' {weight_classes} outputs to replace; "
-                              "build the model with kwargs that set its classes, or use weights without a head")
+        raise CheckpointError(
+            f"{arch}: no Linear/Conv2d layer with the weights' {weight_classes} outputs to replace; "
+            "build the model with kwargs that set its classes, or use weights without a head"
+        )
     for name in heads:
         old = model.get_submodule(name)
-        new = (nn.Linear(old.in_features, num_classes, bias=old.bias is not None) if isinstance(old, nn.Linear)
-               else nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=old.bias is not None))
+        new = (
+            nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+            if isinstance(old, nn.Linear)
+            else nn.Conv2d(
+                old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=old.bias is not None
+            )
+        )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    _log(f"{arch}: classifier {', '.join(heads)} replaced by a new layer with {num_classes} outputs "
-         f"(the weights have {weight_classes})")
+    _log(
+        f"{arch}: classifier {', '.join(heads)} replaced by a new layer with {num_classes} outputs "
+        f"(the weights have {weight_classes})"
+    )
 
 
 def _log(text: str) -> None:

@@ -94,7 +94,9 @@ def _export_failed(exc: Exception, cfg) -> ExportError:
     while root.__cause__ is not None:  # the dynamo exporter wraps the real reason ("step 1/3 ...")
         root = root.__cause__
     if isinstance(root, ImportError) and "onnxscript" in str(root):
-        return ExportError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript, or set export.exporter: torchscript")
+        return ExportError(
+            "the dynamo ONNX exporter needs onnxscript: pip install onnxscript, or set export.exporter: torchscript"
+        )
     hint = f"try export.exporter: {'torchscript' if cfg.exporter == 'dynamo' else 'dynamo'}"
     if cfg.dynamic_batch:
         hint += " or export.dynamic_batch: false"
@@ -125,14 +127,18 @@ def _check(proto: onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(proto, full_check=True)
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"the exported ONNX model fails onnx.checker: {first_line(exc)}; try another export.opset or export.exporter") from None
+        raise ExportError(
+            f"the exported ONNX model fails onnx.checker: {first_line(exc)}; try another export.opset or export.exporter"
+        ) from None
 
 
 def _io_shape(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, metadata: Dict[str, Any]) -> Dict[str, Any]:
+def export_onnx(
+    model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, metadata: Dict[str, Any]
+) -> Dict[str, Any]:
     """Export, attach metadata, check, write atomically. See the module docstring."""
     if cfg.exporter == "dynamo" and cfg.opset < DYNAMO_MIN_OPSET:
         # it would build at 18, try to convert down, and on failure quietly keep 18
@@ -149,9 +155,13 @@ def export_onnx(model: torch.nn.Module, path, example_batch: torch.Tensor, cfg, 
             raise _export_failed(exc, cfg) from exc
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset != cfg.opset:
-        raise ExportError(f"export.opset is {cfg.opset} but the {cfg.exporter} exporter produced opset {opset}; choose another export.opset")
+        raise ExportError(
+            f"export.opset is {cfg.opset} but the {cfg.exporter} exporter produced opset {opset}; choose another export.opset"
+        )
     if proto.ByteSize() > 2**31 - 1:  # protobuf limit; the checker cannot even take it in memory
-        raise ExportError("the model is over 2 GB, beyond a single ONNX protobuf file; this exporter writes single-file models")
+        raise ExportError(
+            "the model is over 2 GB, beyond a single ONNX protobuf file; this exporter writes single-file models"
+        )
     pools = simplify_global_pools(proto)
     set_metadata(proto, metadata)
     proto = _check(proto)
@@ -187,8 +197,9 @@ def _ort_logits(session, images) -> np.ndarray:
     return session.run(None, {name: _numpy(images).astype(np.float32, copy=False)})[0]
 
 
-def check_parity(model: torch.nn.Module, onnx_path, batch: torch.Tensor, atol: float, min_agreement: float,
-                 rtol: float = 0.0) -> Dict[str, Any]:
+def check_parity(
+    model: torch.nn.Module, onnx_path, batch: torch.Tensor, atol: float, min_agreement: float, rtol: float = 0.0
+) -> Dict[str, Any]:
     """Compare PyTorch (eval mode) and onnxruntime CPU logits on `batch`; ExportError unless every
     logit is within atol + rtol * (its image's largest |PyTorch logit|) and top-1 agreement >=
     min_agreement. The image's scale, not the logit's own value: float32 rounding follows the
@@ -198,7 +209,9 @@ def check_parity(model: torch.nn.Module, onnx_path, batch: torch.Tensor, atol: f
         ref = _numpy(model(batch.to(_device_of(model)))).astype(np.float64)
     got = _ort_logits(bench.create_session(onnx_path, "cpu"), batch).astype(np.float64)
     if ref.shape != got.shape:
-        raise ExportError(f"ONNX parity: output shape {list(got.shape)} differs from PyTorch {list(ref.shape)}; re-export the model")
+        raise ExportError(
+            f"ONNX parity: output shape {list(got.shape)} differs from PyTorch {list(ref.shape)}; re-export the model"
+        )
     diff = np.abs(ref - got)
     finite = bool(np.isfinite(diff).all())
     scale = np.abs(ref).reshape(len(ref), -1).max(axis=1).reshape(-1, *([1] * (ref.ndim - 1)))
@@ -220,18 +233,29 @@ def check_parity(model: torch.nn.Module, onnx_path, batch: torch.Tensor, atol: f
 
 
 def _parity_message(onnx_path, r: Dict[str, Any], finite: bool) -> str:
-    what = "non-finite logits" if not finite else (
-        f"{r['outside_tolerance']} logits beyond atol {r['atol']:g} + rtol {r['rtol']:g} x the image's largest |logit| "
-        f"(max |logit diff| {r['max_abs_diff']:.3g}, largest |logit| {r['max_abs_logit']:.3g})")
+    what = (
+        "non-finite logits"
+        if not finite
+        else (
+            f"{r['outside_tolerance']} logits beyond atol {r['atol']:g} + rtol {r['rtol']:g} x the image's largest |logit| "
+            f"(max |logit diff| {r['max_abs_diff']:.3g}, largest |logit| {r['max_abs_logit']:.3g})"
+        )
+    )
     exporters = "try export.exporter dynamo<->torchscript or another export.opset"
     if finite and r["top1_agreement"] >= r["min_agreement"]:
-        advice = (f"large logits can differ by more than atol from float32 rounding alone: raise export.parity_rtol "
-                  f"if the gap is benign, else {exporters}")
+        advice = (
+            f"large logits can differ by more than atol from float32 rounding alone: raise export.parity_rtol "
+            f"if the gap is benign, else {exporters}"
+        )
     else:
-        advice = (f"the ONNX model computes something else than PyTorch: {exporters}; raise export.parity_atol / "
-                  "export.parity_rtol only if the gap is benign (large logits differ more from float32 rounding alone)")
-    return (f"ONNX parity gate failed for {onnx_path}: {what}, top-1 agreement {r['top1_agreement']:.3f} "
-            f"(need >= {r['min_agreement']:g}) on {r['batch_size']} images; {advice}")
+        advice = (
+            f"the ONNX model computes something else than PyTorch: {exporters}; raise export.parity_atol / "
+            "export.parity_rtol only if the gap is benign (large logits differ more from float32 rounding alone)"
+        )
+    return (
+        f"ONNX parity gate failed for {onnx_path}: {what}, top-1 agreement {r['top1_agreement']:.3f} "
+        f"(need >= {r['min_agreement']:g}) on {r['batch_size']} images; {advice}"
+    )
 
 
 def onnx_accuracy(onnx_path, batches: Iterable[Tuple[Any, Any]], providers=("cpu",)) -> float:

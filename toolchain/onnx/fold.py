@@ -98,21 +98,30 @@ def _tile_single_pixel_convs(graph, inits, shapes, max_pixels: int, keep: Set[st
             continue
         weight, attrs, out = inits.get(node.input[1]), _attrs(node), shapes.get(node.output[0])
         _, h, w = shapes[node.input[0]]
-        if (weight is None or len(weight.dims) != 4 or uses[node.input[1]] != 1 or out is None or out[1:] != (1, 1)
-                or h * w > max_pixels or any(d != 1 for d in attrs.get("dilations", [1, 1]))
-                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
+        if (
+            weight is None
+            or len(weight.dims) != 4
+            or uses[node.input[1]] != 1
+            or out is None
+            or out[1:] != (1, 1)
+            or h * w > max_pixels
+            or any(d != 1 for d in attrs.get("dilations", [1, 1]))
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        ):
             continue
         top, left = attrs.get("pads", [0, 0, 0, 0])[:2]
         kernel = numpy_helper.to_array(weight)
         tiled = np.zeros(kernel.shape[:2] + (h, w), dtype=kernel.dtype)
         r0, r1, c0, c1 = max(0, -top), min(h, kernel.shape[2] - top), max(0, -left), min(w, kernel.shape[3] - left)
-        tiled[:, :, r0:r1, c0:c1] = kernel[:, :, r0 + top:r1 + top, c0 + left:c1 + left]
+        tiled[:, :, r0:r1, c0:c1] = kernel[:, :, r0 + top : r1 + top, c0 + left : c1 + left]
         weight.CopyFrom(numpy_helper.from_array(tiled, weight.name))
         kept = [a for a in node.attribute if a.name not in ("kernel_shape", "strides", "pads", "dilations", "auto_pad")]
         del node.attribute[:]
         node.attribute.extend(kept)
-        node.attribute.extend(helper.make_attribute(k, v) for k, v in
-                              (("kernel_shape", [h, w]), ("strides", [h, w]), ("pads", [0, 0, 0, 0])))
+        node.attribute.extend(
+            helper.make_attribute(k, v)
+            for k, v in (("kernel_shape", [h, w]), ("strides", [h, w]), ("pads", [0, 0, 0, 0]))
+        )
 
 
 def _eligible(node, inits, shapes) -> bool:
@@ -123,15 +132,23 @@ def _eligible(node, inits, shapes) -> bool:
         if weight is None or node.input[0] not in shapes:
             return False
         kernel, (_, h, w) = list(weight.dims[2:]), shapes[node.input[0]]
-        return (list(attrs.get("strides", [1, 1])) == kernel and not any(attrs.get("pads", [0]))
-                and all(d == 1 for d in attrs.get("dilations", [1, 1])) and h % kernel[0] == 0 and w % kernel[1] == 0)
+        return (
+            list(attrs.get("strides", [1, 1])) == kernel
+            and not any(attrs.get("pads", [0]))
+            and all(d == 1 for d in attrs.get("dilations", [1, 1]))
+            and h % kernel[0] == 0
+            and w % kernel[1] == 0
+        )
     if node.op_type in UNARY:  # Clip's min / max: constants
         return node.input[0] in shapes and all(i in inits for i in node.input[1:] if i)
     if node.op_type in BINARY:  # same-shape tensors, or one tensor and a per-channel constant
         dynamic = [i for i in node.input if i in shapes]
         constant = [i for i in node.input if i not in shapes]
-        return (bool(dynamic) and all(shapes[i] == shapes[node.output[0]] for i in dynamic)
-                and all(i in inits and _per_channel_constant(list(inits[i].dims)) for i in constant))
+        return (
+            bool(dynamic)
+            and all(shapes[i] == shapes[node.output[0]] for i in dynamic)
+            and all(i in inits and _per_channel_constant(list(inits[i].dims)) for i in constant)
+        )
     return False
 
 
@@ -179,9 +196,11 @@ def _rewrite(graph, shapes, region: Dict[int, int]) -> None:
 
     def chain(src: str, dst: str, shape: List[int], tag: str) -> list:
         graph.initializer.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), tag + "_shape"))
-        return [helper.make_node("Transpose", [src], [tag + "_nhwc"], perm=[0, 2, 3, 1], name=tag + "_nhwc"),
-                helper.make_node("Reshape", [tag + "_nhwc", tag + "_shape"], [tag + "_r"], name=tag + "_reshape"),
-                helper.make_node("Transpose", [tag + "_r"], [dst], perm=[0, 3, 1, 2], name=tag + "_nchw")]
+        return [
+            helper.make_node("Transpose", [src], [tag + "_nhwc"], perm=[0, 2, 3, 1], name=tag + "_nhwc"),
+            helper.make_node("Reshape", [tag + "_nhwc", tag + "_shape"], [tag + "_r"], name=tag + "_reshape"),
+            helper.make_node("Transpose", [tag + "_r"], [dst], perm=[0, 3, 1, 2], name=tag + "_nchw"),
+        ]
 
     nodes, folded = [], {}  # tensor -> its folded name, per region
     for k, node in enumerate(graph.node):
@@ -213,4 +232,3 @@ def _rewrite(graph, shapes, region: Dict[int, int]) -> None:
             nodes += chain(inner, name, [-1, h, w, c], f"{name}__unfold")
     del graph.node[:]
     graph.node.extend(nodes)
-

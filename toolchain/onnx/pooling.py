@@ -65,8 +65,11 @@ def _shapes(proto) -> Dict[str, List[Optional[int]]]:
     import onnx
 
     g = onnx.shape_inference.infer_shapes(proto).graph
-    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in (*g.input, *g.value_info, *g.output) if v.type.tensor_type.HasField("shape")}
+    return {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in (*g.input, *g.value_info, *g.output)
+        if v.type.tensor_type.HasField("shape")
+    }
 
 
 def _constants(graph) -> Dict[str, object]:

@@ -96,7 +96,9 @@ for _c in (
     Candidate("qdq_u8s8_per_tensor_keep_depthwise", exclude=("depthwise",)),
     Candidate("qdq_u8s8_per_tensor_entropy", calibration="entropy"),
     Candidate("qdq_u8s8_per_channel_keep_depthwise", per_channel=True, exclude=("depthwise",)),
-    Candidate("qoperator_u8s8_per_channel_keep_depthwise", format="qoperator", per_channel=True, exclude=("depthwise",)),
+    Candidate(
+        "qoperator_u8s8_per_channel_keep_depthwise", format="qoperator", per_channel=True, exclude=("depthwise",)
+    ),
     Candidate("qdq_u8s8_per_channel_keep_ends", per_channel=True, exclude=("first_conv", "classifier")),
     # benchmarks/int8_explore.py: MLAS's int8 depthwise and 3-channel stem kernels are slower than float's NCHWc
     # ones on narrow (pruned) layers, and per-channel requantization costs the pointwise convs a few percent
@@ -104,15 +106,28 @@ for _c in (
     Candidate("qdq_u8s8_dw_per_channel_keep_stem", per_channel_only=("depthwise",), keep_first_convs=3),
     Candidate("qdq_u8s8_per_channel_keep_stem", per_channel=True, keep_first_convs=3),
     # 64 pixels (8x8 maps): measured on the demo model (32x32 input) and mobilenet_v2 at 224 (onnx/fold.py)
-    Candidate("qdq_u8s8_dw_per_channel_keep_stem_fold", per_channel_only=("depthwise",), keep_first_convs=3,
-              fold_max_pixels=64),
+    Candidate(
+        "qdq_u8s8_dw_per_channel_keep_stem_fold",
+        per_channel_only=("depthwise",),
+        keep_first_convs=3,
+        fold_max_pixels=64,
+    ),
     # 320 weights per output channel: where MLAS's general QGEMM overtakes its symmetric conv kernel on
     # 2 threads (onnx/gemm_route.py); resnet18 and mobilenet_v2 at 224 gain from it
     Candidate("qdq_u8s8_dw_per_channel_gemm", per_channel_only=("depthwise",), gemm_min_weights=320),
-    Candidate("qdq_u8s8_dw_per_channel_keep_stem_gemm", per_channel_only=("depthwise",), keep_first_convs=3,
-              gemm_min_weights=320),
-    Candidate("qdq_u8s8_dw_per_channel_keep_stem_fold_gemm", per_channel_only=("depthwise",), keep_first_convs=3,
-              fold_max_pixels=64, gemm_min_weights=320),
+    Candidate(
+        "qdq_u8s8_dw_per_channel_keep_stem_gemm",
+        per_channel_only=("depthwise",),
+        keep_first_convs=3,
+        gemm_min_weights=320,
+    ),
+    Candidate(
+        "qdq_u8s8_dw_per_channel_keep_stem_fold_gemm",
+        per_channel_only=("depthwise",),
+        keep_first_convs=3,
+        fold_max_pixels=64,
+        gemm_min_weights=320,
+    ),
 ):
     _register(_c)
 
@@ -128,8 +143,10 @@ class CalibrationReader:
 
     def __init__(self, batches: Iterable[Tuple[Any, Any]], input_name: str, limit: int, batch_size: int = 32):
         if isinstance(batches, collections.abc.Iterator):
-            raise TypeError("CalibrationReader needs re-iterable batches (a list or a loader), not a one-shot iterator: "
-                            "every candidate must calibrate on the same images")
+            raise TypeError(
+                "CalibrationReader needs re-iterable batches (a list or a loader), not a one-shot iterator: "
+                "every candidate must calibrate on the same images"
+            )
         self.input_name, self.limit, self.batch_size = input_name, limit, batch_size
         self._batches = batches
         self._iter: Optional[Iterator[Dict[str, np.ndarray]]] = None
@@ -165,8 +182,10 @@ def preprocess(float_path: Path, out_path: Path) -> None:
         try:
             quant_pre_process(str(float_path), str(tmp), skip_symbolic_shape=True)
         except Exception as exc:  # many types: onnx shape inference, optimizer
-            raise QuantizeError(f"{float_path}: onnxruntime quant_pre_process failed ({first_line(exc)}); "
-                                "set quantize: null to skip INT8") from None
+            raise QuantizeError(
+                f"{float_path}: onnxruntime quant_pre_process failed ({first_line(exc)}); "
+                "set quantize: null to skip INT8"
+            ) from None
 
 
 def excluded_nodes(model_path: Path, groups: Iterable[str], first_convs: int = 0) -> List[str]:
@@ -180,7 +199,7 @@ def excluded_nodes(model_path: Path, groups: Iterable[str], first_convs: int = 0
     graph = onnx.load(str(model_path), load_external_data=False).graph
     inits = {i.name: i for i in graph.initializer}
     convs = [n for n in graph.node if n.op_type == "Conv"]
-    names: List[str] = [n.name for n in convs[:max(0, first_convs)]]
+    names: List[str] = [n.name for n in convs[: max(0, first_convs)]]
     if "first_conv" in groups and convs:
         names.append(convs[0].name)
     if "classifier" in groups:
@@ -205,18 +224,25 @@ def quantize_options(pre_path: Path, candidate: Candidate) -> Dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     extra: Dict[str, Any] = {"ActivationSymmetric": candidate.activations == "int8"}
     if "depthwise" in candidate.per_channel_only and not candidate.per_channel:
         if candidate.format != "qdq":
             raise QuantizeError(f"{candidate.name}: per_channel_only needs format qdq (TensorQuantOverrides)")
         extra["TensorQuantOverrides"] = {w: [{"axis": 0}] for w in depthwise_weights(pre_path)}
-    return dict(quant_format=QuantFormat.QDQ if candidate.format == "qdq" else QuantFormat.QOperator,
-                per_channel=candidate.per_channel, activation_type=types[candidate.activations],
-                weight_type=types[candidate.weights], calibrate_method=methods[candidate.calibration],
-                nodes_to_exclude=excluded_nodes(pre_path, candidate.exclude, candidate.keep_first_convs),
-                extra_options=extra)
+    return dict(
+        quant_format=QuantFormat.QDQ if candidate.format == "qdq" else QuantFormat.QOperator,
+        per_channel=candidate.per_channel,
+        activation_type=types[candidate.activations],
+        weight_type=types[candidate.weights],
+        calibrate_method=methods[candidate.calibration],
+        nodes_to_exclude=excluded_nodes(pre_path, candidate.exclude, candidate.keep_first_convs),
+        extra_options=extra,
+    )
 
 
 def _is_depthwise(node, inits) -> bool:
@@ -226,8 +252,9 @@ def _is_depthwise(node, inits) -> bool:
     return group > 1 and weight is not None and len(weight.dims) == 4 and weight.dims[1] == 1
 
 
-def quantize(pre_path: Path, out_path: Path, candidate: Candidate, reader: CalibrationReader,
-             reduce_range: bool = False) -> Dict[str, Any]:
+def quantize(
+    pre_path: Path, out_path: Path, candidate: Candidate, reader: CalibrationReader, reduce_range: bool = False
+) -> Dict[str, Any]:
     """Quantize pre_path into out_path (atomically) as `candidate` says."""
     from onnxruntime.quantization import quantize_static
 
@@ -250,9 +277,17 @@ def quantize(pre_path: Path, out_path: Path, candidate: Candidate, reader: Calib
         try:
             gemm_convs = route_wide_convs_to_gemm(tmp, candidate.gemm_min_weights) if candidate.gemm_min_weights else 0
         except Exception as exc:  # onnx load / save of a graph it cannot handle
-            raise QuantizeError(f"{candidate.name}: moving wide convs to the general QGEMM failed ({first_line(exc)})") from None
-    return {"candidate": candidate.name, "excluded_nodes": excluded, "reduce_range": reduce_range,
-            "calibration_images": reader.images_read, "folded_regions": regions, "gemm_convs": gemm_convs}
+            raise QuantizeError(
+                f"{candidate.name}: moving wide convs to the general QGEMM failed ({first_line(exc)})"
+            ) from None
+    return {
+        "candidate": candidate.name,
+        "excluded_nodes": excluded,
+        "reduce_range": reduce_range,
+        "calibration_images": reader.images_read,
+        "folded_regions": regions,
+        "gemm_convs": gemm_convs,
+    }
 
 
 @dataclass
@@ -270,8 +305,9 @@ def within_accuracy(float_val: float, m: Measured, max_accuracy_drop: float) -> 
     return float_val - m.val_accuracy <= max_accuracy_drop + 1e-9
 
 
-def choose(float_val: float, candidates: List[Measured], max_accuracy_drop: float,
-           min_speedup: float = 1.1) -> Tuple[Optional[Measured], str]:
+def choose(
+    float_val: float, candidates: List[Measured], max_accuracy_drop: float, min_speedup: float = 1.1
+) -> Tuple[Optional[Measured], str]:
     """The fastest candidate (geometric mean of the median speedups over the batch sizes) that loses
     at most max_accuracy_drop of validation accuracy and whose speedup interval's LOWER end clears
     min_speedup at every batch size. When none clears and some interval straddles the gate, the
@@ -293,7 +329,7 @@ def choose(float_val: float, candidates: List[Measured], max_accuracy_drop: floa
         best = max(ok, key=lambda m: float(np.exp(np.mean(np.log([iv.ratio for iv in m.speedup.values()])))))
         return best, f"{best.name}: fastest within the accuracy gate, {_ratios(best)} vs float (95% intervals)"
     if undecided:
-        return None, "too noisy to decide, float ships (no interval's lower end clears the gate): " + "; ".join(reasons)
+        return None, f"too noisy to decide: no interval's lower end clears {min_speedup:.2f}x: " + "; ".join(reasons)
     return None, "no candidate was both within the accuracy gate and faster: " + "; ".join(reasons)
 
 

@@ -10,6 +10,7 @@ import ast
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,9 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import __version__
+from ..data import imagefile
 from ..errors import ToolchainError, first_line
 from ..fsutil import atomic_write_json, atomic_write_text, file_sha256
-from ..data import imagefile
 from . import infer
 
 MODEL_FILES = {"float": "model.onnx", "int8": "model_int8.onnx"}  # role -> ONNX file in the package
@@ -37,8 +38,14 @@ class PackageError(ToolchainError):
     """The device package cannot be built, or does not pass its own checks."""
 
 
-def build_package(folder: Path, models: Dict[str, Path], metadata: Dict[str, Any], images: np.ndarray,
-                  labels: Sequence[int], target_platform: str) -> Dict[str, Any]:
+def build_package(
+    folder: Path,
+    models: Dict[str, Path],
+    metadata: Dict[str, Any],
+    images: np.ndarray,
+    labels: Sequence[int],
+    target_platform: str,
+) -> Dict[str, Any]:
     """Write the whole package into `folder` (replaced if present); returns the manifest.
 
     models: role (float, int8) -> ONNX file; images: raw golden images, uint8 (N, C, H, W)."""
@@ -91,23 +98,35 @@ def convert_to_ort(folder: Path, target_platform: str) -> None:
     config covering every model, for an onnxruntime build reduced to exactly those kernels."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
+    # its INFO line ("Created config in <absolute cache path>") tells a user nothing
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), _optimization_level(ORT_LEVEL):  # the converter narrates on stdout
-            convert_onnx_models_to_ort(folder, output_dir=folder, optimization_styles=[OptimizationStyle.Fixed],
-                                       target_platform=target_platform)
+            convert_onnx_models_to_ort(
+                folder,
+                output_dir=folder,
+                optimization_styles=[OptimizationStyle.Fixed],
+                target_platform=target_platform,
+            )
     except Exception as exc:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, ...)
         prefix = "Error converting "  # the converter's own line naming the model that failed
-        failed = [line[len(prefix):].split(": ", 1)[0] for line in log.getvalue().splitlines() if line.startswith(prefix)]
+        failed = [
+            line[len(prefix) :].split(": ", 1)[0] for line in log.getvalue().splitlines() if line.startswith(prefix)
+        ]
         name = Path(failed[-1]).name if failed else "the models"
-        raise PackageError(f"package: onnxruntime cannot convert {name} to ORT format for {target_platform} "
-                           f"({first_line(exc)}); try another export.opset, or remove the package section") from None
+        raise PackageError(
+            f"package: onnxruntime cannot convert {name} to ORT format for {target_platform} "
+            f"({first_line(exc)}); try another export.opset, or remove the package section"
+        ) from None
     for produced in folder.glob(f"*.{ORT_LEVEL}.*"):  # the converter names non-default levels model.extended.ort
         produced.replace(folder / produced.name.replace(f".{ORT_LEVEL}", ""))
     missing = [n for n in ort_files(folder) + [ORT_CONFIG] if not (folder / n).is_file()]
     if missing:
-        raise PackageError(f"package: the ORT converter did not write {', '.join(missing)} in {folder}; "
-                           "check that onnxruntime's tools are installed (pip install -c constraints.txt onnxruntime)")
+        raise PackageError(
+            f"package: the ORT converter did not write {', '.join(missing)} in {folder}; "
+            "check that onnxruntime's tools are installed (pip install -c constraints.txt onnxruntime)"
+        )
     # its header names the models by absolute path: a path on this workstation means nothing on a device
     config = folder / ORT_CONFIG
     atomic_write_text(config, config.read_text(encoding="utf-8").replace(f"{folder.resolve()}{os.sep}", ""))
@@ -124,9 +143,12 @@ def preprocess_contract(metadata: Dict[str, Any]) -> Dict[str, Any]:
     """What a device must do to an image before the model sees it: the export's `preprocess`
     metadata (frame fit, resize, crop, interpolation, mean/std) plus the model's input."""
     contract = {
-        "input_name": metadata["input_name"], "input_shape": metadata["input_shape"],
-        "input_dtype": metadata["input_dtype"], **metadata["preprocess"],
-        "preprocessing": metadata["preprocessing"], "class_names": list(metadata["class_names"]),
+        "input_name": metadata["input_name"],
+        "input_shape": metadata["input_shape"],
+        "input_dtype": metadata["input_dtype"],
+        **metadata["preprocess"],
+        "preprocessing": metadata["preprocessing"],
+        "class_names": list(metadata["class_names"]),
     }
     contract["steps"] = contract_steps(contract)
     return contract
@@ -134,25 +156,34 @@ def preprocess_contract(metadata: Dict[str, Any]) -> Dict[str, Any]:
 
 def contract_steps(c: Dict[str, Any]) -> List[str]:
     size = lambda hw: f"{hw[1]}x{hw[0]}"  # noqa: E731  (width x height, as image tools say it)
-    mode = ("convert to grey (8-bit L) and repeat it to the 3 input channels" if c["image_mode"] == "grey"
-            else "convert to 8-bit RGB (channel order R, G, B)")
+    mode = (
+        "convert to grey (8-bit L) and repeat it to the 3 input channels"
+        if c["image_mode"] == "grey"
+        else "convert to 8-bit RGB (channel order R, G, B)"
+    )
     steps = ["apply the EXIF orientation; composite transparency over white", mode]
-    steps.append(f"zero-pad (centred) to {size(c['frame'])} when it fits, else cover-resize and centre-crop to it"
-                 if c["fit"] == "pad" else
-                 f"resize ({c['interpolation']}) keeping the aspect ratio until it covers {size(c['frame'])}, centre-crop to it")
+    steps.append(
+        f"zero-pad (centred) to {size(c['frame'])} when it fits, else cover-resize and centre-crop to it"
+        if c["fit"] == "pad"
+        else f"resize ({c['interpolation']}) keeping the aspect ratio until it covers {size(c['frame'])}, centre-crop to it"
+    )
     if c["resize"] != c["frame"]:
         steps.append(f"resize ({c['interpolation']}) to {size(c['resize'])}")
     if c["crop"] != c["resize"]:
         steps.append(f"centre-crop to {size(c['crop'])}")
-    return steps + [f"divide by {c['pixel_scale']:g}", f"subtract mean {c['mean']}, divide by std {c['std']} (per channel)",
-                    f"lay out as {c['layout']} {c['input_dtype']}, input {c['input_name']!r}"]
+    return steps + [
+        f"divide by {c['pixel_scale']:g}",
+        f"subtract mean {c['mean']}, divide by std {c['std']} (per channel)",
+        f"lay out as {c['layout']} {c['input_dtype']}, input {c['input_name']!r}",
+    ]
 
 
 # ---------------------------------------------------------------- golden data
 
 
-def write_golden(folder: Path, models: Dict[str, Path], contract: Dict[str, Any], images: np.ndarray,
-                 labels: Sequence[int]) -> Dict[str, Any]:
+def write_golden(
+    folder: Path, models: Dict[str, Path], contract: Dict[str, Any], images: np.ndarray, labels: Sequence[int]
+) -> Dict[str, Any]:
     """PNG files, their inputs as infer.py prepares them (so PNG -> infer.py -> model is what the
     checks compare), and every shipped ONNX model's output logits on those inputs."""
     out = folder / GOLDEN
@@ -164,8 +195,11 @@ def write_golden(folder: Path, models: Dict[str, Path], contract: Dict[str, Any]
     for role, logits in outputs.items():
         np.save(out / f"outputs_{role}.npy", logits)
     names = contract["class_names"]
-    expected = {"images": [str(p.relative_to(folder)) for p in pngs], "labels": [names[int(y)] for y in labels],
-                **{f"{role}_top1": [names[int(c)] for c in logits.argmax(axis=1)] for role, logits in outputs.items()}}
+    expected = {
+        "images": [str(p.relative_to(folder)) for p in pngs],
+        "labels": [names[int(y)] for y in labels],
+        **{f"{role}_top1": [names[int(c)] for c in logits.argmax(axis=1)] for role, logits in outputs.items()},
+    }
     atomic_write_json(out / "expected.json", expected)
     return expected
 
@@ -205,8 +239,11 @@ def vendor_bench(target: Path) -> None:
     # not the toolchain's own __init__ files: importing the bench runs them, and they may import
     # more than the bench needs (torch, through the pipeline's modules)
     for folder in sorted({target, *((target / m).parent for m in modules)}):
-        atomic_write_text(folder / "__init__.py", '"""Torch-free subset of the toolchain: its onnxruntime bench."""\n\n'
-                                                  + (f'__version__ = "{__version__}"\n' if folder == target else ""))
+        atomic_write_text(
+            folder / "__init__.py",
+            '"""Torch-free subset of the toolchain: its onnxruntime bench."""\n\n'
+            + (f'__version__ = "{__version__}"\n' if folder == target else ""),
+        )
 
 
 def bench_modules(root: Path) -> List[str]:
@@ -242,25 +279,39 @@ def module_level_imports(root: Path, relative: str) -> List[str]:
 
 
 def describe_models(models: Dict[str, Path]) -> Dict[str, Dict[str, str]]:
-    return {role: {"onnx": MODEL_FILES[role], "ort": Path(MODEL_FILES[role]).with_suffix(".ort").name} for role in models}
+    return {
+        role: {"onnx": MODEL_FILES[role], "ort": Path(MODEL_FILES[role]).with_suffix(".ort").name} for role in models
+    }
 
 
 def package_files(folder: Path) -> List[str]:
     """Every file of the package but the manifest, as sorted POSIX paths."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts
+    )
 
 
-def write_manifest(folder: Path, models: Dict[str, Dict[str, str]], golden: Dict[str, Any], target_platform: str) -> Dict[str, Any]:
+def write_manifest(
+    folder: Path, models: Dict[str, Dict[str, str]], golden: Dict[str, Any], target_platform: str
+) -> Dict[str, Any]:
     import onnxruntime
 
     default = models["int8" if "int8" in models else "float"]["ort"]
     manifest = {
-        "format": PACKAGE_FORMAT, "toolchain_version": __version__, "converted_with_onnxruntime": onnxruntime.__version__,
-        "target_platform": target_platform, "models": models, "default_model": default, "ort_config": ORT_CONFIG,
+        "format": PACKAGE_FORMAT,
+        "toolchain_version": __version__,
+        "converted_with_onnxruntime": onnxruntime.__version__,
+        "target_platform": target_platform,
+        "models": models,
+        "default_model": default,
+        "ort_config": ORT_CONFIG,
         "golden_images": len(golden["images"]),
-        "files": {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
-                  for name in package_files(folder)},
+        "files": {
+            name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
+            for name in package_files(folder)
+        },
     }
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest

@@ -48,8 +48,10 @@ def load_contract(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InferError(f"cannot read the preprocessing contract {path} ({exc}); keep preprocess.json next to infer.py "
-                         "or pass --contract") from None
+        raise InferError(
+            f"cannot read the preprocessing contract {path} ({exc}); keep preprocess.json next to infer.py "
+            "or pass --contract"
+        ) from None
 
 
 def preprocess_file(path: Path, contract: dict) -> np.ndarray:
@@ -87,8 +89,10 @@ def verify(path: Path, what: str, manifest_path: Path = None) -> None:
     try:
         files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise InferError(f"cannot check {path.name}: {manifest_path} is missing or unreadable; restore the package's "
-                         f"manifest.json, or {skip}") from None
+        raise InferError(
+            f"cannot check {path.name}: {manifest_path} is missing or unreadable; restore the package's "
+            f"manifest.json, or {skip}"
+        ) from None
     if not path.is_file():
         return  # session() / load_contract() say it is missing
     got = sha256(path)
@@ -100,8 +104,9 @@ def verify(path: Path, what: str, manifest_path: Path = None) -> None:
         expected = (files.get(inside) or {}).get("sha256")
         if expected != got:
             state = "is not listed in" if expected is None else "has another sha256 than"
-            raise InferError(f"{what} {path} {state} {MANIFEST} (corrupted or replaced); restore it from the package, "
-                             f"or {skip}")
+            raise InferError(
+                f"{what} {path} {state} {MANIFEST} (corrupted or replaced); restore it from the package, or {skip}"
+            )
     elif got not in {e.get("sha256") for n, e in files.items() if Path(n).suffix == path.suffix}:
         raise InferError(f"{what} {path} is not a copy of a {path.suffix} file listed in {manifest_path}; {skip}")
 
@@ -111,14 +116,18 @@ def check_fits(sess, model: Path, contract: dict) -> None:
     from another run or export is one line here, not an onnxruntime traceback on the first image."""
     shape, wanted = list(sess.get_inputs()[0].shape), list(contract.get("input_shape") or [])[1:]
     if len(shape) != 4 or any(isinstance(d, int) and d != w for d, w in zip(shape[1:], wanted)):
-        raise InferError(f"model {model} takes input {shape}, but preprocess.json prepares images as "
-                         f"[batch, {', '.join(map(str, wanted))}]; use the model and preprocess.json of one package "
-                         "(--model, --contract)")
+        raise InferError(
+            f"model {model} takes input {shape}, but preprocess.json prepares images as "
+            f"[batch, {', '.join(map(str, wanted))}]; use the model and preprocess.json of one package "
+            "(--model, --contract)"
+        )
     out = list(sess.get_outputs()[0].shape)
     classes = len(contract.get("class_names") or [])
     if out and isinstance(out[-1], int) and out[-1] != classes:
-        raise InferError(f"model {model} gives {out[-1]} scores per image, but preprocess.json names {classes} classes; "
-                         "use the model and preprocess.json of one package (--model, --contract)")
+        raise InferError(
+            f"model {model} gives {out[-1]} scores per image, but preprocess.json names {classes} classes; "
+            "use the model and preprocess.json of one package (--model, --contract)"
+        )
 
 
 def session(model: Path, threads: int = 0):
@@ -151,9 +160,9 @@ def run_model(sess, batch: np.ndarray) -> np.ndarray:
         return sess.run(None, {name: batch})[0]
     out = []
     for start in range(0, len(batch), size):
-        group = batch[start:start + size]
+        group = batch[start : start + size]
         full = np.concatenate([group, np.repeat(group[-1:], size - len(group), axis=0)])
-        out.append(sess.run(None, {name: full})[0][:len(group)])
+        out.append(sess.run(None, {name: full})[0][: len(group)])
     return np.concatenate(out)
 
 
@@ -166,21 +175,38 @@ def classify(sess, batch: np.ndarray, names, k: int):
     """Per image: the k best classes, best first, as {index, name, probability}."""
     probs = softmax(run_model(sess, batch).astype(np.float64))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[{"index": int(c), "name": names[int(c)], "probability": float(p[c])} for c in row]
-            for row, p in zip(order, probs)]
+    return [
+        [{"index": int(c), "name": names[int(c)], "probability": float(p[c])} for c in row]
+        for row, p in zip(order, probs)
+    ]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="infer.py", description="Classify image files with the packaged model "
-                                "(numpy, onnxruntime and Pillow only).")
+    p = argparse.ArgumentParser(
+        prog="infer.py",
+        description="Classify image files with the packaged model (numpy, onnxruntime and Pillow only).",
+    )
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--model", type=Path, default=None, help=f"a .ort or .onnx file (default: the first of {', '.join(DEFAULT_MODELS)})")
-    p.add_argument("--contract", type=Path, default=HERE / "preprocess.json", help="preprocessing contract (default: preprocess.json here)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help=f"a .ort or .onnx file (default: the first of {', '.join(DEFAULT_MODELS)})",
+    )
+    p.add_argument(
+        "--contract",
+        type=Path,
+        default=HERE / "preprocess.json",
+        help="preprocessing contract (default: preprocess.json here)",
+    )
     p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default 0: one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    p.add_argument("--no-verify", action="store_true", help="do not check the model and contract against "
-                   f"{MANIFEST}'s sha256 (for a model you replaced on purpose)")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help=f"do not check the model and contract against {MANIFEST}'s sha256 (for a model you replaced on purpose)",
+    )
     return p.parse_args(argv)
 
 

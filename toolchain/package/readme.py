@@ -6,18 +6,25 @@ from __future__ import annotations
 from typing import Any, Dict
 
 
-def device_readme(contract: Dict[str, Any], models: Dict[str, Dict[str, str]], golden: Dict[str, Any],
-                  target_platform: str, batches: str) -> str:
+def device_readme(
+    contract: Dict[str, Any],
+    models: Dict[str, Dict[str, str]],
+    golden: Dict[str, Any],
+    target_platform: str,
+    batches: str,
+) -> str:
     import onnxruntime
 
     default = models["int8" if "int8" in models else "float"]["ort"]
     shipped = models["int8" if "int8" in models else "float"]["onnx"]
     shape = "x".join(str(d) for d in contract["input_shape"][1:])
-    first_png = golden["images"][0]
-    rows = "\n".join(f"| `{files['onnx']}`, `{files['ort']}` | the {'INT8' if role == 'int8' else 'float'} model: "
-                     "ONNX, and ORT format for reduced onnxruntime builds |" for role, files in models.items())
+    rows = "\n".join(
+        f"| `{files['onnx']}`, `{files['ort']}` | the {'INT8' if role == 'int8' else 'float'} model: "
+        "ONNX, and ORT format for reduced onnxruntime builds |"
+        for role, files in models.items()
+    )
     steps = "\n".join(f"{i}. {step}" for i, step in enumerate(contract["steps"], 1))
-    return f"""# Device package: image classifier, {len(contract['class_names'])} classes, input {shape}
+    return f"""# Device package: image classifier, {len(contract["class_names"])} classes, input {shape}
 
 Everything a device needs to run the model, and the data to prove it runs correctly there.
 This package checked itself before it was published: each `.ort` file reproduced the golden
@@ -30,7 +37,7 @@ outputs in onnxruntime, and `infer.py` printed the expected classes for the gold
 | `labels.txt` | class names, one per line, in output order |
 | `preprocess.json` | the preprocessing contract (below) |
 | `infer.py` | classify image files (numpy, onnxruntime, Pillow; no torch) |
-| `golden/` | {len(golden['images'])} test images (`images/*.png`), their model inputs (`inputs.npy`), each model's logits (`outputs_<model>.npy`), expected classes (`expected.json`) |
+| `golden/` | {len(golden["images"])} test images (`images/*.png`), their model inputs (`inputs.npy`), each model's logits (`outputs_<model>.npy`), expected classes (`expected.json`) |
 | `toolchain/` | the toolchain's torch-free latency bench (`python -m toolchain.bench`) |
 | `manifest.json` | sha256 and size of every other file |
 
@@ -55,11 +62,11 @@ runs them: a corrupted or altered file is refused. For a model you replaced on p
 
 Check the device gives the packaged answers (compare with `golden/expected.json`):
 
-    python infer.py --model {models['float']['ort']} golden/images/*.png
+    python infer.py --model {models["float"]["ort"]} golden/images/*.png
 
 ## Preprocessing contract (`preprocess.json`)
 
-{contract['preprocessing']}. In order:
+{contract["preprocessing"]}. In order:
 
 {steps}
 
@@ -87,8 +94,8 @@ where `RUN` is the run name (`run.run_name` in `manifest.json`; the package is `
 
 _PLATFORM_NOTES = {
     "amd64": "x86-64 CPUs. The `.ort` files are optimised at onnxruntime's `extended` level, without the "
-             "NCHWc layouts that level `all` blocks for the building machine's vector width, so they run on any "
-             "x86-64 CPU; on an ARM device use a package built with `package.target_platform: arm`.",
+    "NCHWc layouts that level `all` blocks for the building machine's vector width, so they run on any "
+    "x86-64 CPU; on an ARM device use a package built with `package.target_platform: arm`.",
     "arm": "ARM CPUs. The `.ort` files leave out the x86-only NCHWc layout and allow the signed-int8 QDQ "
-           "fusions ARM's kernels prefer; the package was checked on the x86-64 machine that built it.",
+    "fusions ARM's kernels prefer; the package was checked on the x86-64 machine that built it.",
 }

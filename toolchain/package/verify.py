@@ -32,8 +32,11 @@ def damaged_files(folder: Path, manifest_sha256: Optional[str] = None) -> List[s
     if manifest is None or (manifest_sha256 and file_sha256(folder / MANIFEST) != manifest_sha256):
         return [MANIFEST]
     listed = manifest.get("files", {})
-    bad = [name for name, entry in listed.items()
-           if not (folder / name).is_file() or file_sha256(folder / name) != entry.get("sha256")]
+    bad = [
+        name
+        for name, entry in listed.items()
+        if not (folder / name).is_file() or file_sha256(folder / name) != entry.get("sha256")
+    ]
     return sorted(bad + [name for name in package_files(folder) if name not in listed])
 
 
@@ -58,7 +61,9 @@ def ort_session(path: Path):
     try:
         return infer.session(path)  # what the device runs: ORT format said explicitly
     except infer.InferError as exc:
-        raise PackageError(f"package: {path.name} does not load as an ORT-format model ({exc}); rebuild the package") from None
+        raise PackageError(
+            f"package: {path.name} does not load as an ORT-format model ({exc}); rebuild the package"
+        ) from None
 
 
 def check_ort(folder: Path, name: str, role: str, inputs: np.ndarray) -> Dict[str, Any]:
@@ -69,11 +74,15 @@ def check_ort(folder: Path, name: str, role: str, inputs: np.ndarray) -> Dict[st
     diff = float(np.abs(got - golden).max())
     agree = top1_agrees(golden, got.argmax(axis=1), 0.0 if role == "int8" else FLOAT_ATOL)
     if role == "float" and diff > FLOAT_ATOL:
-        raise PackageError(f"package: {name} differs from the golden outputs by {diff:.2e} (allowed {FLOAT_ATOL:g}); "
-                           "the ORT conversion changed the model's numbers: rebuild the package or ship the .onnx file")
+        raise PackageError(
+            f"package: {name} differs from the golden outputs by {diff:.2e} (allowed {FLOAT_ATOL:g}); "
+            "the ORT conversion changed the model's numbers: rebuild the package or ship the .onnx file"
+        )
     if not agree.all():
-        raise PackageError(f"package: {name} gives another top-1 class than the golden outputs on "
-                           f"{int((~agree).sum())} of {len(agree)} golden images; ship {name[:-4]}.onnx instead")
+        raise PackageError(
+            f"package: {name} gives another top-1 class than the golden outputs on "
+            f"{int((~agree).sum())} of {len(agree)} golden images; ship {name[:-4]}.onnx instead"
+        )
     return {"file": name, "max_abs_diff": diff, "top1_agreement": float(agree.mean())}
 
 
@@ -98,8 +107,9 @@ def no_torch_env() -> Iterator[Dict[str, str]]:
 
 def run_in_package(folder: Path, args: List[str], env: Dict[str, str], what: str) -> str:
     try:
-        proc = subprocess.run([sys.executable, *args], cwd=folder, env=env, capture_output=True, text=True,
-                              timeout=SUBPROCESS_TIMEOUT_S)
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired:
         raise PackageError(f"package: {what} did not finish in {SUBPROCESS_TIMEOUT_S} s in {folder}") from None
     if proc.returncode != 0:
@@ -116,13 +126,17 @@ def check_infer(folder: Path, manifest: Dict[str, Any], env: Dict[str, str]) -> 
     try:
         printed = [r["top"][0]["index"] for r in json.loads(out)]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise PackageError(f"package: infer.py printed no per-image JSON results in {folder}; see infer.py --help") from None
+        raise PackageError(
+            f"package: infer.py printed no per-image JSON results in {folder}; see infer.py --help"
+        ) from None
     golden = np.load(folder / GOLDEN / "outputs_float.npy")
     agree = top1_agrees(golden, np.asarray(printed), FLOAT_ATOL) if len(printed) == len(golden) else np.zeros(1, bool)
     if not agree.all():
         names = manifest_names(folder)
-        raise PackageError(f"package: infer.py {model} prints top-1 {[names[i] for i in printed]} for the golden images "
-                           f"but the ONNX model gives {expected['float_top1']}; its preprocessing differs from training")
+        raise PackageError(
+            f"package: infer.py {model} prints top-1 {[names[i] for i in printed]} for the golden images "
+            f"but the ONNX model gives {expected['float_top1']}; its preprocessing differs from training"
+        )
     return {"model": model, "images": len(printed), "top1": [int(i) for i in printed]}
 
 
@@ -133,7 +147,18 @@ def manifest_names(folder: Path) -> List[str]:
 def check_bench(folder: Path, model: str, env: Dict[str, str]) -> Dict[str, Any]:
     """The documented `python -m toolchain.bench` works from the package folder, torch-free."""
     batch = infer.fixed_batch(ort_session(folder / model)) or 1
-    args = ["-m", "toolchain.bench", model, "--batch-sizes", str(batch), "--warmup", "0", "--iterations", "2",
-            "--time-budget", "0.1"]
+    args = [
+        "-m",
+        "toolchain.bench",
+        model,
+        "--batch-sizes",
+        str(batch),
+        "--warmup",
+        "0",
+        "--iterations",
+        "2",
+        "--time-budget",
+        "0.1",
+    ]
     run_in_package(folder, args, env, "python -m toolchain.bench")
     return {"model": model, "batch_size": batch}

@@ -93,5 +93,6 @@ def allocate(groups: Sequence[GroupTable], budget: float, resolution: int = 2000
         chosen.append((g, g.options[i]))
         u -= us[i]
     chosen.reverse()
-    return Allocation({g.name: o.kept for g, o in chosen}, sum(o.cost for _, o in chosen),
-                      sum(o.importance for _, o in chosen))
+    return Allocation(
+        {g.name: o.kept for g, o in chosen}, sum(o.cost for _, o in chosen), sum(o.importance for _, o in chosen)
+    )

@@ -26,7 +26,7 @@ from . import layers as layer_stats
 from .channel import nni_channel_step
 from .dependency import channel_groups
 from .pinned import has_channel_shuffle, pinned_layers
-from .registry import PrunerSpec, PruneError, check_fit
+from .registry import PruneError, PrunerSpec, check_fit
 from .schedule import FinetuneFn, run_schedule, sparsity_steps
 from .targets import out_channels, select_targets
 from .taylor import GradientSource
@@ -67,12 +67,16 @@ def prune_model(
     shapes_before = layer_stats.snapshot(model, names)
     sparsities = sparsity_steps(cfg.sparsity, cfg.schedule, cfg.steps)
     with engine_failures(cfg, model, names):
-        prune_step = _stepper(model, cfg, spec, targets, sparsities, example_input, gradients, has_channel_shuffle(model))
+        prune_step = _stepper(
+            model, cfg, spec, targets, sparsities, example_input, gradients, has_channel_shuffle(model)
+        )
         after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
         after = _totals(model, example_input)  # runs the pruned model: one that no longer runs failed here too
     layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
     report = _report(cfg, before, after, layers, time.perf_counter() - started)
-    return PruneResult(model=model, report=report, layers=layers, after_step=after_step if cfg.method == "weight" else None)
+    return PruneResult(
+        model=model, report=report, layers=layers, after_step=after_step if cfg.method == "weight" else None
+    )
 
 
 def check_prunable(model: nn.Module, cfg, example_input: torch.Tensor, time_limit_s: float) -> float:
@@ -92,10 +96,14 @@ def check_prunable(model: nn.Module, cfg, example_input: torch.Tensor, time_limi
 
 def check_time_limit(cfg, model: nn.Module, time_limit_s: float):
     """The preflight's limit on one engine run, and the one line when it is exceeded."""
-    return time_limit(time_limit_s, lambda: PruneError(
-        f"prune: engine {cfg.engine} did not finish pruning {type(model).__name__} within {time_limit_s:g} s "
-        f"(prune.check_time_limit_s); try prune.engine: {_other(cfg)}, keep the blocks it stalls on with prune.exclude, "
-        "or raise prune.check_time_limit_s if the model is just big"))
+    return time_limit(
+        time_limit_s,
+        lambda: PruneError(
+            f"prune: engine {cfg.engine} did not finish pruning {type(model).__name__} within {time_limit_s:g} s "
+            f"(prune.check_time_limit_s); try prune.engine: {_other(cfg)}, keep the blocks it stalls on with prune.exclude, "
+            "or raise prune.check_time_limit_s if the model is just big"
+        ),
+    )
 
 
 @contextmanager
@@ -112,17 +120,21 @@ def engine_failures(cfg, model: nn.Module, targets: List[str]):
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         known = KNOWN_LIMITS.get(_innermost_function(exc.__traceback__))
         if known:  # excluding layers one by one would not get past it
-            raise PruneError(f"prune: engine {cfg.engine} cannot prune {type(model).__name__}{where}: {known} "
-                             f"({type(exc).__name__}: {first}); set prune.engine: {_other(cfg)}") from exc
-        raise PruneError(f"prune: engine {cfg.engine} failed on {type(model).__name__}{where} "
-                         f"({type(exc).__name__}: {first}); {_way_out(cfg, layer)}") from exc
+            raise PruneError(
+                f"prune: engine {cfg.engine} cannot prune {type(model).__name__}{where}: {known} "
+                f"({type(exc).__name__}: {first}); set prune.engine: {_other(cfg)}"
+            ) from exc
+        raise PruneError(
+            f"prune: engine {cfg.engine} failed on {type(model).__name__}{where} "
+            f"({type(exc).__name__}: {first}); {_way_out(cfg, layer)}"
+        ) from exc
 
 
 # Engine failures whose cause is known, by the engine function they end in (measured on the zoo, docs/zoo.md).
 KNOWN_LIMITS = {
     # NNI adds a group's filter scores as tensors: a Conv2d's [C,1,1,1] and a Linear's [C,1] broadcast
     "_metric_fuse": "its coupled channels mix Conv2d and channels-last Linear layers (ConvNeXt, Swin, MaxViT blocks), "
-                    "whose scores NNI cannot combine",
+    "whose scores NNI cannot combine",
 }
 
 
@@ -177,21 +189,31 @@ def time_limit(seconds: float, error: Callable[[], Exception]):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _stepper(model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients,
-             shuffles: bool) -> Callable[[float], Optional[Callable]]:
+def _stepper(
+    model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients, shuffles: bool
+) -> Callable[[float], Optional[Callable]]:
     """prune_step(sparsity) for the engine the recipe names (never chosen silently); `shuffles`:
     the model has known channel shuffles, whose neighbours are pinned (pinned.py)."""
     if cfg.method == "weight":
         return lambda s: level_step(model, {n: model.get_submodule(n) for n in targets}, s, cfg.scope)
     if cfg.engine == "torch_pruning":
-        return tp_stepper(model, targets, sparsities, spec.engines["torch_pruning"], cfg.align, cfg.dependency_aware, example_input,
-                          shuffles)
+        return tp_stepper(
+            model,
+            targets,
+            sparsities,
+            spec.engines["torch_pruning"],
+            cfg.align,
+            cfg.dependency_aware,
+            example_input,
+            shuffles,
+        )
     groups, blocks = _groups(model, example_input, targets, cfg.dependency_aware)
     original = {name: out_channels(m) for name, m in targets.items()}
 
     def step(sparsity: float) -> None:
-        nni_channel_step(model, groups, original, sparsity, cfg.align, spec.engines["nni"], example_input, gradients,
-                         blocks)
+        nni_channel_step(
+            model, groups, original, sparsity, cfg.align, spec.engines["nni"], example_input, gradients, blocks
+        )
 
     return step
 
@@ -200,8 +222,10 @@ def _groups(model, example_input, targets, aware: bool) -> Tuple[List[List[str]]
     try:
         return channel_groups(model, example_input, targets, aware)
     except NotImplementedError as exc:
-        raise PruneError(f"prune: {exc} is not supported by engine nni; set prune.dependency_aware: true "
-                         "or prune.engine: torch_pruning") from None
+        raise PruneError(
+            f"prune: {exc} is not supported by engine nni; set prune.dependency_aware: true "
+            "or prune.engine: torch_pruning"
+        ) from None
 
 
 def _totals(model: nn.Module, example_input: torch.Tensor) -> Dict[str, int]:

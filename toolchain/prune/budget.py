@@ -47,8 +47,13 @@ from .registry import PruneError
 from .targets import out_channels, select_targets
 
 LATENCY_KINDS = ("speedup", "latency_ms")
-UNITS = {"speedup": "x", "latency_ms": "ms", "macs": "of the student's MACs", "params": "of the student's parameters",
-         "file_bytes": "bytes"}
+UNITS = {
+    "speedup": "x",
+    "latency_ms": "ms",
+    "macs": "of the student's MACs",
+    "params": "of the student's parameters",
+    "file_bytes": "bytes",
+}
 
 
 @dataclass
@@ -93,9 +98,17 @@ class Decision:
 
     def report(self) -> Dict[str, float]:
         """The numbers that become prune.budget.* metrics."""
-        out = {"budget.target": self.target, "budget.sparsity": self.sparsity, "budget.met": float(self.met),
-               "budget.value": self.value, "budget.low": _finite(self.low), "budget.high": _finite(self.high),
-               "budget.predicted": self.predicted, "budget.trials": self.trials, "budget.retries": self.retries}
+        out = {
+            "budget.target": self.target,
+            "budget.sparsity": self.sparsity,
+            "budget.met": float(self.met),
+            "budget.value": self.value,
+            "budget.low": _finite(self.low),
+            "budget.high": _finite(self.high),
+            "budget.predicted": self.predicted,
+            "budget.trials": self.trials,
+            "budget.retries": self.retries,
+        }
         if self.batch_size is not None:
             out.update({"budget.batch_size": self.batch_size, "budget.threads": self.threads})
         return out
@@ -105,9 +118,11 @@ class Decision:
         sign = ">=" if self.kind == "speedup" else "<="
         reading = Reading(self.value, self.low, self.high, self.met)
         interval = " (95% interval)" if self.kind in ("speedup", "latency_ms") else ""
-        return (f"Budget: {self.kind} {sign} {self.target:g}{where}: {'met' if self.met else 'NOT met'}, "
-                f"{reading.text(self.kind)}{interval} at sparsity {self.sparsity:.3f} ({self.allocation}, "
-                f"{self.trials} trials)")
+        return (
+            f"Budget: {self.kind} {sign} {self.target:g}{where}: {'met' if self.met else 'NOT met'}, "
+            f"{reading.text(self.kind)}{interval} at sparsity {self.sparsity:.3f} ({self.allocation}, "
+            f"{self.trials} trials)"
+        )
 
 
 def threads_text(n: Optional[int]) -> str:
@@ -199,7 +214,9 @@ class OnnxMeter(Meter):
         path = Path(self._dir.name) / f"{name}-{self._count}.onnx"
         cfg = ExportConfig(exporter=self.budget.exporter or "dynamo", opset=self.budget.opset or 18, references=False)
         # a CPU copy: the caller's model stays where it is (training may be on a GPU)
-        export_onnx(copy.deepcopy(model).cpu(), path, self.example.cpu(), cfg, {})  # no metadata: file_bytes counts the model
+        export_onnx(
+            copy.deepcopy(model).cpu(), path, self.example.cpu(), cfg, {}
+        )  # no metadata: file_bytes counts the model
         return str(path)
 
     def student_file(self, student: nn.Module) -> str:
@@ -234,14 +251,26 @@ class LatencyMeter(OnnxMeter):
         settings = Settings(intra_op_threads=b.threads or 0, block_s=lat.block_s, blocks=lat.blocks)
         plan = Plan(lat.min_replicates, lat.max_replicates, lat.target_width, lat.budget_s, lat.isolation)
         progress = (lambda line: self.progress(f"[prune] budget {self.label}: {line}")) if self.progress else None
-        result = compare(files, [("student", "candidate")], [b.batch_size], settings, plan,
-                         decide_at=self.target if self.kind == "speedup" else None,
-                         replicate=self.replicate, progress=progress)
+        result = compare(
+            files,
+            [("student", "candidate")],
+            [b.batch_size],
+            settings,
+            plan,
+            decide_at=self.target if self.kind == "speedup" else None,
+            replicate=self.replicate,
+            progress=progress,
+        )
         ratio = result.ratio("student", "candidate", b.batch_size)
         p50s = [r["medians_ms"][f"candidate@{b.batch_size}"] for r in result.replicates]
         p50 = interval(p50s)
-        detail = {"speedup": ratio.as_dict(), "p50_ms": p50.as_dict(), "stopped": result.stopped,
-                  "replicates": len(result.replicates), "elapsed_s": result.elapsed_s}
+        detail = {
+            "speedup": ratio.as_dict(),
+            "p50_ms": p50.as_dict(),
+            "stopped": result.stopped,
+            "replicates": len(result.replicates),
+            "elapsed_s": result.elapsed_s,
+        }
         if self.kind == "speedup":
             return Reading(ratio.ratio, ratio.low, ratio.high, ratio.low >= self.target, detail)
         return Reading(p50.ratio, p50.low, p50.high, p50.high <= self.target, detail)
@@ -264,8 +293,14 @@ PruneFn = Callable[[nn.Module, Any], Any]  # (model, PruneConfig without budget)
 def trial_cfg(cfg, sparsity: float):
     """The structure at `sparsity`: L1 scores (taylor needs training batches; scores do not change
     the structure), one shot (kept counts come from the original channels either way)."""
-    return cfg.model_copy(update={"sparsity": sparsity, "budget": None, "schedule": "one_shot",
-                                  "pruner": "l1" if cfg.pruner == "taylor" else cfg.pruner})
+    return cfg.model_copy(
+        update={
+            "sparsity": sparsity,
+            "budget": None,
+            "schedule": "one_shot",
+            "pruner": "l1" if cfg.pruner == "taylor" else cfg.pruner,
+        }
+    )
 
 
 class Search:
@@ -286,8 +321,16 @@ class Search:
             reading = self.meter(self.model, result.model)
             self.readings[index] = reading
             self.results = {index: result} if reading.met else self.results  # keep the best met one only
-            self.history.append({"sparsity": self.grid[index], "value": reading.value, "low": reading.low,
-                                 "high": reading.high, "met": reading.met, "stage": "search"})
+            self.history.append(
+                {
+                    "sparsity": self.grid[index],
+                    "value": reading.value,
+                    "low": reading.low,
+                    "high": reading.high,
+                    "met": reading.met,
+                    "stage": "search",
+                }
+            )
         return self.readings[index]
 
     def least_meeting(self) -> int:
@@ -314,13 +357,16 @@ class Unreachable(Exception):
 def unreachable_message(cfg, model: nn.Module, sparsity: float, reading: Reading) -> str:
     b = cfg.budget
     where = f" at batch {b.batch_size}, {threads_text(b.threads)}" if b.kind in LATENCY_KINDS else ""
-    best = {"speedup": f"the best reachable is {reading.value:.2f}x (95% interval [{reading.low:.2f}, {reading.high:.2f}])",
-            "latency_ms": f"the best reachable is {reading.value:.3f} ms (95% interval [{reading.low:.3f}, {reading.high:.3f}])",
-            "file_bytes": f"the best reachable is {int(reading.value)} bytes",
-            }.get(b.kind, f"the best reachable is {reading.value:.4f}")
-    return (f"prune.budget.{b.kind} {b.target:g} cannot be reached by {type(model).__name__}: the most-pruned aligned "
-            f"model (sparsity {sparsity:.3f}, every prunable layer at {cfg.align} channels{where}) misses it; {best}; "
-            f"relax the budget, or lower prune.align / shrink prune.exclude")
+    best = {
+        "speedup": f"the best reachable is {reading.value:.2f}x (95% interval [{reading.low:.2f}, {reading.high:.2f}])",
+        "latency_ms": f"the best reachable is {reading.value:.3f} ms (95% interval [{reading.low:.3f}, {reading.high:.3f}])",
+        "file_bytes": f"the best reachable is {int(reading.value)} bytes",
+    }.get(b.kind, f"the best reachable is {reading.value:.4f}")
+    return (
+        f"prune.budget.{b.kind} {b.target:g} cannot be reached by {type(model).__name__}: the most-pruned aligned "
+        f"model (sparsity {sparsity:.3f}, every prunable layer at {cfg.align} channels{where}) misses it; {best}; "
+        f"relax the budget, or lower prune.align / shrink prune.exclude"
+    )
 
 
 def check_reachable(model: nn.Module, cfg, meter: Meter, prune_fn: PruneFn) -> Reading:
@@ -353,17 +399,39 @@ def choose(model: nn.Module, cfg, meter: Meter, prune_fn: PruneFn) -> Tuple[Any,
         meter.label = f"chosen model at sparsity {grid[index]:.3f}"
         again = not same or meter.kind in LATENCY_KINDS
         reading = meter(model, result.model) if again else search.readings[index]
-        search.history.append({"sparsity": grid[index], "value": reading.value, "low": reading.low,
-                               "high": reading.high, "met": reading.met, "stage": "final"})
+        search.history.append(
+            {
+                "sparsity": grid[index],
+                "value": reading.value,
+                "low": reading.low,
+                "high": reading.high,
+                "met": reading.met,
+                "stage": "final",
+            }
+        )
         if reading.met or retries >= cfg.budget.max_retries or index == len(grid) - 1:
             break
         index, retries = index + 1, retries + 1
     b = cfg.budget
     latency = b.kind in ("speedup", "latency_ms")
-    decision = Decision(b.kind, float(b.target), cfg.allocation, grid[index], reading.met, reading.value, reading.low,
-                        reading.high, predicted, search.trials, retries, len(grid),
-                        b.batch_size if latency else None, b.threads if latency else None, search.history,
-                        reading.detail)
+    decision = Decision(
+        b.kind,
+        float(b.target),
+        cfg.allocation,
+        grid[index],
+        reading.met,
+        reading.value,
+        reading.low,
+        reading.high,
+        predicted,
+        search.trials,
+        retries,
+        len(grid),
+        b.batch_size if latency else None,
+        b.threads if latency else None,
+        search.history,
+        reading.detail,
+    )
     return result, decision
 
 

@@ -24,7 +24,11 @@ from .taylor import GradientSource, taylor_masks
 
 
 def nni_config(
-    model: nn.Module, groups: List[List[str]], original: Dict[str, int], sparsity: float, align: int,
+    model: nn.Module,
+    groups: List[List[str]],
+    original: Dict[str, int],
+    sparsity: float,
+    align: int,
     blocks: Optional[Dict[str, int]] = None,
 ) -> List[dict]:
     """One NNI config entry per group that still has channels to drop at `sparsity`.

@@ -66,7 +66,9 @@ def coupled_sets(model: nn.Module, example_input: torch.Tensor) -> Tuple[List[se
         # ~70% of the time); the graph is the same without it.
         traced = torch.jit.trace(model, example_input, strict=False, check_trace=False)
         sets = [set(s) for s in channels(model, example_input, traced_model=traced).dependency_sets]
-        blocks = {name: int(n) for name, n in groups(model, example_input, traced_model=traced).dependency.items() if n > 1}
+        blocks = {
+            name: int(n) for name, n in groups(model, example_input, traced_model=traced).dependency.items() if n > 1
+        }
     return sets, blocks
 
 
@@ -89,7 +91,9 @@ def channel_groups(
         grouped = _grouped_convs(model)
         if grouped:
             more = f" and {len(grouped) - 1} more" if len(grouped) > 1 else ""
-            raise NotImplementedError(f"per-layer (dependency_aware: false) pruning of grouped convs ({grouped[0]}{more})")
+            raise NotImplementedError(
+                f"per-layer (dependency_aware: false) pruning of grouped convs ({grouped[0]}{more})"
+            )
         return [[name] for name in targets], {}
     order = {name: i for i, name in enumerate(targets)}
     sets, blocks = coupled_sets(model, example_input)

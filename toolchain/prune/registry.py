@@ -33,11 +33,25 @@ PRUNERS: Registry = Registry("pruner")
 
 _SPECS = (
     PrunerSpec("level", "weight", "smallest-magnitude weights zeroed (NNI LevelPruner)", {"nni": "LevelPruner"}),
-    PrunerSpec("l1", "channel", "filters with the smallest L1 norm removed", {"nni": "L1NormPruner", "torch_pruning": "l1"}),
-    PrunerSpec("l2", "channel", "filters with the smallest L2 norm removed", {"nni": "L2NormPruner", "torch_pruning": "l2"}),
-    PrunerSpec("fpgm", "channel", "filters nearest the geometric median removed (FPGM)", {"nni": "FPGMPruner", "torch_pruning": "fpgm"}),
-    PrunerSpec("taylor", "channel", "filters whose removal changes the training loss least, (weight x gradient)^2 "
-               "summed over prune.taylor_batches training batches (Molchanov 2019)", {"nni": "TaylorPruner"}),
+    PrunerSpec(
+        "l1", "channel", "filters with the smallest L1 norm removed", {"nni": "L1NormPruner", "torch_pruning": "l1"}
+    ),
+    PrunerSpec(
+        "l2", "channel", "filters with the smallest L2 norm removed", {"nni": "L2NormPruner", "torch_pruning": "l2"}
+    ),
+    PrunerSpec(
+        "fpgm",
+        "channel",
+        "filters nearest the geometric median removed (FPGM)",
+        {"nni": "FPGMPruner", "torch_pruning": "fpgm"},
+    ),
+    PrunerSpec(
+        "taylor",
+        "channel",
+        "filters whose removal changes the training loss least, (weight x gradient)^2 "
+        "summed over prune.taylor_batches training batches (Molchanov 2019)",
+        {"nni": "TaylorPruner"},
+    ),
 )
 for _spec in _SPECS:
     PRUNERS.register(_spec.name)(_spec)
@@ -45,7 +59,11 @@ for _spec in _SPECS:
 
 def fitting(method: str, engine: str | None = None) -> list:
     """Pruner names that serve `method` (and `engine`, when given)."""
-    return [n for n in PRUNERS.names() if PRUNERS.get(n).method == method and (engine is None or engine in PRUNERS.get(n).engines)]
+    return [
+        n
+        for n in PRUNERS.names()
+        if PRUNERS.get(n).method == method and (engine is None or engine in PRUNERS.get(n).engines)
+    ]
 
 
 def check_fit(method: str, pruner: str, engine: str, scope: str = "layer") -> PrunerSpec:

@@ -36,8 +36,10 @@ def run_schedule(
     that is the pipeline's own fine-tune stage). Returns the last step's after_step."""
     after_step = None
     if len(sparsities) > 1 and (finetune_fn is None or step_epochs == 0):
-        _LOG.warning("iterative pruning without fine-tuning between steps (no finetune_fn or step_epochs 0): "
-                     "the steps run back to back, which only costs time over one_shot")
+        _LOG.warning(
+            "iterative pruning without fine-tuning between steps (no finetune_fn or step_epochs 0): "
+            "the steps run back to back, which only costs time over one_shot"
+        )
     for i, sparsity in enumerate(sparsities):
         after_step = prune_step(sparsity)
         last = i == len(sparsities) - 1

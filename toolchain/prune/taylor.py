@@ -34,11 +34,15 @@ class GradientSource:
     steps: int  # batches to accumulate (the batches are cycled if there are fewer)
 
 
-def taylor_masks(model: nn.Module, config: List[dict], source: GradientSource | None) -> Dict[str, Dict[str, torch.Tensor]]:
+def taylor_masks(
+    model: nn.Module, config: List[dict], source: GradientSource | None
+) -> Dict[str, Dict[str, torch.Tensor]]:
     """NNI TaylorPruner masks for `config` (the same entries L1/L2/FPGM get)."""
     if source is None:
-        raise PruneError("prune.pruner 'taylor' scores channels with training gradients, but no training batches "
-                         "were given; run it through the pipeline or pass prune_model(..., gradients=GradientSource(...))")
+        raise PruneError(
+            "prune.pruner 'taylor' scores channels with training gradients, but no training batches "
+            "were given; run it through the pipeline or pass prune_model(..., gradients=GradientSource(...))"
+        )
     nni_compat.import_nni_quietly()
     import nni
     from nni.compression.pruning import TaylorPruner

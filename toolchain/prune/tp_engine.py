@@ -61,16 +61,26 @@ def _shuffle_views(active: bool) -> Iterator[None]:
 
 
 def tp_stepper(
-    model: nn.Module, targets: Dict[str, nn.Module], sparsities: List[float], importance: str,
-    align: int, dependency_aware: bool, example_input: torch.Tensor, shuffles: bool = False,
+    model: nn.Module,
+    targets: Dict[str, nn.Module],
+    sparsities: List[float],
+    importance: str,
+    align: int,
+    dependency_aware: bool,
+    example_input: torch.Tensor,
+    shuffles: bool = False,
 ) -> Callable[[float], None]:
     """A prune_step(sparsity) that advances a Torch-Pruning MetaPruner one step."""
     if not dependency_aware:
-        raise PruneError("prune.engine torch_pruning is always dependency-aware; set prune.dependency_aware: true or use engine nni")
+        raise PruneError(
+            "prune.engine torch_pruning is always dependency-aware; set prune.dependency_aware: true or use engine nni"
+        )
     try:
         import torch_pruning as tp
     except ImportError:
-        raise PruneError("prune.engine torch_pruning needs the torch-pruning package: pip install torch-pruning") from None
+        raise PruneError(
+            "prune.engine torch_pruning needs the torch-pruning package: pip install torch-pruning"
+        ) from None
 
     was_training = model.training
     model.eval()

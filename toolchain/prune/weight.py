@@ -62,7 +62,9 @@ def global_threshold(targets: Dict[str, nn.Module], sparsity: float) -> float:
 def level_config(targets: Dict[str, nn.Module], sparsity: float, scope: str) -> List[dict]:
     names = list(targets)
     if scope == "global":
-        return [{"op_names": names, "target_names": ["weight"], "sparse_threshold": global_threshold(targets, sparsity)}]
+        return [
+            {"op_names": names, "target_names": ["weight"], "sparse_threshold": global_threshold(targets, sparsity)}
+        ]
     return [{"op_names": names, "target_names": ["weight"], "sparse_ratio": sparsity}]
 
 

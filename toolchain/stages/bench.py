@@ -54,15 +54,28 @@ class Bench(Stage):
             from ..bench.torch_eager import torch_eager_latency
 
             shape = tuple(export.result.artifacts["final"].metadata["input_shape"][1:])
-            eager = torch_eager_latency(cpu_copy(job.inputs["model"].model), shape, cfg.batch_sizes, cfg.warmup,
-                                        cfg.iterations, cfg.time_budget_s)
+            eager = torch_eager_latency(
+                cpu_copy(job.inputs["model"].model),
+                shape,
+                cfg.batch_sizes,
+                cfg.warmup,
+                cfg.iterations,
+                cfg.time_budget_s,
+            )
         path = job.stage_dir / "bench.json"
-        atomic_write_json(path, {"onnxruntime": results, "torch_eager": eager,
-                                 "comparisons": {p: c.summary() for p, c in comparisons.items()}})
+        atomic_write_json(
+            path,
+            {
+                "onnxruntime": results,
+                "torch_eager": eager,
+                "comparisons": {p: c.summary() for p, c in comparisons.items()},
+            },
+        )
         art = BenchArtifact(path.name, {role: p50_smallest(r) for role, r in results.items()}, file_sha256(path))
         metrics = bench_metrics(results, eager, comparisons)
-        return StageResult(metrics, artifacts={"bench": art},
-                           info={"table": latency_table(results, eager, comparisons)})
+        return StageResult(
+            metrics, artifacts={"bench": art}, info={"table": latency_table(results, eager, comparisons)}
+        )
 
     def headline(self, output: StageOutput) -> Dict[str, float]:
         return dict(output.metrics)
@@ -83,8 +96,9 @@ class Bench(Stage):
         return derived
 
 
-def pe_latency(outputs, model_metrics: Dict[str, float], own_stage: str, bench: Dict[str, float],
-               prefix: str) -> Dict[str, float]:
+def pe_latency(
+    outputs, model_metrics: Dict[str, float], own_stage: str, bench: Dict[str, float], prefix: str
+) -> Dict[str, float]:
     """pe_latency = retention x (1 - 1 / speedup) at the smallest CPU batch, for the measured speedup
     and for both ends of its interval (keys ..pe_latency, ..pe_latency_lo, ..pe_latency_hi)."""
     batches = sorted(int(k.rsplit("bs", 1)[1]) for k in bench if k.startswith(f"{prefix}latency_p50_ms.cpu.bs"))
@@ -92,8 +106,10 @@ def pe_latency(outputs, model_metrics: Dict[str, float], own_stage: str, bench: 
         return {}
     out: Dict[str, float] = {}
     for end in ("", "_lo", "_hi"):
-        speedups = {stage: bench.get(f"{prefix}speedup_vs_{label}.cpu.bs{batches[0]}{end}")
-                    for label, stage in REFERENCES.items()}
+        speedups = {
+            stage: bench.get(f"{prefix}speedup_vs_{label}.cpu.bs{batches[0]}{end}")
+            for label, stage in REFERENCES.items()
+        }
         latency = {"final": 1.0, **{stage: v for stage, v in speedups.items() if v}}  # ratios stand in for p50s
         pe = pe_against_references(outputs, model_metrics, own_stage, latency)
         out.update({f"{prefix}{k}{end}": v for k, v in pe.items() if k.endswith("pe_latency")})
@@ -106,15 +122,27 @@ def measure(files: Dict[str, Any], pairs: List[Tuple[str, str]], cfg) -> Tuple[D
     comparisons: Dict[str, Comparison] = {}
     results: Dict[str, Any] = {role: {"model": str(path), "results": []} for role, path in files.items()}
     for provider in cfg.providers:
-        tqdm.write(f"[bench] {provider}: {', '.join(files)}; ratios {', '.join(f'{a}/{b}' for a, b in pairs) or '-'} "
-                   f"at batch {', '.join(map(str, cfg.batch_sizes))}, replicated in fresh processes")
-        c = compare(files, pairs, cfg.batch_sizes, _with_provider(settings, provider), plan,
-                    progress=lambda line, p=provider: tqdm.write(f"[bench] {p} {line}"))
+        tqdm.write(
+            f"[bench] {provider}: {', '.join(files)}; ratios {', '.join(f'{a}/{b}' for a, b in pairs) or '-'} "
+            f"at batch {', '.join(map(str, cfg.batch_sizes))}, replicated in fresh processes"
+        )
+        c = compare(
+            files,
+            pairs,
+            cfg.batch_sizes,
+            _with_provider(settings, provider),
+            plan,
+            progress=lambda line, p=provider: tqdm.write(f"[bench] {p} {line}"),
+        )
         comparisons[provider] = c
         for role in files:
             results[role]["results"] += c.stats(role)
-            results[role]["environment"] = {**c.environment, "providers_active": {provider: [PROVIDERS[provider]]},
-                                            "replicates": len(c.replicates), "stopped": c.stopped}
+            results[role]["environment"] = {
+                **c.environment,
+                "providers_active": {provider: [PROVIDERS[provider]]},
+                "replicates": len(c.replicates),
+                "stopped": c.stopped,
+            }
     return results, comparisons
 
 
@@ -145,27 +173,48 @@ def bench_metrics(results: Dict[str, Any], eager, comparisons: Dict[str, Compari
     return out
 
 
+def _load_note(c: Comparison) -> str:
+    """A loaded machine distorts wall-clock ratios: say so where the numbers are read."""
+    load, cores = c.environment.get("load_average", {}), c.environment.get("cpu_affinity") or 1
+    peak = max((v for v in load.values() if v is not None), default=None)
+    return (
+        f"; machine loaded (load average {peak:.1f} on {cores} CPUs): re-measure on a quiet one"
+        if peak and peak > cores
+        else ""
+    )
+
+
 def latency_table(results: Dict[str, Any], eager, comparisons: Dict[str, Comparison]) -> str:
     """One line per (model, provider, batch): p50, p90, throughput, and each ratio with its interval."""
     from ..bench.ort import format_environment
 
-    header = (f"{'model':<8} {'provider':<8} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>9} "
-              f"{'vs teacher':>18} {'vs student':>18} {'vs float':>18}")
+    header = (
+        f"{'model':<8} {'provider':<8} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'img/s':>9} "
+        f"{'vs teacher':>18} {'vs student':>18} {'vs float':>18}"
+    )
     lines = ["onnxruntime latency (" + format_environment(results["final"]) + ")", header, "-" * len(header)]
     for name in results:
         for r in result_rows(results[name]):
             c = comparisons[r["provider"]]
-            cells = [c.ratio(ref, name, r["batch_size"]).text() if (ref, name) in c.pairs else "-"
-                     for ref in ("teacher", "student", "final")]
-            lines.append(f"{name:<8} {r['provider']:<8} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
-                         f"{r['throughput_img_s']:>9.0f} {cells[0]:>18} {cells[1]:>18} {cells[2]:>18}")
+            cells = [
+                c.ratio(ref, name, r["batch_size"]).text() if (ref, name) in c.pairs else "-"
+                for ref in ("teacher", "student", "final")
+            ]
+            lines.append(
+                f"{name:<8} {r['provider']:<8} {r['batch_size']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
+                f"{r['throughput_img_s']:>9.0f} {cells[0]:>18} {cells[1]:>18} {cells[2]:>18}"
+            )
     for provider, c in comparisons.items():
-        lines.append(f"{provider}: ratio = median over {len(c.replicates)} fresh-process replicates [95% interval], "
-                     f"stopped: {c.stopped} ({c.elapsed_s:.0f} s)")
+        lines.append(
+            f"{provider}: ratio = median over {len(c.replicates)} fresh-process replicates [95% interval], "
+            f"stopped: {c.stopped} ({c.elapsed_s:.0f} s){_load_note(c)}"
+        )
     final = {r["batch_size"]: r["p50_ms"] for r in result_rows(results["final"]) if r["provider"] == "cpu"}
     for r in result_rows(eager or []):
         ort = final.get(r["batch_size"])
         if ort:
-            lines.append(f"PyTorch eager, final model, batch {r['batch_size']}: p50 {r['p50_ms']:.3f} ms "
-                         f"-> onnxruntime is {r['p50_ms'] / ort:.2f}x faster (one process, no interval)")
+            lines.append(
+                f"PyTorch eager, final model, batch {r['batch_size']}: p50 {r['p50_ms']:.3f} ms "
+                f"-> onnxruntime is {r['p50_ms'] / ort:.2f}x faster (one process, no interval)"
+            )
     return "\n".join(lines)

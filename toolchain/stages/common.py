@@ -13,13 +13,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..bench.compare import Plan, Settings
-from ..train import ddp as dist
-from ..models.checkpoint import load_weights, save_state
 from ..engine.artifacts import ModelArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput
 from ..fsutil import file_sha256
 from ..metrics import model_stats, performance_efficiency
 from ..models import resolve
+from ..models.checkpoint import load_weights, save_state
+from ..train import ddp as dist
 from ..train.loop import evaluate, fit, memory_layout
 from ..train.tasks import make_task
 
@@ -67,8 +67,13 @@ def check_features(train_cfg, student, teacher, data, section: str) -> None:
 
     if train_cfg is None or not train_cfg.features or teacher is None:
         return
-    FeatureDistiller(train_cfg.features, resolve.architecture(student, data.num_classes),
-                     resolve.architecture(teacher, data.num_classes), data.input_shape, section)
+    FeatureDistiller(
+        train_cfg.features,
+        resolve.architecture(student, data.num_classes),
+        resolve.architecture(teacher, data.num_classes),
+        data.input_shape,
+        section,
+    )
 
 
 def load_model(job: Job, art: ModelArtifact) -> torch.nn.Module:
@@ -86,8 +91,9 @@ def load_model(job: Job, art: ModelArtifact) -> torch.nn.Module:
     return model
 
 
-def train(job: Job, model, cfg, stage: str, resumable: bool = True, after_step=None,
-          report: Optional[Dict[str, float]] = None) -> List[Dict[str, float]]:
+def train(
+    job: Job, model, cfg, stage: str, resumable: bool = True, after_step=None, report: Optional[Dict[str, float]] = None
+) -> List[Dict[str, float]]:
     """The one training entry point of the pipeline (all stages go through `fit`).
 
     Feature-distillation adapters are built here, from the model as it is now (a pruned
@@ -99,9 +105,17 @@ def train(job: Job, model, cfg, stage: str, resumable: bool = True, after_step=N
         report["adapter_params"] = task.features.num_params()
     with memory_layout(model, task, cfg.channels_last):
         trained = dist.wrap_for_training(model, job.device)
-        result = fit(trained, task, job.data.train, job.data.val, cfg, stage=stage,
-                     state_path=job.stage_dir / "train_state.pt" if resumable else None,
-                     on_epoch=lambda epoch, m: job.run.log_metrics(m, step=epoch), after_step=after_step)
+        result = fit(
+            trained,
+            task,
+            job.data.train,
+            job.data.val,
+            cfg,
+            stage=stage,
+            state_path=job.stage_dir / "train_state.pt" if resumable else None,
+            on_epoch=lambda epoch, m: job.run.log_metrics(m, step=epoch),
+            after_step=after_step,
+        )
     dist.debug_record(stage, job.data.train, model, task.features)
     return result.history
 
@@ -120,8 +134,9 @@ def finalize(job: Job, model, arch: Dict[str, Any], history=None, extra=None, ke
         **model_stats(model, (1, *job.data.input_shape)),
         **(extra or {}),
     }
-    art = ModelArtifact(checkpoint.name, num_classes=job.data.num_classes, keep_zeros=keep_zeros,
-                        sha256=file_sha256(checkpoint), **arch)
+    art = ModelArtifact(
+        checkpoint.name, num_classes=job.data.num_classes, keep_zeros=keep_zeros, sha256=file_sha256(checkpoint), **arch
+    )
     return StageResult(metrics, history or [], {"model": art})
 
 
@@ -135,8 +150,12 @@ def model_fingerprint(model_cfg) -> Dict[str, Any]:
     return {"checkpoint": file_digest(model_cfg.checkpoint), **({"weights": weights} if weights else {})}
 
 
-def pe_against_references(outputs: Dict[str, StageOutput], metrics: Dict[str, float], own_stage: str,
-                          latency: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+def pe_against_references(
+    outputs: Dict[str, StageOutput],
+    metrics: Dict[str, float],
+    own_stage: str,
+    latency: Optional[Dict[str, float]] = None,
+) -> Dict[str, float]:
     """PE of a model (made by `own_stage`, or its INT8 version) against this run's teacher and unpruned
     KD student, those present and not `own_stage` itself (a model is no reference for itself).
     latency: reference stage -> p50 ms, plus "final" for the model itself."""
@@ -146,8 +165,15 @@ def pe_against_references(outputs: Dict[str, StageOutput], metrics: Dict[str, fl
             continue
         r = outputs[ref].result.metrics
         pe = performance_efficiency(
-            metrics["test_accuracy"], r["test_accuracy"], metrics["nonzero_params"], r["params"], metrics["macs"], r["macs"],
-            None if latency is None else latency.get("final"), None if latency is None else latency.get(ref))
+            metrics["test_accuracy"],
+            r["test_accuracy"],
+            metrics["nonzero_params"],
+            r["params"],
+            metrics["macs"],
+            r["macs"],
+            None if latency is None else latency.get("final"),
+            None if latency is None else latency.get(ref),
+        )
         out.update({f"vs_{label}.{k}": v for k, v in pe.items() if v is not None})
     return out
 
@@ -179,8 +205,11 @@ def latency_plan(section) -> Tuple[Settings, Plan]:
     """A recipe section with threads and a `latency` subsection -> how bench/compare.py measures:
     the target's threads (recorded with every ratio) and the replication plan."""
     lat = section.latency
-    settings = Settings(intra_op_threads=section.intra_op_threads,
-                        inter_op_threads=getattr(section, "inter_op_threads", 1),
-                        graph_optimization=getattr(section, "graph_optimization", "all"),
-                        block_s=lat.block_s, blocks=lat.blocks)
+    settings = Settings(
+        intra_op_threads=section.intra_op_threads,
+        inter_op_threads=getattr(section, "inter_op_threads", 1),
+        graph_optimization=getattr(section, "graph_optimization", "all"),
+        block_s=lat.block_s,
+        blocks=lat.blocks,
+    )
     return settings, Plan(lat.min_replicates, lat.max_replicates, lat.target_width, lat.budget_s, lat.isolation)

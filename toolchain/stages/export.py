@@ -67,7 +67,9 @@ def export_model(job: Job, source: StageOutput, relative: str) -> OnnxArtifact:
     info = export_onnx(model, path, job.data.example_batch(2).cpu(), cfg, metadata)
     info.pop("path")  # absolute; the artifact's file is relative to the stage folder
     x, _ = next(iter(job.data.val))
-    parity = check_parity(model, path, x[:PARITY_BATCH].cpu(), cfg.parity_atol, cfg.parity_min_agreement, cfg.parity_rtol)
+    parity = check_parity(
+        model, path, x[:PARITY_BATCH].cpu(), cfg.parity_atol, cfg.parity_min_agreement, cfg.parity_rtol
+    )
     accuracy = onnx_accuracy(path, cpu_batches(job.data.test))
     return OnnxArtifact(relative, source.name, metadata, parity, info, accuracy, file_sha256(path))
 
@@ -127,18 +129,31 @@ def publish_onnx(run, output: StageOutput) -> Dict[str, Path]:
     metadata = stamp_and_write(run, output.path(art.file), art.metadata, onnx_path)
     # an INT8 file of an earlier model must not sit next to this one (quantize's publish writes the new one)
     (run.run_dir / "model_int8.onnx").unlink(missing_ok=True)
-    sha = file_sha256(onnx_path)  # this run's bytes (its identity is stamped in): what `attach` matches a device JSON to
+    sha = file_sha256(
+        onnx_path
+    )  # this run's bytes (its identity is stamped in): what `attach` matches a device JSON to
     card = model_card(run, art, metadata)
     card["files"] = {"model.onnx": {**file_sizes(onnx_path), "sha256": sha}}
     atomic_write_json(card_path, card)
     if run.tracker.uri is not None:
         # through the tracker: against a server that died, one masked line instead of MLflow's traceback with the URI
-        model_uri = run.tracker._call("logging the ONNX model", log_onnx_to_mlflow, onnx_path,
-                                      run.data.example_batch(2).cpu().numpy(), run_id=run.parent.run_id)
-        run.summary.data["mlflow"]["model_uri"] = model_uri  # tracking.register_model registers it when the run finishes
+        model_uri = run.tracker._call(
+            "logging the ONNX model",
+            log_onnx_to_mlflow,
+            onnx_path,
+            run.data.example_batch(2).cpu().numpy(),
+            run_id=run.parent.run_id,
+        )
+        run.summary.data["mlflow"]["model_uri"] = (
+            model_uri  # tracking.register_model registers it when the run finishes
+        )
         run.parent.log_artifact(card_path)
     # references are the cached files as exported: a device timing them gives pe_latency on the device
-    refs = {f"toolchain.sha256.reference.{role}": a.sha256 for role, a in output.result.artifacts.items() if role != "final" and a.sha256}
+    refs = {
+        f"toolchain.sha256.reference.{role}": a.sha256
+        for role, a in output.result.artifacts.items()
+        if role != "final" and a.sha256
+    }
     run.parent.set_tags({"toolchain.sha256.model.onnx": sha, **refs})
     return {"model.onnx": onnx_path, "model_card.json": card_path}
 
@@ -153,8 +168,13 @@ def stamp_and_write(run, cached: Path, content: Dict[str, Any], dst: Path) -> Di
     identity = run.identity()
     final = run.final_model()
     pe = {k: v for k, v in final.metrics.items() if k.startswith("vs_")} if final else {}
-    metadata = {**content, "run_name": identity["run_name"], "recipe_hash": identity["recipe_hash"],
-                "performance_efficiency": pe, "mlflow_parent_run_id": run.parent.run_id or ""}
+    metadata = {
+        **content,
+        "run_name": identity["run_name"],
+        "recipe_hash": identity["recipe_hash"],
+        "performance_efficiency": pe,
+        "mlflow_parent_run_id": run.parent.run_id or "",
+    }
     proto = onnx.load(str(cached))
     set_metadata(proto, metadata)
     with atomic_path(dst) as tmp:
@@ -194,5 +214,17 @@ def _budget_decision(run) -> Dict[str, Any]:
     """prune.budget: what the prune stage decided and measured (its budget.json has every probed point)."""
     info = run.outputs["prune"].result.info if "prune" in run.outputs else {}
     decision = info.get("budget") or {}
-    keys = ("kind", "target", "allocation", "sparsity", "met", "value", "low", "high", "batch_size", "threads", "retries")
+    keys = (
+        "kind",
+        "target",
+        "allocation",
+        "sparsity",
+        "met",
+        "value",
+        "low",
+        "high",
+        "batch_size",
+        "threads",
+        "retries",
+    )
     return {**{k: decision.get(k) for k in keys}, "line": info.get("budget_line")}

@@ -42,32 +42,44 @@ class Package(Stage):
         """The golden images come from the test split: too few fails now, not after training."""
         available = len(data.test.labels)
         if cfg.package.golden_images > available:
-            raise PackageError(f"package.golden_images is {cfg.package.golden_images} but the test split has {available} "
-                               f"images; set package.golden_images: {available} or less")
+            raise PackageError(
+                f"package.golden_images is {cfg.package.golden_images} but the test split has {available} "
+                f"images; set package.golden_images: {available} or less"
+            )
 
     def compute(self, job: Job) -> StageResult:
         cfg, art = job.cfg.package, job.inputs["export"].result.artifacts["final"]
         models = shipped_models(job)
-        tqdm.write(f"[package] {', '.join(models)} model(s) -> ONNX + ORT format ({cfg.target_platform}), "
-                   f"{cfg.golden_images} golden images, self-check")
+        tqdm.write(
+            f"[package] {', '.join(models)} model(s) -> ONNX + ORT format ({cfg.target_platform}), "
+            f"{cfg.golden_images} golden images, self-check"
+        )
         images, labels = golden_images(job.data, cfg.golden_images)
         folder = job.stage_dir / PACKAGE_DIR
         manifest = build_package(folder, models, art.metadata, images, labels, cfg.target_platform)
         checks = verify_package(folder)
         hashes = {name: entry["sha256"] for name, entry in manifest["files"].items()}
         hashes[MANIFEST] = file_sha256(folder / MANIFEST)
-        info = {"target_platform": cfg.target_platform, "models": manifest["models"], "files": sorted(manifest["files"]),
-                "checks": checks}
-        return StageResult(package_metrics(manifest, checks), artifacts={"package": PackageArtifact(PACKAGE_DIR, hashes)},
-                           info=info)
+        info = {
+            "target_platform": cfg.target_platform,
+            "models": manifest["models"],
+            "files": sorted(manifest["files"]),
+            "checks": checks,
+        }
+        return StageResult(
+            package_metrics(manifest, checks), artifacts={"package": PackageArtifact(PACKAGE_DIR, hashes)}, info=info
+        )
 
     def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
         # the runner verified every file's sha256 before reusing this entry
-        target = publish_folder(output.path(PACKAGE_DIR), run.run_dir / PACKAGE_DIR,
-                                lambda staging: ship_run_models(run, staging))
+        target = publish_folder(
+            output.path(PACKAGE_DIR), run.run_dir / PACKAGE_DIR, lambda staging: ship_run_models(run, staging)
+        )
         run.summary.add_files({PACKAGE_DIR: target})
         # `attach` accepts a device's timing of the package's ORT-format files by these hashes
-        run.parent.set_tags({f"toolchain.sha256.{PACKAGE_DIR}/{f.name}": file_sha256(f) for f in sorted(target.glob("*.ort"))})
+        run.parent.set_tags(
+            {f"toolchain.sha256.{PACKAGE_DIR}/{f.name}": file_sha256(f) for f in sorted(target.glob("*.ort"))}
+        )
         child.log_dict(output.result.info["checks"], "package_checks.json")
         if run.tracker.uri is not None:
             for name in [*output.result.info["files"], MANIFEST]:
@@ -101,16 +113,21 @@ def golden_images(data, n: int) -> Tuple[np.ndarray, List[int]]:
     import torch
 
     if len(data.test.labels) < n:
-        raise PackageError(f"package.golden_images is {n} but the test split has {len(data.test.labels)} images; "
-                           f"set package.golden_images: {len(data.test.labels)} or less")
+        raise PackageError(
+            f"package.golden_images is {n} but the test split has {len(data.test.labels)} images; "
+            f"set package.golden_images: {len(data.test.labels)} or less"
+        )
     idx = torch.arange(n)
     return data.test.images[idx].numpy(), [int(v) for v in data.test.labels[idx]]
 
 
 def package_metrics(manifest: Dict[str, Any], checks: Dict[str, Any]) -> Dict[str, float]:
     files = manifest["files"]
-    metrics = {"package.files": len(files), "package.bytes": sum(f["bytes"] for f in files.values()),
-               "package.float_ort_max_abs_diff": checks["float"]["max_abs_diff"]}
+    metrics = {
+        "package.files": len(files),
+        "package.bytes": sum(f["bytes"] for f in files.values()),
+        "package.float_ort_max_abs_diff": checks["float"]["max_abs_diff"],
+    }
     if "int8" in checks:
         metrics["package.int8_ort_top1_agreement"] = checks["int8"]["top1_agreement"]
     return metrics
@@ -128,8 +145,9 @@ def publish_folder(source: Path, target: Path, prepare: Callable[[Path], None]) 
             os.replace(target, old)
         os.replace(staging, target)
     except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}; free disk space or point output_dir "
-                          "at a writable disk") from None
+        raise OutputError(
+            f"cannot write {target}: {exc.strerror or exc}; free disk space or point output_dir at a writable disk"
+        ) from None
     finally:
         for leftover in (staging, old):
             shutil.rmtree(leftover, ignore_errors=True)

@@ -10,7 +10,6 @@ from ..engine.stage import register_stage
 from ..train.tasks import make_task
 from .common import ModelStage, finalize, pe_against_references, reseed, teacher_role, train
 
-
 # Replaces the latency timing of budget comparisons (bench/compare.py's `replicate`); tests feed it.
 REPLICATE = None
 
@@ -43,7 +42,9 @@ class Prune(ModelStage):
             self._check_budget(model, cfg.prune, data)
             return
         seconds = check_prunable(model, cfg.prune, data.example_batch(2), cfg.prune.check_time_limit_s)
-        tqdm.write(f"[prune] preflight: {cfg.student.model} channel-prunes with engine {cfg.prune.engine} ({seconds:.1f} s)")
+        tqdm.write(
+            f"[prune] preflight: {cfg.student.model} channel-prunes with engine {cfg.prune.engine} ({seconds:.1f} s)"
+        )
 
     def _check_budget(self, model, cfg, data) -> None:
         """An unreachable budget (the most-pruned aligned model misses it) fails now, naming the best reachable value."""
@@ -68,9 +69,11 @@ class Prune(ModelStage):
             reading = check_reachable(model.cpu(), cfg, meter, prune_once)
         finally:
             meter.close()
-        tqdm.write(f"[prune] preflight: {type(model).__name__} channel-prunes with engine {cfg.engine}; budget "
-                   f"{cfg.budget.kind} {cfg.budget.target:g} is reachable (most-pruned aligned model: "
-                   f"{reading.text(cfg.budget.kind)}; {time.perf_counter() - started:.1f} s)")
+        tqdm.write(
+            f"[prune] preflight: {type(model).__name__} channel-prunes with engine {cfg.engine}; budget "
+            f"{cfg.budget.kind} {cfg.budget.target:g} is reachable (most-pruned aligned model: "
+            f"{reading.text(cfg.budget.kind)}; {time.perf_counter() - started:.1f} s)"
+        )
 
     def inputs(self, cfg, models, ran):
         # the teacher is an input too: taylor scores and iterative steps use the KD loss
@@ -82,7 +85,8 @@ class Prune(ModelStage):
         reseed(job)  # iterative steps train (dropout)
         cfg, step_cfg = job.cfg.prune, step_train_cfg(job.cfg)
         finetune_fn = lambda m, epochs, after: train(  # noqa: E731
-            job, m, step_cfg.model_copy(update={"epochs": epochs}), "prune-step", resumable=False, after_step=after)
+            job, m, step_cfg.model_copy(update={"epochs": epochs}), "prune-step", resumable=False, after_step=after
+        )
         task = make_task(step_cfg, job.inputs["teacher"].model if "teacher" in job.inputs else None)
         gradients = GradientSource(job.data.train, lambda model, x, y: task.loss(model, x, y)[0], cfg.taylor_batches)
         source = job.inputs["model"]
@@ -95,8 +99,7 @@ class Prune(ModelStage):
             result, decision = self._to_budget(copy.deepcopy(source.model), cfg, example, prune_fn)
             result.report.update(decision.report())
         extra = {f"prune.{k}": v for k, v in result.report.items() if isinstance(v, (int, float))}
-        out = finalize(job, result.model, source.result.model().spec(), extra=extra,
-                       keep_zeros=cfg.method == "weight")
+        out = finalize(job, result.model, source.result.model().spec(), extra=extra, keep_zeros=cfg.method == "weight")
         out.info["layers"] = result.layers
         if decision is not None:
             out.info["budget"] = decision.as_dict()
@@ -119,8 +122,17 @@ class Prune(ModelStage):
     def headline(self, output) -> Dict[str, float]:
         """A budget's decision on the parent run too (the runs table, `report`): the chosen sparsity, met or not."""
         m = output.result.metrics
-        return {k: m[k] for k in ("prune.budget.sparsity", "prune.budget.met", "prune.budget.value",
-                                  "prune.budget.low", "prune.budget.high") if k in m}
+        return {
+            k: m[k]
+            for k in (
+                "prune.budget.sparsity",
+                "prune.budget.met",
+                "prune.budget.value",
+                "prune.budget.low",
+                "prune.budget.high",
+            )
+            if k in m
+        }
 
     def publish(self, run, output, child) -> Dict[str, float]:
         if output.result.info.get("layers"):

@@ -18,15 +18,25 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tqdm.auto import tqdm
 
-from ..bench.device import physical_cores
 from ..bench.compare import Comparison, Interval, compare
+from ..bench.device import physical_cores
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, file_sha256, file_sizes
 from ..onnx.fold import REVISION as FOLD_REVISION
 from ..onnx.gemm_route import REVISION as GEMM_REVISION
-from ..onnx.quantize import (CANDIDATES, CalibrationReader, Measured, QuantizeError, choose, cpu_features,
-                             needs_reduce_range, preprocess, quantize, within_accuracy)
+from ..onnx.quantize import (
+    CANDIDATES,
+    CalibrationReader,
+    Measured,
+    QuantizeError,
+    choose,
+    cpu_features,
+    needs_reduce_range,
+    preprocess,
+    quantize,
+    within_accuracy,
+)
 from .common import latency_plan, pe_against_references
 from .export import cpu_batches
 
@@ -48,14 +58,20 @@ class Quantize(Stage):
 
     def fingerprint(self, cfg):
         # a changed graph rewrite rebuilds cached candidates
-        return {"fold_revision": FOLD_REVISION, "gemm_revision": GEMM_REVISION, "calibration_revision": CALIBRATION_REVISION,
-                "latency_revision": LATENCY_REVISION}
+        return {
+            "fold_revision": FOLD_REVISION,
+            "gemm_revision": GEMM_REVISION,
+            "calibration_revision": CALIBRATION_REVISION,
+            "latency_revision": LATENCY_REVISION,
+        }
 
     def preflight(self, cfg, data) -> None:
         available = data.train.num_samples * data.train.num_replicas  # the whole split, also under torchrun
         if cfg.quantize.calibration_images > available:
-            raise QuantizeError(f"quantize.calibration_images is {cfg.quantize.calibration_images} but the training "
-                                f"split has {available} images; set quantize.calibration_images: {available} or less")
+            raise QuantizeError(
+                f"quantize.calibration_images is {cfg.quantize.calibration_images} but the training "
+                f"split has {available} images; set quantize.calibration_images: {available} or less"
+            )
 
     def compute(self, job: Job) -> StageResult:
         from ..onnx.export import onnx_accuracy
@@ -71,37 +87,63 @@ class Quantize(Stage):
         val = {name: onnx_accuracy(path, cpu_batches(job.data.val)) for name, path in files.items()}
         accurate = [n for n in built if within_accuracy(val["float"], Measured(n, val[n]), cfg.max_accuracy_drop)]
         comparison = compare_with_float(cfg, files, accurate)
-        measured = [Measured(name, val[name], _speedups(comparison, name, cfg.batch_sizes), info)
-                    for name, (_, info) in built.items()]
+        measured = [
+            Measured(name, val[name], _speedups(comparison, name, cfg.batch_sizes), info)
+            for name, (_, info) in built.items()
+        ]
         chosen, reason = choose(val["float"], measured, cfg.max_accuracy_drop, cfg.min_speedup)
         if comparison is not None:
             reason += f" [{len(comparison.replicates)} fresh-process replicates, stopped: {comparison.stopped}]"
         table = candidate_table(job, comparison, measured, files)
         tqdm.write(f"[quantize] {reason}")
         if chosen is None and cfg.on_miss == "error":
-            raise QuantizeError(f"quantize: {reason}; loosen quantize.max_accuracy_drop, try other quantize.candidates, "
-                                "or set quantize.on_miss: keep_float")
+            raise QuantizeError(
+                f"quantize: {reason}; loosen quantize.max_accuracy_drop, try other quantize.candidates, "
+                "or set quantize.on_miss: keep_float"
+            )
         latency = comparison.summary() if comparison is not None else None
         return self._result(job, float_art, val["float"], chosen, reason, table, features, latency)
 
     def _result(self, job, float_art, float_val, chosen, reason, table, features, latency) -> StageResult:
-        info = {"chosen": chosen.name if chosen else None, "reason": reason, "candidates": table,
-                "cpu_features": features, "float_val_accuracy": float_val, "latency": latency,
-                "intra_op_threads": job.cfg.quantize.intra_op_threads or physical_cores()}
+        info = {
+            "chosen": chosen.name if chosen else None,
+            "reason": reason,
+            "candidates": table,
+            "cpu_features": features,
+            "float_val_accuracy": float_val,
+            "latency": latency,
+            "intra_op_threads": job.cfg.quantize.intra_op_threads or physical_cores(),
+        }
         atomic_write_json(job.stage_dir / "candidates.json", info)
         if chosen is None:
             return StageResult({"int8.shipped": 0, "float_val_accuracy": float_val}, info=info)
         row = next(r for r in table if r["name"] == chosen.name)
         shutil.copyfile(job.stage_dir / "candidates" / f"{chosen.name}.onnx", job.stage_dir / INT8_FILE)
-        metadata = {**float_art.metadata, "quantization": {"candidate": chosen.name, **CANDIDATES.get(chosen.name).describe()}}
-        art = OnnxArtifact(INT8_FILE, float_art.stage, metadata, {}, {**row["sizes"], **chosen.info},
-                           row["test_accuracy"], file_sha256(job.stage_dir / INT8_FILE))
-        metrics = {"int8.shipped": 1, "float_val_accuracy": float_val, "int8.val_accuracy": row["val_accuracy"],
-                   "int8.test_accuracy": row["test_accuracy"], "int8.file_bytes": row["sizes"]["bytes"],
-                   "int8.zip_bytes": row["sizes"]["zip_bytes"]}
+        metadata = {
+            **float_art.metadata,
+            "quantization": {"candidate": chosen.name, **CANDIDATES.get(chosen.name).describe()},
+        }
+        art = OnnxArtifact(
+            INT8_FILE,
+            float_art.stage,
+            metadata,
+            {},
+            {**row["sizes"], **chosen.info},
+            row["test_accuracy"],
+            file_sha256(job.stage_dir / INT8_FILE),
+        )
+        metrics = {
+            "int8.shipped": 1,
+            "float_val_accuracy": float_val,
+            "int8.val_accuracy": row["val_accuracy"],
+            "int8.test_accuracy": row["test_accuracy"],
+            "int8.file_bytes": row["sizes"]["bytes"],
+            "int8.zip_bytes": row["sizes"]["zip_bytes"],
+        }
         for b, iv in chosen.speedup.items():
-            metrics.update({f"int8.speedup.bs{b}": iv.ratio, f"int8.speedup.bs{b}_lo": iv.low,
-                            f"int8.speedup.bs{b}_hi": iv.high})
+            metrics.update(
+                {f"int8.speedup.bs{b}": iv.ratio, f"int8.speedup.bs{b}_lo": iv.low, f"int8.speedup.bs{b}_hi": iv.high}
+            )
         return StageResult(metrics, artifacts={"int8": art}, info=info)
 
     def headline(self, output: StageOutput) -> Dict[str, float]:
@@ -122,8 +164,13 @@ class Quantize(Stage):
         run.summary.add_files({INT8_FILE: path})
         sha = file_sha256(path)  # `attach` accepts a device's timing of this file by its hash
         run.parent.set_tags({f"toolchain.sha256.{INT8_FILE}": sha})
-        update_card(run, {"int8": {"shipped": True, "file": INT8_FILE, **_card_fields(output)},
-                          "files": {INT8_FILE: {**file_sizes(path), "sha256": sha}}})
+        update_card(
+            run,
+            {
+                "int8": {"shipped": True, "file": INT8_FILE, **_card_fields(output)},
+                "files": {INT8_FILE: {**file_sizes(path), "sha256": sha}},
+            },
+        )
         final = run.outputs[art.stage].result.metrics
         pe = pe_against_references(run.outputs, {**final, "test_accuracy": art.onnx_test_accuracy}, art.stage)
         return {f"int8.{k}": v for k, v in pe.items()}
@@ -159,12 +206,20 @@ def compare_with_float(cfg, files: Dict[str, Path], names: List[str]) -> Optiona
     if not names:
         return None
     settings, plan = latency_plan(cfg)
-    tqdm.write(f"[quantize] timing float vs {len(names)} candidate(s) within the accuracy gate at batch "
-               f"{', '.join(map(str, cfg.batch_sizes))} ({settings.intra_op_threads or physical_cores()} threads), "
-               f"replicated in fresh processes")
-    return compare({"float": files["float"], **{n: files[n] for n in names}}, [("float", n) for n in names],
-                   cfg.batch_sizes, settings, plan, decide_at=cfg.min_speedup,
-                   progress=lambda line: tqdm.write(f"[quantize] {line}"))
+    tqdm.write(
+        f"[quantize] timing float vs {len(names)} candidate(s) within the accuracy gate at batch "
+        f"{', '.join(map(str, cfg.batch_sizes))} ({settings.intra_op_threads or physical_cores()} threads), "
+        f"replicated in fresh processes"
+    )
+    return compare(
+        {"float": files["float"], **{n: files[n] for n in names}},
+        [("float", n) for n in names],
+        cfg.batch_sizes,
+        settings,
+        plan,
+        decide_at=cfg.min_speedup,
+        progress=lambda line: tqdm.write(f"[quantize] {line}"),
+    )
 
 
 def _speedups(comparison: Optional[Comparison], name: str, batch_sizes) -> Optional[Dict[int, Interval]]:
@@ -173,22 +228,30 @@ def _speedups(comparison: Optional[Comparison], name: str, batch_sizes) -> Optio
     return {b: comparison.ratio("float", name, b) for b in batch_sizes}
 
 
-def candidate_table(job: Job, comparison: Optional[Comparison], measured: List[Measured],
-                    files: Dict[str, Path]) -> List[Dict[str, Any]]:
+def candidate_table(
+    job: Job, comparison: Optional[Comparison], measured: List[Measured], files: Dict[str, Path]
+) -> List[Dict[str, Any]]:
     """Every candidate's numbers (test accuracy reported, validation accuracy used to choose); the
     candidates outside the accuracy gate are not timed."""
     from ..onnx.export import onnx_accuracy
 
     rows = []
     for m in measured:
-        row = {"name": m.name, "val_accuracy": m.val_accuracy,
-               "test_accuracy": onnx_accuracy(files[m.name], cpu_batches(job.data.test)),
-               "timed": m.speedup is not None, "sizes": file_sizes(files[m.name]),
-               "settings": CANDIDATES.get(m.name).describe()}
+        row = {
+            "name": m.name,
+            "val_accuracy": m.val_accuracy,
+            "test_accuracy": onnx_accuracy(files[m.name], cpu_batches(job.data.test)),
+            "timed": m.speedup is not None,
+            "sizes": file_sizes(files[m.name]),
+            "settings": CANDIDATES.get(m.name).describe(),
+        }
         if m.speedup is not None:
-            row.update(p50_ms=_p50(comparison.stats(m.name)), float_p50_ms=_p50(comparison.stats("float")),
-                       speedup_vs_float={b: iv.ratio for b, iv in m.speedup.items()},
-                       speedup_interval={b: [iv.low, iv.high] for b, iv in m.speedup.items()})
+            row.update(
+                p50_ms=_p50(comparison.stats(m.name)),
+                float_p50_ms=_p50(comparison.stats("float")),
+                speedup_vs_float={b: iv.ratio for b, iv in m.speedup.items()},
+                speedup_interval={b: [iv.low, iv.high] for b, iv in m.speedup.items()},
+            )
         rows.append(row)
     return rows
 
@@ -199,8 +262,17 @@ def _p50(rows: List[Dict[str, Any]]) -> Dict[int, float]:
 
 def _card_fields(output: StageOutput) -> Dict[str, Any]:
     info, m = output.result.info, output.result.metrics
-    speedup = {b: {"ratio": m[f"int8.speedup.bs{b}"], "low": m[f"int8.speedup.bs{b}_lo"], "high": m[f"int8.speedup.bs{b}_hi"]}
-               for b in sorted(int(k.split("bs")[1]) for k in m if k.startswith("int8.speedup.bs") and "_" not in k)}
-    return {"candidate": info["chosen"], "why": info["reason"], "cpu_features": info["cpu_features"],
-            "intra_op_threads": info["intra_op_threads"], "float_val_accuracy": info["float_val_accuracy"],
-            "speedup_vs_float": speedup, "latency": info.get("latency"), "candidates": info["candidates"]}
+    speedup = {
+        b: {"ratio": m[f"int8.speedup.bs{b}"], "low": m[f"int8.speedup.bs{b}_lo"], "high": m[f"int8.speedup.bs{b}_hi"]}
+        for b in sorted(int(k.split("bs")[1]) for k in m if k.startswith("int8.speedup.bs") and "_" not in k)
+    }
+    return {
+        "candidate": info["chosen"],
+        "why": info["reason"],
+        "cpu_features": info["cpu_features"],
+        "intra_op_threads": info["intra_op_threads"],
+        "float_val_accuracy": info["float_val_accuracy"],
+        "speedup_vs_float": speedup,
+        "latency": info.get("latency"),
+        "candidates": info["candidates"],
+    }

@@ -99,15 +99,20 @@ def _bind_local_gpu() -> None:
 
     local_rank, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
     if local_rank >= count:
-        raise ToolchainError(f"torchrun started local rank {local_rank} but this node has {count} CUDA device(s); "
-                             f"use --nproc_per_node={count} (one process per GPU)")
+        raise ToolchainError(
+            f"torchrun started local rank {local_rank} but this node has {count} CUDA device(s); "
+            f"use --nproc_per_node={count} (one process per GPU)"
+        )
     torch.cuda.set_device(local_rank)
 
 
 def describe(batch_size: int) -> Dict[str, Any]:
     """World size, backend and effective batch (per-process batch x world size) for tags and the summary."""
-    return {"world_size": world_size(), "backend": dist.get_backend() if is_distributed() else "none",
-            "effective_batch_size": batch_size * world_size()}
+    return {
+        "world_size": world_size(),
+        "backend": dist.get_backend() if is_distributed() else "none",
+        "effective_batch_size": batch_size * world_size(),
+    }
 
 
 # ---------------------------------------------------------------- collectives
@@ -217,13 +222,19 @@ def debug_record(stage: str, batches, model: torch.nn.Module, beside: Optional[t
         return
     path = Path(directory) / f"rank{rank()}.json"
     records = json.loads(path.read_text()) if path.is_file() else []
-    records.append({
-        "stage": stage, "rank": rank(), "world_size": world_size(), "ddp": training_is_distributed(),
-        "num_samples": getattr(batches, "num_samples", None), "num_batches": len(batches),
-        "indices": [int(i) for i in getattr(batches, "sampler", [])],
-        "param_checksum": _checksum(unwrap(model)),
-        "beside_checksum": None if beside is None else _checksum(beside),  # feature-distillation adapters
-    })
+    records.append(
+        {
+            "stage": stage,
+            "rank": rank(),
+            "world_size": world_size(),
+            "ddp": training_is_distributed(),
+            "num_samples": getattr(batches, "num_samples", None),
+            "num_batches": len(batches),
+            "indices": [int(i) for i in getattr(batches, "sampler", [])],
+            "param_checksum": _checksum(unwrap(model)),
+            "beside_checksum": None if beside is None else _checksum(beside),  # feature-distillation adapters
+        }
+    )
     Path(directory).mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records))
 

@@ -29,8 +29,9 @@ def find_module(model: nn.Module, path: str, where: str) -> nn.Module:
         return modules[path]
     close = difflib.get_close_matches(path, [n for n in modules if n], n=3, cutoff=0.5)
     hint = f"close matches: {', '.join(close)}" if close else f"e.g. {', '.join(list(modules)[1:4])}"
-    raise RecipeError(f"{where}: no module {path!r} in the model ({hint}); "
-                      "give a path as printed by model.named_modules()")
+    raise RecipeError(
+        f"{where}: no module {path!r} in the model ({hint}); give a path as printed by model.named_modules()"
+    )
 
 
 def _tensor_of(output) -> torch.Tensor:
@@ -54,7 +55,9 @@ def tapped(model: nn.Module, paths: Sequence[str]):
     handles = []
     for path in paths:
         module = dist.unwrap(model).get_submodule(path)
-        handles.append(module.register_forward_hook(lambda m, i, out, path=path: found.__setitem__(path, _tensor_of(out))))
+        handles.append(
+            module.register_forward_hook(lambda m, i, out, path=path: found.__setitem__(path, _tensor_of(out)))
+        )
     try:
         yield found
     finally:
@@ -83,8 +86,11 @@ class Adapter(nn.Module):
         super().__init__()
         self.size = tuple(min(s, t) for s, t in zip(student_shape[2:], teacher_shape[2:]))
         cs, ct = student_shape[1], teacher_shape[1]
-        self.project = (nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
-                        if match_channels and cs != ct else nn.Identity())
+        self.project = (
+            nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+            if match_channels and cs != ct
+            else nn.Identity()
+        )
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.project(self._pool(_as_map(student))), self._pool(_as_map(teacher))
@@ -118,7 +124,8 @@ class FeatureDistiller(nn.Module):
         device = next(dist.unwrap(student).parameters()).device
         self.adapters = nn.ModuleList(
             Adapter(s_shapes[spec.student], t_shapes[spec.teacher], match_channels=spec.loss == "mse")
-            for spec in self.specs).to(device)
+            for spec in self.specs
+        ).to(device)
 
     def student_paths(self) -> List[str]:
         return [s.student for s in self.specs]

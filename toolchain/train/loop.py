@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import ddp as dist
-from ..models.checkpoint import load_state, save_state
 from ..errors import CheckpointError, TrainingError, first_line
+from ..models.checkpoint import load_state, save_state
+from . import ddp as dist
 from .tasks import ClassificationTask, DistillationTask
 
 
@@ -31,8 +31,9 @@ def make_optimizer(model: nn.Module, cfg, extra: Optional[nn.Module] = None) -> 
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay
+    )
 
 
 def make_scheduler(optimizer, cfg, total_steps: int):
@@ -121,17 +122,24 @@ def fit(
     """
     _check_batches(model, train_batches, stage)
     result = FitResult()
-    optimizer, scheduler, start_epoch, best_state = _start(model, task, cfg, len(train_batches), state_path, stage,
-                                                           result)
+    optimizer, scheduler, start_epoch, best_state = _start(
+        model, task, cfg, len(train_batches), state_path, stage, result
+    )
     dist.share_module(task.features)  # torchrun: every rank goes on from rank 0's adapters (fresh or resumed)
     channels_last = getattr(cfg, "channels_last", False)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        train_metrics = _train_epoch(model, task, train_batches, optimizer, scheduler, epoch, cfg.epochs, stage,
-                                     after_step, channels_last)
+        train_metrics = _train_epoch(
+            model, task, train_batches, optimizer, scheduler, epoch, cfg.epochs, stage, after_step, channels_last
+        )
         dist.sync_buffers(model)  # torchrun: rank 0's BatchNorm stats everywhere, so every rank's val agrees
         val = evaluate(dist.unwrap(model), val_batches, channels_last)
-        metrics = {**train_metrics, "val_accuracy": val["accuracy"], "val_loss": val["loss"], "lr": scheduler.get_last_lr()[0]}
+        metrics = {
+            **train_metrics,
+            "val_accuracy": val["accuracy"],
+            "val_loss": val["loss"],
+            "lr": scheduler.get_last_lr()[0],
+        }
         result.history.append(metrics)
         if val["accuracy"] >= result.best_val_accuracy:
             result.best_val_accuracy, result.best_epoch = val["accuracy"], epoch
@@ -148,7 +156,9 @@ def fit(
     return result
 
 
-def _train_epoch(model, task, batches, optimizer, scheduler, epoch, epochs, stage, after_step, channels_last=False) -> Dict[str, float]:
+def _train_epoch(
+    model, task, batches, optimizer, scheduler, epoch, epochs, stage, after_step, channels_last=False
+) -> Dict[str, float]:
     model.train()
     if task.features is not None:
         task.features.train()
@@ -181,47 +191,61 @@ def _train_epoch(model, task, batches, optimizer, scheduler, epoch, epochs, stag
         n += len(y)
         bar.set_postfix(loss=f"{loss_sum / n:.3f}", acc=f"{correct / n:.3f}")
     seconds = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1),
-            "epoch_seconds": seconds, "images_per_second": n / max(seconds, 1e-9),
-            **{f"loss.{name}": total / max(n, 1) for name, total in term_sums.items()}}
+    return {
+        "train_loss": loss_sum / max(n, 1),
+        "train_accuracy": correct / max(n, 1),
+        "epoch_seconds": seconds,
+        "images_per_second": n / max(seconds, 1e-9),
+        **{f"loss.{name}": total / max(n, 1) for name, total in term_sums.items()},
+    }
 
 
 def _log_epoch(stage: str, epoch: int, epochs: int, m: Dict[str, float]) -> None:
     if dist.is_main():
-        tqdm.write(f"  {stage} epoch {epoch + 1}/{epochs}: loss {m['train_loss']:.3f}  "
-                   f"val acc {m['val_accuracy']:.4f}  ({m['epoch_seconds']:.0f}s, {m['images_per_second']:.0f} img/s)")
+        tqdm.write(
+            f"  {stage} epoch {epoch + 1}/{epochs}: loss {m['train_loss']:.3f}  "
+            f"val acc {m['val_accuracy']:.4f}  ({m['epoch_seconds']:.0f}s, {m['images_per_second']:.0f} img/s)"
+        )
 
 
 def _save(path, model, task, optimizer, scheduler, epoch, result: FitResult, best_state) -> None:
-    save_state({
-        "model": dist.unwrap(model).state_dict(),
-        "adapters": task.features.state_dict() if task.features is not None else {},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": torch.tensor(epoch),
-        "torch_rng": torch.get_rng_state(),
-        "history": [{k: torch.tensor(v) for k, v in h.items()} for h in result.history],
-        "best": best_state or {},
-        "best_epoch": torch.tensor(result.best_epoch),
-        "best_val_accuracy": torch.tensor(result.best_val_accuracy),
-    }, path)
+    save_state(
+        {
+            "model": dist.unwrap(model).state_dict(),
+            "adapters": task.features.state_dict() if task.features is not None else {},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": torch.tensor(epoch),
+            "torch_rng": torch.get_rng_state(),
+            "history": [{k: torch.tensor(v) for k, v in h.items()} for h in result.history],
+            "best": best_state or {},
+            "best_epoch": torch.tensor(result.best_epoch),
+            "best_val_accuracy": torch.tensor(result.best_val_accuracy),
+        },
+        path,
+    )
 
 
 def _check_batches(model: nn.Module, train_batches, stage: str) -> None:
     batch_size = getattr(train_batches, "batch_size", None)  # a Batches loader (tests may pass a list)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_bn and batch_size == 1:
-        raise TrainingError(f"{stage}: data.batch_size is 1 but the model has BatchNorm layers, "
-                            "which cannot train on one image per batch; set data.batch_size: 2 or more")
+        raise TrainingError(
+            f"{stage}: data.batch_size is 1 but the model has BatchNorm layers, "
+            "which cannot train on one image per batch; set data.batch_size: 2 or more"
+        )
     if len(train_batches) == 0:
-        raise TrainingError(f"{stage}: no training batch ({getattr(train_batches, 'num_samples', 0)} training images on "
-                            "this process); use more data (data.subset) or a smaller data.batch_size")
+        raise TrainingError(
+            f"{stage}: no training batch ({getattr(train_batches, 'num_samples', 0)} training images on "
+            "this process); use more data (data.subset) or a smaller data.batch_size"
+        )
 
 
 def _start(model, task, cfg, steps_per_epoch: int, state_path, stage: str, result: FitResult):
     """Optimizer and schedule, resumed from state_path when it holds a readable epoch checkpoint.
     A damaged one (a kill mid-write on a filesystem without atomic rename, a disk error) restarts
     the stage's training with a warning instead of failing every rerun."""
+
     def fresh():
         optimizer = make_optimizer(model, cfg, task.features)
         return optimizer, make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
@@ -234,8 +258,10 @@ def _start(model, task, cfg, steps_per_epoch: int, state_path, stage: str, resul
     try:
         start_epoch, best_state = _restore(state_path, model, task, optimizer, scheduler, result)
     except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        tqdm.write(f"  {stage}: warning: resume file {state_path} is damaged ({first_line(exc, 120)}); "
-                   "training this stage from the start")
+        tqdm.write(
+            f"  {stage}: warning: resume file {state_path} is damaged ({first_line(exc, 120)}); "
+            "training this stage from the start"
+        )
         Path(state_path).unlink(missing_ok=True)
         dist.unwrap(model).load_state_dict(initial)
         if initial_adapters is not None:

@@ -54,8 +54,9 @@ def cross_entropy(student_logits, targets, teacher_logits=None, *, label_smoothi
 
 
 @register_loss("kd", needs_teacher=True)
-def hinton_kd(student_logits, targets, teacher_logits, *, temperature=4.0, alpha=0.9, label_smoothing=0.0,
-              **_) -> Terms:
+def hinton_kd(
+    student_logits, targets, teacher_logits, *, temperature=4.0, alpha=0.9, label_smoothing=0.0, **_
+) -> Terms:
     """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
 
     The T^2 factor keeps the soft term's gradient magnitude independent of T
@@ -74,8 +75,19 @@ def hinton_kd(student_logits, targets, teacher_logits, *, temperature=4.0, alpha
 
 
 @register_loss("dkd", needs_teacher=True)
-def decoupled_kd(student_logits, targets, teacher_logits, *, temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0,
-                 ce_weight=1.0, warmup=1.0, label_smoothing=0.0, **_) -> Terms:
+def decoupled_kd(
+    student_logits,
+    targets,
+    teacher_logits,
+    *,
+    temperature=4.0,
+    dkd_alpha=1.0,
+    dkd_beta=8.0,
+    ce_weight=1.0,
+    warmup=1.0,
+    label_smoothing=0.0,
+    **_,
+) -> Terms:
     """ce_weight * CE + warmup * (dkd_alpha * TCKD + dkd_beta * NCKD) * T^2 (mdistiller's DKD).
 
     TCKD: KL between the binary (target, all others) distributions of teacher and student;
@@ -98,8 +110,9 @@ def dkd_terms(student_logits, teacher_logits, targets, temperature):
     tckd = F.kl_div(log_bs, log_bt, reduction="batchmean", log_target=True)
     # the target logit masked out (-inf would give 0 * -inf = nan in the KL; a large finite shift does not)
     shift = 1000.0 * gt
-    nckd = F.kl_div(F.log_softmax(s - shift, dim=1), F.log_softmax(t - shift, dim=1), reduction="batchmean",
-                    log_target=True)
+    nckd = F.kl_div(
+        F.log_softmax(s - shift, dim=1), F.log_softmax(t - shift, dim=1), reduction="batchmean", log_target=True
+    )
     return tckd * temperature**2, nckd * temperature**2
 
 

@@ -56,26 +56,38 @@ class DistillationTask(ClassificationTask):
     def loss(self, model, x, y):
         if self.features is None:
             return super().loss(model, x, y)
-        with tapped(self.teacher, self.features.teacher_paths()) as t_feats, \
-                tapped(model, self.features.student_paths()) as s_feats:
+        with (
+            tapped(self.teacher, self.features.teacher_paths()) as t_feats,
+            tapped(model, self.features.student_paths()) as s_feats,
+        ):
             total, logits, terms = super().loss(model, x, y)
         feats = self.features.terms(s_feats, t_feats)
         return total + sum(feats.values()), logits, {**terms, **feats}
 
 
-def make_task(cfg, teacher: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
-              input_shape=None, section: str = "distill") -> ClassificationTask:
+def make_task(
+    cfg,
+    teacher: Optional[nn.Module] = None,
+    student: Optional[nn.Module] = None,
+    input_shape=None,
+    section: str = "distill",
+) -> ClassificationTask:
     """cfg is a recipe TrainConfig; the recipe schema already checked a teacher is there when needed.
 
     Feature terms need the student and the data's input shape (their adapters are built from
     the probed shapes); without them (taylor scoring) the task uses the logit loss alone."""
-    kwargs = dict(temperature=cfg.temperature, alpha=cfg.alpha, label_smoothing=cfg.label_smoothing,
-                  dkd_alpha=cfg.dkd.alpha, dkd_beta=cfg.dkd.beta, ce_weight=cfg.dkd.ce_weight,
-                  warmup_epochs=cfg.dkd.warmup_epochs)
+    kwargs = dict(
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        label_smoothing=cfg.label_smoothing,
+        dkd_alpha=cfg.dkd.alpha,
+        dkd_beta=cfg.dkd.beta,
+        ce_weight=cfg.dkd.ce_weight,
+        warmup_epochs=cfg.dkd.warmup_epochs,
+    )
     if not cfg.needs_teacher:
         return ClassificationTask(cfg.loss, **kwargs)
     task = DistillationTask(teacher, cfg.loss, **kwargs)
     if cfg.features and student is not None and input_shape is not None:
         task.features = FeatureDistiller(cfg.features, student, teacher, input_shape, section)
     return task
-
