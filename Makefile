@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECIPE ?= recipes/mobilenet.yaml
 
-.PHONY: demo test test-fast test-slow test-all venv data bench clean
+.PHONY: demo test test-fast test-slow test-all lint venv data bench clean
 
 venv: $(VENV)/.installed
 
@@ -52,6 +52,12 @@ test-all: test test-slow
 
 # The inner loop is the default tier (kept as a name for habit's sake).
 test-fast: test
+
+# Formatter and linter (ruff, pinned in constraints.txt; rules in pyproject.toml). Fix with
+#   .venv/bin/ruff format . && .venv/bin/ruff check --fix .
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 bench: venv
 	$(PY) benchmarks/prune_latency.py

@@ -79,7 +79,9 @@ def broken_links(path: Path) -> List[str]:
             dest = (path.parent / where).resolve() if where else path
             label = f"{path.relative_to(ROOT)}:{number}: {target}"
             if not dest.exists():
-                problems.append(f"{label}: no such file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}")
+                problems.append(
+                    f"{label}: no such file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}"
+                )
             elif anchor and dest.suffix == ".md" and dest.is_file() and anchor not in anchors(dest):
                 problems.append(f"{label}: no heading #{anchor} in {dest.relative_to(ROOT)}")
     return problems

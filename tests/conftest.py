@@ -41,7 +41,11 @@ def mlflow_template_store(tmp_path_factory):
 
     def initialize_from_template(engine):
         url = engine.url
-        path = Path(url.database) if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") else None
+        path = (
+            Path(url.database)
+            if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+            else None
+        )
         if path is None or (path.exists() and path.stat().st_size > 0):
             return real(engine)  # another database, or a file with content: MLflow's own path
         if not template.exists():
@@ -119,10 +123,22 @@ def write_cifar(root: Path, classes: int) -> Path:
     """CIFAR python-version layout: pickled dicts with bytes keys, data (N, 3072) uint8."""
     if classes == 10:
         folder, train_files, test_file, meta_file, label_key, names_key = (
-            "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", b"labels", b"label_names")
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            "batches.meta",
+            b"labels",
+            b"label_names",
+        )
     else:
         folder, train_files, test_file, meta_file, label_key, names_key = (
-            "cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names")
+            "cifar-100-python",
+            ["train"],
+            "test",
+            "meta",
+            b"fine_labels",
+            b"fine_label_names",
+        )
     directory = root / folder
     directory.mkdir(parents=True)
     for i, name in enumerate(train_files + [test_file]):
@@ -183,9 +199,13 @@ def pipeline_runs(tmp_path_factory, fmnist_root):
     from toolchain.cli import run
 
     tmp = tmp_path_factory.mktemp("pipeline")
-    recipe = {"name": "tiny", "output_dir": str(tmp / "export"),
-              "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-              **FULL_SECTIONS, "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"}}
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp / "export"),
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+        **FULL_SECTIONS,
+        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
+    }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 
@@ -209,11 +229,17 @@ def warm_stages(tmp_path_factory, fmnist_root) -> Path:
     from toolchain.cli import run
 
     tmp = tmp_path_factory.mktemp("warm")
-    recipe = {"name": "tiny", "output_dir": str(tmp / "export"),
-              "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-              "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
-              "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
-              "export": None, "bench": None, "tracking": {"enabled": False}}
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp / "export"),
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+        "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
+        "export": None,
+        "bench": None,
+        "tracking": {"enabled": False},
+    }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert run(["compress", str(path)]) == 0

@@ -17,7 +17,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from toolchain.attach import attach_data, find_run
 from toolchain.bench import cli as bench_main
-from toolchain.bench import ort as bench
 from toolchain.bench.device import fingerprint
 from toolchain.cli import run
 from toolchain.fsutil import file_sha256
@@ -32,18 +31,28 @@ def shipped(tmp_path_factory, fmnist_root):
     """One tiny compress (KD student with plain CE, 1 epoch, ONNX export, no bench), shared by the module."""
     tmp = tmp_path_factory.mktemp("attach")
     uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
-    recipe = {"name": "tiny", "output_dir": str(tmp / "export"),
-              "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-              "teacher": None, "student": {"model": "mobilenet_v3_small"},
-              "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
-              "export": {"exporter": "torchscript", "opset": 17}, "bench": None,  # attach is under test (dynamo: test_export.py)
-              "tracking": {"uri": uri, "experiment": "tests", "register_model": "tiny-classifier"}}
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp / "export"),
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+        "teacher": None,
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
+        "export": {"exporter": "torchscript", "opset": 17},
+        "bench": None,  # attach is under test (dynamo: test_export.py)
+        "tracking": {"uri": uri, "experiment": "tests", "register_model": "tiny-classifier"},
+    }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert run(["compress", str(path)]) == 0
     summary = json.loads((tmp / "export" / "tiny" / "summary.json").read_text())
-    return {"tmp": tmp, "uri": uri, "model": tmp / "export" / "tiny" / "model.onnx",
-            "parent": summary["mlflow"]["parent_run_id"], "client": mlflow.MlflowClient(uri)}
+    return {
+        "tmp": tmp,
+        "uri": uri,
+        "model": tmp / "export" / "tiny" / "model.onnx",
+        "parent": summary["mlflow"]["parent_run_id"],
+        "client": mlflow.MlflowClient(uri),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +65,14 @@ def no_torch_env(tmp_path_factory) -> dict:
 
 
 def bench_cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "toolchain.bench", *map(str, args)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "toolchain.bench", *map(str, args)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +119,9 @@ def test_device_json_is_attached_to_the_run_that_shipped_the_model(shipped, devi
     capsys.readouterr()
     assert run(["attach", "tiny", str(device_json), "--tracking-uri", shipped["uri"]]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith(f"attached {device_json} to run tiny (parent run {shipped['parent']}): device edge-1, model.onnx")
+    assert out[0].startswith(
+        f"attached {device_json} to run tiny (parent run {shipped['parent']}): device edge-1, model.onnx"
+    )
     assert out[1].startswith("no pe_latency: the JSON times only the shipped model")  # no reference timings in it
     parent = client_run(shipped)
     for row in data["results"]:
@@ -115,7 +132,9 @@ def test_device_json_is_attached_to_the_run_that_shipped_the_model(shipped, devi
     assert not any(k.endswith("pe_latency") and k.startswith("device.") for k in parent.data.metrics)
     assert parent.data.tags["device.edge-1.cpu"] == data["device"]["cpu_model"]
     (device_json.parent / "dl").mkdir(exist_ok=True)
-    logged = shipped["client"].download_artifacts(shipped["parent"], "device/edge-1.json", str(device_json.parent / "dl"))
+    logged = shipped["client"].download_artifacts(
+        shipped["parent"], "device/edge-1.json", str(device_json.parent / "dl")
+    )
     assert json.loads(Path(logged).read_text()) == data
 
 
@@ -124,7 +143,9 @@ def test_a_parent_run_id_names_the_run_too(shipped, device_json, tmp_path):
     data["device"]["name"] = "edge-2"
     renamed = tmp_path / "edge-2.json"
     renamed.write_text(json.dumps(data))
-    assert run(["attach", shipped["parent"], str(renamed), "--tracking-uri", shipped["uri"], "--experiment", "tests"]) == 0
+    assert (
+        run(["attach", shipped["parent"], str(renamed), "--tracking-uri", shipped["uri"], "--experiment", "tests"]) == 0
+    )
     assert "device.edge-2.latency_p50_ms.cpu.bs1" in client_run(shipped).data.metrics
 
 
@@ -132,10 +153,16 @@ def tiny_onnx(path: Path) -> Path:
     """Another model: Conv -> GlobalAveragePool -> Flatten, built with onnx.helper in milliseconds."""
     w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["g"]),
-         helper.make_node("Flatten", ["g"], ["logits"])], "other",
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"]),
+            helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["logits"]),
+        ],
+        "other",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], initializer=[w])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.save(model, path)
@@ -155,16 +182,21 @@ def refused_json(case: str, tmp_path: Path, device_json: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case, run_ref, extra, expect", [
-    ("another model", "tiny", [], "which run tiny did not ship (model.onnx "),
-    ("garbled", "tiny", [], "not valid JSON"),
-    ("no device section", "tiny", [], "no device section"),
-    ("missing", "tiny", [], "device JSON not found"),
-    ("unknown run", "no-such-run", [], "run 'no-such-run': no finished compress run of that name"),
-    ("unknown run", "0" * 32, [], "no parent run with that id"),
-    ("unknown experiment", "tiny", ["--experiment", "nope"], "experiment 'nope' not found"),
-])
-def test_refusals_are_one_line_exit_2_and_log_nothing(shipped, device_json, tmp_path, capsys, case, run_ref, extra, expect):
+@pytest.mark.parametrize(
+    "case, run_ref, extra, expect",
+    [
+        ("another model", "tiny", [], "which run tiny did not ship (model.onnx "),
+        ("garbled", "tiny", [], "not valid JSON"),
+        ("no device section", "tiny", [], "no device section"),
+        ("missing", "tiny", [], "device JSON not found"),
+        ("unknown run", "no-such-run", [], "run 'no-such-run': no finished compress run of that name"),
+        ("unknown run", "0" * 32, [], "no parent run with that id"),
+        ("unknown experiment", "tiny", ["--experiment", "nope"], "experiment 'nope' not found"),
+    ],
+)
+def test_refusals_are_one_line_exit_2_and_log_nothing(
+    shipped, device_json, tmp_path, capsys, case, run_ref, extra, expect
+):
     path = refused_json(case, tmp_path, device_json)
     before = parent_state(shipped)
     capsys.readouterr()
@@ -180,8 +212,17 @@ def test_a_missing_store_is_refused_without_creating_one(device_json, tmp_path, 
 
 
 def test_bench_logs_into_the_run_itself_when_it_reaches_the_store(shipped, no_torch_env, tmp_path):
-    proc = bench_cli(no_torch_env, shipped["model"], *FAST_BENCH, "--name", "edge-3", "--mlflow-run-id", "tiny",
-                     "--tracking-uri", shipped["uri"])
+    proc = bench_cli(
+        no_torch_env,
+        shipped["model"],
+        *FAST_BENCH,
+        "--name",
+        "edge-3",
+        "--mlflow-run-id",
+        "tiny",
+        "--tracking-uri",
+        shipped["uri"],
+    )
     assert proc.returncode == 0, proc.stderr
     assert "attached" in proc.stdout and "device.edge-3.latency_p50_ms.cpu.bs2" in client_run(shipped).data.metrics
 
@@ -191,7 +232,12 @@ def test_bench_without_mlflow_says_so_before_timing(shipped, monkeypatch, capsys
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    assert bench_main.main([str(shipped["model"]), *FAST_BENCH, "--mlflow-run-id", "tiny", "--tracking-uri", shipped["uri"]]) == 2
+    assert (
+        bench_main.main(
+            [str(shipped["model"]), *FAST_BENCH, "--mlflow-run-id", "tiny", "--tracking-uri", shipped["uri"]]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     assert "mlflow is not installed" in captured.err and "pip install mlflow-skinny" in captured.err
     assert len(captured.err.strip().splitlines()) == 1 and "p50 ms" not in captured.out  # refused before the timing
@@ -212,9 +258,13 @@ def shipped_run(store, tmp_path, retention):
     files = {n: tmp_path / f"{n}.onnx" for n in ("float", "int8", "teacher")}
     for i, path in enumerate(files.values()):
         path.write_bytes(bytes([i]) * 64)
-    tags = {"toolchain.run_name": "r", "toolchain.stage": "compress", "toolchain.sha256.model.onnx": file_sha256(files["float"]),
-            "toolchain.sha256.model_int8.onnx": file_sha256(files["int8"]),
-            "toolchain.sha256.reference.teacher": file_sha256(files["teacher"])}
+    tags = {
+        "toolchain.run_name": "r",
+        "toolchain.stage": "compress",
+        "toolchain.sha256.model.onnx": file_sha256(files["float"]),
+        "toolchain.sha256.model_int8.onnx": file_sha256(files["int8"]),
+        "toolchain.sha256.reference.teacher": file_sha256(files["teacher"]),
+    }
     with store.run("r", {}, tags) as parent:
         parent.log_metrics(retention)
     return files, store.client.get_run(parent.run_id)
@@ -226,8 +276,11 @@ def rows(p50):
 
 def test_int8_timing_is_prefixed_and_pe_latency_uses_the_device_reference_timing(store, tmp_path):
     files, parent = shipped_run(store, tmp_path, {"int8.vs_teacher.retention": 0.9})
-    data = {"device": fingerprint(files["int8"], "pi"), "results": rows(2.0),
-            "references": {"teacher": {"sha256": file_sha256(files["teacher"]), "results": rows(8.0)}}}
+    data = {
+        "device": fingerprint(files["int8"], "pi"),
+        "results": rows(2.0),
+        "references": {"teacher": {"sha256": file_sha256(files["teacher"]), "results": rows(8.0)}},
+    }
     lines = attach_data(store.client, find_run(store.client, "r"), data, "pi.json")
     metrics = store.client.get_run(parent.info.run_id).data.metrics
     assert metrics["device.pi.int8.latency_p50_ms.cpu.bs1"] == 2.0
@@ -240,8 +293,15 @@ def test_a_reference_timing_of_another_file_is_refused(store, tmp_path):
     from toolchain.attach import AttachError
 
     files, parent = shipped_run(store, tmp_path, {"final.vs_teacher.retention": 0.9})
-    data = {"device": fingerprint(files["float"], "pi"), "results": rows(2.0),
-            "references": {"teacher": {"sha256": file_sha256(files["int8"]), "results": rows(8.0)}}}
-    with pytest.raises(AttachError, match="references.teacher timed a file .* that is not run r's teacher ONNX file") as err:
+    data = {
+        "device": fingerprint(files["float"], "pi"),
+        "results": rows(2.0),
+        "references": {"teacher": {"sha256": file_sha256(files["int8"]), "results": rows(8.0)}},
+    }
+    with pytest.raises(
+        AttachError, match="references.teacher timed a file .* that is not run r's teacher ONNX file"
+    ) as err:
         attach_data(store.client, find_run(store.client, parent.info.run_id), data, "pi.json")
-    assert "\n" not in str(err.value) and not store.client.get_run(parent.info.run_id).data.metrics.keys() - {"final.vs_teacher.retention"}
+    assert "\n" not in str(err.value) and not store.client.get_run(parent.info.run_id).data.metrics.keys() - {
+        "final.vs_teacher.retention"
+    }

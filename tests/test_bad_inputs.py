@@ -41,7 +41,9 @@ def assert_no_success(tmp_path):
     if db.exists():
         client = mlflow.MlflowClient(f"sqlite:///{db}")
         for exp in client.search_experiments():
-            assert not client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`toolchain.stage` = 'compress'")
+            assert not client.search_runs(
+                [exp.experiment_id], "attributes.status = 'FINISHED' and tags.`toolchain.stage` = 'compress'"
+            )
 
 
 def mutate(recipe, dotted, value):
@@ -82,7 +84,9 @@ def test_recipe_mistakes(capsys, tmp_path, base, label, key, value, expected):
 
 
 def test_malformed_yaml(capsys, tmp_path):
-    assert_user_error(capsys, ["compress", write(tmp_path, None, "name: x\n  student: [\n")], tmp_path, "malformed YAML")
+    assert_user_error(
+        capsys, ["compress", write(tmp_path, None, "name: x\n  student: [\n")], tmp_path, "malformed YAML"
+    )
 
 
 def test_missing_recipe_file(capsys, tmp_path):
@@ -170,9 +174,17 @@ def test_unwritable_output_dir(capsys, tmp_path, base):
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "m.onnx"
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
-    torch.onnx.export(model.eval(), (torch.randn(2, 3, 32, 32),), str(path), dynamo=False, input_names=["input"],
-                      dynamic_axes={"input": {0: "batch"}})
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
+    torch.onnx.export(
+        model.eval(),
+        (torch.randn(2, 3, 32, 32),),
+        str(path),
+        dynamo=False,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+    )
     return path
 
 

@@ -35,7 +35,8 @@ def _tiny_onnx(path: Path, batch="batch", hw=(32, 32)) -> Path:
         helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "tiny",
+        nodes,
+        "tiny",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, *hw])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         initializer=[w, fc],
@@ -183,7 +184,12 @@ def test_recipe_bench_batch_sizes_have_an_upper_bound():
     from toolchain.recipe import BenchConfig, validate_dict
 
     assert BenchConfig(batch_sizes=[1, 4096]).batch_sizes == [1, 4096]
-    recipe = {"name": "b", "student": {"model": "cifar_resnet20"}, "distill": {"loss": "ce"}, "bench": {"batch_sizes": [1, 100000000]}}
+    recipe = {
+        "name": "b",
+        "student": {"model": "cifar_resnet20"},
+        "distill": {"loss": "ce"},
+        "bench": {"batch_sizes": [1, 100000000]},
+    }
     with pytest.raises(RecipeError, match="bench.batch_sizes: batch size 100000000 is above the maximum 4096") as err:
         validate_dict(recipe)
     assert "\n" not in str(err.value)
@@ -205,14 +211,32 @@ def no_torch_env(tmp_path_factory) -> dict:
 
 
 def _cli(env, *args):
-    return subprocess.run([sys.executable, "-m", "toolchain.bench", *map(str, args)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "toolchain.bench", *map(str, args)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_runs_without_torch(model_path, no_torch_env, tmp_path):
     out = tmp_path / "res.json"
-    proc = _cli(no_torch_env, model_path, "--batch-sizes", "1,4", "--iterations", "5", "--time-budget", "0.3",
-                "--threads", "1", "--json", out)
+    proc = _cli(
+        no_torch_env,
+        model_path,
+        "--batch-sizes",
+        "1,4",
+        "--iterations",
+        "5",
+        "--time-budget",
+        "0.3",
+        "--threads",
+        "1",
+        "--json",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "p50 ms" in proc.stdout and "img/s" in proc.stdout and "CPUExecutionProvider" in proc.stdout
     data = json.loads(out.read_text())
@@ -231,8 +255,21 @@ def test_cli_runs_without_torch(model_path, no_torch_env, tmp_path):
         # 1e8 x 3x32x32 float32: refused before numpy tries to allocate 1.2 TB
         ("batch beyond memory", ["{model}", "--batch-sizes", "100000000"], "would take 1228800000000 bytes"),
         ("json is a directory", ["{model}", "--json", "{dir}"], "is a directory; pass a file path"),
-        ("json under a file", ["{model}", "--iterations", "1", "--warmup", "0", "--batch-sizes", "1",
-                               "--json", "{dir}/corrupt.onnx/res.json"], "corrupt.onnx is a file"),
+        (
+            "json under a file",
+            [
+                "{model}",
+                "--iterations",
+                "1",
+                "--warmup",
+                "0",
+                "--batch-sizes",
+                "1",
+                "--json",
+                "{dir}/corrupt.onnx/res.json",
+            ],
+            "corrupt.onnx is a file",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(model_path, no_torch_env, tmp_path, case, args, expect):
@@ -260,7 +297,9 @@ def test_torch_eager_latency_matches_bench_rows():
     torch = pytest.importorskip("torch")
     from toolchain.bench.torch_eager import torch_eager_latency
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)
+    )
     model.train()
     threads = torch.get_num_threads()
     res = torch_eager_latency(model, (3, 32, 32), (1, 3), warmup=1, iterations=5, time_budget_s=0.5, threads=1)
@@ -283,8 +322,20 @@ def test_json_has_the_device_section(model_path, no_torch_env, tmp_path):
     from toolchain.fsutil import file_sha256
 
     out = tmp_path / "device.json"
-    proc = _cli(no_torch_env, model_path, "--batch-sizes", "1", "--iterations", "2", "--time-budget", "0.2",
-                "--threads", "1", "--json", out)
+    proc = _cli(
+        no_torch_env,
+        model_path,
+        "--batch-sizes",
+        "1",
+        "--iterations",
+        "2",
+        "--time-budget",
+        "0.2",
+        "--threads",
+        "1",
+        "--json",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     device = json.loads(out.read_text())["device"]
     assert device["model_sha256"] == file_sha256(model_path) and device["model_file"] == model_path.name
@@ -301,8 +352,23 @@ def test_json_device_name_hostname_and_reference_timings(model_path, no_torch_en
     from toolchain.fsutil import file_sha256
 
     out, reference = tmp_path / "device.json", _tiny_onnx(tmp_path / "teacher.onnx", hw=(16, 16))
-    proc = _cli(no_torch_env, model_path, "--batch-sizes", "1", "--iterations", "2", "--time-budget", "0.2",
-                "--name", "pi-5", "--no-hostname", "--reference", f"teacher={reference}", "--json", out)
+    proc = _cli(
+        no_torch_env,
+        model_path,
+        "--batch-sizes",
+        "1",
+        "--iterations",
+        "2",
+        "--time-budget",
+        "0.2",
+        "--name",
+        "pi-5",
+        "--no-hostname",
+        "--reference",
+        f"teacher={reference}",
+        "--json",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["device"]["name"] == "pi-5" and "hostname" not in data["device"]
@@ -315,12 +381,15 @@ def test_json_device_name_hostname_and_reference_timings(model_path, no_torch_en
     assert "faster than teacher (median, 95% interval over" in proc.stdout
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--name", "pi.5"], "--name 'pi.5' is not a device name"),
-    (["--reference", "mentor=x.onnx"], "expected teacher=PATH or student=PATH"),
-    (["--compare-budget", "0"], "--compare-budget must be > 0 seconds"),
-    (["--reference", "teacher={dir}/nope.onnx"], "nope.onnx: ONNX model file not found"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--name", "pi.5"], "--name 'pi.5' is not a device name"),
+        (["--reference", "mentor=x.onnx"], "expected teacher=PATH or student=PATH"),
+        (["--compare-budget", "0"], "--compare-budget must be > 0 seconds"),
+        (["--reference", "teacher={dir}/nope.onnx"], "nope.onnx: ONNX model file not found"),
+    ],
+)
 def test_device_options_bad_input_is_one_line_exit_2(model_path, no_torch_env, tmp_path, args, expect):
     proc = _cli(no_torch_env, model_path, "--iterations", "1", *[a.format(dir=tmp_path) for a in args])
     lines = proc.stderr.strip().splitlines()
@@ -330,4 +399,8 @@ def test_device_options_bad_input_is_one_line_exit_2(model_path, no_torch_env, t
 def test_device_default_name_is_metric_safe():
     from toolchain.bench.device import default_name
 
-    assert default_name("edge-01.lan") == "edge-01" and default_name("my box") == "my-box" and default_name("..") == "device"
+    assert (
+        default_name("edge-01.lan") == "edge-01"
+        and default_name("my box") == "my-box"
+        and default_name("..") == "device"
+    )

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from toolchain.models.checkpoint import load_weights, save_state
 from toolchain.errors import CheckpointError
+from toolchain.models.checkpoint import load_weights, save_state
 from toolchain.models.registry import build_model
 
 
@@ -71,13 +71,16 @@ def test_a_checkpoint_with_another_head_is_refused_not_resized(tmp_path):
     assert "same number of classes" in message
 
 
-@pytest.mark.parametrize("ref, engine", [
-    ("timm/test_convnext", "torch_pruning"),  # LayerNorm2d, depthwise 7x7 convs, layer-scale parameters
-    ("torchvision/regnet_x_400mf", "torch_pruning"),  # grouped (non-depthwise) convs
-    ("torchvision/regnet_y_400mf", "nni"),  # grouped convs kept in equal blocks by the NNI engine, SE
-    ("torchvision/shufflenet_v2_x0_5", "nni"),  # channel shuffles: pruned inside the branches only
-    ("mobilenet_v3_small", "nni"),  # NNI speedup: depthwise convs, squeeze-excitation
-])
+@pytest.mark.parametrize(
+    "ref, engine",
+    [
+        ("timm/test_convnext", "torch_pruning"),  # LayerNorm2d, depthwise 7x7 convs, layer-scale parameters
+        ("torchvision/regnet_x_400mf", "torch_pruning"),  # grouped (non-depthwise) convs
+        ("torchvision/regnet_y_400mf", "nni"),  # grouped convs kept in equal blocks by the NNI engine, SE
+        ("torchvision/shufflenet_v2_x0_5", "nni"),  # channel shuffles: pruned inside the branches only
+        ("mobilenet_v3_small", "nni"),  # NNI speedup: depthwise convs, squeeze-excitation
+    ],
+)
 def test_channel_pruned_models_of_any_architecture_restore_from_shapes(tmp_path, ref, engine):
     """A fresh build of the reference takes the pruned shapes (no pickled module) and computes the same."""
     from toolchain.models.refs import build

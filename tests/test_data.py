@@ -1,11 +1,10 @@
 import gzip
 import pickle
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import class_images, write_cifar
+
 from toolchain.data.datasets import DATASETS, read_idx
 from toolchain.data.loaders import build_data
 from toolchain.errors import DataError
@@ -20,7 +19,9 @@ def test_fashion_mnist_from_idx_files(fmnist_root):
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.equal(x[:, 0], x[:, 1])  # grey repeated to 3 channels
     # zero padding 28 -> 32 becomes the normalised value of black
-    assert torch.allclose(next(iter(bundle.val))[0][:, :, 0, :], torch.tensor(-bundle.mean[0] / bundle.std[0]), atol=1e-5)
+    assert torch.allclose(
+        next(iter(bundle.val))[0][:, :, 0, :], torch.tensor(-bundle.mean[0] / bundle.std[0]), atol=1e-5
+    )
 
 
 def test_validation_split_is_seeded_and_disjoint(fmnist_root):
@@ -86,10 +87,13 @@ def test_cifar_pickle_cannot_run_code(tmp_path):
         DATASETS.get("cifar10")(root=str(tmp_path))
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("subset", 301, "data.subset is 301 but the fashion_mnist training split has only 300 images"),
-    ("test_subset", 101, "data.test_subset is 101 but the fashion_mnist test split has only 100 images"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("subset", 301, "data.subset is 301 but the fashion_mnist training split has only 300 images"),
+        ("test_subset", 101, "data.test_subset is 101 but the fashion_mnist test split has only 100 images"),
+    ],
+)
 def test_subset_larger_than_the_split_is_an_error(fmnist_root, key, value, expected):
     with pytest.raises(DataError, match=expected):
         build_data(DataConfig(root=str(fmnist_root), **{key: value}), seed=0)

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from toolchain.models.checkpoint import extract_state_dict, load_state
 from toolchain.cli import run
+from toolchain.models.checkpoint import extract_state_dict, load_state
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +47,24 @@ def recipe_for(tiny_recipe, fmnist_root, tmp_path):
 
 def torchrun(args, tmp_path, timeout=240, **env):
     repo = str(Path(__file__).resolve().parents[1])
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
-                   "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])), **env}
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+        **env,
+    }
     environment.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "toolchain", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "toolchain",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment, cwd=tmp_path)
 
 
@@ -136,7 +150,9 @@ def test_torchrun_unreachable_tracking_stops_every_rank_at_start(recipe_for, tmp
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: MLflow tracking server")]
     assert len(errors) == 2, proc.stderr[-3000:]  # one line from each rank
     assert "epoch" not in proc.stdout
-    assert not (tmp_path / "down" / "export" / ".cache").exists() or not any((tmp_path / "down" / "export" / ".cache").iterdir())
+    assert not (tmp_path / "down" / "export" / ".cache").exists() or not any(
+        (tmp_path / "down" / "export" / ".cache").iterdir()
+    )
 
 
 def test_torchrun_image_folder_shards_through_the_disk_cache(tmp_path):
@@ -144,11 +160,24 @@ def test_torchrun_image_folder_shards_through_the_disk_cache(tmp_path):
     from conftest import photo_folder
 
     root = photo_folder(tmp_path / "photos", per_class=20, size=(50, 40))
-    recipe = {"name": "ddp-photos", "output_dir": str(tmp_path / "export"),
-              "data": {"name": "imagefolder", "root": str(root), "image_size": 24, "batch_size": 4, "val_fraction": 0.2,
-                       "cache_dir": str(tmp_path / "cache"), "num_workers": 1},
-              "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
-              "export": None, "bench": None, "tracking": {"enabled": False}}
+    recipe = {
+        "name": "ddp-photos",
+        "output_dir": str(tmp_path / "export"),
+        "data": {
+            "name": "imagefolder",
+            "root": str(root),
+            "image_size": 24,
+            "batch_size": 4,
+            "val_fraction": 0.2,
+            "cache_dir": str(tmp_path / "cache"),
+            "num_workers": 1,
+        },
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
+        "export": None,
+        "bench": None,
+        "tracking": {"enabled": False},
+    }
     path = tmp_path / "photos.yaml"
     path.write_text(yaml.safe_dump(recipe))
     debug_dir = tmp_path / "ranks"

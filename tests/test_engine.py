@@ -36,8 +36,13 @@ def test_compress_end_to_end(pipeline_runs):
     assert stages["prune"]["metrics"]["params"] < stages["distill"]["metrics"]["params"]
     # the shipped model is the fine-tuned one, scored at its best validation epoch
     assert stages["export"]["metrics"]["torch_test_accuracy"] == stages["finetune"]["metrics"]["test_accuracy"]
-    assert stages["finetune"]["metrics"]["val_accuracy"] == pytest.approx(max(h["val_accuracy"] for h in stages["finetune"]["history"]))
-    assert "vs_teacher.pe_params" in stages["finetune"]["metrics"] and "vs_student.pe_macs" in stages["finetune"]["metrics"]
+    assert stages["finetune"]["metrics"]["val_accuracy"] == pytest.approx(
+        max(h["val_accuracy"] for h in stages["finetune"]["history"])
+    )
+    assert (
+        "vs_teacher.pe_params" in stages["finetune"]["metrics"]
+        and "vs_student.pe_macs" in stages["finetune"]["metrics"]
+    )
     assert stages["export"]["metrics"]["parity_top1_agreement"] >= 0.99
     assert "speedup_vs_teacher.cpu.bs1" in stages["bench"]["metrics"]
 
@@ -77,7 +82,11 @@ def test_a_copy_run_ships_its_own_identity(two_runs):
     assert meta["mlflow_parent_run_id"] == copy["mlflow"]["parent_run_id"]
     card = json.loads((run_dir / "model_card.json").read_text())
     assert card["name"] == "copy" and card["run_name"] == "copy"
-    assert card["mlflow"]["parent_run_id"] == copy["mlflow"]["parent_run_id"] != two_runs["tiny"]["mlflow"]["parent_run_id"]
+    assert (
+        card["mlflow"]["parent_run_id"]
+        == copy["mlflow"]["parent_run_id"]
+        != two_runs["tiny"]["mlflow"]["parent_run_id"]
+    )
     assert copy["files"]["model.onnx"] == str(run_dir / "model.onnx")
     assert "export/copy/model.onnx" in copy["final_table"] and "export/tiny/" not in copy["final_table"]
     # the latency files of a fully cached run are in its own folder
@@ -106,7 +115,10 @@ def test_derived_metrics_reach_the_child_runs_of_a_cached_run(two_runs):
     info = two_runs["copy_first"]["mlflow"]
     client = mlflow.MlflowClient(info["tracking_uri"])
     child = client.get_run(two_runs["copy_first"]["stages"]["finetune"]["mlflow_run_id"])
-    assert child.data.metrics["vs_teacher.pe_params"] == two_runs["tiny"]["stages"]["finetune"]["metrics"]["vs_teacher.pe_params"]
+    assert (
+        child.data.metrics["vs_teacher.pe_params"]
+        == two_runs["tiny"]["stages"]["finetune"]["metrics"]["vs_teacher.pe_params"]
+    )
     parent = client.get_run(info["parent_run_id"])
     assert "final.test_accuracy" in parent.data.metrics and "vs_student.pe_latency" in parent.data.metrics
 
@@ -126,8 +138,13 @@ def test_a_bench_only_change_retimes_this_runs_own_file(two_runs):
 
 
 def recipe(**changes):
-    body = {"name": "k", "student": {"model": "mobilenet_v2"}, "teacher": {"model": "resnet18"},
-            "prune": {"method": "channel"}, "finetune": {"epochs": 1}}
+    body = {
+        "name": "k",
+        "student": {"model": "mobilenet_v2"},
+        "teacher": {"model": "resnet18"},
+        "prune": {"method": "channel"},
+        "finetune": {"epochs": 1},
+    }
     body.update(changes)
     return validate_dict(body)
 
@@ -197,8 +214,10 @@ def module_imports(path: Path) -> set:
 
 
 def import_graph() -> dict:
-    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in PACKAGE.rglob("*.py")}
+    files = {
+        ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in PACKAGE.rglob("*.py")
+    }
     return {mod: {m for m in module_imports(p) if m in files and m != mod} for mod, p in files.items()}
 
 
@@ -209,7 +228,7 @@ def find_cycle(graph: dict):
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt, stack + [nxt])):
                 return cycle
         state[node] = "done"
@@ -239,7 +258,9 @@ def test_layers_point_down():
     for mod, deps in graph.items():
         if mod.startswith(upper) or mod == "toolchain.__main__":
             continue
-        assert not any(d.startswith(upper) for d in deps), f"{mod} imports {sorted(d for d in deps if d.startswith(upper))}"
+        assert not any(d.startswith(upper) for d in deps), (
+            f"{mod} imports {sorted(d for d in deps if d.startswith(upper))}"
+        )
     for mod, deps in graph.items():
         if mod.startswith("toolchain.stages"):
             assert "toolchain.engine.runner" not in deps, mod
@@ -250,8 +271,11 @@ def test_layers_point_down():
 
 def test_damaged_cache_entries_are_recomputed_and_never_shipped(tiny_recipe, tmp_path, capsys):
     # untrained student, torchscript export (faster): the cache-healing path is under test
-    path = tiny_recipe(teacher=None, distill={"epochs": 0, "loss": "ce"},
-                       export={"exporter": "torchscript", "opset": 17, "references": False})
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 0, "loss": "ce"},
+        export={"exporter": "torchscript", "opset": 17, "references": False},
+    )
     assert run(["compress", str(path)]) == 0
     first = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]
     cached_onnx = Path(first["export"]["paths"]["final"])

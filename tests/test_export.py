@@ -89,10 +89,16 @@ def resnet(tmp_path_factory):
 # ---------------------------------------------------------------- families
 
 
-@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v3_small",  # slow tier: larger models
-                                  pytest.param("mobilenet_v2", marks=pytest.mark.slow),
-                                  pytest.param("densenet121", marks=pytest.mark.slow),
-                                  pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cifar_resnet20",
+        "mobilenet_v3_small",  # slow tier: larger models
+        pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+        pytest.param("densenet121", marks=pytest.mark.slow),
+        pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+    ],
+)
 def test_family_exports_checks_and_passes_parity(name, resnet, tmp_path):
     if name == "cifar_resnet20":
         model, path, info = resnet
@@ -116,7 +122,9 @@ def test_family_exports_checks_and_passes_parity(name, resnet, tmp_path):
 def test_torchscript_exporter_and_batch_of_one(tmp_path):
     model = _calibrated("cifar_resnet20").train()  # export must use eval mode and restore train mode
     path = tmp_path / "ts.onnx"
-    info = export_onnx(model, path, torch.randn(1, 3, 32, 32), ExportConfig(exporter="torchscript", opset=17), {"a": "b"})
+    info = export_onnx(
+        model, path, torch.randn(1, 3, 32, 32), ExportConfig(exporter="torchscript", opset=17), {"a": "b"}
+    )
     assert model.training
     assert info["exporter"] == "torchscript" and info["opset"] == 17 and info["input_shape"][0] == "batch"
     assert _ort_run(path, np.random.randn(7, 3, 32, 32).astype(np.float32)).shape == (7, 10)
@@ -283,8 +291,14 @@ def test_missing_onnxscript_is_a_clear_error(tmp_path):
         "    print(exc)\n"
     )
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(repo)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
     assert "needs onnxscript" in proc.stdout and "exporter: torchscript" in proc.stdout, proc.stderr
     assert not (tmp_path / "m.onnx").exists()
 
@@ -322,8 +336,9 @@ def test_spatial_means_export_as_global_average_pool(exporter, opset, spatial, t
 def test_a_spatial_mean_over_a_one_pixel_map_exports_as_identity(exporter, opset, tmp_path):
     """onnxruntime's INT8 pool loops channel by channel: over a 1x1 map the mean is the identity."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(8, 4)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)
+    ).eval()
     path = tmp_path / "one_pixel.onnx"
     info = export_onnx(model, path, torch.randn(2, 3, 3, 3), ExportConfig(exporter=exporter, opset=opset), {})
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]

@@ -8,6 +8,7 @@ def test_replicates_merge_to_the_median_of_their_medians():
     def replicate(spec):
         m = next(medians)
         return {"ratios": {}, "medians_ms": {"a@1": m}, "times": {"a@1": [m / 1e3] * 10}, "shapes": {"a@1": [1, 3]}}
+
     c = compare({"a": "a.onnx"}, [], [1], plan=Plan(min_replicates=3), replicate=replicate)
     row = c.stats("a")[0]
     assert row["p50_ms"] == 2.0 and row["iterations"] == 30 and row["p99_ms"] > 8.9 and len(c.replicates) == 3

@@ -17,7 +17,7 @@ from toolchain.models.checkpoint import load_state
 from toolchain.models.registry import build_model
 from toolchain.prune import prune_model
 from toolchain.recipe import PruneConfig, TrainConfig
-from toolchain.train.features import FeatureDistiller, tapped
+from toolchain.train.features import tapped
 from toolchain.train.loop import fit
 from toolchain.train.tasks import make_task
 
@@ -27,16 +27,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_net(width: int, in_ch: int = 1) -> nn.Module:
     """conv (stride 1) -> conv (stride 2) -> pool -> fc: named modules body.0, body.2, head."""
     net = nn.Sequential()
-    net.body = nn.Sequential(nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU(),
-                             nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+    net.body = nn.Sequential(
+        nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU()
+    )
     net.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     net.head = nn.Linear(width, 3)
     return net
 
 
 def feature_cfg(*specs, loss="kd", epochs=1):
-    return TrainConfig(loss=loss, epochs=epochs, lr=0.05, channels_last=False,
-                       features=[{"student": s, "teacher": t, "loss": kind} for s, t, kind in specs])
+    return TrainConfig(
+        loss=loss,
+        epochs=epochs,
+        lr=0.05,
+        channels_last=False,
+        features=[{"student": s, "teacher": t, "loss": kind} for s, t, kind in specs],
+    )
 
 
 def test_adapters_are_built_from_shapes_probed_at_the_data_input_shape():
@@ -67,8 +73,9 @@ def test_unknown_module_path_is_one_line_with_close_matches():
 def test_hooks_capture_named_modules_on_a_pruned_model():
     torch.manual_seed(0)
     teacher = build_model("mobilenet_v3_small", 10)
-    pruned = prune_model(copy.deepcopy(teacher), PruneConfig(method="channel", sparsity=0.5),
-                         torch.randn(2, 3, 32, 32)).model
+    pruned = prune_model(
+        copy.deepcopy(teacher), PruneConfig(method="channel", sparsity=0.5), torch.randn(2, 3, 32, 32)
+    ).model
     cfg = feature_cfg(("features.3", "features.3", "mse"), ("features.9", "features.9", "mse"))
     task = make_task(cfg, teacher, pruned, input_shape=(3, 32, 32))
     small = [task.features.adapters[i].project[0].in_channels for i in (0, 1)]
@@ -120,8 +127,10 @@ def test_bad_module_path_is_one_line_exit_2(tiny_recipe, tmp_path, capsys):
 def test_a_bad_finetune_path_fails_before_the_teacher_trains(tiny_recipe, tmp_path, capsys):
     from toolchain.cli import run
 
-    path = tiny_recipe(prune={"method": "channel", "sparsity": 0.5},
-                       finetune={"epochs": 1, "loss": "kd", "features": [{"student": "features.2", "teacher": "layer9"}]})
+    path = tiny_recipe(
+        prune={"method": "channel", "sparsity": 0.5},
+        finetune={"epochs": 1, "loss": "kd", "features": [{"student": "features.2", "teacher": "layer9"}]},
+    )
     assert run(["compress", str(path)]) == 2
     assert "finetune.features[0].teacher: no module 'layer9'" in capsys.readouterr().err
     assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))
@@ -147,8 +156,10 @@ def test_adapters_resume_after_sigkill_and_never_reach_the_export(tiny_recipe, t
     fresh = start(tmp_path / "fresh.yaml")
     _, err = fresh.communicate(timeout=300)
     assert fresh.returncode == 0, err
-    stages = {name: json.loads((tmp_path / d / "tiny" / "summary.json").read_text())["stages"]["distill"]
-              for name, d in (("resumed", "export"), ("fresh", "fresh"))}
+    stages = {
+        name: json.loads((tmp_path / d / "tiny" / "summary.json").read_text())["stages"]["distill"]
+        for name, d in (("resumed", "export"), ("fresh", "fresh"))
+    }
     assert stages["resumed"]["metrics"]["test_accuracy"] == stages["fresh"]["metrics"]["test_accuracy"]
     assert stages["resumed"]["history"][-1]["loss.feat.0"] == stages["fresh"]["history"][-1]["loss.feat.0"]
 
@@ -165,10 +176,12 @@ def test_adapters_resume_after_sigkill_and_never_reach_the_export(tiny_recipe, t
 def test_adapters_stay_equal_across_torchrun_ranks_and_are_rebuilt_after_pruning(tiny_recipe, fmnist_root, tmp_path):
     from tests.test_distributed import torchrun
 
-    path = tiny_recipe(distill={"epochs": 1, "lr": 0.05, "loss": "dkd", "features": GOOD},
-                       prune={"method": "channel", "pruner": "l1", "sparsity": 0.5},
-                       finetune={"epochs": 1, "lr": 0.01, "loss": "kd", "features": GOOD},
-                       data={"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 16, "eval_batch_size": 64})
+    path = tiny_recipe(
+        distill={"epochs": 1, "lr": 0.05, "loss": "dkd", "features": GOOD},
+        prune={"method": "channel", "pruner": "l1", "sparsity": 0.5},
+        finetune={"epochs": 1, "lr": 0.01, "loss": "kd", "features": GOOD},
+        data={"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 16, "eval_batch_size": 64},
+    )
     proc = torchrun(["compress", str(path)], tmp_path, TOOLCHAIN_DIST_DEBUG_DIR=str(tmp_path / "ranks"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -7,15 +7,52 @@ from hypothesis import strategies as st
 from toolchain.errors import RecipeError
 from toolchain.recipe import Recipe, load_recipe
 
-KEYS = ["name", "seed", "device", "data", "teacher", "student", "distill", "prune", "finetune", "export", "bench",
-        "tracking", "model", "epochs", "lr", "loss", "sparsity", "method", "pruner", "batch_size", "subset",
-        "checkpoint", "alpha", "temperature", "providers", "batch_sizes", "opset", "align", "unknown"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.sampled_from(["resnet18", "mobilenet_v2", "kd", "ce", "weight", "channel",
-                                                           "fashion_mnist", "l1", "level", "..", "a/b"]))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
-                      max_leaves=12)
+KEYS = [
+    "name",
+    "seed",
+    "device",
+    "data",
+    "teacher",
+    "student",
+    "distill",
+    "prune",
+    "finetune",
+    "export",
+    "bench",
+    "tracking",
+    "model",
+    "epochs",
+    "lr",
+    "loss",
+    "sparsity",
+    "method",
+    "pruner",
+    "batch_size",
+    "subset",
+    "checkpoint",
+    "alpha",
+    "temperature",
+    "providers",
+    "batch_sizes",
+    "opset",
+    "align",
+    "unknown",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.sampled_from(
+        ["resnet18", "mobilenet_v2", "kd", "ce", "weight", "channel", "fashion_mnist", "l1", "level", "..", "a/b"]
+    ),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)),
+    max_leaves=12,
+)
 recipes = st.dictionaries(st.sampled_from(KEYS), values, max_size=8)
 overrides = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz._=-0123456789 []{}:,'\"", max_size=20), max_size=3)
 
@@ -51,10 +88,34 @@ def test_arbitrary_bytes(tmp_path, data):
     check(path)
 
 
-DOTTED = ["seed", "device", "data.name", "data.subset", "data.val_fraction", "teacher.model", "teacher.train.epochs",
-          "teacher.checkpoint", "student.model", "distill.loss", "distill.lr", "distill.alpha", "prune.method",
-          "prune.pruner", "prune.sparsity", "prune.engine", "prune.scope", "prune.align", "finetune.epochs",
-          "export.opset", "export.exporter", "bench.providers", "bench.batch_sizes", "tracking.uri", "name", "matrix"]
+DOTTED = [
+    "seed",
+    "device",
+    "data.name",
+    "data.subset",
+    "data.val_fraction",
+    "teacher.model",
+    "teacher.train.epochs",
+    "teacher.checkpoint",
+    "student.model",
+    "distill.loss",
+    "distill.lr",
+    "distill.alpha",
+    "prune.method",
+    "prune.pruner",
+    "prune.sparsity",
+    "prune.engine",
+    "prune.scope",
+    "prune.align",
+    "finetune.epochs",
+    "export.opset",
+    "export.exporter",
+    "bench.providers",
+    "bench.batch_sizes",
+    "tracking.uri",
+    "name",
+    "matrix",
+]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,13 +10,14 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_LATENCY
+from conftest import photo as _photo
+from conftest import photo_folder as _folder
 
 from toolchain.data import imagefile
 from toolchain.data.loaders import build_data
 from toolchain.errors import DataError
 from toolchain.recipe import DataConfig
-
-from conftest import FAST_LATENCY, photo as _photo, photo_folder as _folder
 
 
 def _save(path, img, **kw):
@@ -60,7 +61,9 @@ def test_conversions_match_what_a_viewer_shows(tmp_path):
     rgba = _save(tmp_path / "a.png", Image.new("RGBA", (4, 4), (255, 0, 0, 0)))
     assert np.asarray(imagefile.read_image(rgba)).max() == 255 and np.asarray(imagefile.read_image(rgba)).min() == 255
     deep = _save(tmp_path / "d.png", Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)))
-    assert imagefile.read_image(deep, "grey").mode == "L" and np.asarray(imagefile.read_image(deep, "grey")).min() == 255
+    assert (
+        imagefile.read_image(deep, "grey").mode == "L" and np.asarray(imagefile.read_image(deep, "grey")).min() == 255
+    )
     cmyk = _save(tmp_path / "c.jpg", Image.new("CMYK", (8, 8), (0, 255, 255, 0)), quality=100)
     r, g, b = np.asarray(imagefile.read_image(cmyk)).reshape(-1, 3).mean(axis=0)
     assert r > 200 and g < 60 and b < 60  # CMYK (0, 255, 255, 0) is red
@@ -105,7 +108,9 @@ def _png_header_only(path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_one_data_error_naming_the_file(tmp_path):
@@ -168,8 +173,15 @@ def test_augmentation_does_not_depend_on_the_number_of_workers(tmp_path):
 def test_random_resized_crop_stays_inside_the_frame_and_varies():
     from toolchain.data.transforms import Policy
 
-    policy = Policy(size=(16, 16), frame=(40, 30), resize=(40, 30), mean=(0.5,) * 3, std=(0.5,) * 3,
-                    train_crop="random_resized", scale=(0.1, 1.0))
+    policy = Policy(
+        size=(16, 16),
+        frame=(40, 30),
+        resize=(40, 30),
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        train_crop="random_resized",
+        scale=(0.1, 1.0),
+    )
     params = policy.plan(64, torch.Generator().manual_seed(0), augment=True)
     boxes = params["boxes"]
     top, left, h, w = boxes.T
@@ -203,13 +215,28 @@ def test_imagefolder_end_to_end_at_another_size(tmp_path):
     _save(root / "train" / "cat" / "grey.jpg", Image.new("L", (90, 60), 100))
     _save(root / "train" / "dog" / "rgba.png", Image.new("RGBA", (20, 30), (0, 0, 255, 128)))
     recipe = {
-        "name": "photos", "output_dir": str(tmp_path / "export"),
-        "data": {"name": "imagefolder", "root": str(root), "image_size": [40, 48], "batch_size": 8,
-                 "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.2},
-        "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
-        "prune": {"method": "channel", "sparsity": 0.5}, "finetune": {"epochs": 1, "lr": 0.01, "loss": "ce"},
-        "bench": {"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "compare_torch": False,
-                  "latency": FAST_LATENCY},
+        "name": "photos",
+        "output_dir": str(tmp_path / "export"),
+        "data": {
+            "name": "imagefolder",
+            "root": str(root),
+            "image_size": [40, 48],
+            "batch_size": 8,
+            "cache_dir": str(tmp_path / "cache"),
+            "val_fraction": 0.2,
+        },
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
+        "prune": {"method": "channel", "sparsity": 0.5},
+        "finetune": {"epochs": 1, "lr": 0.01, "loss": "ce"},
+        "bench": {
+            "batch_sizes": [1, 2],
+            "warmup": 1,
+            "iterations": 3,
+            "time_budget_s": 0.1,
+            "compare_torch": False,
+            "latency": FAST_LATENCY,
+        },
         "package": {"golden_images": 2},
         "tracking": {"enabled": False},
     }
@@ -223,7 +250,11 @@ def test_imagefolder_end_to_end_at_another_size(tmp_path):
     meta = {p.key: p.value for p in model.metadata_props}
     contract = json.loads(meta["preprocess"])
     assert contract["crop"] == [40, 48] and contract["resize"] == [45, 54] and contract["interpolation"] == "bilinear"
-    assert contract["layout"] == "NCHW" and contract["channel_order"] == "RGB" and json.loads(meta["class_names"]) == ["cat", "dog"]
+    assert (
+        contract["layout"] == "NCHW"
+        and contract["channel_order"] == "RGB"
+        and json.loads(meta["class_names"]) == ["cat", "dog"]
+    )
     shapes = set()
 
     def walk(node):
@@ -247,9 +278,14 @@ def test_pretrained_weights_set_the_data_defaults_and_the_recipe_overrides_them(
     from toolchain.recipe import validate_dict
 
     root = _folder(tmp_path / "data")
-    base = {"name": "p", "data": {"name": "imagefolder", "root": str(root), "cache_dir": str(tmp_path / "cache")},
-            "teacher": {"model": "resnet18", "train": {"epochs": 1}},
-            "student": {"model": "torchvision/resnet50", "weights": "IMAGENET1K_V2"}, "export": None, "bench": None}
+    base = {
+        "name": "p",
+        "data": {"name": "imagefolder", "root": str(root), "cache_dir": str(tmp_path / "cache")},
+        "teacher": {"model": "resnet18", "train": {"epochs": 1}},
+        "student": {"model": "torchvision/resnet50", "weights": "IMAGENET1K_V2"},
+        "export": None,
+        "bench": None,
+    }
     recipe = validate_dict(base)
     weights = pretrained_preprocessing(recipe)
     policy = build_data(recipe.data, seed=0, weights_preprocessing=weights).policy

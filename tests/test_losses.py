@@ -110,7 +110,7 @@ def test_hinton_kd_is_tckd_plus_nckd_weighted_by_teacher_non_target_mass():
     s, y = logits(0)
     t, _ = logits(1)
     for i in range(4):
-        si, ti, yi = s[i:i + 1], t[i:i + 1], y[i:i + 1]
+        si, ti, yi = s[i : i + 1], t[i : i + 1], y[i : i + 1]
         kd = hinton_kd(si, yi, ti, temperature=2.0, alpha=1.0)["total"]
         tckd, nckd = dkd_terms(si, ti, yi, 2.0)
         p_target = F.softmax(ti / 2.0, 1)[0, yi[0]]
@@ -153,7 +153,9 @@ def test_dkd_warm_up_ramps_with_one_based_epochs():
 def test_dkd_task_reports_terms_and_uses_recipe_settings():
     torch.manual_seed(0)
     student, teacher = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
-    cfg = TrainConfig(loss="dkd", temperature=2.0, dkd={"alpha": 0.5, "beta": 2.0, "ce_weight": 0.3, "warmup_epochs": 2})
+    cfg = TrainConfig(
+        loss="dkd", temperature=2.0, dkd={"alpha": 0.5, "beta": 2.0, "ce_weight": 0.3, "warmup_epochs": 2}
+    )
     task = make_task(cfg, teacher)
     assert isinstance(task, DistillationTask)
     x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
@@ -170,22 +172,34 @@ def recipe(**distill):
     return {"name": "r", "student": {"model": "mobilenet_v2"}, "distill": distill}
 
 
-@pytest.mark.parametrize("distill, expected", [
-    ({"loss": "dkd"}, "distill.loss is dkd but the recipe has no teacher section"),
-    ({"loss": "ce", "features": [{"student": "features.6", "teacher": "layer2"}]},
-     "distill.features is set but the recipe has no teacher section"),
-    ({"loss": "dkd", "dkd": {"gamma": 1}}, "distill.dkd.gamma: unknown key"),
-    ({"loss": "dkd", "dkd": {"beta": -1}}, "distill.dkd.beta"),
-    ({"loss": "kd", "features": [{"student": "a", "teacher": "b", "loss": "l2"}]}, "distill.features.0.loss"),
-    ({"loss": "kd", "features": [{"student": "a"}]}, "distill.features.0.teacher: required key is missing"),
-])
+@pytest.mark.parametrize(
+    "distill, expected",
+    [
+        ({"loss": "dkd"}, "distill.loss is dkd but the recipe has no teacher section"),
+        (
+            {"loss": "ce", "features": [{"student": "features.6", "teacher": "layer2"}]},
+            "distill.features is set but the recipe has no teacher section",
+        ),
+        ({"loss": "dkd", "dkd": {"gamma": 1}}, "distill.dkd.gamma: unknown key"),
+        ({"loss": "dkd", "dkd": {"beta": -1}}, "distill.dkd.beta"),
+        ({"loss": "kd", "features": [{"student": "a", "teacher": "b", "loss": "l2"}]}, "distill.features.0.loss"),
+        ({"loss": "kd", "features": [{"student": "a"}]}, "distill.features.0.teacher: required key is missing"),
+    ],
+)
 def test_recipe_rejects_bad_distillation_settings(distill, expected):
     with pytest.raises(RecipeError, match=expected.replace(".", r"\.")):
         validate_dict(recipe(**distill))
 
 
 def test_recipe_accepts_dkd_and_features_with_a_teacher():
-    r = validate_dict({**recipe(loss="dkd", dkd={"beta": 2.0}, features=[{"student": "features.6", "teacher": "layer2",
-                                                                            "loss": "at", "weight": 100}]),
-                       "teacher": {"model": "resnet18"}})
+    r = validate_dict(
+        {
+            **recipe(
+                loss="dkd",
+                dkd={"beta": 2.0},
+                features=[{"student": "features.6", "teacher": "layer2", "loss": "at", "weight": 100}],
+            ),
+            "teacher": {"model": "resnet18"},
+        }
+    )
     assert r.distill.dkd.beta == 2.0 and r.distill.features[0].loss == "at" and r.distill.needs_teacher

@@ -16,9 +16,9 @@ import yaml
 from toolchain.errors import CheckpointError, RecipeError
 from toolchain.models import resolve, weights
 from toolchain.models.refs import build, library_models, parse
-from toolchain.recipe import StudentConfig, load_recipe, validate_dict
+from toolchain.recipe import load_recipe, validate_dict
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch.nn as nn
 
 def build(num_classes, width=8):
@@ -33,7 +33,7 @@ def not_a_model(num_classes):
     return 42
 
 VALUE = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -88,12 +88,15 @@ def test_validating_references_imports_neither_torch_nor_timm():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("ref, suggestion", [
-    ("resnet19", "Did you mean 'resnet18'"),
-    ("torchvision/resnet19", "did you mean torchvision/resnet18"),
-    ("torchvision/convnext_tiy", "torchvision/convnext_tiny"),
-    ("timm/convnext_atoo", "timm/convnext_atto"),
-])
+@pytest.mark.parametrize(
+    "ref, suggestion",
+    [
+        ("resnet19", "Did you mean 'resnet18'"),
+        ("torchvision/resnet19", "did you mean torchvision/resnet18"),
+        ("torchvision/convnext_tiy", "torchvision/convnext_tiny"),
+        ("timm/convnext_atoo", "timm/convnext_atto"),
+    ],
+)
 def test_unknown_names_list_close_matches(ref, suggestion):
     assert suggestion in one_line_error(lambda: student(model=ref))
 
@@ -102,23 +105,29 @@ def test_timm_pretrained_tag_is_accepted():
     assert student(model="timm/resnet18.a1_in1k", weights="pretrained").model == "timm/resnet18.a1_in1k"
 
 
-@pytest.mark.parametrize("ref, message", [
-    ("nosuchpkg.nets:build", "cannot import 'nosuchpkg.nets'"),
-    ("nosuchmodule:build", "module 'nosuchmodule' not found on PYTHONPATH or next to the recipe"),
-    ("a:b:c", "package.module:callable"),
-])
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        ("nosuchpkg.nets:build", "cannot import 'nosuchpkg.nets'"),
+        ("nosuchmodule:build", "module 'nosuchmodule' not found on PYTHONPATH or next to the recipe"),
+        ("a:b:c", "package.module:callable"),
+    ],
+)
 def test_bad_callable_references_fail_validation(ref, message):
     assert message in one_line_error(lambda: student(model=ref))
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"model": "resnet18", "weights": "DEFAULT"}, "use a state_dict file"),
-    ({"model": "torchvision/resnet18", "weights": "pretrained"}, "DEFAULT or an enum name"),
-    ({"model": "timm/resnet18", "weights": "IMAGENET1K_V1"}, "use pretrained"),
-    ({"model": "timm/resnet18", "cifar_stem": True}, "cifar_stem applies to registry models only"),
-    ({"model": "resnet18", "kwargs": {"num_classes": 3}}, "kwargs cannot set num_classes"),
-    ({"model": "resnet18", "weights": "a.pth", "checkpoint": "b.pt"}, "not both"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"model": "resnet18", "weights": "DEFAULT"}, "use a state_dict file"),
+        ({"model": "torchvision/resnet18", "weights": "pretrained"}, "DEFAULT or an enum name"),
+        ({"model": "timm/resnet18", "weights": "IMAGENET1K_V1"}, "use pretrained"),
+        ({"model": "timm/resnet18", "cifar_stem": True}, "cifar_stem applies to registry models only"),
+        ({"model": "resnet18", "kwargs": {"num_classes": 3}}, "kwargs cannot set num_classes"),
+        ({"model": "resnet18", "weights": "a.pth", "checkpoint": "b.pt"}, "not both"),
+    ],
+)
 def test_weights_and_kwargs_are_checked_against_the_reference(fields, message):
     assert message in one_line_error(lambda: student(**fields))
 
@@ -126,11 +135,14 @@ def test_weights_and_kwargs_are_checked_against_the_reference(fields, message):
 # ---------------------------------------------------------------- building
 
 
-@pytest.mark.parametrize("ref, kwargs", [
-    ("mobilenet_v3_small", {}),
-    ("torchvision/shufflenet_v2_x0_5", {}),
-    ("timm/test_convnext", {"drop_rate": 0.1}),
-])
+@pytest.mark.parametrize(
+    "ref, kwargs",
+    [
+        ("mobilenet_v3_small", {}),
+        ("torchvision/shufflenet_v2_x0_5", {}),
+        ("timm/test_convnext", {"drop_rate": 0.1}),
+    ],
+)
 def test_every_form_builds_a_module_with_the_dataset_classes(ref, kwargs):
     model = build(ref, 7, kwargs=kwargs).eval()
     with torch.no_grad():
@@ -147,19 +159,24 @@ def test_user_module_next_to_the_recipe_is_importable(tmp_path):
     folder.mkdir()
     (folder / "nextdoor_nets.py").write_text(USER_MODULE)
     path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "t", "student": {"model": "nextdoor_nets:build"}, "distill": {"loss": "ce"}}))
+    path.write_text(
+        yaml.safe_dump({"name": "t", "student": {"model": "nextdoor_nets:build"}, "distill": {"loss": "ce"}})
+    )
     try:
         assert isinstance(resolve.create(load_recipe(path).student, 3), nn.Module)
     finally:
         sys.path.remove(str(folder.resolve()))
 
 
-@pytest.mark.parametrize("attribute, message", [
-    ("buidl", "has no attribute 'buidl'. Did you mean"),
-    ("broken", "building it raised ValueError: no such width"),
-    ("not_a_model", "returned int, not a torch.nn.Module"),
-    ("VALUE", "is a int, not a callable"),
-])
+@pytest.mark.parametrize(
+    "attribute, message",
+    [
+        ("buidl", "has no attribute 'buidl'. Did you mean"),
+        ("broken", "building it raised ValueError: no such width"),
+        ("not_a_model", "returned int, not a torch.nn.Module"),
+        ("VALUE", "is a int, not a callable"),
+    ],
+)
 def test_user_callable_errors_are_one_line(user_module, attribute, message):
     cfg = student(model=f"{user_module}:{attribute}")
     assert message in one_line_error(lambda: resolve.check_model(cfg, 10))
@@ -169,7 +186,9 @@ def test_user_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "crashing_nets.py").write_text("import nosuchdependency\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = student(model="crashing_nets:build")
-    assert "importing 'crashing_nets' failed: ModuleNotFoundError" in one_line_error(lambda: resolve.check_model(cfg, 10))
+    assert "importing 'crashing_nets' failed: ModuleNotFoundError" in one_line_error(
+        lambda: resolve.check_model(cfg, 10)
+    )
 
 
 def test_model_stage_preflight_checks_the_reference_before_training(user_module):
@@ -184,7 +203,9 @@ def test_cli_exits_2_on_a_bad_reference(tmp_path, user_module):
     from toolchain.cli import run
 
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"name": "t", "student": {"model": "torchvision/resnet19"}, "distill": {"loss": "ce"}}))
+    path.write_text(
+        yaml.safe_dump({"name": "t", "student": {"model": "torchvision/resnet19"}, "distill": {"loss": "ce"}})
+    )
     assert run(["validate", str(path)]) == 2
 
 
@@ -204,10 +225,13 @@ def save_imagenet_layout(path, ref):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("ref, suffix, head", [
-    ("torchvision/mobilenet_v3_small", ".pth", "classifier.3"),
-    ("timm/test_resnet", ".safetensors", "fc"),
-])
+@pytest.mark.parametrize(
+    "ref, suffix, head",
+    [
+        ("torchvision/mobilenet_v3_small", ".pth", "classifier.3"),
+        ("timm/test_resnet", ".safetensors", "fc"),
+    ],
+)
 def test_weights_file_loads_and_replaces_the_head(tmp_path, capsys, ref, suffix, head):
     path = tmp_path / f"w{suffix}"
     saved = save_imagenet_layout(path, ref)
@@ -233,7 +257,9 @@ def test_torchvision_enum_weights_replace_the_head(monkeypatch, capsys):
     """The enum's download is the library's; here it hands back a random 1000-class state_dict."""
     import torchvision.models._api as api
 
-    monkeypatch.setattr(api, "load_state_dict_from_url", lambda *a, **k: build("torchvision/shufflenet_v2_x0_5", 1000).state_dict())
+    monkeypatch.setattr(
+        api, "load_state_dict_from_url", lambda *a, **k: build("torchvision/shufflenet_v2_x0_5", 1000).state_dict()
+    )
     model = resolve.create(student(model="torchvision/shufflenet_v2_x0_5", weights="DEFAULT"), 10)
     assert model.fc.out_features == 10
     assert "classifier fc replaced by a new layer with 10 outputs (the weights have 1000)" in capsys.readouterr().out
@@ -241,7 +267,9 @@ def test_torchvision_enum_weights_replace_the_head(monkeypatch, capsys):
 
 def test_unknown_torchvision_enum_lists_the_members():
     cfg = student(model="torchvision/resnet50", weights="IMAGENET1K_V3")
-    assert "IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT" in one_line_error(lambda: resolve.check_model(cfg, 10), CheckpointError)
+    assert "IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT" in one_line_error(
+        lambda: resolve.check_model(cfg, 10), CheckpointError
+    )
 
 
 @pytest.mark.parametrize("call", [resolve.create, resolve.check_model], ids=["create", "preflight"])
@@ -266,8 +294,9 @@ def test_offline_timm_download_says_which_file_to_put_where(monkeypatch):
         raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
 
     monkeypatch.setattr(timm, "create_model", offline)
-    message = one_line_error(lambda: resolve.create(student(model="timm/resnet18.a1_in1k", weights="pretrained"), 10),
-                             CheckpointError)
+    message = one_line_error(
+        lambda: resolve.create(student(model="timm/resnet18.a1_in1k", weights="pretrained"), 10), CheckpointError
+    )
     assert "hf download timm/resnet18.a1_in1k" in message and "models--timm--resnet18.a1_in1k" in message
 
 
@@ -294,8 +323,13 @@ def test_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):
 
 def test_weights_preprocessing_comes_from_the_weights():
     tv = resolve.weights_preprocessing(student(model="torchvision/resnet50", weights="IMAGENET1K_V2"))
-    assert tv == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": [224, 224],
-                  "crop_pct": round(224 / 232, 4), "interpolation": "bilinear"}
+    assert tv == {
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "image_size": [224, 224],
+        "crop_pct": round(224 / 232, 4),
+        "interpolation": "bilinear",
+    }
     tm = resolve.weights_preprocessing(student(model="timm/resnet18.a1_in1k", weights="pretrained"))
     assert tm["image_size"] == [224, 224] and tm["crop_pct"] == 0.95 and tm["interpolation"] == "bicubic"
     assert resolve.weights_preprocessing(student(model="resnet18")) is None
@@ -307,8 +341,11 @@ def test_weights_identity_is_in_the_stage_key(tmp_path):
 
     path = tmp_path / "w.pth"
     torch.save(build("resnet18", 10).state_dict(), path)
-    cfg = SimpleNamespace(teacher=validate_dict({"name": "t", "teacher": {"model": "resnet18", "weights": str(path)},
-                                                  "student": {"model": "resnet18"}}).teacher)
+    cfg = SimpleNamespace(
+        teacher=validate_dict(
+            {"name": "t", "teacher": {"model": "resnet18", "weights": str(path)}, "student": {"model": "resnet18"}}
+        ).teacher
+    )
     first = Teacher().fingerprint(cfg)
     torch.save(build("resnet18", 10).state_dict(), path)
     assert Teacher().fingerprint(cfg) != first  # same path, other content
@@ -323,7 +360,9 @@ def test_pretrained_recipe_builds_both_models_from_local_weight_files(tmp_path):
     teacher_file, student_file = tmp_path / "resnet50.pth", tmp_path / "mnv3.pth"
     torch.save(build("torchvision/resnet50", 1000).state_dict(), teacher_file)
     torch.save(build("torchvision/mobilenet_v3_large", 1000).state_dict(), student_file)
-    recipe = load_recipe("recipes/pretrained.yaml", [f"teacher.weights={teacher_file}", f"student.weights={student_file}"])
+    recipe = load_recipe(
+        "recipes/pretrained.yaml", [f"teacher.weights={teacher_file}", f"student.weights={student_file}"]
+    )
     assert recipe.teacher.model == "torchvision/resnet50" and recipe.student.model == "torchvision/mobilenet_v3_large"
     for section in (recipe.teacher, recipe.student):
         model = resolve.create(section, 5).eval()
@@ -351,10 +390,13 @@ def compress(tiny_recipe, tmp_path, **sections):
 @pytest.mark.slow
 def test_pipeline_with_a_user_factory_and_a_timm_teacher(tiny_recipe, tmp_path, user_module):
     first, again = compress(
-        tiny_recipe, tmp_path,
+        tiny_recipe,
+        tmp_path,
         teacher={"model": "timm/test_resnet", "train": {"epochs": 1, "lr": 0.05}},
         student={"model": f"{user_module}:build", "kwargs": {"width": 16}},
-        prune={"method": "channel", "sparsity": 0.5}, finetune={"epochs": 1, "lr": 0.01, "loss": "kd"})
+        prune={"method": "channel", "sparsity": 0.5},
+        finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
+    )
     stages = first["stages"]
     assert stages["prune"]["metrics"]["params"] < stages["distill"]["metrics"]["params"]
     assert again["stages"]["finetune"]["metrics"] == stages["finetune"]["metrics"]
@@ -364,10 +406,13 @@ def test_pipeline_with_a_user_factory_and_a_timm_teacher(tiny_recipe, tmp_path, 
 def test_pipeline_prunes_and_restores_a_timm_convnext(tiny_recipe, tmp_path):
     """LayerNorm2d, depthwise 7x7 convs and layer-scale parameters: restored from shapes on reuse."""
     first, again = compress(
-        tiny_recipe, tmp_path, teacher=None,
-        student={"model": "timm/test_convnext"}, distill={"epochs": 1, "lr": 0.01, "loss": "ce"},
-        prune={"method": "channel", "sparsity": 0.5, "engine": "torch_pruning"})
+        tiny_recipe,
+        tmp_path,
+        teacher=None,
+        student={"model": "timm/test_convnext"},
+        distill={"epochs": 1, "lr": 0.01, "loss": "ce"},
+        prune={"method": "channel", "sparsity": 0.5, "engine": "torch_pruning"},
+    )
     stages = first["stages"]
     assert stages["prune"]["metrics"]["macs"] < 0.6 * stages["distill"]["metrics"]["macs"]
     assert again["stages"]["prune"]["metrics"] == stages["prune"]["metrics"]
-

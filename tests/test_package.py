@@ -28,19 +28,29 @@ GOLDEN = 4
 def packaged(tmp_path_factory, fmnist_root):
     """One tiny run (no teacher, 1 epoch ce, export without references, no bench) with a package."""
     tmp = tmp_path_factory.mktemp("package")
-    recipe = {"name": "tiny", "output_dir": str(tmp / "export"),
-              "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-              "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
-              "export": {"exporter": "dynamo", "opset": 18, "references": False}, "bench": None,
-              "package": {"target_platform": "amd64", "golden_images": GOLDEN},
-              "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"}}
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp / "export"),
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
+        "export": {"exporter": "dynamo", "opset": 18, "references": False},
+        "bench": None,
+        "package": {"target_platform": "amd64", "golden_images": GOLDEN},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
+    }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert run(["compress", str(path)]) == 0
     run_dir = tmp / "export" / "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"recipe": path, "run_dir": run_dir, "package": run_dir / "package", "summary": summary,
-            "cache": Path(summary["stages"]["export"]["paths"]["final"]).parents[1]}
+    return {
+        "recipe": path,
+        "run_dir": run_dir,
+        "package": run_dir / "package",
+        "summary": summary,
+        "cache": Path(summary["stages"]["export"]["paths"]["final"]).parents[1],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +66,9 @@ def no_torch_env(tmp_path_factory) -> dict:
 
 
 def in_package(folder: Path, env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=folder, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=folder, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def pipeline_tensors(packaged) -> np.ndarray:
@@ -83,9 +94,22 @@ def pipeline_probabilities(packaged) -> np.ndarray:
 
 def test_package_holds_models_contract_golden_data_and_a_true_manifest(packaged):
     pkg, info = packaged["package"], packaged["summary"]["stages"]["package"]["info"]
-    for name in ("model.onnx", "model.ort", "required_operators.config", "labels.txt", "preprocess.json",
-                 "infer.py", "README.md", "golden/inputs.npy", "golden/outputs_float.npy", "golden/expected.json",
-                 "toolchain/bench/ort.py", "toolchain/bench/cli.py", "toolchain/bench/compare.py", "manifest.json"):
+    for name in (
+        "model.onnx",
+        "model.ort",
+        "required_operators.config",
+        "labels.txt",
+        "preprocess.json",
+        "infer.py",
+        "README.md",
+        "golden/inputs.npy",
+        "golden/outputs_float.npy",
+        "golden/expected.json",
+        "toolchain/bench/ort.py",
+        "toolchain/bench/cli.py",
+        "toolchain/bench/compare.py",
+        "manifest.json",
+    ):
         assert (pkg / name).is_file(), name
     assert not (pkg / "model_int8.onnx").exists()  # no quantize section: nothing INT8 ships
     assert sorted(p.name for p in (pkg / "golden" / "images").iterdir()) == [f"{i:03d}.png" for i in range(GOLDEN)]
@@ -111,8 +135,9 @@ def test_package_holds_models_contract_golden_data_and_a_true_manifest(packaged)
 
 def test_golden_inputs_made_from_the_pngs_equal_the_pipelines_tensors(packaged):
     """PNG -> infer.py's preprocessing reproduces the training loader's tensors: the contract holds."""
-    np.testing.assert_allclose(np.load(packaged["package"] / "golden" / "inputs.npy"), pipeline_tensors(packaged),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.load(packaged["package"] / "golden" / "inputs.npy"), pipeline_tensors(packaged), atol=1e-5, rtol=0
+    )
 
 
 def test_ort_file_loads_as_ort_format_and_reproduces_the_golden_outputs(packaged):
@@ -124,7 +149,8 @@ def test_ort_file_loads_as_ort_format_and_reproduces_the_golden_outputs(packaged
     np.testing.assert_allclose(got, np.load(pkg / "golden" / "outputs_float.npy"), atol=1e-4, rtol=0)
     metrics = packaged["summary"]["stages"]["package"]["metrics"]
     assert metrics["package.float_ort_max_abs_diff"] <= 1e-4 and metrics["package.files"] == len(
-        json.loads((pkg / "manifest.json").read_text())["files"])
+        json.loads((pkg / "manifest.json").read_text())["files"]
+    )
 
 
 def test_infer_py_without_torch_prints_the_pipeline_predictions(packaged, no_torch_env):
@@ -156,8 +182,23 @@ def test_bench_runs_from_the_package_without_torch_or_the_toolchain(packaged, no
     pkg = packaged["package"]
     where = in_package(pkg, no_torch_env, "-c", "import toolchain.bench.ort as m; print(m.__file__)")
     assert Path(where.stdout.strip()).is_relative_to(pkg)  # the bundled copy, not the checkout
-    proc = in_package(pkg, no_torch_env, "-m", "toolchain.bench", "model.ort", "--batch-sizes", "1", "--warmup", "0",
-                      "--iterations", "2", "--time-budget", "0.1", "--json", tmp_path / "device.json")
+    proc = in_package(
+        pkg,
+        no_torch_env,
+        "-m",
+        "toolchain.bench",
+        "model.ort",
+        "--batch-sizes",
+        "1",
+        "--warmup",
+        "0",
+        "--iterations",
+        "2",
+        "--time-budget",
+        "0.1",
+        "--json",
+        tmp_path / "device.json",
+    )
     assert proc.returncode == 0, proc.stderr
     device = json.loads((tmp_path / "device.json").read_text())
     assert device["results"][0]["batch_size"] == 1
@@ -205,7 +246,10 @@ def test_a_package_that_does_not_match_its_manifest_fails_verification(packaged,
     (copy / "extra.txt").write_text("not listed")
     with pytest.raises(PackageError) as err:
         verify_package(copy)
-    assert str(err.value) == f"package: {copy} does not match its manifest (extra.txt, golden/images/000.png); rebuild the package"
+    assert (
+        str(err.value)
+        == f"package: {copy} does not match its manifest (extra.txt, golden/images/000.png); rebuild the package"
+    )
 
 
 # ---------------------------------------------------------------- building: INT8, ARM, failures
@@ -236,9 +280,17 @@ def test_an_int8_model_is_packaged_for_arm_and_checked(packaged, tmp_path):
             return next(self.batches, None)
 
     int8 = tmp_path / "int8.onnx"
-    quantize_static(str(float_path), str(int8), Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    manifest = build_package(tmp_path / "pkg", {"float": float_path, "int8": int8}, metadata, images, [0] * len(images), "arm")
+    quantize_static(
+        str(float_path),
+        str(int8),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    manifest = build_package(
+        tmp_path / "pkg", {"float": float_path, "int8": int8}, metadata, images, [0] * len(images), "arm"
+    )
     assert manifest["target_platform"] == "arm" and manifest["default_model"] == "model_int8.ort"
     assert {"model_int8.onnx", "model_int8.ort", "golden/outputs_int8.npy"} <= set(manifest["files"])
     checks = verify_package(tmp_path / "pkg")
@@ -279,8 +331,12 @@ def test_a_converter_failure_is_one_line(packaged, tmp_path):
 
 
 def test_unknown_target_platform_is_a_one_line_recipe_error(tiny_recipe, capsys):
-    path = tiny_recipe(teacher=None, distill={"epochs": 1, "loss": "ce"}, export={"references": False},
-                       package={"target_platform": "x86"})
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 1, "loss": "ce"},
+        export={"references": False},
+        package={"target_platform": "x86"},
+    )
     assert run(["compress", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {path}: package.target_platform: Input should be 'amd64' or 'arm' (got 'x86')"]
@@ -323,6 +379,9 @@ def test_more_golden_images_than_the_test_split_is_one_line():
     data = SimpleNamespace(test=SimpleNamespace(images=frames, labels=torch.tensor([0, 1, 2])))
     with pytest.raises(PackageError) as err:
         golden_images(data, 5)
-    assert str(err.value) == "package.golden_images is 5 but the test split has 3 images; set package.golden_images: 3 or less"
+    assert (
+        str(err.value)
+        == "package.golden_images is 5 but the test split has 3 images; set package.golden_images: 3 or less"
+    )
     pixels, labels = golden_images(data, 2)
     assert pixels.dtype == np.uint8 and pixels.shape == (2, 1, 32, 32) and (pixels == 128).all() and labels == [0, 1]

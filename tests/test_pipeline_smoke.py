@@ -20,8 +20,10 @@ def test_rerun_reuses_finished_stages(tiny_recipe, tmp_path, warm_cache):
 
 
 def test_taylor_pruner_scores_with_the_pipeline_training_data(tiny_recipe, tmp_path, warm_cache):
-    path = tiny_recipe(prune={"method": "channel", "pruner": "taylor", "sparsity": 0.5, "taylor_batches": 4},
-                       finetune={"epochs": 1, "lr": 0.01, "loss": "kd"})
+    path = tiny_recipe(
+        prune={"method": "channel", "pruner": "taylor", "sparsity": 0.5, "taylor_batches": 4},
+        finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
+    )
     assert run(["compress", str(path)]) == 0
     stages = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]
     prune = stages["prune"]["metrics"]

@@ -67,7 +67,9 @@ def test_channel_pruning_shrinks_and_aligns(name):
     assert report["unaligned_layers"] == 0
     assert_aligned(result, 8)
     assert_plain_torch(result.model)
-    assert classifier_name(result.model) and result.model.get_submodule(classifier_name(result.model)).out_features == 10
+    assert (
+        classifier_name(result.model) and result.model.get_submodule(classifier_name(result.model)).out_features == 10
+    )
 
 
 @pytest.mark.parametrize("name", [param(n) for n in ALL_MODELS])
@@ -118,7 +120,9 @@ def test_taylor_pruner_shrinks_and_aligns():
 def test_taylor_scoring_changes_no_weight_or_batchnorm_statistic():
     model = model_of("cifar_resnet20")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    masks = channel_masks(model, [{"op_names": ["layer1.0.conv1"], "sparse_ratio": 0.5}], "TaylorPruner", gradient_source())
+    masks = channel_masks(
+        model, [{"op_names": ["layer1.0.conv1"], "sparse_ratio": 0.5}], "TaylorPruner", gradient_source()
+    )
     assert float(masks["layer1.0.conv1"]["weight"].float().mean()) == 0.5
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert_plain_torch(model)
@@ -129,10 +133,18 @@ def test_taylor_keeps_the_channels_the_loss_needs_not_the_largest():
 
     L1 keeps the large, useless half; Taylor, (w * grad)^2, keeps the used half.
     """
+
     def net():
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        )
         with torch.no_grad():
             model[0].weight[:8] *= 10
             model[2].weight[:, :8] = 0
@@ -152,7 +164,9 @@ def test_taylor_scores_the_same_batches_whatever_epoch_the_loader_was_left_at():
     """Stage outputs must not depend on whether earlier stages ran or came from the cache."""
     torch.manual_seed(0)
     images, labels = torch.randint(0, 256, (48, 1, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (48,))
-    loader = tensor_batches(images, labels, 8, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), shuffle=True, augment=True)
+    loader = tensor_batches(
+        images, labels, 8, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), shuffle=True, augment=True
+    )
     source = GradientSource(loader, lambda model, x, y: nn.functional.cross_entropy(model(x), y), 3)
     config = [{"op_names": ["layer1.0.conv1"], "sparse_ratio": 0.5}]
     fresh = channel_masks(model_of("cifar_resnet20"), config, "TaylorPruner", source)
@@ -165,8 +179,12 @@ def test_taylor_without_training_batches_is_a_clear_error():
     with pytest.raises(PruneError, match="taylor.*training batches"):
         prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", pruner="taylor"), example())
     with pytest.raises(PruneError, match="empty"):
-        prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", pruner="taylor"), example(),
-                    gradients=GradientSource([], lambda m, x, y: m(x).sum(), 4))
+        prune_model(
+            model_of("cifar_resnet20"),
+            PruneConfig(method="channel", pruner="taylor"),
+            example(),
+            gradients=GradientSource([], lambda m, x, y: m(x).sum(), 4),
+        )
 
 
 def test_input_model_is_untouched_and_report_is_flat():
@@ -176,8 +194,19 @@ def test_input_model_is_untouched_and_report_is_flat():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert result.model is not model
     assert all(isinstance(v, (int, float, str)) for v in result.report.values())
-    for key in ("sparsity_target", "sparsity_achieved", "params_before", "params_after", "nonzero_params_before",
-                "nonzero_params_after", "macs_before", "macs_after", "method", "pruner", "engine"):
+    for key in (
+        "sparsity_target",
+        "sparsity_achieved",
+        "params_before",
+        "params_after",
+        "nonzero_params_before",
+        "nonzero_params_after",
+        "macs_before",
+        "macs_after",
+        "method",
+        "pruner",
+        "engine",
+    ):
         assert key in result.report
     layer = result.layers[0]
     assert {"name", "type", "in_before", "in_after", "out_before", "out_after"} <= set(layer)
@@ -187,7 +216,9 @@ def test_dependency_groups_are_what_remove_residual_channels():
     """Per-layer masks on a ResNet leave coupled residual channels in place; groups remove them."""
     x = example()
     grouped = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", align=1), x)
-    per_layer = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", align=1, dependency_aware=False), x)
+    per_layer = prune_model(
+        model_of("cifar_resnet20"), PruneConfig(method="channel", align=1, dependency_aware=False), x
+    )
     assert grouped.report["macs_after"] < 0.8 * per_layer.report["macs_after"]
     # Speedup resolves the conflicting per-layer masks of a residual group by their
     # union: most coupled channels survive, at odd counts (14 of 16, 59 of 64).
@@ -207,7 +238,9 @@ def test_exclude_and_small_layers_are_left_whole():
 
 
 def test_weight_global_scope_ranks_across_layers():
-    result = prune_model(model_of("cifar_resnet20"), PruneConfig(method="weight", scope="global", sparsity=0.7), example())
+    result = prune_model(
+        model_of("cifar_resnet20"), PruneConfig(method="weight", scope="global", sparsity=0.7), example()
+    )
     assert abs(result.report["sparsity_achieved"] - 0.7) <= 0.005
     per_layer = [r["sparsity"] for r in result.layers]
     assert max(per_layer) - min(per_layer) > 0.05  # one threshold, different layer sparsities
@@ -258,14 +291,21 @@ def test_cubic_ramp_increases_to_the_target():
 
 
 def test_mismatched_pruner_and_method_is_a_clear_error():
-    cfg = PruneConfig.model_construct(**{**PruneConfig(method="channel").model_dump(), "method": "weight", "pruner": "l1"})
+    cfg = PruneConfig.model_construct(
+        **{**PruneConfig(method="channel").model_dump(), "method": "weight", "pruner": "l1"}
+    )
     with pytest.raises(PruneError, match="for method weight use one of: level") as info:
         prune_model(model_of("cifar_resnet20"), cfg, example())
     assert isinstance(info.value, ToolchainError)
 
 
 def test_mismatch_is_caught_at_recipe_validation():
-    raw = {"name": "r", "student": {"model": "resnet18"}, "distill": {"loss": "ce"}, "prune": {"method": "channel", "pruner": "level"}}
+    raw = {
+        "name": "r",
+        "student": {"model": "resnet18"},
+        "distill": {"loss": "ce"},
+        "prune": {"method": "channel", "pruner": "level"},
+    }
     with pytest.raises(RecipeError, match="fpgm, l1, l2"):
         validate_dict(raw)
     raw["prune"] = {"method": "weight", "engine": "torch_pruning"}
@@ -285,8 +325,13 @@ def test_no_matching_layers_is_a_clear_error():
 @pytest.mark.parametrize("engine", ["nni", "torch_pruning"])
 def test_grouped_convs_lose_the_same_channels_in_every_group(engine):
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, groups=4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, groups=4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
     x = example()
     result = prune_model(model, PruneConfig(method="channel", engine=engine), x)
@@ -298,8 +343,9 @@ def test_grouped_convs_lose_the_same_channels_in_every_group(engine):
 
 
 def test_grouped_convs_need_the_dependency_analysis():
-    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.Conv2d(32, 64, 3, groups=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.Conv2d(32, 64, 3, groups=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)
+    )
     with pytest.raises(PruneError, match="per-layer .* pruning of grouped convs .* set prune.dependency_aware: true"):
         prune_model(model, PruneConfig(method="channel", dependency_aware=False), example())
 

@@ -18,19 +18,30 @@ def recipe(prune, **sections):
 # ---------------------------------------------------------------- schema
 
 
-@pytest.mark.parametrize("prune, message", [
-    ({"method": "channel", "sparsity": 0.3, "budget": {"macs": 0.5}},
-     "prune: set prune.budget or prune.sparsity, not both: the budget chooses the sparsity"),
-    ({"method": "channel", "budget": {"macs": 0.5, "speedup": 2}},
-     "prune.budget: give exactly one of speedup, latency_ms, macs, params, file_bytes (got speedup, macs)"),
-    ({"method": "channel", "budget": {"batch_size": 1}},
-     "prune.budget: give exactly one of speedup, latency_ms, macs, params, file_bytes (got none)"),
-    ({"method": "weight", "budget": {"params": 0.5}}, "prune: prune.budget needs method: channel"),
-    ({"method": "channel", "budget": {"macs": 1.5}}, "prune.budget.macs: Input should be less than 1"),
-    ({"method": "channel", "budget": {"speedup": 0.5}}, "prune.budget.speedup: Input should be greater than 1"),
-    ({"method": "channel", "allocation": "latency_aware", "budget": {"speedup": 2}},
-     "prune.allocation: Input should be 'uniform'"),
-])
+@pytest.mark.parametrize(
+    "prune, message",
+    [
+        (
+            {"method": "channel", "sparsity": 0.3, "budget": {"macs": 0.5}},
+            "prune: set prune.budget or prune.sparsity, not both: the budget chooses the sparsity",
+        ),
+        (
+            {"method": "channel", "budget": {"macs": 0.5, "speedup": 2}},
+            "prune.budget: give exactly one of speedup, latency_ms, macs, params, file_bytes (got speedup, macs)",
+        ),
+        (
+            {"method": "channel", "budget": {"batch_size": 1}},
+            "prune.budget: give exactly one of speedup, latency_ms, macs, params, file_bytes (got none)",
+        ),
+        ({"method": "weight", "budget": {"params": 0.5}}, "prune: prune.budget needs method: channel"),
+        ({"method": "channel", "budget": {"macs": 1.5}}, "prune.budget.macs: Input should be less than 1"),
+        ({"method": "channel", "budget": {"speedup": 0.5}}, "prune.budget.speedup: Input should be greater than 1"),
+        (
+            {"method": "channel", "allocation": "latency_aware", "budget": {"speedup": 2}},
+            "prune.allocation: Input should be 'uniform'",
+        ),
+    ],
+)
 def test_budget_schema_errors_are_one_line(prune, message):
     with pytest.raises(RecipeError) as info:
         recipe(prune)
@@ -39,18 +50,32 @@ def test_budget_schema_errors_are_one_line(prune, message):
 
 
 def test_latency_budget_defaults_come_from_the_bench_and_export_sections():
-    r = recipe({"method": "channel", "budget": {"speedup": 2}},
-               bench={"batch_sizes": [32, 1], "intra_op_threads": 2, "latency": {"min_replicates": 4}},
-               export={"exporter": "torchscript", "opset": 17})
+    r = recipe(
+        {"method": "channel", "budget": {"speedup": 2}},
+        bench={"batch_sizes": [32, 1], "intra_op_threads": 2, "latency": {"min_replicates": 4}},
+        export={"exporter": "torchscript", "opset": 17},
+    )
     b = r.prune.budget
-    assert (b.kind, b.target, b.batch_size, b.threads, b.exporter, b.opset) == ("speedup", 2.0, 32, 2, "torchscript", 17)
+    assert (b.kind, b.target, b.batch_size, b.threads, b.exporter, b.opset) == (
+        "speedup",
+        2.0,
+        32,
+        2,
+        "torchscript",
+        17,
+    )
     assert b.latency.min_replicates == 4
     own = recipe({"method": "channel", "budget": {"latency_ms": 3, "batch_size": 8, "threads": 1}}).prune.budget
     assert (own.batch_size, own.threads, own.exporter) == (8, 1, "dynamo")
     no_bench = recipe({"method": "channel", "budget": {"speedup": 2}}, bench=None).prune.budget
     assert (no_bench.batch_size, no_bench.threads, no_bench.latency.min_replicates) == (1, 0, 3)
     proxy = recipe({"method": "channel", "budget": {"macs": 0.3}}).prune.budget
-    assert (proxy.batch_size, proxy.threads, proxy.latency, proxy.exporter) == (None, None, None, None)  # not in its key
+    assert (proxy.batch_size, proxy.threads, proxy.latency, proxy.exporter) == (
+        None,
+        None,
+        None,
+        None,
+    )  # not in its key
 
 
 def test_a_budget_recipe_dumps_without_sparsity_and_loads_again():
@@ -134,8 +159,9 @@ def test_every_grid_point_is_a_new_structure_under_the_nni_rounding(align):
     from toolchain.prune.alignment import kept_channels
 
     cfg = cfg_with({"macs": 0.5}, align=align)
-    model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.Conv2d(24, 40, 1), nn.Conv2d(40, 64, 1), nn.Conv2d(64, 96, 1),
-                          nn.Conv2d(96, 10, 1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 24, 1), nn.Conv2d(24, 40, 1), nn.Conv2d(40, 64, 1), nn.Conv2d(64, 96, 1), nn.Conv2d(96, 10, 1)
+    )
     grid = B.sparsity_grid(model, cfg)
     kept = [(24, 40, 64, 96)] + [tuple(kept_channels(c, s, align) for c in (24, 40, 64, 96)) for s in grid]
     assert all(a != b for a, b in zip(kept, kept[1:]))  # each point changes some layer: no step is skipped or repeated
@@ -182,14 +208,16 @@ def test_a_final_measurement_that_misses_tightens_one_step_at_a_time(one_thread,
     grid = B.sparsity_grid(model, cfg)
     meter = Scripted(probe.budget, misses=1)
     meter.kind, meter.search_calls = "speedup", plain.trials  # a latency kind: the final model is measured again
-    result, d = B.choose(model, cfg.model_copy(update={"budget": probe.budget.model_copy(update={"max_retries": 2})}),
-                         meter, prune_fn)
+    result, d = B.choose(
+        model, cfg.model_copy(update={"budget": probe.budget.model_copy(update={"max_retries": 2})}), meter, prune_fn
+    )
     assert d.retries == 1 and d.met and d.sparsity == grid[grid.index(plain.sparsity) + 1]
     assert [h["stage"] for h in d.history][-2:] == ["final", "final"] and not d.history[-2]["met"]
     meter = Scripted(probe.budget, misses=5)
     meter.kind, meter.search_calls = "speedup", plain.trials
-    _, d = B.choose(model, cfg.model_copy(update={"budget": probe.budget.model_copy(update={"max_retries": 2})}),
-                    meter, prune_fn)
+    _, d = B.choose(
+        model, cfg.model_copy(update={"budget": probe.budget.model_copy(update={"max_retries": 2})}), meter, prune_fn
+    )
     assert d.retries == 2 and not d.met and "NOT met" in d.line()  # bounded: reported, not hidden
 
 
@@ -210,8 +238,12 @@ def size_replicate(noise=0.0):
         ms = {n: os.path.getsize(p) / 1e4 for n, p in spec["files"].items()}
         ms["candidate"] *= wobble
         keys = {f"{n}@{bs}": ms[n] for n in spec["files"]}
-        return {"ratios": {f"student|candidate@{bs}": ms["student"] / ms["candidate"]}, "medians_ms": keys,
-                "times": {k: [v / 1e3] * 2 for k, v in keys.items()}, "shapes": {k: [bs, 3, 16, 16] for k in keys}}
+        return {
+            "ratios": {f"student|candidate@{bs}": ms["student"] / ms["candidate"]},
+            "medians_ms": keys,
+            "times": {k: [v / 1e3] * 2 for k, v in keys.items()},
+            "shapes": {k: [bs, 3, 16, 16] for k in keys},
+        }
 
     return replicate
 
@@ -220,8 +252,11 @@ LATENCY = {"min_replicates": 3, "max_replicates": 4, "isolation": "session"}
 
 
 def latency_budget(**kind):
-    return recipe({"method": "channel", "budget": {**kind, "latency": LATENCY}},
-                  export={"exporter": "torchscript", "opset": 17}, bench={"batch_sizes": [4], "intra_op_threads": 1}).prune
+    return recipe(
+        {"method": "channel", "budget": {**kind, "latency": LATENCY}},
+        export={"exporter": "torchscript", "opset": 17},
+        bench={"batch_sizes": [4], "intra_op_threads": 1},
+    ).prune
 
 
 def test_speedup_budget_is_met_by_the_intervals_lower_end(one_thread):
@@ -246,8 +281,11 @@ def test_latency_ms_budget_is_met_by_the_intervals_upper_end(one_thread):
         _, d = B.choose(model, cfg, meter, prune_fn)
         assert d.met and d.high <= 1.0 and d.comparison["p50_ms"]["high"] == d.high
         tiny = latency_budget(latency_ms=0.001)
-        with pytest.raises(PruneError, match=r"prune.budget.latency_ms 0.001 cannot be reached .* at batch 4, 1 thread\) "
-                                             r"misses it; the best reachable is [0-9.]+ ms \(95% interval"):
+        with pytest.raises(
+            PruneError,
+            match=r"prune.budget.latency_ms 0.001 cannot be reached .* at batch 4, 1 thread\) "
+            r"misses it; the best reachable is [0-9.]+ ms \(95% interval",
+        ):
             B.check_reachable(model, tiny, B.make_meter(tiny.budget, X, size_replicate()), prune_fn)
     finally:
         meter.close()
@@ -255,7 +293,9 @@ def test_latency_ms_budget_is_met_by_the_intervals_upper_end(one_thread):
 
 def test_file_bytes_budget_on_the_float_onnx_file(one_thread):
     model = Net().eval()
-    cfg = recipe({"method": "channel", "budget": {"file_bytes": 20000}}, export={"exporter": "torchscript", "opset": 17}).prune
+    cfg = recipe(
+        {"method": "channel", "budget": {"file_bytes": 20000}}, export={"exporter": "torchscript", "opset": 17}
+    ).prune
     meter = B.make_meter(cfg.budget, X)
     try:
         result, d = B.choose(model, cfg, meter, prune_fn)
@@ -273,8 +313,10 @@ from toolchain.cli import run  # noqa: E402
 
 
 def test_an_unreachable_budget_fails_in_the_preflight_before_the_teacher_trains(tiny_recipe, tmp_path, capsys):
-    path = tiny_recipe(prune={"method": "channel", "engine": "torch_pruning", "budget": {"macs": 0.01}},
-                       finetune={"epochs": 1, "loss": "kd"})
+    path = tiny_recipe(
+        prune={"method": "channel", "engine": "torch_pruning", "budget": {"macs": 0.01}},
+        finetune={"epochs": 1, "loss": "kd"},
+    )
     assert run(["compress", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err, err
@@ -282,12 +324,16 @@ def test_an_unreachable_budget_fails_in_the_preflight_before_the_teacher_trains(
     assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))  # nothing trained
 
 
-def test_a_budget_run_reports_the_decision_in_metrics_mlflow_budget_json_and_the_closing_line(tiny_recipe, tmp_path,
-                                                                                             capsys):
+def test_a_budget_run_reports_the_decision_in_metrics_mlflow_budget_json_and_the_closing_line(
+    tiny_recipe, tmp_path, capsys
+):
     import mlflow
 
-    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
-                       prune={"method": "channel", "engine": "torch_pruning", "budget": {"macs": 0.4}})
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        prune={"method": "channel", "engine": "torch_pruning", "budget": {"macs": 0.4}},
+    )
     assert run(["compress", str(path)]) == 0
     out = capsys.readouterr().out
     assert "channel-prunes with engine torch_pruning; budget macs 0.4 is reachable" in out
@@ -306,7 +352,10 @@ def test_a_budget_run_reports_the_decision_in_metrics_mlflow_budget_json_and_the
     assert {"budget.json", "layers.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
     parent = client.get_run(summary["mlflow"]["parent_run_id"])
     assert parent.data.tags["prune.budget"] == "macs=0.4" and parent.data.tags["prune.sparsity"] == "budget"
-    assert parent.data.metrics["prune.budget.sparsity"] == budget["sparsity"] and parent.data.metrics["prune.budget.met"] == 1
+    assert (
+        parent.data.metrics["prune.budget.sparsity"] == budget["sparsity"]
+        and parent.data.metrics["prune.budget.met"] == 1
+    )
     from toolchain.report import run_row
 
     assert run_row(parent)["sparsity"] == budget["sparsity"]  # the report's sparsity column: the chosen one
@@ -318,10 +367,16 @@ def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, 
     import toolchain.stages.prune as stage
 
     monkeypatch.setattr(stage, "REPLICATE", size_replicate(noise=0.01))
-    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
-                       prune={"method": "channel", "engine": "torch_pruning",
-                              "budget": {"speedup": 3, "batch_size": 2, "threads": 1, "latency": LATENCY}},
-                       export={"exporter": "torchscript", "opset": 17, "references": False})
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        prune={
+            "method": "channel",
+            "engine": "torch_pruning",
+            "budget": {"speedup": 3, "batch_size": 2, "threads": 1, "latency": LATENCY},
+        },
+        export={"exporter": "torchscript", "opset": 17, "references": False},
+    )
     assert run(["compress", str(path)]) == 0
     out = capsys.readouterr().out
     assert "[prune] budget chosen model at sparsity " in out and "[prune] budget trial at sparsity " in out
@@ -342,8 +397,12 @@ def test_the_budget_demo_recipe_validates():
     from toolchain.recipe import load_recipe
 
     r = load_recipe(Path(__file__).parent.parent / "recipes" / "budget.yaml")
-    assert (r.prune.budget.kind, r.prune.budget.target, r.prune.budget.batch_size, r.prune.allocation) == \
-        ("speedup", 2.0, 32, "uniform")
+    assert (r.prune.budget.kind, r.prune.budget.target, r.prune.budget.batch_size, r.prune.allocation) == (
+        "speedup",
+        2.0,
+        32,
+        "uniform",
+    )
 
 
 # ---------------------------------------------------------------- the allocator (latency_aware, not wired yet)
@@ -403,8 +462,12 @@ def test_kept_importance_is_the_sum_of_the_highest_scores():
 def test_a_sweep_can_put_budgets_on_a_matrix_axis(tmp_path):
     from toolchain.sweep import expand
 
-    raw = {**BASE, "prune": {"method": "channel", "budget": {"speedup": 2}}, "bench": {"batch_sizes": [32]},
-           "matrix": {"axes": {"prune.budget.speedup": [2, 3], "prune.budget.batch_size": [1, 32]}}}
+    raw = {
+        **BASE,
+        "prune": {"method": "channel", "budget": {"speedup": 2}},
+        "bench": {"batch_sizes": [32]},
+        "matrix": {"axes": {"prune.budget.speedup": [2, 3], "prune.budget.batch_size": [1, 32]}},
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     variants = expand(path)

@@ -16,7 +16,6 @@ from torchvision.ops import StochasticDepth
 from toolchain.prune import nni_compat
 from toolchain.prune.speedup import speedup
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # NNI tracing on 2 shared cores: one thread is faster
 
 
@@ -70,7 +69,12 @@ def test_patch_is_reversible_and_nests():
 
     nni_compat.import_nni_quietly()
     table = concrete_tracer.ConcreteTracer.default_autowrap_leaf_function
-    before = (len(table), concrete_tracer.node_is_impure_wrapper, concrete_proxy.dis, concrete_proxy.ConcreteProxy.jump_opcodes)
+    before = (
+        len(table),
+        concrete_tracer.node_is_impure_wrapper,
+        concrete_proxy.dis,
+        concrete_proxy.ConcreteProxy.jump_opcodes,
+    )
     with nni_compat.patched():
         patched_state = (len(table), concrete_tracer.node_is_impure_wrapper)
         with nni_compat.patched():  # nested: no double patching
@@ -79,7 +83,12 @@ def test_patch_is_reversible_and_nests():
         # torch 2.14 calls Node.is_impure(impure_random); the wrapper must accept it
         assert patched_state[1].__code__.co_flags & 0x04  # *args
     assert not nni_compat.is_patched()
-    after = (len(table), concrete_tracer.node_is_impure_wrapper, concrete_proxy.dis, concrete_proxy.ConcreteProxy.jump_opcodes)
+    after = (
+        len(table),
+        concrete_tracer.node_is_impure_wrapper,
+        concrete_proxy.dis,
+        concrete_proxy.ConcreteProxy.jump_opcodes,
+    )
     assert after == before
 
 
@@ -136,8 +145,15 @@ def _bn_zero_preserving(model):
                 nn.init.normal_(m.weight, 0.0, (2.0 / m.weight[0].numel()) ** 0.5)
 
 
-@pytest.mark.parametrize("name", ["cifar_resnet20", "mobilenet_v3_small", "torchvision/regnet_y_400mf",
-                                  pytest.param("efficientnet_b0", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cifar_resnet20",
+        "mobilenet_v3_small",
+        "torchvision/regnet_y_400mf",
+        pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+    ],
+)
 def test_speedup_computes_exactly_what_the_masks_say(name):
     """The physically smaller model equals the masked model (float64; NNI rebuilds
     layers in float32, hence the 1e-5 relative tolerance)."""

@@ -56,7 +56,9 @@ def test_an_engine_exception_becomes_one_line_naming_the_layer(monkeypatch):
 
 def test_exclude_lets_the_run_go_on(monkeypatch):
     monkeypatch.setattr(api, "nni_channel_step", failing_on("b"))
-    result = api.prune_model(Small(), PruneConfig(method="channel", sparsity=0.5, exclude=["b"]), torch.randn(2, 3, 16, 16))
+    result = api.prune_model(
+        Small(), PruneConfig(method="channel", sparsity=0.5, exclude=["b"]), torch.randn(2, 3, 16, 16)
+    )
     assert result.model.b.out_channels == 16 and result.report["macs_after"] < result.report["macs_before"]
 
 
@@ -67,14 +69,17 @@ def test_a_hanging_engine_is_cut_by_the_time_limit(monkeypatch):
         api.check_prunable(Small(), PruneConfig(method="channel", sparsity=0.5), torch.randn(2, 3, 16, 16), 0.5)
     assert time.perf_counter() - started < 10
     monkeypatch.undo()
-    api.check_prunable(Small(), PruneConfig(method="channel", sparsity=0.5), torch.randn(2, 3, 16, 16), 60)  # alarm restored
+    api.check_prunable(
+        Small(), PruneConfig(method="channel", sparsity=0.5), torch.randn(2, 3, 16, 16), 60
+    )  # alarm restored
 
 
 def test_an_engine_limit_fails_in_the_preflight_before_training(tiny_recipe, tmp_path, capsys, monkeypatch):
     """A real engine limit: NNI cannot score a channel group that mixes convs with a channels-last
     Linear (a ConvNeXt-style block; the layer named is any member of that group). The user's model
     (package.module:callable) fails before the teacher trains, naming the layer."""
-    (tmp_path / "layer_scale_models.py").write_text(textwrap.dedent('''
+    (tmp_path / "layer_scale_models.py").write_text(
+        textwrap.dedent("""
         import torch
         import torch.nn as nn
 
@@ -93,16 +98,23 @@ def test_an_engine_limit_fails_in_the_preflight_before_training(tiny_recipe, tmp
         def build(num_classes):
             return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                  nn.Linear(16, num_classes))
-    '''))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = tiny_recipe(student={"model": "layer_scale_models:build"}, prune={"method": "channel", "sparsity": 0.5},
-                       finetune={"epochs": 1, "loss": "kd"})
+    path = tiny_recipe(
+        student={"model": "layer_scale_models:build"},
+        prune={"method": "channel", "sparsity": 0.5},
+        finetune={"epochs": 1, "loss": "kd"},
+    )
     code = run(["compress", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     # a known NNI limit: the line says why and points to the other engine, not to excluding layers one by one
-    assert re.search(r"engine nni cannot prune Sequential at layer (0|1\.dw|1\.fc2): its coupled channels mix Conv2d and "
-                     r"channels-last Linear layers .*; set prune.engine: torch_pruning$", err.strip()), err
+    assert re.search(
+        r"engine nni cannot prune Sequential at layer (0|1\.dw|1\.fc2): its coupled channels mix Conv2d and "
+        r"channels-last Linear layers .*; set prune.engine: torch_pruning$",
+        err.strip(),
+    ), err
     assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))  # nothing trained
     sys.modules.pop("layer_scale_models", None)
 
@@ -111,4 +123,7 @@ def test_an_engine_limit_fails_in_the_preflight_before_training(tiny_recipe, tmp
     recipe["data"].update(subset=96, test_subset=32)
     path.write_text(yaml.safe_dump(recipe))
     assert run(["compress", str(path)]) == 0
-    assert "[prune] preflight: layer_scale_models:build channel-prunes with engine torch_pruning" in capsys.readouterr().out
+    assert (
+        "[prune] preflight: layer_scale_models:build channel-prunes with engine torch_pruning"
+        in capsys.readouterr().out
+    )

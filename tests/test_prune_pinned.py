@@ -11,8 +11,8 @@ import torch.nn as nn
 import torchvision
 
 from toolchain.prune import prune_model
-from toolchain.prune.registry import PruneError
 from toolchain.prune.pinned import pinned_layers
+from toolchain.prune.registry import PruneError
 from toolchain.recipe import PruneConfig
 
 
@@ -59,15 +59,19 @@ def test_shufflenet_v2_prunes_inside_the_branches_and_keeps_the_function(engine)
     assert result.report["macs_after"] < 0.6 * result.report["macs_before"]
     for name in pinned_layers(original):
         assert pruned.get_submodule(name).out_channels == original.get_submodule(name).out_channels
-    assert pruned.get_submodule("stage2.1.branch2.3").out_channels < original.get_submodule("stage2.1.branch2.3").out_channels
+    assert (
+        pruned.get_submodule("stage2.1.branch2.3").out_channels
+        < original.get_submodule("stage2.1.branch2.3").out_channels
+    )
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), zeroed_like(original, pruned)(x), rtol=1e-4, atol=1e-4)
 
 
 def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64,
-                                                mlp_dim=128, num_classes=10).eval()
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+    ).eval()
 
 
 def test_vision_transformer_keeps_its_token_width_and_prunes_the_mlp():
@@ -83,6 +87,9 @@ def test_vision_transformer_keeps_its_token_width_and_prunes_the_mlp():
 def test_vision_transformer_on_nni_fails_in_one_line():
     """NNI's speedup loses the LayerNorm width on token tensors: one line and the way out,
     from the check that the pruned model still runs."""
-    with pytest.raises(PruneError, match=r"^prune: engine nni failed on VisionTransformer \(RuntimeError: .*try prune.engine: torch_pruning") as err:
+    with pytest.raises(
+        PruneError,
+        match=r"^prune: engine nni failed on VisionTransformer \(RuntimeError: .*try prune.engine: torch_pruning",
+    ) as err:
         prune_model(tiny_vit(), PruneConfig(method="channel", sparsity=0.5, engine="nni"), torch.randn(2, 3, 32, 32))
     assert "\n" not in str(err.value)

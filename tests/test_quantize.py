@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FAST_LATENCY
 
+from toolchain.bench.compare import interval
 from toolchain.cli import run
 from toolchain.errors import RecipeError
-from toolchain.bench.compare import interval
 from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, Measured, choose, cpu_features, needs_reduce_range
 from toolchain.recipe import validate_dict
-from conftest import FAST_LATENCY
 
 X86_VNNI = "model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
 X86_OLD = "model name\t: Intel(R) Xeon(R) CPU E5-2680 v4\nflags\t\t: fpu sse avx2\n"
@@ -86,25 +86,44 @@ def test_a_quantize_section_needs_export_and_known_candidates():
 
 
 def test_calibration_larger_than_the_data_is_one_line(tiny_recipe, capsys):
-    path = tiny_recipe(teacher=None, distill={"epochs": 0, "loss": "ce"}, export={"exporter": "dynamo", "opset": 18},
-                       quantize={"calibration_images": 5000})
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 0, "loss": "ce"},
+        export={"exporter": "dynamo", "opset": 18},
+        quantize={"calibration_images": 5000},
+    )
     assert run(["compress", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: quantize.calibration_images is 5000 but the training split has 270 images; "
-                   "set quantize.calibration_images: 270 or less"]
+    assert err == [
+        "error: quantize.calibration_images is 5000 but the training split has 270 images; "
+        "set quantize.calibration_images: 270 or less"
+    ]
 
 
 def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tmp_path):
     """Real quantize_static on the tiny exported student; whichever way the measurement goes,
     what ships matches what the card and the bench say."""
-    path = tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
-                       export={"exporter": "torchscript", "opset": 17, "references": False},
-                       quantize={"candidates": ["qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor", "qdq_u8s8_dw_per_channel"],
-                                 "calibration_images": 64, "max_accuracy_drop": 1.0,
-                                 "latency": {"block_s": 0.01, "blocks": 2, "min_replicates": 2, "max_replicates": 2},
-                                 "min_speedup": 1.0, "intra_op_threads": 1},
-                       bench={"batch_sizes": [1, 2], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "latency": FAST_LATENCY,
-                              "compare_torch": False})
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        export={"exporter": "torchscript", "opset": 17, "references": False},
+        quantize={
+            "candidates": ["qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor", "qdq_u8s8_dw_per_channel"],
+            "calibration_images": 64,
+            "max_accuracy_drop": 1.0,
+            "latency": {"block_s": 0.01, "blocks": 2, "min_replicates": 2, "max_replicates": 2},
+            "min_speedup": 1.0,
+            "intra_op_threads": 1,
+        },
+        bench={
+            "batch_sizes": [1, 2],
+            "warmup": 1,
+            "iterations": 3,
+            "time_budget_s": 0.1,
+            "latency": FAST_LATENCY,
+            "compare_torch": False,
+        },
+    )
     assert run(["compress", str(path)]) == 0
     run_dir = tmp_path / "export" / "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -115,7 +134,12 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
     # the same calibration images for every candidate: the same activation ranges in both QDQ models
     assert _activation_scales(built["qdq_u8s8_per_tensor"]) == _activation_scales(built["qdq_u8s8_dw_per_channel"])
     for row in table.values():  # an INT8 file is smaller than the float one, and deflates
-        assert 0 < row["sizes"]["zip_bytes"] <= row["sizes"]["bytes"] < summary["stages"]["export"]["metrics"]["onnx_file_size_bytes"]
+        assert (
+            0
+            < row["sizes"]["zip_bytes"]
+            <= row["sizes"]["bytes"]
+            < summary["stages"]["export"]["metrics"]["onnx_file_size_bytes"]
+        )
     bench_models = json.loads((run_dir / "bench.json").read_text())["onnxruntime"]
     if quantize["metrics"]["int8.shipped"]:
         assert card["int8"]["shipped"] and card["int8"]["candidate"] == quantize["info"]["chosen"]
@@ -125,7 +149,9 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
     else:
         assert not card["int8"]["shipped"] and not (run_dir / "model_int8.onnx").exists() and "int8" not in bench_models
     assert card["int8"]["cpu_features"]["machine"]
-    assert quantize["info"]["intra_op_threads"] == card["int8"]["intra_op_threads"] == 1  # the device's thread count, as the recipe says
+    assert (
+        quantize["info"]["intra_op_threads"] == card["int8"]["intra_op_threads"] == 1
+    )  # the device's thread count, as the recipe says
 
 
 def _fed_comparison(monkeypatch, ratios):
@@ -138,22 +164,36 @@ def _fed_comparison(monkeypatch, ratios):
     def replicate(spec):
         r = next(it)
         keys = [f"{name}@{bs}" for name in spec["files"] for bs in spec["batch_sizes"]]
-        return {"ratios": {f"{b}|{c}@{bs}": r for b, c in spec["pairs"] for bs in spec["batch_sizes"]},
-                "medians_ms": {k: 1.0 for k in keys}, "times": {k: [1e-3, 1e-3] for k in keys},
-                "shapes": {k: [int(k.rsplit("@", 1)[1]), 3, 32, 32] for k in keys}}
+        return {
+            "ratios": {f"{b}|{c}@{bs}": r for b, c in spec["pairs"] for bs in spec["batch_sizes"]},
+            "medians_ms": {k: 1.0 for k in keys},
+            "times": {k: [1e-3, 1e-3] for k in keys},
+            "shapes": {k: [int(k.rsplit("@", 1)[1]), 3, 32, 32] for k in keys},
+        }
+
     monkeypatch.setattr(stage, "compare", lambda *a, **kw: compare(*a, **kw, replicate=replicate))
 
 
-def test_quantize_gate_ships_on_a_clear_interval_and_keeps_float_on_a_straddling_one(tiny_recipe, tmp_path, monkeypatch,
-                                                                                     capsys):
+def test_quantize_gate_ships_on_a_clear_interval_and_keeps_float_on_a_straddling_one(
+    tiny_recipe, tmp_path, monkeypatch, capsys
+):
     """Fed ratios: the whole path from the interval to the card, the closing line and MLflow."""
     import mlflow
 
     def recipe(min_speedup):
-        return tiny_recipe(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
-                           export={"exporter": "torchscript", "opset": 17, "references": False},
-                           quantize={"candidates": ["qdq_u8s8_per_tensor"], "calibration_images": 32, "max_accuracy_drop": 1.0,
-                                     "min_speedup": min_speedup, "latency": {"min_replicates": 3, "max_replicates": 5}})
+        return tiny_recipe(
+            teacher=None,
+            distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+            export={"exporter": "torchscript", "opset": 17, "references": False},
+            quantize={
+                "candidates": ["qdq_u8s8_per_tensor"],
+                "calibration_images": 32,
+                "max_accuracy_drop": 1.0,
+                "min_speedup": min_speedup,
+                "latency": {"min_replicates": 3, "max_replicates": 5},
+            },
+        )
+
     _fed_comparison(monkeypatch, [1.50, 1.52, 1.51])
     assert run(["compress", str(recipe(1.1))]) == 0
     run_dir = tmp_path / "export" / "tiny"
@@ -167,7 +207,9 @@ def test_quantize_gate_ships_on_a_clear_interval_and_keeps_float_on_a_straddling
     assert card["int8"]["latency"]["stopped"] == "converged" and card["int8"]["latency"]["replicates"] == 3
     closing = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("INT8: "))
     assert "1.51x [" in closing and "at batch 32" in closing and "95% interval" in closing
-    logged = mlflow.MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["parent_run_id"]).data.metrics
+    logged = (
+        mlflow.MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["parent_run_id"]).data.metrics
+    )
     assert {"int8.speedup.bs1", "int8.speedup.bs1_lo", "int8.speedup.bs1_hi", "int8.speedup.bs32_lo"} <= set(logged)
 
     _fed_comparison(monkeypatch, [0.97, 1.80, 1.04, 1.57, 1.03])  # issue 29's processes
@@ -185,7 +227,9 @@ def _activation_scales(model_path):
 
     graph = onnx.load(str(model_path)).graph
     inits = {i.name: float(numpy_helper.to_array(i).reshape(-1)[0]) for i in graph.initializer}
-    return {n.input[0]: inits[n.input[1]] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    return {
+        n.input[0]: inits[n.input[1]] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits
+    }
 
 
 def test_calibration_reader_refuses_a_one_shot_iterator():
@@ -211,21 +255,38 @@ def _tiny_dw_model(path):
     def conv(name, x, wname, y, **attrs):
         return helper.make_node("Conv", [x, wname, wname + "_b"], [y], name=name, **attrs)
 
-    inits = [w("stem_w", 8, 3, 3, 3), w("stem_w_b", 8), w("dw_w", 8, 1, 3, 3), w("dw_w_b", 8),
-             w("pw1_w", 16, 8, 1, 1), w("pw1_w_b", 16), w("pw2_w", 16, 16, 1, 1), w("pw2_w_b", 16),
-             w("fc_w", 10, 16), w("fc_b", 10),
-             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
-    nodes = [conv("stem", "input", "stem_w", "s", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
-             helper.make_node("Clip", ["s", "lo", "hi"], ["s6"], name="clip0"),
-             conv("dw", "s6", "dw_w", "d", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
-             helper.make_node("Clip", ["d", "lo", "hi"], ["d6"], name="clip1"),
-             conv("pw1", "d6", "pw1_w", "p1", kernel_shape=[1, 1]),
-             conv("pw2", "p1", "pw2_w", "p2", kernel_shape=[1, 1]),
-             helper.make_node("GlobalAveragePool", ["p2"], ["g"], name="pool"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(nodes, "tiny_dw", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    inits = [
+        w("stem_w", 8, 3, 3, 3),
+        w("stem_w_b", 8),
+        w("dw_w", 8, 1, 3, 3),
+        w("dw_w_b", 8),
+        w("pw1_w", 16, 8, 1, 1),
+        w("pw1_w_b", 16),
+        w("pw2_w", 16, 16, 1, 1),
+        w("pw2_w_b", 16),
+        w("fc_w", 10, 16),
+        w("fc_b", 10),
+        numpy_helper.from_array(np.array(0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6, np.float32), "hi"),
+    ]
+    nodes = [
+        conv("stem", "input", "stem_w", "s", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Clip", ["s", "lo", "hi"], ["s6"], name="clip0"),
+        conv("dw", "s6", "dw_w", "d", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["d6"], name="clip1"),
+        conv("pw1", "d6", "pw1_w", "p1", kernel_shape=[1, 1]),
+        conv("pw2", "p1", "pw2_w", "p2", kernel_shape=[1, 1]),
+        helper.make_node("GlobalAveragePool", ["p2"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_dw",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
     return path
@@ -253,8 +314,9 @@ def _weight_scales(model_path):
     graph = onnx.load(str(model_path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
-    return {n.name: int(inits[dq[n.input[1]].input[1]].size)
-            for n in graph.node if n.op_type == "Conv" and n.input[1] in dq}
+    return {
+        n.name: int(inits[dq[n.input[1]].input[1]].size) for n in graph.node if n.op_type == "Conv" and n.input[1] in dq
+    }
 
 
 def _optimized_ops(model_path, tmp_path):
@@ -271,9 +333,16 @@ def _optimized_ops(model_path, tmp_path):
 
 
 def test_new_candidates_are_registered_and_existing_names_still_work():
-    for name in ("qdq_u8s8_dw_per_channel", "qdq_u8s8_dw_per_channel_keep_stem", "qdq_u8s8_per_channel_keep_stem",
-                 "qdq_s8s8_per_channel", "qdq_u8s8_per_channel", "qdq_u8s8_per_tensor", "qoperator_u8s8_per_tensor",
-                 "qdq_u8s8_per_channel_keep_depthwise"):
+    for name in (
+        "qdq_u8s8_dw_per_channel",
+        "qdq_u8s8_dw_per_channel_keep_stem",
+        "qdq_u8s8_per_channel_keep_stem",
+        "qdq_s8s8_per_channel",
+        "qdq_u8s8_per_channel",
+        "qdq_u8s8_per_tensor",
+        "qoperator_u8s8_per_tensor",
+        "qdq_u8s8_per_channel_keep_depthwise",
+    ):
         assert CANDIDATES.get(name).name == name
     dw = CANDIDATES.get("qdq_u8s8_dw_per_channel_keep_stem").describe()
     assert dw["per_channel_only"] == ("depthwise",) and dw["keep_first_convs"] == 3 and not dw["per_channel"]
@@ -341,19 +410,33 @@ def _pointwise_model(path, const_dims=(1, 8, 1, 1), batch="batch"):
     def w(name, *shape):
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
 
-    inits = [w("a_w", 8, 4, 1, 1), w("a_b", 8), w("dw_w", 8, 1, 3, 3), w("b_w", 4, 8, 1, 1), w("c_w", 8, 4, 1, 1),
-             w("scale", *const_dims),
-             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
-    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], name="a", kernel_shape=[1, 1]),
-             helper.make_node("Clip", ["a", "lo", "hi"], ["a6"], name="a_clip"),
-             helper.make_node("Conv", ["a6", "dw_w"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
-             helper.make_node("Clip", ["d", "lo", "hi"], ["d6"], name="d_clip"),
-             helper.make_node("Conv", ["d6", "b_w"], ["b"], name="b", kernel_shape=[1, 1]),
-             helper.make_node("Add", ["b", "x"], ["r"], name="residual"),
-             helper.make_node("Conv", ["r", "c_w"], ["c"], name="c", kernel_shape=[1, 1]),
-             helper.make_node("Mul", ["c", "scale"], ["y"], name="scale_mul")]
-    graph = helper.make_graph(nodes, "pointwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 4, 4])], inits)
+    inits = [
+        w("a_w", 8, 4, 1, 1),
+        w("a_b", 8),
+        w("dw_w", 8, 1, 3, 3),
+        w("b_w", 4, 8, 1, 1),
+        w("c_w", 8, 4, 1, 1),
+        w("scale", *const_dims),
+        numpy_helper.from_array(np.array(0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6, np.float32), "hi"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], name="a", kernel_shape=[1, 1]),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["a6"], name="a_clip"),
+        helper.make_node("Conv", ["a6", "dw_w"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["d6"], name="d_clip"),
+        helper.make_node("Conv", ["d6", "b_w"], ["b"], name="b", kernel_shape=[1, 1]),
+        helper.make_node("Add", ["b", "x"], ["r"], name="residual"),
+        helper.make_node("Conv", ["r", "c_w"], ["c"], name="c", kernel_shape=[1, 1]),
+        helper.make_node("Mul", ["c", "scale"], ["y"], name="scale_mul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pointwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8, 4, 4])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -384,7 +467,10 @@ def test_folding_the_batch_computes_exactly_the_same_function(tmp_path):
         x = np.random.default_rng(batch).standard_normal((batch, 4, 4, 4)).astype(np.float32)
         np.testing.assert_allclose(_run(tmp_path / "f.onnx", x), _run(src, x), rtol=1e-5, atol=1e-5)
     # a node quantization keeps float stays out (and its activation with it): only region 2 folds
-    assert fold_batch(src, tmp_path / "k.onnx", max_pixels=16, keep=["a"]) == 1 and _ops(tmp_path / "k.onnx")["Reshape"] == 3
+    assert (
+        fold_batch(src, tmp_path / "k.onnx", max_pixels=16, keep=["a"]) == 1
+        and _ops(tmp_path / "k.onnx")["Reshape"] == 3
+    )
 
 
 def test_folding_leaves_large_maps_spatial_constants_and_a_static_batch_of_1_alone(tmp_path):
@@ -408,19 +494,34 @@ def _tail_model(path):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, n) for n, s in
-             (("a_w", (8, 1, 3, 3)), ("b_w", (8, 1, 3, 3)), ("c_w", (16, 8, 1, 1)), ("d_w", (16, 1, 3, 3)),
-              ("d_b", (16,)), ("e_w", (8, 16, 1, 1)))]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.5, n)
+        for n, s in (
+            ("a_w", (8, 1, 3, 3)),
+            ("b_w", (8, 1, 3, 3)),
+            ("c_w", (16, 8, 1, 1)),
+            ("d_w", (16, 1, 3, 3)),
+            ("d_b", (16,)),
+            ("e_w", (8, 16, 1, 1)),
+        )
+    ]
     inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0), ("hi", 6))]
     dw = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
-    nodes = [helper.make_node("Conv", ["x", "a_w"], ["a"], name="dw_a", group=8, **dw),
-             helper.make_node("Conv", ["a", "b_w"], ["b"], name="dw_b", group=8, strides=[2, 2], **dw),
-             helper.make_node("Clip", ["b", "lo", "hi"], ["b6"], name="clip_b"),
-             helper.make_node("Conv", ["b6", "c_w"], ["c"], name="pw_c", kernel_shape=[1, 1]),
-             helper.make_node("Conv", ["c", "d_w", "d_b"], ["d"], name="dw_d", group=16, **dw),
-             helper.make_node("Conv", ["d", "e_w"], ["y"], name="pw_e", kernel_shape=[1, 1])]
-    graph = helper.make_graph(nodes, "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 2, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 1, 1])], inits)
+    nodes = [
+        helper.make_node("Conv", ["x", "a_w"], ["a"], name="dw_a", group=8, **dw),
+        helper.make_node("Conv", ["a", "b_w"], ["b"], name="dw_b", group=8, strides=[2, 2], **dw),
+        helper.make_node("Clip", ["b", "lo", "hi"], ["b6"], name="clip_b"),
+        helper.make_node("Conv", ["b6", "c_w"], ["c"], name="pw_c", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["c", "d_w", "d_b"], ["d"], name="dw_d", group=16, **dw),
+        helper.make_node("Conv", ["d", "e_w"], ["y"], name="pw_e", kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tail",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 1, 1])],
+        inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -433,8 +534,11 @@ def test_convs_with_a_one_pixel_output_shrink_to_the_taps_that_touch_data_and_fo
 
     src = _tail_model(tmp_path / "m.onnx")
     assert fold_batch(src, tmp_path / "f.onnx", max_pixels=4) == 1  # dw_b .. pw_e: one region, not four
-    convs = {n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}
-             for n in onnx.load(str(tmp_path / "f.onnx")).graph.node if n.op_type == "Conv"}
+    convs = {
+        n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for n in onnx.load(str(tmp_path / "f.onnx")).graph.node
+        if n.op_type == "Conv"
+    }
     assert convs["dw_a"]["kernel_shape"] == [3, 3]  # a 2x2 output: windows overlap, stays spatial and unfolded
     assert (convs["dw_b"]["kernel_shape"], convs["dw_b"]["strides"], convs["dw_b"]["pads"]) == ([2, 2], [2, 2], [0] * 4)
     assert (convs["dw_d"]["kernel_shape"], convs["dw_d"]["strides"], convs["dw_d"]["group"]) == ([1, 1], [1, 1], 16)
@@ -465,8 +569,10 @@ def test_folded_candidate_quantizes_with_the_same_settings_and_runs_the_region_a
     x = np.random.default_rng(2).standard_normal((5, 3, 16, 16)).astype(np.float32)
     import onnxruntime as ort
 
-    outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-            for f in ("fold.onnx", "plain.onnx")]
+    outs = [
+        ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        for f in ("fold.onnx", "plain.onnx")
+    ]
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)  # same quantization, same arithmetic, other layout
 
 
@@ -481,8 +587,11 @@ def _weights_and_zero_points(model_path):
     graph = onnx.load(str(model_path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     dq = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear"}
-    return {n.name: (inits[dq[n.input[1]].input[0]], inits[dq[n.input[1]].input[2]])
-            for n in graph.node if n.op_type == "Conv" and n.input[1] in dq}
+    return {
+        n.name: (inits[dq[n.input[1]].input[0]], inits[dq[n.input[1]].input[2]])
+        for n in graph.node
+        if n.op_type == "Conv" and n.input[1] in dq
+    }
 
 
 def test_wide_convs_get_a_zero_point_of_minus_one_and_compute_the_same(tiny_pre, tmp_path):
@@ -491,8 +600,12 @@ def test_wide_convs_get_a_zero_point_of_minus_one_and_compute_the_same(tiny_pre,
     from toolchain.onnx.quantize import Candidate, quantize
 
     plain = quantize(tiny_pre, tmp_path / "plain.onnx", Candidate("p", per_channel_only=("depthwise",)), _reader())
-    wide = quantize(tiny_pre, tmp_path / "gemm.onnx", Candidate("g", per_channel_only=("depthwise",), gemm_min_weights=16),
-                    _reader())
+    wide = quantize(
+        tiny_pre,
+        tmp_path / "gemm.onnx",
+        Candidate("g", per_channel_only=("depthwise",), gemm_min_weights=16),
+        _reader(),
+    )
     assert plain["gemm_convs"] == 0 and wide["gemm_convs"] == 2
     before, after = _weights_and_zero_points(tmp_path / "plain.onnx"), _weights_and_zero_points(tmp_path / "gemm.onnx")
     for name in ("stem", "pw2"):  # 27 and 16 weights per output channel
@@ -504,8 +617,10 @@ def test_wide_convs_get_a_zero_point_of_minus_one_and_compute_the_same(tiny_pre,
     ops = _optimized_ops(tmp_path / "gemm.onnx", tmp_path)
     assert ops["QLinearConv"] == 4 and ops["Conv"] == 0  # onnxruntime still fuses every conv
     x = np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32)
-    outs = [ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
-            for f in ("plain.onnx", "gemm.onnx")]
+    outs = [
+        ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+        for f in ("plain.onnx", "gemm.onnx")
+    ]
     np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
 
 
@@ -549,13 +664,18 @@ def test_gemm_route_benchmark_times_two_kernels_of_the_same_function():
     import onnxruntime as ort
 
     spec = importlib.util.spec_from_file_location(
-        "gemm_route_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_route.py")
+        "gemm_route_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_route.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for cin, cout, k, depthwise in ((16, 8, 1, False), (8, 8, 3, False), (16, 16, 3, True)):
         x = {"x": np.random.default_rng(2).integers(0, 256, (1, 6, 6, cin)).astype(np.uint8)}
-        y = [ort.InferenceSession(bench.conv_model(cin, cout, 6, k, zp, depthwise), providers=["CPUExecutionProvider"])
-             .run(None, x)[0] for zp in (0, -1)]
+        y = [
+            ort.InferenceSession(
+                bench.conv_model(cin, cout, 6, k, zp, depthwise), providers=["CPUExecutionProvider"]
+            ).run(None, x)[0]
+            for zp in (0, -1)
+        ]
         assert y[0].shape == (1, 6, 6, cout) and np.array_equal(y[0], y[1])
 
 
@@ -586,7 +706,9 @@ def test_a_spatial_reduce_mean_quantizes_only_once_it_is_a_global_average_pool(t
             assert simplify_global_pools(m) == 1
         assert ("axes" in {t.name for t in m.graph.initializer}) is not rewrite
         onnx.save(m, str(work / "float.onnx"))
-        outputs[rewrite] = ort.InferenceSession(str(work / "float.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+        outputs[rewrite] = ort.InferenceSession(str(work / "float.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, x
+        )[0]
         preprocess(work / "float.onnx", work / "pre.onnx")
         quantize(work / "pre.onnx", work / "int8.onnx", CANDIDATES.get("qdq_u8s8_dw_per_channel"), _reader())
         ops[rewrite] = _optimized_ops(work / "int8.onnx", work)

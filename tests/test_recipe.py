@@ -57,8 +57,10 @@ def test_hash_ignores_key_order(tmp_path):
         (lambda r: r.update(name="a/b"), "name"),
         (lambda r: r.pop("student"), "student: required key is missing"),
         (lambda r: r["teacher"].update(train={"epochs": 1, "loss": "dkd"}), "teacher.train cannot distil (loss dkd)"),
-        (lambda r: r["teacher"].update(train={"epochs": 1, "features": [{"student": "a", "teacher": "b"}]}),
-         "teacher.train cannot distil (loss ce, features)"),
+        (
+            lambda r: r["teacher"].update(train={"epochs": 1, "features": [{"student": "a", "teacher": "b"}]}),
+            "teacher.train cannot distil (loss ce, features)",
+        ),
         (lambda r: r.update(data={"image_size": [32, 32, 3]}), "data.image_size: give an int or [height, width]"),
         (lambda r: r.update(data={"crop_scale": [0.5, 1.5]}), "crop_scale: the area fraction cannot exceed 1"),
         (lambda r: r.update(data={"std": [0.2, 0, 0.2]}), "std: every value must be > 0"),
@@ -96,8 +98,9 @@ def test_yaml_tags_are_not_executed(tmp_path):
 
 def test_cli_validate_prints_resolved_recipe_and_exit_2_on_error(tmp_path):
     good = write(tmp_path, BASE)
-    out = subprocess.run([sys.executable, "-m", "toolchain", "validate", str(good), "distill.epochs=3"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "toolchain", "validate", str(good), "distill.epochs=3"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "epochs: 3" in out.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**BASE, "distill": {"epochs": -2}}))

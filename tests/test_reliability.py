@@ -37,9 +37,15 @@ def start(recipe_path, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # A shell's background job (CI runners) ignores SIGINT and children inherit that; restore the
     # default so the child Python turns SIGINT into KeyboardInterrupt as in a terminal.
-    return subprocess.Popen([sys.executable, "-m", "toolchain", "compress", str(recipe_path), *extra], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "toolchain", "compress", str(recipe_path), *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for(pattern: str, root: Path, timeout: float = 120) -> Path:
@@ -180,9 +186,11 @@ def test_changing_one_section_recomputes_it_and_later_stages_only(tiny_recipe, t
 def test_a_new_teacher_recomputes_a_prune_stage_that_distils(tiny_recipe, tmp_path, warm_cache):
     """taylor scores channels with the KD loss: the teacher is an input of prune even when
     the student itself was distilled without it (distill.loss: ce)."""
-    path = tiny_recipe(distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
-                       prune={"method": "channel", "pruner": "taylor", "taylor_batches": 2},
-                       finetune={"epochs": 1, "loss": "kd"})
+    path = tiny_recipe(
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        prune={"method": "channel", "pruner": "taylor", "taylor_batches": 2},
+        finetune={"epochs": 1, "loss": "kd"},
+    )
     assert run(["compress", str(path)]) == 0
     assert run(["compress", str(path), "teacher.train.lr=0.02"]) == 0
     cached = {k: v["cached"] for k, v in summary(tmp_path)["stages"].items()}
@@ -212,7 +220,9 @@ def test_a_stage_gives_the_same_result_whether_earlier_stages_ran_or_came_from_t
     after_cache = summary(tmp_path)["stages"]
     assert after_cache["distill"]["cached"] is True and after_cache["finetune"]["cached"] is False
     assert metrics_without_timing(after_cache["finetune"]) == metrics_without_timing(everything_computed)
-    losses = [[epoch["train_loss"] for epoch in stage["history"]] for stage in (after_cache["finetune"], everything_computed)]
+    losses = [
+        [epoch["train_loss"] for epoch in stage["history"]] for stage in (after_cache["finetune"], everything_computed)
+    ]
     assert losses[0] == losses[1]  # bit-identical training, not just an equal accuracy on tiny data
 
 
@@ -234,8 +244,10 @@ def test_last_batch_of_one_trains_and_batch_size_one_is_refused(tiny_recipe, tmp
     capsys.readouterr()
     assert run(["compress", str(path), "data.batch_size=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: distill: data.batch_size is 1 but the model has BatchNorm layers, which cannot train on "
-                   "one image per batch; set data.batch_size: 2 or more"]
+    assert err == [
+        "error: distill: data.batch_size is 1 but the model has BatchNorm layers, which cannot train on "
+        "one image per batch; set data.batch_size: 2 or more"
+    ]
 
 
 def test_a_damaged_resume_file_restarts_the_stage_with_a_warning(tiny_recipe, tmp_path, capsys):
@@ -252,7 +264,9 @@ def test_a_damaged_resume_file_restarts_the_stage_with_a_warning(tiny_recipe, tm
     assert again["metrics"]["test_accuracy"] == clean["metrics"]["test_accuracy"]  # trained from the start, same seed
 
 
-def test_disk_full_is_one_line_the_summary_says_failed_and_no_temp_file_stays(tiny_recipe, tmp_path, capsys, monkeypatch):
+def test_disk_full_is_one_line_the_summary_says_failed_and_no_temp_file_stays(
+    tiny_recipe, tmp_path, capsys, monkeypatch
+):
     import errno
 
     import toolchain.fsutil as fsutil

@@ -3,15 +3,14 @@ class folder is added, hidden and foreign entries of an image folder, float TIFF
 model and checkpoint mistakes that must be one line and exit 2."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import photo, photo_folder
+
 from toolchain.cli import run
 from toolchain.data.loaders import build_data
 from toolchain.errors import DataError
@@ -19,8 +18,9 @@ from toolchain.recipe import DataConfig
 
 
 def folder_cfg(root: Path, cache: Path, **kw) -> DataConfig:
-    return DataConfig(name="imagefolder", root=str(root), cache_dir=str(cache), val_fraction=0.25, image_size=16,
-                      batch_size=4, **kw)
+    return DataConfig(
+        name="imagefolder", root=str(root), cache_dir=str(cache), val_fraction=0.25, image_size=16, batch_size=4, **kw
+    )
 
 
 def labels_by_class(bundle, split: str):
@@ -97,7 +97,7 @@ def test_a_float_tiff_on_the_unit_scale_is_not_black(tmp_path):
 
 # ---------------------------------------------------------------- items 5 and 9: the preflight runs the forward
 
-USER_NETS = '''
+USER_NETS = """
 import collections
 
 import torch
@@ -151,7 +151,7 @@ def named(num_classes):
 
 def fine(num_classes):
     return Net(num_classes)
-'''
+"""
 
 
 def user_model_recipe(tiny_recipe, tmp_path, builder, module):
@@ -159,16 +159,20 @@ def user_model_recipe(tiny_recipe, tmp_path, builder, module):
     return tiny_recipe(student={"model": f"{module}:{builder}"})
 
 
-@pytest.mark.parametrize("builder, expected", [
-    ("wide", "forward returns shape (2, 12) for a batch of 2, but the dataset has 10 classes"),
-    ("narrow", "forward returns shape (2, 7) for a batch of 2, but the dataset has 10 classes"),
-    ("pair", "forward returns a tuple in train mode, not one logits tensor"),
-    ("as_dict", "forward returns a dict with keys logits, features in train mode"),
-    ("as_list", "forward returns a list in train mode"),
-    ("named", "forward returns a Out in train mode"),
-])
+@pytest.mark.parametrize(
+    "builder, expected",
+    [
+        ("wide", "forward returns shape (2, 12) for a batch of 2, but the dataset has 10 classes"),
+        ("narrow", "forward returns shape (2, 7) for a batch of 2, but the dataset has 10 classes"),
+        ("pair", "forward returns a tuple in train mode, not one logits tensor"),
+        ("as_dict", "forward returns a dict with keys logits, features in train mode"),
+        ("as_list", "forward returns a list in train mode"),
+        ("named", "forward returns a Out in train mode"),
+    ],
+)
 def test_a_student_without_one_logits_tensor_of_the_class_count_is_refused_before_training(
-        tiny_recipe, tmp_path, capsys, builder, expected):
+    tiny_recipe, tmp_path, capsys, builder, expected
+):
     path = user_model_recipe(tiny_recipe, tmp_path, builder, f"nets_{builder}")
     assert_one_line_error(capsys, ["compress", path], expected)
     assert not list((tmp_path / "export" / ".cache").glob("teacher-*/result.json"))  # nothing trained first
@@ -197,8 +201,14 @@ def cli(*args, timeout=120):
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "toolchain", *map(str, args)], cwd=Path(__file__).resolve().parents[1],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "toolchain", *map(str, args)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_line(proc, expected: str) -> None:
@@ -213,7 +223,9 @@ def test_the_seed_is_bounded_in_the_schema(tiny_recipe, capsys, seed, ok):
     if ok:
         assert code == 0, err
     else:
-        assert code == 2 and err.count("\n") == 1 and "seed: Input should be less than or equal to 4294967295" in err, err
+        assert code == 2 and err.count("\n") == 1 and "seed: Input should be less than or equal to 4294967295" in err, (
+            err
+        )
 
 
 BOMB = """name: bomb
@@ -272,8 +284,11 @@ def test_a_truncated_safetensors_file_is_one_line(tiny_recipe, tmp_path, capsys,
 
 def test_a_timm_tag_that_does_not_exist_is_one_line_naming_the_tags(tiny_recipe, capsys):
     recipe = tiny_recipe(student={"model": "timm/resnet18.no_such_tag", "weights": "pretrained"})
-    assert_one_line_error(capsys, ["compress", recipe], "timm has no pretrained tag 'no_such_tag' for resnet18; use "
-                                                        "timm/resnet18.<tag> with one of: ")
+    assert_one_line_error(
+        capsys,
+        ["compress", recipe],
+        "timm has no pretrained tag 'no_such_tag' for resnet18; use timm/resnet18.<tag> with one of: ",
+    )
 
 
 @pytest.mark.parametrize("layout", ["lightning", "timm_train", "ddp", "plain_loop"])
@@ -282,11 +297,12 @@ def test_training_framework_checkpoint_layouts_load(tmp_path, layout):
     from toolchain.models.registry import build_model
 
     state = mobilenet_state()
-    saved = {"lightning": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3,
-                           "optimizer_states": [{}]},
-             "timm_train": {"epoch": 3, "arch": "x", "state_dict": state, "state_dict_ema": state},
-             "ddp": {f"module.{k}": v for k, v in state.items()},
-             "plain_loop": {"model_state_dict": state, "optimizer_state_dict": {}}}[layout]
+    saved = {
+        "lightning": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3, "optimizer_states": [{}]},
+        "timm_train": {"epoch": 3, "arch": "x", "state_dict": state, "state_dict_ema": state},
+        "ddp": {f"module.{k}": v for k, v in state.items()},
+        "plain_loop": {"model_state_dict": state, "optimizer_state_dict": {}},
+    }[layout]
     torch.save(saved, tmp_path / "ckpt.pt")
     model = load_weights(build_model("mobilenet_v3_small", 10), tmp_path / "ckpt.pt", "mobilenet_v3_small")
     for k, v in model.state_dict().items():
@@ -313,7 +329,9 @@ def test_sweep_finds_a_user_model_module_next_to_its_recipe(tiny_recipe, tmp_pat
 def test_a_sweep_of_no_variant_or_a_million_is_one_line(tiny_recipe):
     none = tiny_recipe(matrix={"axes": {"distill.lr": [0.05]}, "exclude": [{"distill.lr": 0.05}]})
     one_line(cli("sweep", none, "--dry-run"), "the matrix leaves no variant")
-    axes = {f"data.{k}": list(range(20)) for k in ("subset", "test_subset", "batch_size", "eval_batch_size", "num_workers")}
+    axes = {
+        f"data.{k}": list(range(20)) for k in ("subset", "test_subset", "batch_size", "eval_batch_size", "num_workers")
+    }
     huge = tiny_recipe(matrix={"axes": axes})
     one_line(cli("sweep", huge, "--dry-run"), "the axes expand to 3,200,000 variants")
 

@@ -23,12 +23,17 @@ GOLDEN = 2
 def package(tmp_path_factory, fmnist_root):
     """One tiny run (no teacher, 1 epoch ce, export without references, no bench) with a package."""
     tmp = tmp_path_factory.mktemp("publish")
-    recipe = {"name": "tiny", "output_dir": str(tmp / "export"),
-              "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-              "student": {"model": "mobilenet_v3_small"}, "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
-              "export": {"exporter": "dynamo", "opset": 18, "references": False}, "bench": None,
-              "package": {"target_platform": "amd64", "golden_images": GOLDEN},
-              "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"}}
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp / "export"),
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
+        "export": {"exporter": "dynamo", "opset": 18, "references": False},
+        "bench": None,
+        "package": {"target_platform": "amd64", "golden_images": GOLDEN},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
+    }
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert run(["compress", str(path)]) == 0
@@ -49,8 +54,14 @@ def device_copy(package, tmp_path):
 
 def infer(folder: Path, env: dict, *args) -> subprocess.CompletedProcess:
     images = [f"golden/images/{i:03d}.png" for i in range(GOLDEN)]
-    return subprocess.run([sys.executable, "infer.py", "--json", *map(str, args), *images], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "infer.py", "--json", *map(str, args), *images],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def one_line_refusal(proc, expected: str) -> None:
@@ -120,16 +131,25 @@ def small_model(path: Path, side: int, classes: int) -> None:
     weight = numpy_helper.from_array(np.ones((3, classes), np.float32), "w")
     axes = numpy_helper.from_array(np.array([2, 3], np.int64), "axes")
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input", "axes"], ["pooled"], keepdims=0),
-         helper.make_node("MatMul", ["pooled", "w"], ["logits"])],
-        "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, side, side])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])], [weight, axes])
+        [
+            helper.make_node("ReduceMean", ["input", "axes"], ["pooled"], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "w"], ["logits"]),
+        ],
+        "small",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, side, side])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [weight, axes],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
-@pytest.mark.parametrize("side, classes, expected", [(64, 10, "takes input ['batch', 3, 64, 64], but preprocess.json "
-                                                      "prepares images as [batch, 3, 32, 32]"),
-                                                     (32, 12, "gives 12 scores per image, but preprocess.json names 10")])
+@pytest.mark.parametrize(
+    "side, classes, expected",
+    [
+        (64, 10, "takes input ['batch', 3, 64, 64], but preprocess.json prepares images as [batch, 3, 32, 32]"),
+        (32, 12, "gives 12 scores per image, but preprocess.json names 10"),
+    ],
+)
 def test_a_model_that_does_not_fit_the_contract_is_one_line(device_copy, tmp_path, side, classes, expected):
     folder, env = device_copy
     small_model(tmp_path / "other.onnx", side, classes)
@@ -160,15 +180,28 @@ def device_run(store, tmp_path):
     files = {n: tmp_path / f"{n}.onnx" for n in ("float", "teacher")}
     for i, path in enumerate(files.values()):
         path.write_bytes(bytes([i]) * 64)
-    tags = {"toolchain.run_name": "r", "toolchain.stage": "compress",
-            "toolchain.sha256.model.onnx": file_sha256(files["float"]),
-            "toolchain.sha256.reference.teacher": file_sha256(files["teacher"])}
+    tags = {
+        "toolchain.run_name": "r",
+        "toolchain.stage": "compress",
+        "toolchain.sha256.model.onnx": file_sha256(files["float"]),
+        "toolchain.sha256.reference.teacher": file_sha256(files["teacher"]),
+    }
     with tracker.run("r", {}, tags) as parent:
         parent.log_metrics({"final.vs_teacher.retention": 0.9})
-    data = {"device": fingerprint(files["float"], "pi"), "results": device_rows(2.0),
-            "references": {"teacher": {"sha256": file_sha256(files["teacher"]), "results": device_rows(8.0)}}}
-    return {"uri": uri, "client": tracker.client, "run_id": parent.run_id, "data": data, "tmp": tmp_path,
-            "tracker": tracker, "tags": tags}
+    data = {
+        "device": fingerprint(files["float"], "pi"),
+        "results": device_rows(2.0),
+        "references": {"teacher": {"sha256": file_sha256(files["teacher"]), "results": device_rows(8.0)}},
+    }
+    return {
+        "uri": uri,
+        "client": tracker.client,
+        "run_id": parent.run_id,
+        "data": data,
+        "tmp": tmp_path,
+        "tracker": tracker,
+        "tags": tags,
+    }
 
 
 def device_rows(p50):
@@ -187,19 +220,24 @@ def attach_cli(capsys, device_run, data, ref="r"):
 def logged(device_run):
     client = device_run["client"]
     metrics = client.get_run(device_run["run_id"]).data.metrics
-    return {k: v for k, v in metrics.items() if k.startswith("device.")}, client.list_artifacts(device_run["run_id"], "device")
+    return {k: v for k, v in metrics.items() if k.startswith("device.")}, client.list_artifacts(
+        device_run["run_id"], "device"
+    )
 
 
-@pytest.mark.parametrize("where, key, value, expected", [
-    ("results", "p50_ms", 1e300, "p50_ms is 1e+300, outside what a device measures"),
-    ("references", "p50_ms", 1e-300, "p50_ms is 1e-300, outside what a device measures"),
-    ("results", "p50_ms", float("nan"), "lacks a provider, batch_size or positive"),
-    ("results", "p50_ms", float("inf"), "lacks a provider, batch_size or positive"),
-    ("results", "p50_ms", -1.0, "lacks a provider, batch_size or positive"),
-    ("results", "p50_ms", 0.0, "lacks a provider, batch_size or positive"),
-    ("results", "throughput_img_s", 1e12, "throughput_img_s is 1e+12, outside"),
-    ("results", "p90_ms", 1.0, "p90_ms 1 is below p50_ms 2"),
-])
+@pytest.mark.parametrize(
+    "where, key, value, expected",
+    [
+        ("results", "p50_ms", 1e300, "p50_ms is 1e+300, outside what a device measures"),
+        ("references", "p50_ms", 1e-300, "p50_ms is 1e-300, outside what a device measures"),
+        ("results", "p50_ms", float("nan"), "lacks a provider, batch_size or positive"),
+        ("results", "p50_ms", float("inf"), "lacks a provider, batch_size or positive"),
+        ("results", "p50_ms", -1.0, "lacks a provider, batch_size or positive"),
+        ("results", "p50_ms", 0.0, "lacks a provider, batch_size or positive"),
+        ("results", "throughput_img_s", 1e12, "throughput_img_s is 1e+12, outside"),
+        ("results", "p90_ms", 1.0, "p90_ms 1 is below p50_ms 2"),
+    ],
+)
 def test_attach_refuses_absurd_latencies_in_one_line_and_logs_nothing(device_run, capsys, where, key, value, expected):
     data = json.loads(json.dumps(device_run["data"]))
     row = data["results"][0] if where == "results" else data["references"]["teacher"]["results"][0]
@@ -239,8 +277,11 @@ def shipped_state(run_dir: Path) -> dict:
     """sha256 of every file export/<run>/ ships (summary.json is the run's record, not a shipped file)."""
     from toolchain.fsutil import file_sha256
 
-    return {p.relative_to(run_dir).as_posix(): file_sha256(p) for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name != "summary.json"}
+    return {
+        p.relative_to(run_dir).as_posix(): file_sha256(p)
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != "summary.json"
+    }
 
 
 def staging_left(export: Path) -> list:
@@ -250,20 +291,36 @@ def staging_left(export: Path) -> list:
 def publish_recipe(tiny_recipe, lr: float, **extra):
     from conftest import FAST_LATENCY
 
-    return tiny_recipe(teacher=None, distill={"epochs": 1, "lr": lr, "loss": "ce"},
-                       export={"exporter": "dynamo", "opset": 18, "references": False},
-                       bench={"batch_sizes": [1], "warmup": 1, "iterations": 3, "time_budget_s": 0.1,
-                              "latency": FAST_LATENCY, "compare_torch": False},
-                       package={"golden_images": 2}, **extra)
+    return tiny_recipe(
+        teacher=None,
+        distill={"epochs": 1, "lr": lr, "loss": "ce"},
+        export={"exporter": "dynamo", "opset": 18, "references": False},
+        bench={
+            "batch_sizes": [1],
+            "warmup": 1,
+            "iterations": 3,
+            "time_budget_s": 0.1,
+            "latency": FAST_LATENCY,
+            "compare_torch": False,
+        },
+        package={"golden_images": 2},
+        **extra,
+    )
 
 
 def start_compress(path: Path) -> subprocess.Popen:
     import signal
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "toolchain", "compress", str(path)], cwd=Path(__file__).resolve().parents[1],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "toolchain", "compress", str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 @pytest.mark.slow
@@ -279,10 +336,23 @@ def test_a_failed_or_killed_rerun_changes_nothing_a_successful_run_shipped(tiny_
     assert first["shipped"]["parent_run_id"] == first["mlflow"]["parent_run_id"]
 
     # another model, then quantize fails (no candidate can clear a 100x speedup, on_miss: error): after export
-    failing = publish_recipe(tiny_recipe, 0.02, quantize={"candidates": ["qdq_u8s8_dw_per_channel"], "calibration_images": 32,
-                                                           "min_speedup": 100, "on_miss": "error",
-                                                           "latency": {"block_s": 0.005, "blocks": 2, "min_replicates": 2,
-                                                                       "max_replicates": 2, "isolation": "session"}})
+    failing = publish_recipe(
+        tiny_recipe,
+        0.02,
+        quantize={
+            "candidates": ["qdq_u8s8_dw_per_channel"],
+            "calibration_images": 32,
+            "min_speedup": 100,
+            "on_miss": "error",
+            "latency": {
+                "block_s": 0.005,
+                "blocks": 2,
+                "min_replicates": 2,
+                "max_replicates": 2,
+                "isolation": "session",
+            },
+        },
+    )
     capsys.readouterr()
     assert run(["compress", str(failing)]) == 2
     err = capsys.readouterr().err
@@ -336,8 +406,12 @@ def test_stale_publish_folders_go_once_their_process_is_gone(tmp_path):
 
 def test_more_golden_images_than_the_test_split_fails_before_training(tiny_recipe, tmp_path, capsys):
     recipe = yaml.safe_load(Path(tiny_recipe()).read_text())
-    recipe.update(teacher=None, distill={"epochs": 1, "lr": 0.05, "loss": "ce"}, export={"references": False},
-                  package={"golden_images": 20})
+    recipe.update(
+        teacher=None,
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        export={"references": False},
+        package={"golden_images": 20},
+    )
     recipe["data"]["test_subset"] = 10
     path = tmp_path / "golden.yaml"
     path.write_text(yaml.safe_dump(recipe))

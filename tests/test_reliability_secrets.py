@@ -40,9 +40,26 @@ class MlflowServer:
     def start(self, timeout: float = 180) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db", "--artifacts-destination", str(self.root / "art")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # its own group: uvicorn + job runner
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination",
+                str(self.root / "art"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # its own group: uvicorn + job runner
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -79,8 +96,9 @@ def no_secret_in(root: Path) -> None:
 
 def cli(*args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "toolchain", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "toolchain", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # ---------------------------------------------------------------- item 1: recipe_hash
@@ -88,10 +106,15 @@ def cli(*args, timeout=600):
 
 def test_recipe_hash_does_not_depend_on_the_tracking_password(tiny_recipe):
     """Hashed raw, a dictionary attack over the saved (masked) recipe.yaml would find the password."""
-    hashes = {recipe_hash(load_recipe(tiny_recipe(tracking={"uri": f"http://alice:{pw}@host:5000"}))) for pw in (SECRET, "guess")}
+    hashes = {
+        recipe_hash(load_recipe(tiny_recipe(tracking={"uri": f"http://alice:{pw}@host:5000"})))
+        for pw in (SECRET, "guess")
+    }
     assert len(hashes) == 1
-    token = {recipe_hash(load_recipe(tiny_recipe(tracking={"uri": f"https://{t}@host"})))
-             for t in ("ghp_0123456789abcdefABCDEF", "ghp_guessguess1234567890")}
+    token = {
+        recipe_hash(load_recipe(tiny_recipe(tracking={"uri": f"https://{t}@host"})))
+        for t in ("ghp_0123456789abcdefABCDEF", "ghp_guessguess1234567890")
+    }
     assert len(token) == 1
     # the tracking server still counts: another host is another recipe
     assert recipe_hash(load_recipe(tiny_recipe(tracking={"uri": "http://alice:x@other:5000"}))) not in hashes
@@ -152,11 +175,19 @@ def test_a_sweep_against_a_real_server_leaves_no_password_anywhere(server, tiny_
 def test_a_server_that_dies_while_the_teacher_trains_is_one_line_and_the_rerun_resumes(tmp_path, tiny_recipe):
     srv = MlflowServer(tmp_path / "server").start()
     try:
-        path = tiny_recipe(teacher={"model": "cifar_resnet20", "train": {"epochs": 4, "lr": 0.05}},
-                           tracking={"uri": srv.uri(), "experiment": "tests"})
+        path = tiny_recipe(
+            teacher={"model": "cifar_resnet20", "train": {"epochs": 4, "lr": 0.05}},
+            tracking={"uri": srv.uri(), "experiment": "tests"},
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "toolchain", "compress", str(path)], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "toolchain", "compress", str(path)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         cache = tmp_path / "export" / ".cache"
         deadline = time.time() + 300
         while time.time() < deadline and not list(cache.glob("teacher-*/train_state.pt")):

@@ -12,10 +12,10 @@ import mlflow
 import pytest
 import torch
 import yaml
+from conftest import FAST_LATENCY
 
 from toolchain.cli import run
 from toolchain.report import CSV_COLUMNS, ReportError, make_report, method_comparison, pareto_front
-from conftest import FAST_LATENCY
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("acc_vs_params.png", "acc_vs_latency.png", "pe_by_method.png")
@@ -34,7 +34,18 @@ def assert_png(path):
 # ---------------------------------------------------------------- a synthetic experiment
 
 
-def make_run(client, exp_id, name, tags=None, metrics=None, params=None, status="FINISHED", start=None, parent=None, stage="compress"):
+def make_run(
+    client,
+    exp_id,
+    name,
+    tags=None,
+    metrics=None,
+    params=None,
+    status="FINISHED",
+    start=None,
+    parent=None,
+    stage="compress",
+):
     all_tags = {"toolchain.stage": stage, "toolchain.run_name": name, **(tags or {})}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
@@ -48,14 +59,29 @@ def make_run(client, exp_id, name, tags=None, metrics=None, params=None, status=
 
 
 def variant_metrics(acc, nonzero, macs, p50, pe):
-    return {"final.test_accuracy": acc, "final.params": 1000, "final.nonzero_params": nonzero, "final.macs": macs,
-            "latency_p50_ms.cpu.bs1": p50, "latency_p50_ms.cpu.bs32": p50 * 20,
-            "speedup_vs_student.cpu.bs1": 0.5 / p50, "speedup_vs_teacher.cpu.bs1": 2.0 / p50,
-            "speedup_vs_student.cpu.bs1_lo": 0.45 / p50, "speedup_vs_student.cpu.bs1_hi": 0.55 / p50,
-            "int8.speedup.bs1": 1.5, "int8.speedup.bs1_lo": 1.4, "int8.speedup.bs1_hi": 1.6,
-            "final.vs_teacher.retention": acc / 0.9, "final.vs_student.retention": acc / 0.8,
-            "final.vs_teacher.pe_params": pe, "final.vs_teacher.pe_macs": pe / 2, "vs_teacher.pe_latency": pe / 3,
-            "final.vs_student.pe_params": pe / 4, "final.vs_student.pe_macs": pe / 5, "vs_student.pe_latency": pe / 6}
+    return {
+        "final.test_accuracy": acc,
+        "final.params": 1000,
+        "final.nonzero_params": nonzero,
+        "final.macs": macs,
+        "latency_p50_ms.cpu.bs1": p50,
+        "latency_p50_ms.cpu.bs32": p50 * 20,
+        "speedup_vs_student.cpu.bs1": 0.5 / p50,
+        "speedup_vs_teacher.cpu.bs1": 2.0 / p50,
+        "speedup_vs_student.cpu.bs1_lo": 0.45 / p50,
+        "speedup_vs_student.cpu.bs1_hi": 0.55 / p50,
+        "int8.speedup.bs1": 1.5,
+        "int8.speedup.bs1_lo": 1.4,
+        "int8.speedup.bs1_hi": 1.6,
+        "final.vs_teacher.retention": acc / 0.9,
+        "final.vs_student.retention": acc / 0.8,
+        "final.vs_teacher.pe_params": pe,
+        "final.vs_teacher.pe_macs": pe / 2,
+        "vs_teacher.pe_latency": pe / 3,
+        "final.vs_student.pe_params": pe / 4,
+        "final.vs_student.pe_macs": pe / 5,
+        "vs_student.pe_latency": pe / 6,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +100,62 @@ def synthetic(tmp_path_factory):
     }
     ids = {}
     for i, (name, (student, method, metrics)) in enumerate(runs.items()):
-        tags = {"dataset": "fashion_mnist", "teacher": "big", "student": student, "prune.method": method,
-                "prune.sparsity": "0.8" if method == "weight" else "0.5"}
+        tags = {
+            "dataset": "fashion_mnist",
+            "teacher": "big",
+            "student": student,
+            "prune.method": method,
+            "prune.sparsity": "0.8" if method == "weight" else "0.5",
+        }
         ids[name] = make_run(client, exp_id, name, tags, metrics, {"finetune.loss": "kd"}, start=1000 + i)
-        make_run(client, exp_id, name, tags, {"test_accuracy": 0.9, "params": 5000, "nonzero_params": 5000, "macs": 9000},
-                 parent=ids[name], stage="teacher")
-        make_run(client, exp_id, name, tags, {"test_accuracy": 0.8 if student == "arch_a" else 0.79, "params": 1000,
-                                              "nonzero_params": 1000, "macs": 5000}, parent=ids[name], stage="distill")
+        make_run(
+            client,
+            exp_id,
+            name,
+            tags,
+            {"test_accuracy": 0.9, "params": 5000, "nonzero_params": 5000, "macs": 9000},
+            parent=ids[name],
+            stage="teacher",
+        )
+        make_run(
+            client,
+            exp_id,
+            name,
+            tags,
+            {
+                "test_accuracy": 0.8 if student == "arch_a" else 0.79,
+                "params": 1000,
+                "nonzero_params": 1000,
+                "macs": 5000,
+            },
+            parent=ids[name],
+            stage="distill",
+        )
     # not reported: an older run of a reported name, a failed run, a killed one
-    make_run(client, exp_id, "s-a-weight", {"student": "arch_a", "prune.method": "weight"}, variant_metrics(0.1, 1, 1, 1, -1), start=1)
-    make_run(client, exp_id, "s-c-weight", {"student": "arch_c", "prune.method": "weight"}, variant_metrics(0.2, 1, 1, 1, -1), status="FAILED")
-    make_run(client, exp_id, "s-d-weight", {"student": "arch_d", "prune.method": "weight"}, variant_metrics(0.2, 1, 1, 1, -1), status="KILLED")
+    make_run(
+        client,
+        exp_id,
+        "s-a-weight",
+        {"student": "arch_a", "prune.method": "weight"},
+        variant_metrics(0.1, 1, 1, 1, -1),
+        start=1,
+    )
+    make_run(
+        client,
+        exp_id,
+        "s-c-weight",
+        {"student": "arch_c", "prune.method": "weight"},
+        variant_metrics(0.2, 1, 1, 1, -1),
+        status="FAILED",
+    )
+    make_run(
+        client,
+        exp_id,
+        "s-d-weight",
+        {"student": "arch_d", "prune.method": "weight"},
+        variant_metrics(0.2, 1, 1, 1, -1),
+        status="KILLED",
+    )
     return uri, client, exp_id, runs, ids
 
 
@@ -97,13 +168,21 @@ def test_report_values_are_the_runs_values(synthetic, tmp_path):
     for row in rows:
         m = client.get_run(row["run_id"]).data.metrics
         assert row["run_id"] == ids[row["run_name"]]
-        for column, metric in (("test_accuracy", "final.test_accuracy"), ("params", "final.params"),
-                               ("nonzero_params", "final.nonzero_params"), ("macs", "final.macs"),
-                               ("latency_p50_ms", "latency_p50_ms.cpu.bs1"), ("speedup_vs_student", "speedup_vs_student.cpu.bs1"),
-                               ("vs_teacher.pe_params", "final.vs_teacher.pe_params"), ("vs_teacher.pe_macs", "final.vs_teacher.pe_macs"),
-                               ("vs_teacher.pe_latency", "vs_teacher.pe_latency"), ("vs_student.pe_params", "final.vs_student.pe_params"),
-                               ("vs_student.pe_macs", "final.vs_student.pe_macs"), ("vs_student.pe_latency", "vs_student.pe_latency"),
-                               ("vs_teacher.retention", "final.vs_teacher.retention")):
+        for column, metric in (
+            ("test_accuracy", "final.test_accuracy"),
+            ("params", "final.params"),
+            ("nonzero_params", "final.nonzero_params"),
+            ("macs", "final.macs"),
+            ("latency_p50_ms", "latency_p50_ms.cpu.bs1"),
+            ("speedup_vs_student", "speedup_vs_student.cpu.bs1"),
+            ("vs_teacher.pe_params", "final.vs_teacher.pe_params"),
+            ("vs_teacher.pe_macs", "final.vs_teacher.pe_macs"),
+            ("vs_teacher.pe_latency", "vs_teacher.pe_latency"),
+            ("vs_student.pe_params", "final.vs_student.pe_params"),
+            ("vs_student.pe_macs", "final.vs_student.pe_macs"),
+            ("vs_student.pe_latency", "vs_student.pe_latency"),
+            ("vs_teacher.retention", "final.vs_teacher.retention"),
+        ):
             assert float(row[column]) == m[metric], (row["run_name"], column)
         for end in ("lo", "hi"):  # every speedup with its interval
             assert float(row[f"speedup_vs_student_{end}"]) == m[f"speedup_vs_student.cpu.bs1_{end}"]
@@ -119,7 +198,10 @@ def test_report_values_are_the_runs_values(synthetic, tmp_path):
     assert float(students["arch_b"]["latency_p50_ms"]) == pytest.approx(0.5)
 
     md = files["markdown"].read_text()
-    assert "| s-b-channel | fashion_mnist | big | arch_b | channel | 0.5 | kd | - | 0.7400 | 1.00k | 120 | 1.50k | - | - | 1 | 0.200 | 2.50x [2.25, 2.75] | 1.50x [1.40, 1.60] |" in md
+    assert (
+        "| s-b-channel | fashion_mnist | big | arch_b | channel | 0.5 | kd | - | 0.7400 | 1.00k | 120 | 1.50k | - | - | 1 | 0.200 | 2.50x [2.25, 2.75] | 1.50x [1.40, 1.60] |"
+        in md
+    )
     assert "s-c-weight" not in md and "s-d-weight" not in md
     assert "| fashion_mnist | arch_a | kd | 0.700 | 0.600 |" in md  # weight vs channel, pe_params
     for name in PLOTS:
@@ -153,18 +235,45 @@ def test_report_cli_errors_are_one_line(synthetic, tmp_path, capsys):
 
 
 def test_pareto_front():
-    points = [(1.0, 0.70, "a"), (2.0, 0.80, "b"), (1.5, 0.65, "c"), (3.0, 0.79, "d"), (0.5, 0.60, "e"), (2.0, 0.75, "f")]
+    points = [
+        (1.0, 0.70, "a"),
+        (2.0, 0.80, "b"),
+        (1.5, 0.65, "c"),
+        (3.0, 0.79, "d"),
+        (0.5, 0.60, "e"),
+        (2.0, 0.75, "f"),
+    ]
     assert [p[2] for p in pareto_front(points)] == ["e", "a", "b"]
 
 
 def test_method_comparison_picks_the_higher_pe():
-    rows = [{"dataset": "d", "student": "s", "finetune_loss": "kd", "method": "weight", "vs_teacher.pe_params": 0.7,
-             "vs_teacher.pe_macs": 0.0, "vs_teacher.pe_latency": None},
-            {"dataset": "d", "student": "s", "finetune_loss": "kd", "method": "channel", "vs_teacher.pe_params": 0.6,
-             "vs_teacher.pe_macs": 0.4, "vs_teacher.pe_latency": 0.3},
-            {"dataset": "d", "student": "t", "finetune_loss": "kd", "method": "weight", "vs_teacher.pe_params": 0.1}]
+    rows = [
+        {
+            "dataset": "d",
+            "student": "s",
+            "finetune_loss": "kd",
+            "method": "weight",
+            "vs_teacher.pe_params": 0.7,
+            "vs_teacher.pe_macs": 0.0,
+            "vs_teacher.pe_latency": None,
+        },
+        {
+            "dataset": "d",
+            "student": "s",
+            "finetune_loss": "kd",
+            "method": "channel",
+            "vs_teacher.pe_params": 0.6,
+            "vs_teacher.pe_macs": 0.4,
+            "vs_teacher.pe_latency": 0.3,
+        },
+        {"dataset": "d", "student": "t", "finetune_loss": "kd", "method": "weight", "vs_teacher.pe_params": 0.1},
+    ]
     (entry,) = method_comparison(rows)  # student t has no channel run: no comparison
-    assert entry["pe_params winner"] == "weight" and entry["pe_macs winner"] == "channel" and entry["pe_latency winner"] == "-"
+    assert (
+        entry["pe_params winner"] == "weight"
+        and entry["pe_macs winner"] == "channel"
+        and entry["pe_latency winner"] == "-"
+    )
 
 
 # ---------------------------------------------------------------- a real tiny sweep
@@ -176,16 +285,27 @@ def test_report_of_a_tiny_sweep(tiny_recipe, tmp_path):
     torch.set_num_threads(1)  # a shared 2-core machine: two threads per process are several times slower
     try:
         # the report is under test, not the exporter (dynamo: tests/test_export.py); torchscript halves the time
-        path = tiny_recipe(prune={"method": "weight", "sparsity": 0.5}, finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
-                           export={"exporter": "torchscript", "opset": 17},
-                           bench={"batch_sizes": [1, 4], "warmup": 1, "iterations": 5, "time_budget_s": 0.2, "compare_torch": False,
-                                  "latency": FAST_LATENCY})
+        path = tiny_recipe(
+            prune={"method": "weight", "sparsity": 0.5},
+            finetune={"epochs": 1, "lr": 0.01, "loss": "kd"},
+            export={"exporter": "torchscript", "opset": 17},
+            bench={
+                "batch_sizes": [1, 4],
+                "warmup": 1,
+                "iterations": 5,
+                "time_budget_s": 0.2,
+                "compare_torch": False,
+                "latency": FAST_LATENCY,
+            },
+        )
         recipe = yaml.safe_load(path.read_text())
         recipe["data"].update(subset=96, test_subset=32)
         recipe["teacher"]["model"] = "mobilenet_v3_small"
         recipe["student"]["model"] = "mobilenet_v3_small"
-        recipe["matrix"] = {"axes": {"prune.method": ["weight", "channel"]},
-                            "rules": [{"when": {"prune.method": "channel"}, "set": {"prune.sparsity": 0.5}}]}
+        recipe["matrix"] = {
+            "axes": {"prune.method": ["weight", "channel"]},
+            "rules": [{"when": {"prune.method": "channel"}, "set": {"prune.sparsity": 0.5}}],
+        }
         path.write_text(yaml.safe_dump(recipe))
         assert run(["sweep", str(path)]) == 0
     finally:
@@ -220,7 +340,7 @@ def test_spread_and_paired_interval_by_hand():
     assert spread([0.5]).std is None and spread([None]) is None
     # differences 1, 2, 3 (key 9 unpaired): mean 2, sd 1, t(0.975, df 2) = 4.3027 from a t table
     d = paired({0: 11, 1: 12, 2: 13, 9: 50}, {0: 10, 1: 10, 2: 10})
-    half = 4.302652729911275 / 3 ** 0.5
+    half = 4.302652729911275 / 3**0.5
     assert (d.n, d.mean) == (3, 2) and d.low == pytest.approx(2 - half) and d.high == pytest.approx(2 + half)
     assert d.verdict == "not resolved (interval spans 0)"
     assert paired({0: 3.0, 1: 3.1, 2: 2.9}, {0: 1.0, 1: 1.0, 2: 1.0}).verdict == "a higher"
@@ -239,11 +359,22 @@ def seeded(tmp_path_factory):
     for seed in range(3):
         for method in ("weight", "channel", "none"):
             name = f"st-seed{seed}-a-{method}"
-            metrics = {**variant_metrics(acc[method][seed], 100, 100, 0.5, 0.6 + seed / 100), "onnx_zip_bytes": zipped[method] + seed}
+            metrics = {
+                **variant_metrics(acc[method][seed], 100, 100, 0.5, 0.6 + seed / 100),
+                "onnx_zip_bytes": zipped[method] + seed,
+            }
             if method == "channel" and seed == 0:
                 metrics["int8.zip_bytes"] = 1.0e6
             tags = {"dataset": "fashion_mnist", "teacher": "big", "student": "arch_a", "prune.method": method}
-            make_run(client, exp_id, name, tags, metrics, {"finetune.loss": "kd", "seed": str(seed)}, start=seed * 10 + len(method))
+            make_run(
+                client,
+                exp_id,
+                name,
+                tags,
+                metrics,
+                {"finetune.loss": "kd", "seed": str(seed)},
+                start=seed * 10 + len(method),
+            )
     return uri, acc
 
 
@@ -262,8 +393,10 @@ def test_seed_tables_are_the_runs_statistics(seeded, tmp_path):
     wc = pairs["weight - channel"]
     diffs = [w - c for w, c in zip(acc["weight"], acc["channel"])]  # 0.02, 0.03, 0.01
     assert float(wc["test_accuracy.diff"]) == pytest.approx(0.02)
-    half = 4.302652729911275 * statistics.stdev(diffs) / 3 ** 0.5
-    assert float(wc["test_accuracy.low"]) == pytest.approx(0.02 - half) and float(wc["test_accuracy.high"]) == pytest.approx(0.02 + half)
+    half = 4.302652729911275 * statistics.stdev(diffs) / 3**0.5
+    assert float(wc["test_accuracy.low"]) == pytest.approx(0.02 - half) and float(
+        wc["test_accuracy.high"]
+    ) == pytest.approx(0.02 + half)
     assert float(wc["onnx_zip_bytes.diff"]) == pytest.approx(-1.0e6)  # identical per-seed offsets cancel: std 0
     assert float(wc["onnx_zip_bytes.low"]) == pytest.approx(-1.0e6)
 

@@ -27,9 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 def server():
     if not SERVER:
         if os.environ.get("TOOLCHAIN_REQUIRE_TEAM_TRACKING") == "1":
-            pytest.fail("MLFLOW_TEST_SERVER_URI is not set but TOOLCHAIN_REQUIRE_TEAM_TRACKING=1: .ci/postgres_mlflow.sh did not run")
-        pytest.skip("no team MLflow server: start one with `vars=$(.ci/postgres_mlflow.sh start) && eval \"$vars\"` "
-                    "(sets MLFLOW_TEST_SERVER_URI; see docs/scale_out.md)")
+            pytest.fail(
+                "MLFLOW_TEST_SERVER_URI is not set but TOOLCHAIN_REQUIRE_TEAM_TRACKING=1: .ci/postgres_mlflow.sh did not run"
+            )
+        pytest.skip(
+            'no team MLflow server: start one with `vars=$(.ci/postgres_mlflow.sh start) && eval "$vars"` '
+            "(sets MLFLOW_TEST_SERVER_URI; see docs/scale_out.md)"
+        )
     return SERVER
 
 
@@ -78,8 +82,9 @@ def test_compress_logs_to_postgres_backed_server(server, tiny_recipe, tmp_path, 
         try:
             with engine.connect() as conn:
                 assert conn.execute(sqlalchemy.text("select version()")).scalar().startswith("PostgreSQL")
-                count = conn.execute(sqlalchemy.text("select count(*) from runs where experiment_id = :e"),
-                                     {"e": int(exp.experiment_id)}).scalar()
+                count = conn.execute(
+                    sqlalchemy.text("select count(*) from runs where experiment_id = :e"), {"e": int(exp.experiment_id)}
+                ).scalar()
         finally:
             engine.dispose()
         assert count == 3
@@ -112,8 +117,14 @@ def test_unreachable_server_fails_fast_with_one_line(tiny_recipe, tmp_path, how)
         env.pop("MLFLOW_TRACKING_URI", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # timeout: MLflow's own retry loop against a dead server would take about 4 minutes
-    proc = subprocess.run([sys.executable, "-m", "toolchain", "compress", str(path)], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "toolchain", "compress", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

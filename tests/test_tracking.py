@@ -60,9 +60,16 @@ def test_exception_marks_failed_and_ctrl_c_killed(tracker):
 
 def test_runs_left_running_by_a_dead_process_are_marked_killed(tracker):
     client = mlflow.MlflowClient(tracker.uri)
-    run = client.create_run(tracker.experiment_id, run_name="demo",
-                            tags={"toolchain.run_name": "demo", "toolchain.stage": "compress",
-                                  "toolchain.pid": "999999", "toolchain.host": __import__("socket").gethostname()})
+    run = client.create_run(
+        tracker.experiment_id,
+        run_name="demo",
+        tags={
+            "toolchain.run_name": "demo",
+            "toolchain.stage": "compress",
+            "toolchain.pid": "999999",
+            "toolchain.host": __import__("socket").gethostname(),
+        },
+    )
     stale = tracker.mark_stale_runs("demo")
     assert stale == [run.info.run_id]
     assert client.get_run(run.info.run_id).info.status == "KILLED"
@@ -109,8 +116,10 @@ def _url_printing_restored():
 
 def test_mask_uri_hides_passwords_only():
     assert mask_uri(f"http://alice:{QUOTED}@host:5000/mlflow") == "http://alice:***@host:5000/mlflow"
-    assert mask_uri("postgresql://u:p@ss@db:5432/mlflow?sslmode=require&password=zz") == \
-        "postgresql://u:***@db:5432/mlflow?sslmode=require&password=***"
+    assert (
+        mask_uri("postgresql://u:p@ss@db:5432/mlflow?sslmode=require&password=zz")
+        == "postgresql://u:***@db:5432/mlflow?sslmode=require&password=***"
+    )
     for plain in ("http://host:5000/a@b", "http://alice@host", "sqlite:///mlruns/mlflow.db", None):
         assert mask_uri(plain) == plain
 
@@ -178,8 +187,10 @@ def test_unknown_scheme_lists_the_known_ones():
     assert "alice:***@" in str(err.value) and ":pw@" not in str(err.value)
 
 
-@pytest.mark.parametrize("uri, package", [("postgresql://u:pw@db/mlflow", "psycopg2-binary"),
-                                          ("postgresql+psycopg://u:pw@db/mlflow", "psycopg[binary]")])
+@pytest.mark.parametrize(
+    "uri, package",
+    [("postgresql://u:pw@db/mlflow", "psycopg2-binary"), ("postgresql+psycopg://u:pw@db/mlflow", "psycopg[binary]")],
+)
 def test_missing_database_driver_says_what_to_install(monkeypatch, uri, package):
     monkeypatch.setattr(tracking, "_has_module", lambda name: False)
     with pytest.raises(TrackingError, match=re.escape(f"pip install {package}") + "$") as err:
@@ -264,14 +275,24 @@ def test_register_model_adds_a_version_described_by_the_card(tracker, tmp_path):
 
     from toolchain.onnx.export import log_onnx_to_mlflow
 
-    graph = helper.make_graph([helper.make_node("Flatten", ["input"], ["logits"])], "flat",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 2])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["logits"])],
+        "flat",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.save(model, tmp_path / "model.onnx")
-    card = {"name": "demo", "model": "flat", "dataset": "toy", "test_accuracy": 0.5, "onnx_test_accuracy": 0.5,
-            "performance_efficiency": {"vs_teacher.pe_params": 0.7}, "files": {"model.onnx": {"sha256": "ab" * 32}}}
+    card = {
+        "name": "demo",
+        "model": "flat",
+        "dataset": "toy",
+        "test_accuracy": 0.5,
+        "onnx_test_accuracy": 0.5,
+        "performance_efficiency": {"vs_teacher.pe_params": 0.7},
+        "files": {"model.onnx": {"sha256": "ab" * 32}},
+    }
     with tracker.run("demo", {}, {}) as parent:
         uri = log_onnx_to_mlflow(tmp_path / "model.onnx", np.zeros((1, 2, 2), np.float32), run_id=parent.run_id)
         first = tracker.register_model("toy-classifier", uri, parent.run_id, card)
@@ -286,8 +307,12 @@ def test_register_model_needs_tracking():
     from toolchain.errors import RecipeError
     from toolchain.recipe import validate_dict
 
-    recipe = {"name": "r", "student": {"model": "cifar_resnet20"}, "distill": {"loss": "ce"},
-              "tracking": {"enabled": False, "register_model": "clf"}}
+    recipe = {
+        "name": "r",
+        "student": {"model": "cifar_resnet20"},
+        "distill": {"loss": "ce"},
+        "tracking": {"enabled": False, "register_model": "clf"},
+    }
     with pytest.raises(RecipeError, match="register_model needs tracking.enabled: true") as err:
         validate_dict(recipe)
     assert "\n" not in str(err.value)
@@ -309,10 +334,18 @@ def test_a_new_experiment_gets_the_headline_view(tracker):
     assert view["name"] == "Headline metrics (toolchain)"
     assert isinstance(view["createdAt"], int) and view["updatedAt"] == view["createdAt"]
     state = json.loads(view["state"])  # a JSON string inside the envelope, as the UI stores it
-    expected = ["attributes.`Dataset`", "metrics.`test_accuracy`", "metrics.`vs_teacher.pe_params`",
-                "metrics.`latency_p50_ms.cpu.bs1`", "metrics.`onnx_file_bytes`", "metrics.`vs_student.pe_params`",
-                "metrics.`onnx_zip_bytes`", "metrics.`int8.test_accuracy`", "metrics.`int8.latency_p50_ms.cpu.bs1`",
-                "metrics.`int8.file_bytes`"]
+    expected = [
+        "attributes.`Dataset`",
+        "metrics.`test_accuracy`",
+        "metrics.`vs_teacher.pe_params`",
+        "metrics.`latency_p50_ms.cpu.bs1`",
+        "metrics.`onnx_file_bytes`",
+        "metrics.`vs_student.pe_params`",
+        "metrics.`onnx_zip_bytes`",
+        "metrics.`int8.test_accuracy`",
+        "metrics.`int8.latency_p50_ms.cpu.bs1`",
+        "metrics.`int8.file_bytes`",
+    ]
     assert state["selectedColumns"] == expected and state["columnOrder"] == expected
     assert set(state["columnWidths"]) == set(expected)  # the UI's column ids, as its own saved views write them
     assert (state["orderByKey"], state["orderByAsc"]) == ("attributes.start_time", False)
@@ -323,8 +356,15 @@ def test_the_view_columns_are_metrics_the_parent_run_gets():
     from toolchain.stages.bench import bench_metrics
 
     row = {"provider": "cpu", "batch_size": 1, "p50_ms": 1.0, "throughput_img_s": 1.0}
-    logged = {"test_accuracy", "vs_teacher.pe_params", "vs_student.pe_params", "onnx_file_bytes", "onnx_zip_bytes",
-              "int8.test_accuracy", "int8.file_bytes"}
+    logged = {
+        "test_accuracy",
+        "vs_teacher.pe_params",
+        "vs_student.pe_params",
+        "onnx_file_bytes",
+        "onnx_zip_bytes",
+        "int8.test_accuracy",
+        "int8.file_bytes",
+    }
     logged |= set(bench_metrics({"final": [row], "int8": [row]}, None, {}))
     assert set(tracking.HEADLINE_COLUMNS) <= logged
 
@@ -374,8 +414,15 @@ def test_a_refused_view_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, cap
 def test_the_printed_link_opens_the_runs_table_in_the_view(tmp_path):
     from toolchain.engine.summary import Summary, final_table
 
-    summary = Summary(tmp_path / "summary.json", {"run_name": "demo", "mlflow": {
-        "tracking_uri": "sqlite:///mlruns/mlflow.db", "experiment_id": "7", "parent_run_id": "abc"}}, owner=False)
-    line = next(l for l in final_table(summary).splitlines() if l.startswith("MLflow:"))
-    assert line.endswith("then open #/experiments/7/runs?viewStateShareKey=toolchain-headline"
-                         "&workflowType=machine_learning)")
+    summary = Summary(
+        tmp_path / "summary.json",
+        {
+            "run_name": "demo",
+            "mlflow": {"tracking_uri": "sqlite:///mlruns/mlflow.db", "experiment_id": "7", "parent_run_id": "abc"},
+        },
+        owner=False,
+    )
+    line = next(t for t in final_table(summary).splitlines() if t.startswith("MLflow:"))
+    assert line.endswith(
+        "then open #/experiments/7/runs?viewStateShareKey=toolchain-headline&workflowType=machine_learning)"
+    )

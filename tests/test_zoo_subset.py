@@ -8,18 +8,23 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("zoo_prune", Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_prune.py")
+_spec = importlib.util.spec_from_file_location(
+    "zoo_prune", Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_prune.py"
+)
 zoo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(zoo)
 
 
-@pytest.mark.parametrize("name, engine", [
-    # grouped convs in equal blocks, SE; channel shuffle: pinned layers (slow tier; default tier:
-    # tests/test_checkpoint.py, test_prune_compat.py, test_prune_pinned.py prune both families)
-    pytest.param("regnet_y_400mf", "nni", marks=pytest.mark.slow),
-    pytest.param("shufflenet_v2_x0_5", "nni", marks=pytest.mark.slow),
-    ("squeezenet1_1", "torch_pruning"),  # concatenations
-])
+@pytest.mark.parametrize(
+    "name, engine",
+    [
+        # grouped convs in equal blocks, SE; channel shuffle: pinned layers (slow tier; default tier:
+        # tests/test_checkpoint.py, test_prune_compat.py, test_prune_pinned.py prune both families)
+        pytest.param("regnet_y_400mf", "nni", marks=pytest.mark.slow),
+        pytest.param("shufflenet_v2_x0_5", "nni", marks=pytest.mark.slow),
+        ("squeezenet1_1", "torch_pruning"),  # concatenations
+    ],
+)
 def test_zoo_families_prune_export_and_pass_parity(name, engine):
     row = zoo.one(name, engine, size=32, num_classes=10)
     assert row["status"] == "ok", row
