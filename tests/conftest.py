@@ -150,6 +150,28 @@ def write_cifar(root: Path, classes: int) -> Path:
     return root
 
 
+def packaged_run(tmp: Path, fmnist_root: Path, golden: int) -> Path:
+    """One tiny run with a device package (no teacher, 1 epoch ce, export without references, no
+    bench) in `tmp`; returns export/tiny/. Shared by the package and publish tests."""
+    from toolchain.cli import run
+
+    recipe = {
+        "name": "tiny",
+        "output_dir": str(tmp / "export"),
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
+        "export": {"exporter": "dynamo", "opset": 18, "references": False},
+        "bench": None,
+        "package": {"target_platform": "amd64", "golden_images": golden},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
+    }
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run(["compress", str(path)]) == 0
+    return tmp / "export" / "tiny"
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, fmnist_root):
     """A recipe dict that runs the whole pipeline in seconds on the tiny Fashion-MNIST files."""

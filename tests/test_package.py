@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import yaml
+from conftest import packaged_run
 
 from toolchain.cli import run
 from toolchain.errors import RecipeError
@@ -27,25 +27,10 @@ GOLDEN = 4
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory, fmnist_root):
     """One tiny run (no teacher, 1 epoch ce, export without references, no bench) with a package."""
-    tmp = tmp_path_factory.mktemp("package")
-    recipe = {
-        "name": "tiny",
-        "output_dir": str(tmp / "export"),
-        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-        "student": {"model": "mobilenet_v3_small"},
-        "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
-        "export": {"exporter": "dynamo", "opset": 18, "references": False},
-        "bench": None,
-        "package": {"target_platform": "amd64", "golden_images": GOLDEN},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert run(["compress", str(path)]) == 0
-    run_dir = tmp / "export" / "tiny"
+    run_dir = packaged_run(tmp_path_factory.mktemp("package"), fmnist_root, GOLDEN)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
-        "recipe": path,
+        "recipe": run_dir.parents[1] / "recipe.yaml",
         "run_dir": run_dir,
         "package": run_dir / "package",
         "summary": summary,

@@ -183,6 +183,7 @@ def test_changing_one_section_recomputes_it_and_later_stages_only(tiny_recipe, t
     assert cached == {"teacher": True, "distill": True, "prune": False, "finetune": False}
 
 
+@pytest.mark.slow  # 27 s: two pipeline runs (the default tier keeps the other cache-key tests)
 def test_a_new_teacher_recomputes_a_prune_stage_that_distils(tiny_recipe, tmp_path, warm_cache):
     """taylor scores channels with the KD loss: the teacher is an input of prune even when
     the student itself was distilled without it (distill.loss: ce)."""

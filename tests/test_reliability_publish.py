@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import packaged_run
 
 from toolchain.cli import run
 
@@ -22,22 +23,7 @@ GOLDEN = 2
 @pytest.fixture(scope="module")
 def package(tmp_path_factory, fmnist_root):
     """One tiny run (no teacher, 1 epoch ce, export without references, no bench) with a package."""
-    tmp = tmp_path_factory.mktemp("publish")
-    recipe = {
-        "name": "tiny",
-        "output_dir": str(tmp / "export"),
-        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-        "student": {"model": "mobilenet_v3_small"},
-        "distill": {"epochs": 1, "lr": 0.05, "loss": "ce"},
-        "export": {"exporter": "dynamo", "opset": 18, "references": False},
-        "bench": None,
-        "package": {"target_platform": "amd64", "golden_images": GOLDEN},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
-    }
-    path = tmp / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    assert run(["compress", str(path)]) == 0
-    return tmp / "export" / "tiny" / "package"
+    return packaged_run(tmp_path_factory.mktemp("publish"), fmnist_root, GOLDEN) / "package"
 
 
 @pytest.fixture
