@@ -184,6 +184,10 @@ class Comparison:
             rows.append(row)
         return rows
 
+    def replicates_text(self) -> str:
+        """ "6 fresh-process replicates" / "6 fresh-session replicates": what one replicate was."""
+        return f"{len(self.replicates)} fresh-{self.plan.isolation} replicates"
+
     def summary(self) -> Dict[str, Any]:
         """What a stage records: settings, the stopping reason, and each interval."""
         return {

@@ -77,6 +77,10 @@ def model_rows(stages: Dict[str, Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def _replicates(latency: Dict[str, Any]) -> str:
+    return f"{latency['replicates']} fresh-{latency['plan']['isolation']} replicates, stopped: {latency['stopped']}"
+
+
 def _int8_line(quantize: Dict[str, Any]) -> str:
     m, info = quantize["metrics"], quantize["info"]
     if not m.get("int8.shipped"):
@@ -90,7 +94,7 @@ def _int8_line(quantize: Dict[str, Any]) -> str:
     return (
         f"INT8: {info['chosen']}, test acc {m['int8.test_accuracy']:.4f}, val acc {m['int8.val_accuracy']:.4f} "
         f"(float {m['float_val_accuracy']:.4f}), {speedups} faster than float (median, 95% interval over "
-        f"fresh-process replicates)"
+        f"{_replicates(info['latency'])})"
     )
 
 

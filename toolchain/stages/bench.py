@@ -206,7 +206,7 @@ def latency_table(results: Dict[str, Any], eager, comparisons: Dict[str, Compari
             )
     for provider, c in comparisons.items():
         lines.append(
-            f"{provider}: ratio = median over {len(c.replicates)} fresh-process replicates [95% interval], "
+            f"{provider}: ratio = median over {c.replicates_text()} [95% interval], "
             f"stopped: {c.stopped} ({c.elapsed_s:.0f} s){_load_note(c)}"
         )
     final = {r["batch_size"]: r["p50_ms"] for r in result_rows(results["final"]) if r["provider"] == "cpu"}

@@ -93,7 +93,7 @@ class Quantize(Stage):
         ]
         chosen, reason = choose(val["float"], measured, cfg.max_accuracy_drop, cfg.min_speedup)
         if comparison is not None:
-            reason += f" [{len(comparison.replicates)} fresh-process replicates, stopped: {comparison.stopped}]"
+            reason += f" [{comparison.replicates_text()}, stopped: {comparison.stopped}]"
         table = candidate_table(job, comparison, measured, files)
         tqdm.write(f"[quantize] {reason}")
         if chosen is None and cfg.on_miss == "error":
