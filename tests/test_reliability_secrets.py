@@ -198,7 +198,9 @@ def test_a_server_that_dies_while_the_teacher_trains_is_one_line_and_the_rerun_r
         srv.stop()
     assert proc.returncode == 2, err[-3000:]
     assert err.count("\n") == 1 and err.startswith("error: MLflow tracking store http://alice:***@127.0.0.1:"), err
-    assert "stopped answering" in err and "rerun the same command" in err and "Traceback" not in err
+    # a killed server shows as refused connections or, mid-request, as an error answer: either is the one line
+    assert ("stopped answering" in err or "refused a request" in err) and "rerun the same command" in err
+    assert "Traceback" not in err
     assert SECRET not in out + err
     assert list(cache.glob("teacher-*/train_state.pt")) and not list(cache.glob("teacher-*/result.json"))
     no_secret_in(tmp_path / "export")
