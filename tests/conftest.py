@@ -150,6 +150,22 @@ def write_cifar(root: Path, classes: int) -> Path:
     return root
 
 
+def tiny_sections(tmp: Path, fmnist_root: Path) -> dict:
+    """The tiny pipeline recipe (teacher + KD student on the tiny files, output and MLflow in `tmp`):
+    one dict, so the warm stage cache holds exactly the stages a tiny_recipe run asks for."""
+    return {
+        "name": "tiny",
+        "output_dir": str(tmp / "export"),
+        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
+        "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
+        "student": {"model": "mobilenet_v3_small"},
+        "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
+        "export": None,
+        "bench": None,
+        "tracking": {"uri": f"sqlite:///{tmp}/mlruns/mlflow.db", "experiment": "tests"},
+    }
+
+
 def packaged_run(tmp: Path, fmnist_root: Path, golden: int) -> Path:
     """One tiny run with a device package (no teacher, 1 epoch ce, export without references, no
     bench) in `tmp`; returns export/tiny/. Shared by the package and publish tests."""
@@ -177,17 +193,7 @@ def tiny_recipe(tmp_path, fmnist_root):
     """A recipe dict that runs the whole pipeline in seconds on the tiny Fashion-MNIST files."""
 
     def make(**sections):
-        recipe = {
-            "name": "tiny",
-            "output_dir": str(tmp_path / "export"),
-            "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-            "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
-            "student": {"model": "mobilenet_v3_small"},
-            "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
-            "export": None,
-            "bench": None,
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db", "experiment": "tests"},
-        }
+        recipe = tiny_sections(tmp_path, fmnist_root)
         for key, value in sections.items():
             recipe[key] = value
         path = tmp_path / "recipe.yaml"
@@ -251,17 +257,7 @@ def warm_stages(tmp_path_factory, fmnist_root) -> Path:
     from toolchain.cli import run
 
     tmp = tmp_path_factory.mktemp("warm")
-    recipe = {
-        "name": "tiny",
-        "output_dir": str(tmp / "export"),
-        "data": {"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 32, "eval_batch_size": 64},
-        "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
-        "student": {"model": "mobilenet_v3_small"},
-        "distill": {"epochs": 1, "lr": 0.05, "loss": "kd"},
-        "export": None,
-        "bench": None,
-        "tracking": {"enabled": False},
-    }
+    recipe = {**tiny_sections(tmp, fmnist_root), "tracking": {"enabled": False}}
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert run(["compress", str(path)]) == 0
