@@ -98,7 +98,7 @@ def train(
 
     Feature-distillation adapters are built here, from the model as it is now (a pruned
     model gets new ones); report receives their size (adapter_params), which model_stats
-    does not count because they are not part of the model."""
+    does not count because they are not part of the model, and the training precision."""
     teacher = job.inputs.get("teacher")
     task = make_task(cfg, teacher.model if teacher else None, model, job.data.input_shape, section=stage)
     if report is not None and task.features is not None:
@@ -117,7 +117,18 @@ def train(
             after_step=after_step,
         )
     dist.debug_record(stage, job.data.train, model, task.features)
+    if report is not None and result.precision is not None:
+        report.update(precision_metrics(result.precision))
     return result.history
+
+
+def precision_metrics(p) -> Dict[str, float]:
+    """The training precision as stage metrics: bf16 (1) or fp32 (0) per forward, and what `auto` timed."""
+    return {
+        "bf16_student": float(p.student == "bf16"),
+        "bf16_teacher": float(p.teacher == "bf16"),
+        **{f"precision_{name}_ms": ms for name, ms in p.measured_ms.items()},
+    }
 
 
 def finalize(job: Job, model, arch: Dict[str, Any], history=None, extra=None, keep_zeros: bool = False) -> StageResult:

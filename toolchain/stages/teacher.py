@@ -20,4 +20,6 @@ class Teacher(ModelStage):
         model = initial_model(job, cfg)
         if cfg.checkpoint:
             return finalize(job, model, arch_of(cfg), extra={"loaded_from_checkpoint": 1})
-        return finalize(job, model, arch_of(cfg), train(job, model, cfg.train, "teacher"))
+        extra = {}
+        history = train(job, model, cfg.train, "teacher", report=extra)
+        return finalize(job, model, arch_of(cfg), history, extra=extra)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, TrainingError, first_line
 from ..models.checkpoint import load_state, save_state
 from . import ddp as dist
+from . import precision as prec
 from .tasks import ClassificationTask, DistillationTask
 
 
@@ -100,6 +101,7 @@ class FitResult:
     best_epoch: int = -1
     seconds: float = 0.0
     resumed_from_epoch: Optional[int] = None
+    precision: Optional[prec.Precision] = None  # decided once per stage; a resumed run keeps it
 
 
 def fit(
@@ -127,6 +129,9 @@ def fit(
     )
     dist.share_module(task.features)  # torchrun: every rank goes on from rank 0's adapters (fresh or resumed)
     channels_last = getattr(cfg, "channels_last", False)
+    if result.precision is None and start_epoch < cfg.epochs:
+        result.precision = _choose_precision(model, task, train_batches, cfg, stage, channels_last)
+    task.precision = result.precision or prec.Precision()
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         train_metrics = _train_epoch(
@@ -200,6 +205,25 @@ def _train_epoch(
     }
 
 
+def _choose_precision(model, task, batches, cfg, stage: str, channels_last: bool) -> prec.Precision:
+    """Rank 0 decides (timing a copy of the model on the first batch), every rank trains with it.
+    The first batch's draw is undone by the epoch's set_epoch, so the data order is unchanged."""
+    setting = getattr(cfg, "precision", "fp32")
+    if setting == "fp32" or task.features is not None:  # adapters are trained on fp32 feature maps
+        return prec.Precision()
+
+    def decide() -> prec.Precision:
+        x, y = next(iter(batches))
+        x = _layout(x, channels_last)
+        teacher = task.teacher if isinstance(task, DistillationTask) else None
+        return prec.choose(setting, dist.unwrap(model), teacher, x, y, on_cpu=x.device.type == "cpu")
+
+    chosen = dist.share(decide() if dist.is_main() else None)
+    if dist.is_main():
+        tqdm.write(f"  {stage}: precision {setting} -> {chosen.text()}")
+    return chosen
+
+
 def _log_epoch(stage: str, epoch: int, epochs: int, m: Dict[str, float]) -> None:
     if dist.is_main():
         tqdm.write(
@@ -221,6 +245,9 @@ def _save(path, model, task, optimizer, scheduler, epoch, result: FitResult, bes
             "best": best_state or {},
             "best_epoch": torch.tensor(result.best_epoch),
             "best_val_accuracy": torch.tensor(result.best_val_accuracy),
+            "precision": {"student": result.precision.student, "teacher": result.precision.teacher}
+            if result.precision
+            else {},
         },
         path,
     )
@@ -285,4 +312,6 @@ def _restore(path, model, task, optimizer, scheduler, result: FitResult):
     result.best_epoch = int(state["best_epoch"])
     result.best_val_accuracy = float(state["best_val_accuracy"])
     result.resumed_from_epoch = int(state["epoch"])
+    if state.get("precision"):  # resume in the precision the first epochs trained in
+        result.precision = prec.Precision(state["precision"]["student"], state["precision"]["teacher"])
     return int(state["epoch"]) + 1, (state["best"] or None)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .features import FeatureDistiller, tapped
 from .losses import get_loss
+from .precision import Precision, autocast
 
 Terms = Dict[str, torch.Tensor]
 
@@ -21,6 +22,7 @@ Terms = Dict[str, torch.Tensor]
 class ClassificationTask:
     teacher: Optional[nn.Module] = None
     features: Optional[FeatureDistiller] = None  # trainable adapters, kept out of the model
+    precision: Precision = Precision()  # set by fit: the forwards' autocast (losses always in fp32)
 
     def __init__(self, loss_name: str = "ce", warmup_epochs: int = 0, **loss_kwargs):
         self.loss_fn = get_loss(loss_name)
@@ -37,7 +39,9 @@ class ClassificationTask:
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Terms]:
         teacher = self.teacher_logits(x)
-        logits = model(x)
+        with autocast(self.precision.student):
+            logits = model(x)
+        logits = logits.float()
         terms = self.loss_fn(logits, y, teacher, warmup=self.warmup(), **self.loss_kwargs)
         return terms.pop("total"), logits, terms
 
@@ -51,7 +55,8 @@ class DistillationTask(ClassificationTask):
 
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x)
+        with autocast(self.precision.teacher):
+            return self.teacher(x).float()
 
     def loss(self, model, x, y):
         if self.features is None:
