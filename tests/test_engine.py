@@ -266,6 +266,37 @@ def test_layers_point_down():
             assert "toolchain.engine.runner" not in deps, mod
 
 
+# command modules: what a user runs (python -m toolchain ..., python -m toolchain.bench on a device)
+COMMANDS = (
+    "toolchain.cli",
+    "toolchain.sweep",
+    "toolchain.report",
+    "toolchain.attach",
+    "toolchain.__main__",
+    "toolchain.bench.cli",
+    "toolchain.bench.__main__",
+)
+
+
+def test_stages_are_peers_and_the_engine_imports_no_command():
+    """A stage imports stages/common.py, never another stage; the engine imports no command module
+    (cli, sweep, report, attach); libraries import neither engine, stages nor commands."""
+    graph = import_graph()
+    stage_files = {m for m in graph if m.startswith("toolchain.stages.") and m != "toolchain.stages.common"}
+    for mod in stage_files:
+        assert not graph[mod] & stage_files, f"{mod} imports {sorted(graph[mod] & stage_files)}"
+    for mod, deps in graph.items():
+        if mod.startswith("toolchain.engine"):
+            assert not any(d.startswith(COMMANDS) for d in deps), f"{mod} imports {sorted(deps)}"
+    upper = ("toolchain.engine", "toolchain.stages", *COMMANDS)
+    for mod, deps in graph.items():
+        if mod.startswith(upper) or mod == "toolchain.stages":
+            continue
+        assert not any(d.startswith(upper) for d in deps), (
+            f"{mod} imports {sorted(d for d in deps if d.startswith(upper))}"
+        )
+
+
 # ---------------------------------------------------------------- cache entries are verified before reuse
 
 

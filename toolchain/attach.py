@@ -24,12 +24,11 @@ import importlib.util
 import json
 import math
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import ToolchainError, first_line
+from .errors import ToolchainError, first_line, run_command
 
 # the run's shipped files, and the ORT-format ones of its device package (reduced onnxruntime builds time those)
 SHIPPED = ("model.onnx", "model_int8.onnx", "package/model.ort", "package/model_int8.ort")
@@ -374,13 +373,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        lines = attach(args.run, args.device_json, args.tracking_uri, args.experiment)
-    except ToolchainError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    print("\n".join(lines))
-    return 0
+
+    def body() -> int:
+        print("\n".join(attach(args.run, args.device_json, args.tracking_uri, args.experiment)))
+        return 0
+
+    return run_command(body)

@@ -6,7 +6,6 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import sys
 from typing import List, Sequence
 
 
@@ -190,18 +189,13 @@ def run(argv: List[str]) -> int:
             return int(exc.code or 0)
     import fire
 
-    from .errors import ToolchainError
+    from .errors import run_command
 
-    try:
-        fire.Fire(Commands(), argv, name="toolchain")
-    except ToolchainError as exc:
-        # one write per line: under torchrun every rank reports, and print's separate newline write interleaves
-        sys.stderr.write(f"error: {exc}\n")
-        sys.stderr.flush()
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: finished stages are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except fire.core.FireExit as exc:
-        return int(exc.code or 0)
-    return 0
+    def body() -> int:
+        try:
+            fire.Fire(Commands(), argv, name="toolchain")
+        except fire.core.FireExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    return run_command(body, interrupted="interrupted: finished stages are kept; rerun the same command to resume")

@@ -49,3 +49,21 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     (library errors often span pages; the first line names the problem)."""
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.splitlines()[0].split())[:limit]
+
+
+def run_command(body, prog: str = "", interrupted: str = "interrupted") -> int:
+    """The one way a command ends: body()'s exit code; a user mistake as one `error:` line on
+    stderr and its exit code (2); Ctrl-C as one line and 130. A bug keeps its traceback.
+    One write per line: under torchrun every rank reports, and separate newline writes interleave."""
+    import sys
+
+    try:
+        return body()
+    except ToolchainError as exc:
+        sys.stderr.write(f"{prog + ': ' if prog else ''}error: {exc}\n")
+        sys.stderr.flush()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(interrupted + "\n")
+        sys.stderr.flush()
+        return 130

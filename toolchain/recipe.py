@@ -8,7 +8,6 @@ description (shown by `python -m toolchain validate`). Downstream code trusts it
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import re
@@ -19,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import RecipeError
+from .formatting import stable_hash
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
@@ -1079,12 +1079,6 @@ def _first_error(exc: ValidationError) -> str:
 
 
 # ---------------------------------------------------------------- hashing
-
-
-def stable_hash(obj: Any) -> str:
-    """Content hash of a JSON-able object; keys sorted so dict order does not matter."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def recipe_hash(recipe: Recipe) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import ToolchainError
+from .formatting import si
 from .fsutil import atomic_write_text, ensure_dir
 from .stats import Paired, Spread, paired, spread
 from .tracking import TAG_PREFIX, _sqlite_path, quiet_library_logs, resolve_uri, retry
@@ -298,13 +299,6 @@ def fmt(value: Any, column: str) -> str:
     if column in ("latency_batch", "runs"):
         return f"{int(value)}"
     return f"{value:g}"
-
-
-def si(value: float) -> str:
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"
 
 
 def markdown_table(rows: List[Dict[str, Any]], columns: Sequence[str]) -> str:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..errors import BenchError, OutputError, ToolchainError, first_line
+from ..errors import BenchError, OutputError, first_line, run_command
 from ..fsutil import atomic_write_json, file_sha256
 from .compare import Plan, Settings, compare
 from .device import fingerprint, format_device
@@ -262,18 +262,15 @@ def _log_to_run(args, target, results: Dict[str, Any]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         results, target = _run(args)
         _print(args, results)
         if target is not None:
             _log_to_run(args, target, results)
-    except ToolchainError as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return run_command(body, prog=_PROG)
 
 
 if __name__ == "__main__":

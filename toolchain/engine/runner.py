@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import RecipeError, ToolchainError
+from ..formatting import stable_hash
 from ..fsutil import atomic_write_json, atomic_write_text, ensure_dir, file_lock, remove_stale_temp_files
-from ..recipe import Recipe, recipe_hash, stable_hash, to_yaml
+from ..recipe import Recipe, recipe_hash, to_yaml
 from ..tracking import NullStageRun, flatten
 from ..train import ddp as dist
 from . import distributed as stage_dist

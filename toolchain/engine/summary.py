@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ..formatting import si
 from ..fsutil import atomic_write_json
-from ..report import si
 from ..tracking import runs_link
 
 ROW_STAGES = (("teacher", "teacher"), ("distill", "KD student"), ("prune", "pruned"), ("finetune", "pruned+KD ft"))

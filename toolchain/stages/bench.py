@@ -19,8 +19,7 @@ from ..bench.ort import PROVIDERS, result_rows
 from ..engine.artifacts import BenchArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, atomic_write_text, file_sha256
-from .common import REFERENCES, latency_plan, pe_against_references
-from .export import cpu_copy
+from .common import REFERENCES, cpu_copy, latency_plan, pe_against_references
 
 # ratio columns: (baseline, candidate); the INT8 file is also compared with the float file it came from
 COLUMNS = (("teacher", "final"), ("student", "final"), ("teacher", "int8"), ("student", "int8"), ("final", "int8"))

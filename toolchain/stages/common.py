@@ -7,6 +7,8 @@ student, so it is derived at publish time on every run, never cached.
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -15,7 +17,7 @@ import torch
 from ..bench.compare import Plan, Settings
 from ..engine.artifacts import ModelArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput
-from ..fsutil import file_sha256
+from ..fsutil import atomic_path, atomic_write_json, file_sha256
 from ..metrics import model_stats, performance_efficiency
 from ..models import resolve
 from ..models.checkpoint import load_weights, save_state
@@ -120,6 +122,53 @@ def train(
     if report is not None and result.precision is not None:
         report.update(precision_metrics(result.precision))
     return result.history
+
+
+def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """An eval-mode CPU copy to export or time, leaving the stage's model where it trains."""
+    return copy.deepcopy(model).cpu().eval()
+
+
+def cpu_batches(batches):
+    """The split's batches on the CPU, where onnxruntime reads them."""
+    for x, y in batches:
+        yield x.cpu(), y.cpu()
+
+
+def stamp_and_write(run, cached: Path, content: Dict[str, Any], dst: Path) -> Dict[str, Any]:
+    """Copy a cached ONNX file to the run folder with this run's identity and PE added to its
+    metadata; returns the metadata written."""
+    import onnx
+
+    from ..onnx.export import set_metadata
+
+    identity = run.identity()
+    final = run.final_model()
+    pe = {k: v for k, v in final.metrics.items() if k.startswith("vs_")} if final else {}
+    metadata = {
+        **content,
+        "run_name": identity["run_name"],
+        "recipe_hash": identity["recipe_hash"],
+        "performance_efficiency": pe,
+        "mlflow_parent_run_id": run.parent.run_id or "",
+    }
+    proto = onnx.load(str(cached))
+    set_metadata(proto, metadata)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(proto, str(tmp))
+    return metadata
+
+
+def update_card(run, fields: Dict[str, Any]) -> None:
+    """Later stages (quantize) add their section to this run's model card and re-log it; a section
+    that already exists (files) is extended, not replaced."""
+    path = run.run_dir / "model_card.json"
+    card = json.loads(path.read_text())
+    for key, value in fields.items():
+        card[key] = {**card[key], **value} if isinstance(value, dict) and isinstance(card.get(key), dict) else value
+    atomic_write_json(path, card)
+    if run.tracker.uri is not None:
+        run.parent.log_artifact(path)
 
 
 def precision_metrics(p) -> Dict[str, float]:

@@ -7,31 +7,19 @@ The cached files carry the model's content metadata only; publish stamps this ru
 
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
-from ..fsutil import atomic_path, atomic_write_json, file_sha256, file_sizes
+from ..fsutil import atomic_write_json, file_sha256, file_sizes
 from ..onnx.pooling import REVISION as POOLING_REVISION
-from .common import REFERENCES
+from .common import REFERENCES, cpu_batches, cpu_copy, stamp_and_write
 
 PARITY_BATCH = 64
-
-
-def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(model).cpu().eval()
-
-
-def cpu_batches(batches):
-    for x, y in batches:
-        yield x.cpu(), y.cpu()
 
 
 def content_metadata(job: Job, source: StageOutput) -> Dict[str, Any]:
@@ -156,42 +144,6 @@ def publish_onnx(run, output: StageOutput) -> Dict[str, Path]:
     }
     run.parent.set_tags({"toolchain.sha256.model.onnx": sha, **refs})
     return {"model.onnx": onnx_path, "model_card.json": card_path}
-
-
-def stamp_and_write(run, cached: Path, content: Dict[str, Any], dst: Path) -> Dict[str, Any]:
-    """Copy a cached ONNX file to the run folder with this run's identity and PE added to its
-    metadata; returns the metadata written."""
-    import onnx
-
-    from ..onnx.export import set_metadata
-
-    identity = run.identity()
-    final = run.final_model()
-    pe = {k: v for k, v in final.metrics.items() if k.startswith("vs_")} if final else {}
-    metadata = {
-        **content,
-        "run_name": identity["run_name"],
-        "recipe_hash": identity["recipe_hash"],
-        "performance_efficiency": pe,
-        "mlflow_parent_run_id": run.parent.run_id or "",
-    }
-    proto = onnx.load(str(cached))
-    set_metadata(proto, metadata)
-    with atomic_path(dst) as tmp:
-        onnx.save_model(proto, str(tmp))
-    return metadata
-
-
-def update_card(run, fields: Dict[str, Any]) -> None:
-    """Later stages (quantize) add their section to this run's model card and re-log it; a section
-    that already exists (files) is extended, not replaced."""
-    path = run.run_dir / "model_card.json"
-    card = json.loads(path.read_text())
-    for key, value in fields.items():
-        card[key] = {**card[key], **value} if isinstance(value, dict) and isinstance(card.get(key), dict) else value
-    atomic_write_json(path, card)
-    if run.tracker.uri is not None:
-        run.parent.log_artifact(path)
 
 
 def model_card(run, art: OnnxArtifact, metadata: Dict[str, Any]) -> Dict[str, Any]:

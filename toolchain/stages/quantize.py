@@ -37,8 +37,7 @@ from ..onnx.quantize import (
     quantize,
     within_accuracy,
 )
-from .common import latency_plan, pe_against_references
-from .export import cpu_batches
+from .common import cpu_batches, latency_plan, pe_against_references, stamp_and_write, update_card
 
 INT8_FILE = "model_int8.onnx"
 # 2: every candidate calibrates on the same images (1 handed each candidate the next ones)
@@ -151,8 +150,6 @@ class Quantize(Stage):
         return {k: v for k, v in output.metrics.items() if k.startswith("int8.")}
 
     def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
-        from .export import stamp_and_write, update_card
-
         child.log_dict(output.result.info, "candidates.json")
         path = run.run_dir / INT8_FILE
         art = output.result.artifacts.get("int8")
