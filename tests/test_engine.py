@@ -327,3 +327,42 @@ def test_damaged_cache_entries_are_recomputed_and_never_shipped(tiny_recipe, tmp
     assert run(["compress", str(path)]) == 0
     assert "missing or altered files (model.onnx)" in capsys.readouterr().out
     onnx.checker.check_model(onnx.load(str(tmp_path / "export" / "tiny" / "model.onnx")))
+
+
+# ---------------------------------------------------------------- stage revisions, artifact types
+
+
+def test_a_stage_revision_is_in_its_key_and_a_bump_changes_it(monkeypatch):
+    import toolchain.stages  # noqa: F401  (registers every stage)
+    from toolchain.engine.stage import STAGES
+    from toolchain.recipe import load_recipe
+
+    quantize = STAGES.get("quantize")
+    cfg = sections_of(load_recipe("recipes/mobilenet.yaml"), quantize)
+    before = stage_key(quantize, cfg, {"export": "k"}, None)
+    assert set(quantize.revision) == {"fold_revision", "gemm_revision", "calibration_revision", "latency_revision"}
+    monkeypatch.setattr(type(quantize), "revision", {**quantize.revision, "latency_revision": 99})
+    assert stage_key(quantize, cfg, {"export": "k"}, None) != before
+
+
+def test_a_registered_artifact_type_round_trips_and_an_unknown_one_is_refused():
+    from dataclasses import dataclass
+
+    from toolchain.engine.artifacts import ARTIFACT_TYPES, StageResult, register_artifact
+
+    @register_artifact
+    @dataclass(frozen=True)
+    class ToyArtifact:
+        file: str
+        sha256: str = ""
+
+        def files(self):
+            return {self.file: self.sha256}
+
+    try:
+        stored = StageResult({"m": 1.0}, artifacts={"toy": ToyArtifact("toy.json", "ab")}).to_json()
+        assert StageResult.from_json(json.loads(json.dumps(stored))).artifacts["toy"] == ToyArtifact("toy.json", "ab")
+    finally:
+        ARTIFACT_TYPES.pop("ToyArtifact")
+    with pytest.raises(ValueError, match="unknown artifact type 'ToyArtifact'; known: BenchArtifact"):
+        StageResult.from_json(stored)

@@ -12,7 +12,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+ARTIFACT_TYPES: Dict[str, type] = {}  # class name (as stored in result.json) -> artifact class
 
+
+def register_artifact(cls):
+    """Class decorator: result.json files can store and load this artifact type (a frozen
+    dataclass with a files() -> {relative path: sha256} method, which the runner verifies on reuse)."""
+    ARTIFACT_TYPES[cls.__name__] = cls
+    return cls
+
+
+@register_artifact
 @dataclass(frozen=True)
 class ModelArtifact:
     """A model checkpoint (state_dict) and how to rebuild the module it fits."""
@@ -34,6 +44,7 @@ class ModelArtifact:
         return {"arch": self.arch, "cifar_stem": self.cifar_stem, "kwargs": dict(self.kwargs)}
 
 
+@register_artifact
 @dataclass(frozen=True)
 class OnnxArtifact:
     """An exported ONNX file with what was measured on it (content only, no run identity)."""
@@ -50,6 +61,7 @@ class OnnxArtifact:
         return {self.file: self.sha256}
 
 
+@register_artifact
 @dataclass(frozen=True)
 class BenchArtifact:
     """onnxruntime latencies of the exported files (and PyTorch eager of the final model)."""
@@ -62,6 +74,7 @@ class BenchArtifact:
         return {self.file: self.sha256}
 
 
+@register_artifact
 @dataclass(frozen=True)
 class PackageArtifact:
     """A folder of files (the device package), every one with its sha256, so the runner's
@@ -72,9 +85,6 @@ class PackageArtifact:
 
     def files(self) -> Dict[str, str]:
         return {f"{self.folder}/{name}": digest for name, digest in self.file_hashes.items()}
-
-
-ARTIFACT_TYPES = {cls.__name__: cls for cls in (ModelArtifact, OnnxArtifact, BenchArtifact, PackageArtifact)}
 
 
 @dataclass
@@ -96,7 +106,10 @@ class StageResult:
         arts = {}
         for name, body in data.get("artifacts", {}).items():
             body = dict(body)
-            arts[name] = ARTIFACT_TYPES[body.pop("type")](**body)
+            kind = body.pop("type")
+            if kind not in ARTIFACT_TYPES:  # written by a newer toolchain, or edited: the runner recomputes
+                raise ValueError(f"unknown artifact type {kind!r}; known: {', '.join(sorted(ARTIFACT_TYPES))}")
+            arts[name] = ARTIFACT_TYPES[kind](**body)
         return cls(dict(data.get("metrics", {})), list(data.get("history", [])), arts, dict(data.get("info", {})))
 
     def model(self) -> Optional[ModelArtifact]:

@@ -80,7 +80,7 @@ def stage_key(stage: Stage, cfg: SimpleNamespace, input_keys: Dict[str, str], da
         {
             "stage": stage.name,
             "sections": sections,
-            "files": stage.fingerprint(cfg),
+            "files": {**stage.revision, **stage.fingerprint(cfg)},  # revisions sit with the content hashes
             "inputs": input_keys,
             "data": data_key,
             "version": __version__,

@@ -9,6 +9,8 @@ A stage is one file in toolchain/stages/ plus its recipe section. It declares:
   inputs()          the earlier stages whose outputs it consumes (role -> stage name)
   followers         what the other ranks do under torchrun: train | load | wait
   uses_data         whether its output depends on the dataset (adds the data key)
+  revision          code revisions its output depends on (name -> int): bump one and the runner's
+                    cache key changes, so cached outputs of the old code are recomputed
   compute()         the work, on a cache miss; returns a StageResult (sets job.model for model stages)
   restore()         on a cache hit (and on torchrun followers): rebuild in-memory state
   publish()         run-specific outputs on every run, hit or miss (files under export/<run>/,
@@ -74,6 +76,7 @@ class Stage:
     followers: ClassVar[str] = "wait"
     uses_data: ClassVar[bool] = True
     makes_model: ClassVar[bool] = False
+    revision: ClassVar[Dict[str, int]] = {}
 
     def enabled(self, recipe) -> bool:
         """Runs when its first section is present in the recipe."""

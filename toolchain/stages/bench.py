@@ -33,12 +33,10 @@ class Bench(Stage):
     order = 60
     sections = ("bench",)
     uses_data = False  # times the exported files; their key already covers the data
+    revision = {"bench_revision": REVISION}
 
     def inputs(self, cfg, models, ran):
         return {"export": "export", "model": models[-1], **({"quantize": "quantize"} if "quantize" in ran else {})}
-
-    def fingerprint(self, cfg):
-        return {"bench_revision": REVISION}
 
     def compute(self, job: Job) -> StageResult:
         cfg, export = job.cfg.bench, job.inputs["export"]

@@ -67,6 +67,7 @@ class Export(Stage):
     name = "export"
     order = 50
     sections = ("export",)
+    revision = {"pooling_revision": POOLING_REVISION}  # a changed graph rewrite re-exports cached models
 
     def inputs(self, cfg, models, ran):
         final = models[-1]
@@ -74,10 +75,6 @@ class Export(Stage):
         if cfg.export.references:
             roles.update({role: stage for role, stage in REFERENCES.items() if stage in models and stage != final})
         return roles
-
-    def fingerprint(self, cfg):
-        # a changed graph rewrite re-exports cached models
-        return {"pooling_revision": POOLING_REVISION}
 
     def compute(self, job: Job) -> StageResult:
         cfg, final = job.cfg.export, job.inputs["model"]

@@ -51,18 +51,16 @@ class Quantize(Stage):
     name = "quantize"
     order = 55  # after export, before bench (which times the INT8 file next to the float one)
     sections = ("quantize",)
+    # a changed graph rewrite, calibration or latency rule rebuilds cached candidates
+    revision = {
+        "fold_revision": FOLD_REVISION,
+        "gemm_revision": GEMM_REVISION,
+        "calibration_revision": CALIBRATION_REVISION,
+        "latency_revision": LATENCY_REVISION,
+    }
 
     def inputs(self, cfg, models, ran):
         return {"export": "export"}
-
-    def fingerprint(self, cfg):
-        # a changed graph rewrite rebuilds cached candidates
-        return {
-            "fold_revision": FOLD_REVISION,
-            "gemm_revision": GEMM_REVISION,
-            "calibration_revision": CALIBRATION_REVISION,
-            "latency_revision": LATENCY_REVISION,
-        }
 
     def preflight(self, cfg, data) -> None:
         available = data.train.num_samples * data.train.num_replicas  # the whole split, also under torchrun
