@@ -9,7 +9,8 @@ gradients (the teacher inside distillation and fine-tuning), a mobilenet_v2 trai
 each in fp32 and in bf16 autocast (channels-last, 2 torch threads), and one SGD step (nesterov, weight
 decay) over resnet18's parameters with PyTorch's default foreach implementation and with fused=True.
 Prints the median per call and the ratio against fp32 / foreach measured in the same run; the
-toolchain's `precision: auto` and its fused optimizer step are the decisions these ratios support.
+toolchain's `precision: auto` is the decision these ratios support; the fused step was measured and not
+adopted (docs/distillation.md says why).
 """
 
 from __future__ import annotations

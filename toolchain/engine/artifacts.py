@@ -96,6 +96,9 @@ class StageResult:
     history: List[Dict[str, float]] = field(default_factory=list)
     artifacts: Dict[str, Any] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)
+    # a model stage's in-memory model, returned with its result (never written to result.json;
+    # a cache hit rebuilds it with the stage's restore())
+    module: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> Dict[str, Any]:
         arts = {name: {"type": type(a).__name__, **asdict(a)} for name, a in self.artifacts.items()}

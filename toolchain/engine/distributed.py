@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Iterable
 
@@ -55,9 +56,8 @@ def follow_stage(stage: Stage, job: Job, key: str) -> StageOutput:
     """A non-zero rank's side of a stage: join the DDP computation or wait, then load rank 0's
     checkpoint. Works in a private temp folder, never in rank 0's output_dir."""
     start = dist.share()
-    job.run = NullStageRun()
     with tempfile.TemporaryDirectory(prefix=f"toolchain-rank{dist.rank()}-{stage.name}-") as tmp:
-        job.stage_dir = Path(tmp)
+        job = replace(job, run=NullStageRun(), stage_dir=Path(tmp))
         _write_files(job.stage_dir, start["files"])
         if stage.followers == "train" and not start["cached"]:
             stage.compute(job)

@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -168,7 +169,7 @@ def _lead(run: RunContext, stage: Stage, job: Job, key: str) -> StageOutput:
         run.tracker.stage(stage.name, stage.params(job.cfg), {"toolchain.stage_key": key}) as child,
         file_lock(run.cache_dir / f".{stage.name}-{key}.lock"),
     ):
-        job.run = child
+        job = replace(job, run=child)
         reusable = None if force else _verified_result(stage.name, job.stage_dir)
         cached = stage_dist.lead_stage(reusable is not None, job.stage_dir, stage.followers)
         if cached:
@@ -178,7 +179,8 @@ def _lead(run: RunContext, stage: Stage, job: Job, key: str) -> StageOutput:
                 child.log_metrics(metrics, step=epoch)
             tqdm.write(f"[{stage.name}] reused finished output {job.stage_dir} (use --force to recompute)")
         else:
-            result, model = _compute(run, stage, job, force or done.is_file())
+            result = _compute(run, stage, job, force or done.is_file())
+            model = result.module
         output = StageOutput(stage.name, key, job.stage_dir, result, model, cached, child.run_id)
         child.set_tags({"toolchain.cached": cached})
         child.log_metrics(result.metrics)
@@ -224,7 +226,7 @@ def _compute(run: RunContext, stage: Stage, job: Job, force: bool):
         result = stage.compute(job)
     result.metrics["stage_seconds"] = time.perf_counter() - t0
     atomic_write_json(job.stage_dir / "result.json", result.to_json())  # written last: its presence means "complete"
-    return result, job.model
+    return result
 
 
 # ---------------------------------------------------------------- the run

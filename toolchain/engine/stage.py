@@ -11,7 +11,7 @@ A stage is one file in toolchain/stages/ plus its recipe section. It declares:
   uses_data         whether its output depends on the dataset (adds the data key)
   revision          code revisions its output depends on (name -> int): bump one and the runner's
                     cache key changes, so cached outputs of the old code are recomputed
-  compute()         the work, on a cache miss; returns a StageResult (sets job.model for model stages)
+  compute()         the work, on a cache miss; returns a StageResult (a model stage's carries its model)
   restore()         on a cache hit (and on torchrun followers): rebuild in-memory state
   publish()         run-specific outputs on every run, hit or miss (files under export/<run>/,
                     MLflow artifacts, metrics derived from other stages such as PE)
@@ -53,9 +53,10 @@ class StageOutput:
         return {**self.result.metrics, **self.derived}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """Everything a stage's compute/restore may read. Deliberately no recipe, run name or run folder."""
+    """Everything a stage's compute/restore may read. Deliberately no recipe, run name or run folder.
+    Frozen: a stage's one way out is the StageResult compute returns (with its model)."""
 
     name: str
     cfg: SimpleNamespace  # the declared recipe sections, by name
@@ -65,7 +66,6 @@ class Job:
     seed: int
     stage_dir: Path
     run: Any  # the stage's tracking handle (a NullStageRun on torchrun followers)
-    model: Any = None  # set by a model stage's compute
 
 
 class Stage:

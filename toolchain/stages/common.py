@@ -183,9 +183,8 @@ def precision_metrics(p) -> Dict[str, float]:
 def finalize(job: Job, model, arch: Dict[str, Any], history=None, extra=None, keep_zeros: bool = False) -> StageResult:
     """Save, evaluate (val for selection, test once for the report), count."""
     model.eval()
-    job.model = model
     if not dist.is_main():  # torchrun: rank 0 saves and scores; the others load its checkpoint after the stage
-        return StageResult()
+        return StageResult(module=model)
     checkpoint = job.stage_dir / "model.pt"
     save_state({"model": model.state_dict()}, checkpoint)
     metrics = {
@@ -197,7 +196,7 @@ def finalize(job: Job, model, arch: Dict[str, Any], history=None, extra=None, ke
     art = ModelArtifact(
         checkpoint.name, num_classes=job.data.num_classes, keep_zeros=keep_zeros, sha256=file_sha256(checkpoint), **arch
     )
-    return StageResult(metrics, history or [], {"model": art})
+    return StageResult(metrics, history or [], {"model": art}, module=model)
 
 
 def arch_of(model_cfg) -> Dict[str, Any]:
