@@ -295,7 +295,7 @@ def _end_dangling_mlflow_run() -> None:
 
 def _final_metrics(summary: Dict[str, Any]) -> Dict[str, float]:
     stages = summary.get("stages", {})
-    final = next((stages[s]["metrics"] for s in ("finetune", "prune", "distill") if s in stages), {})
+    final = stages.get(summary.get("final_stage") or "", {}).get("metrics", {})  # the model the run shipped
     return {**final, **stages.get("bench", {}).get("metrics", {})}
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from ..registry import Registry
 from .artifacts import StageResult
@@ -77,6 +77,7 @@ class Stage:
     uses_data: ClassVar[bool] = True
     makes_model: ClassVar[bool] = False
     revision: ClassVar[Dict[str, int]] = {}
+    row_label: ClassVar[Optional[str]] = None  # a model stage's row in the closing table ("KD student")
 
     def enabled(self, recipe) -> bool:
         """Runs when its first section is present in the recipe."""
@@ -113,6 +114,11 @@ class Stage:
     def headline(self, output: StageOutput) -> Dict[str, float]:
         """Metrics this stage adds to the parent run, under the names the MLflow runs table shows."""
         return {}
+
+    def summary_lines(self, entry: Dict[str, Any]) -> List[str]:
+        """Lines this stage adds to the closing table below the model rows, read from its
+        summary.json entry (metrics, info): the display code never names a stage."""
+        return []
 
 
 STAGES: Registry[Stage] = Registry("stage")

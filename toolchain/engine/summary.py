@@ -13,8 +13,7 @@ from typing import Any, Dict, List
 from ..formatting import si
 from ..fsutil import atomic_write_json
 from ..tracking import runs_link
-
-ROW_STAGES = (("teacher", "teacher"), ("distill", "KD student"), ("prune", "pruned"), ("finetune", "pruned+KD ft"))
+from .stage import STAGES
 
 
 @dataclass
@@ -63,12 +62,14 @@ def _main_file(artifact) -> str:
 
 
 def model_rows(stages: Dict[str, Dict[str, Any]]) -> List[str]:
+    """One row per model stage (a stage with a row_label), in the order the stages ran."""
     header = f"{'stage':<13} {'val acc':>7} {'test acc':>8} {'params':>8} {'nonzero':>8} {'MACs':>8} {'PE(params) vs teacher':>21}"
     lines = [header, "-" * len(header)]
-    for stage, label in ROW_STAGES:
-        if stage not in stages:
+    for name, entry in stages.items():
+        label = STAGES.get(name).row_label if name in STAGES else None
+        if label is None:
             continue
-        m = stages[stage]["metrics"]
+        m = entry["metrics"]
         pe = m.get("vs_teacher.pe_params")
         lines.append(
             f"{label:<13} {m['val_accuracy']:>7.4f} {m['test_accuracy']:>8.4f} {si(m['params']):>8} "
@@ -77,43 +78,13 @@ def model_rows(stages: Dict[str, Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def _replicates(latency: Dict[str, Any]) -> str:
-    return f"{latency['replicates']} fresh-{latency['plan']['isolation']} replicates, stopped: {latency['stopped']}"
-
-
-def _int8_line(quantize: Dict[str, Any]) -> str:
-    m, info = quantize["metrics"], quantize["info"]
-    if not m.get("int8.shipped"):
-        return f"INT8: not shipped, the float model ships ({info['reason']})"
-    batches = sorted(int(k.split("bs")[1]) for k in m if k.startswith("int8.speedup.bs") and "_" not in k)
-    speedups = " / ".join(
-        f"{m[f'int8.speedup.bs{b}']:.2f}x [{m[f'int8.speedup.bs{b}_lo']:.2f}, "
-        f"{m[f'int8.speedup.bs{b}_hi']:.2f}] at batch {b}"
-        for b in batches
-    )
-    return (
-        f"INT8: {info['chosen']}, test acc {m['int8.test_accuracy']:.4f}, val acc {m['int8.val_accuracy']:.4f} "
-        f"(float {m['float_val_accuracy']:.4f}), {speedups} faster than float (median, 95% interval over "
-        f"{_replicates(info['latency'])})"
-    )
-
-
 def final_table(summary: Summary) -> str:
     data = summary.data
     stages, files = data.get("stages", {}), data.get("files", {})
     lines = ["", f"== {data['run_name']}: results =="] + model_rows(stages)
-    if stages.get("prune", {}).get("info", {}).get("budget_line"):  # prune.budget: what was decided
-        lines.append(stages["prune"]["info"]["budget_line"])
-    if "export" in stages:
-        m = stages["export"]["metrics"]
-        lines.append(
-            f"ONNX: test acc {m['onnx_test_accuracy']:.4f} (PyTorch {m['torch_test_accuracy']:.4f}), "
-            f"parity max|diff| {m['parity_max_abs_diff']:.2e}, top-1 agreement {m['parity_top1_agreement']:.3f}"
-        )
-    if "quantize" in stages:
-        lines.append(_int8_line(stages["quantize"]))
-    if "bench" in stages:
-        lines += ["", stages["bench"]["info"]["table"]]
+    for name, entry in stages.items():
+        if name in STAGES:
+            lines += STAGES.get(name).summary_lines(entry)
     lines += ["", f"summary:      {summary.path}"]
     if "model.onnx" in files:
         lines.append(f"ONNX model:   {files['model.onnx']}  (card: {files['model_card.json']})")

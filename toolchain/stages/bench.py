@@ -74,6 +74,9 @@ class Bench(Stage):
             metrics, artifacts={"bench": art}, info={"table": latency_table(results, eager, comparisons)}
         )
 
+    def summary_lines(self, entry: Dict[str, Any]) -> List[str]:
+        return ["", entry["info"]["table"]]
+
     def headline(self, output: StageOutput) -> Dict[str, float]:
         return dict(output.metrics)
 

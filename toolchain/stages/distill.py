@@ -9,6 +9,7 @@ from .common import ModelStage, arch_of, check_features, finalize, initial_model
 @register_stage
 class Distill(ModelStage):
     name = "distill"
+    row_label = "KD student"
     order = 20
     sections = ("student", "distill")
     checked = ("teacher",)  # the feature paths the preflight resolves

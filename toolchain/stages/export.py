@@ -8,7 +8,7 @@ The cached files carry the model's content metadata only; publish stamps this ru
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from tqdm.auto import tqdm
 
@@ -93,6 +93,13 @@ class Export(Stage):
             "onnx_zip_bytes": file_sizes(job.stage_dir / f.file)["zip_bytes"],
         }
         return StageResult(metrics, artifacts=arts)
+
+    def summary_lines(self, entry: Dict[str, Any]) -> List[str]:
+        m = entry["metrics"]
+        return [
+            f"ONNX: test acc {m['onnx_test_accuracy']:.4f} (PyTorch {m['torch_test_accuracy']:.4f}), "
+            f"parity max|diff| {m['parity_max_abs_diff']:.2e}, top-1 agreement {m['parity_top1_agreement']:.3f}"
+        ]
 
     def headline(self, output: StageOutput) -> Dict[str, float]:
         m = output.metrics

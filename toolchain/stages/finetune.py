@@ -11,6 +11,7 @@ from .common import ModelStage, check_features, finalize, reseed, teacher_role, 
 @register_stage
 class Finetune(ModelStage):
     name = "finetune"
+    row_label = "pruned+KD ft"
     order = 40
     sections = ("finetune",)
     checked = ("student", "teacher")  # the feature paths the preflight resolves

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Dict
+from typing import Dict, List
 
 from ..engine.stage import register_stage
 from ..train.tasks import make_task
@@ -22,6 +22,7 @@ def step_train_cfg(cfg):
 @register_stage
 class Prune(ModelStage):
     name = "prune"
+    row_label = "pruned"
     order = 30
     sections = ("prune", "finetune", "distill")
     checked = ("student",)  # the architecture the preflight prunes
@@ -118,6 +119,10 @@ class Prune(ModelStage):
             meter.close()
         tqdm.write(f"[prune] {decision.line()}")
         return result, decision
+
+    def summary_lines(self, entry) -> List[str]:
+        line = entry["info"].get("budget_line")  # prune.budget: what was decided
+        return [line] if line else []
 
     def headline(self, output) -> Dict[str, float]:
         """A budget's decision on the parent run too (the runs table, `report`): the chosen sparsity, met or not."""

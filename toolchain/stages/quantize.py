@@ -143,6 +143,9 @@ class Quantize(Stage):
             )
         return StageResult(metrics, artifacts={"int8": art}, info=info)
 
+    def summary_lines(self, entry: Dict[str, Any]) -> List[str]:
+        return [_int8_line(entry)]
+
     def headline(self, output: StageOutput) -> Dict[str, float]:
         # int8.test_accuracy, .file_bytes, .zip_bytes, .vs_*.pe_* ...
         return {k: v for k, v in output.metrics.items() if k.startswith("int8.")}
@@ -271,3 +274,24 @@ def _card_fields(output: StageOutput) -> Dict[str, Any]:
         "latency": info.get("latency"),
         "candidates": info["candidates"],
     }
+
+
+def _replicates(latency: Dict[str, Any]) -> str:
+    return f"{latency['replicates']} fresh-{latency['plan']['isolation']} replicates, stopped: {latency['stopped']}"
+
+
+def _int8_line(quantize: Dict[str, Any]) -> str:
+    m, info = quantize["metrics"], quantize["info"]
+    if not m.get("int8.shipped"):
+        return f"INT8: not shipped, the float model ships ({info['reason']})"
+    batches = sorted(int(k.split("bs")[1]) for k in m if k.startswith("int8.speedup.bs") and "_" not in k)
+    speedups = " / ".join(
+        f"{m[f'int8.speedup.bs{b}']:.2f}x [{m[f'int8.speedup.bs{b}_lo']:.2f}, "
+        f"{m[f'int8.speedup.bs{b}_hi']:.2f}] at batch {b}"
+        for b in batches
+    )
+    return (
+        f"INT8: {info['chosen']}, test acc {m['int8.test_accuracy']:.4f}, val acc {m['int8.val_accuracy']:.4f} "
+        f"(float {m['float_val_accuracy']:.4f}), {speedups} faster than float (median, 95% interval over "
+        f"{_replicates(info['latency'])})"
+    )

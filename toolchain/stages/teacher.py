@@ -9,6 +9,7 @@ from .common import ModelStage, arch_of, finalize, initial_model, model_fingerpr
 @register_stage
 class Teacher(ModelStage):
     name = "teacher"
+    row_label = "teacher"
     order = 10
     sections = ("teacher",)
 
