@@ -426,3 +426,29 @@ def test_the_printed_link_opens_the_runs_table_in_the_view(tmp_path):
     assert line.endswith(
         "then open #/experiments/7/runs?viewStateShareKey=toolchain-headline&workflowType=machine_learning)"
     )
+
+
+def test_an_interrupt_during_an_mlflow_call_waits_for_the_call_to_finish(tmp_path):
+    """Ctrl-C inside SQLAlchemy's transaction left the SQLite store locked by the process itself, and
+    the run's closing calls then hung (a fresh-clone CI run); now the call completes, then it unwinds."""
+    import os
+    import signal
+
+    from toolchain.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "interrupts")
+    tracker.connect()
+    done = []
+
+    def interrupted_write():
+        os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the call
+        done.append(tracker.client.create_run(tracker.experiment_id).info.run_id)
+        return done[-1]
+
+    with pytest.raises(KeyboardInterrupt):
+        tracker._call("creating a run", interrupted_write)
+    assert len(done) == 1  # the write finished before the interrupt unwound
+    assert tracker.client.get_run(done[0]).info.status == "RUNNING"
+    tracker._call("closing a run", tracker.client.set_terminated, done[0], "KILLED")  # the store is not locked
+    assert tracker.client.get_run(done[0]).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back

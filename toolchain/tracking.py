@@ -14,11 +14,13 @@ import logging
 import os
 import random
 import re
+import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .errors import TrackingError, first_line
 
@@ -90,6 +92,35 @@ def quiet_library_logs() -> None:
 
 def resolve_uri(uri: Optional[str]) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C / SIGTERM during an MLflow call is handled when the call returns, not inside it.
+
+    An interrupt raised inside SQLAlchemy's transaction left the SQLite store locked by this very
+    process: the run's closing calls (mark the runs KILLED) then waited on that lock past a minute
+    (a fresh-clone CI run of tests/test_reliability.py). Deferred, the call completes and the
+    interrupt unwinds as before. Only the main thread can hold signal handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[Tuple[int, Any]] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append((signum, frame))) for s in _DEFERRED}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python
+        for signum, frame in caught[:1]:  # one interrupt is enough to unwind
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)  # Python's own SIGINT handler raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
 
 def retry(fn: Callable, *args, attempts: int = 12, **kwargs):
@@ -417,7 +448,8 @@ class NullTracker:
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         """An MLflow call made on the run's behalf (Tracker: a dead server is one TrackingError line)."""
-        return retry(fn, *args, **kwargs)
+        with deferred_interrupts():
+            return retry(fn, *args, **kwargs)
 
     @contextmanager
     def run(self, run_name: str, params: Dict[str, Any], tags: Dict[str, Any]) -> Iterator[StageRun]:
@@ -577,7 +609,8 @@ class Tracker(NullTracker):
         if self._lost is not None:
             return None
         try:
-            return retry(fn, *args, **kwargs)
+            with deferred_interrupts():
+                return retry(fn, *args, **kwargs)
         except Exception as exc:  # MlflowException, requests / SQLAlchemy errors
             if _sqlite_path(self.uri) is not None:
                 raise  # the embedded store: a failure here is a bug or a full disk, keep its traceback
