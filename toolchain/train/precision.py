@@ -1,15 +1,14 @@
 """Training precision: fp32, or bf16 autocast where this CPU runs it faster, decided by measurement.
 
-    precision = choose(setting, model, task, x, y)    # setting: "fp32" | "bf16" | "auto"
+    precision = choose(setting, model, teacher, x, y, on_cpu=True)    # setting: "fp32" | "bf16" | "auto"
     with autocast(precision.student): logits = model(x)
 
 bf16 is not a speed-up by itself: on an AMD EPYC with AVX-512 BF16 (2 threads, batch 128, 32x32,
-channels-last; /tmp bench of this session, 4 alternating rounds) a resnet18 training step took
-163 ms in bf16 against 200 ms in fp32 and its inference 31 ms against 53 ms, while a mobilenet_v2
-training step took 294 ms against 132 ms (oneDNN's bf16 depthwise backward is slow). So `auto`
-times both on the run's own first batch, for the student's training step and for the teacher's
-forward separately, and keeps bf16 only where it is at least MARGIN faster. Evaluation and
-everything exported stay fp32; autocast keeps BatchNorm, softmax and the losses in fp32.
+channels-last; benchmarks/train_precision.py, docs/distillation.md) a resnet18 training step ran
+1.34x faster in bf16 and its forward 1.73x, while a mobilenet_v2 training step ran 2.27x slower
+(oneDNN's bf16 depthwise backward). So `auto` times both on the run's own first batch, for the
+student's training step and for the teacher's forward separately, and keeps bf16 only where it is
+at least MARGIN faster. Evaluation and everything exported stay fp32; autocast keeps BatchNorm, softmax and the losses in fp32.
 """
 
 from __future__ import annotations
@@ -42,7 +41,8 @@ class Precision:
 
 
 def bf16_native() -> bool:
-    """The CPU runs bf16 in hardware (AVX-512 BF16 or AMX): elsewhere oneDNN emulates it, slowly."""
+    """oneDNN has a bf16 path on this CPU (AVX-512 and newer); without one, bf16 is emulated slowly
+    and `auto` keeps fp32 without timing."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
