@@ -17,35 +17,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-def train_step(model: torch.nn.Module, x, y, bf16: bool) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def forward(model: torch.nn.Module, x, bf16: bool) -> Callable[[], None]:
-    @torch.no_grad()
-    def call() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(x)
-
-    return call
+from toolchain.train.precision import forward_call, train_step  # noqa: E402  (the calls `auto` times)
 
 
 def optimizer_step(fused: bool) -> Callable[[], None]:
@@ -62,14 +45,13 @@ def calls(size: int, batch: int) -> Dict[str, Callable[[], None]]:
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=cl)
     y = torch.randint(0, 10, (batch,))
     out = {}
-    for bf16 in (False, True):
-        tag = "bf16" if bf16 else "fp32"
+    for tag in ("fp32", "bf16"):
         r18 = torchvision.models.resnet18(num_classes=10).to(memory_format=cl).train()
-        out[f"resnet18 train step, {tag}"] = train_step(r18, x, y, bf16)
+        out[f"resnet18 train step, {tag}"] = train_step(r18, x, y)(tag)
         teacher = torchvision.models.resnet18(num_classes=10).to(memory_format=cl).eval()
-        out[f"resnet18 forward (teacher), {tag}"] = forward(teacher, x, bf16)
+        out[f"resnet18 forward (teacher), {tag}"] = forward_call(teacher, x)(tag)
         mbv2 = torchvision.models.mobilenet_v2(num_classes=10).to(memory_format=cl).train()
-        out[f"mobilenet_v2 train step, {tag}"] = train_step(mbv2, x, y, bf16)
+        out[f"mobilenet_v2 train step, {tag}"] = train_step(mbv2, x, y)(tag)
     out["SGD step over resnet18, foreach"] = optimizer_step(False)
     out["SGD step over resnet18, fused"] = optimizer_step(True)
     return out
@@ -105,7 +87,7 @@ def main(argv=None) -> int:
             samples[name].append(median_ms(variants[name], args.calls))
     print(
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.size}x{args.size}, "
-        f"{args.rounds} alternating rounds x {args.calls} calls; native bf16: "
+        f"{args.rounds} alternating rounds x {args.calls} calls; oneDNN bf16 path: "
         f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}"
     )
     print(f"{'call':40s} {'median ms':>10s} {'vs baseline':>12s}")

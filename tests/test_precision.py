@@ -59,8 +59,8 @@ def fed(monkeypatch, ms):
 
         return make
 
-    monkeypatch.setattr(prec, "_train_step", make_calls)
-    monkeypatch.setattr(prec, "_forward", make_calls)
+    monkeypatch.setattr(prec, "train_step", make_calls)
+    monkeypatch.setattr(prec, "forward_call", make_calls)
 
 
 x, y = batches(1)[0]
@@ -98,7 +98,7 @@ def test_set_precisions_are_taken_as_set():
 def test_the_measurement_leaves_the_model_untouched():
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prec._pick(prec._train_step(model, x, y), "student_step", {})
+    prec._pick(prec.train_step(model, x, y), "student_step", {})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -63,8 +63,8 @@ def choose(
     if setting == "bf16":
         return Precision("bf16", "bf16" if teacher is not None else "fp32")
     timed: Dict[str, float] = {}
-    student = _pick(_train_step(model, x, y), "student_step", timed)
-    teacher_p = _pick(_forward(teacher, x), "teacher_forward", timed) if teacher is not None else "fp32"
+    student = _pick(train_step(model, x, y), "student_step", timed)
+    teacher_p = _pick(forward_call(teacher, x), "teacher_forward", timed) if teacher is not None else "fp32"
     return Precision(student, teacher_p, timed)
 
 
@@ -84,7 +84,7 @@ def _pick(make: Callable[[str], Callable[[], None]], name: str, timed: Dict[str,
     return "bf16" if medians["bf16"] * MARGIN <= medians["fp32"] else "fp32"
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[str], Callable[[], None]]:
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[str], Callable[[], None]]:
     """A training step on a copy of the model (the run's weights and optimizer are not touched)."""
 
     def make(precision: str) -> Callable[[], None]:
@@ -104,7 +104,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[
     return make
 
 
-def _forward(module: nn.Module, x: torch.Tensor) -> Callable[[str], Callable[[], None]]:
+def forward_call(module: nn.Module, x: torch.Tensor) -> Callable[[str], Callable[[], None]]:
     def make(precision: str) -> Callable[[], None]:
         @torch.no_grad()
         def forward() -> None:
