@@ -94,6 +94,9 @@ def resolve_uri(uri: Optional[str]) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Ctrl-C / SIGTERM during an MLflow call is handled when the call returns, not inside it.
@@ -120,14 +123,13 @@ def deferred_interrupts() -> Iterator[None]:
                 signal.raise_signal(signum)
 
 
-_DEFERRED = (signal.SIGINT, signal.SIGTERM)
-
-
 def retry(fn: Callable, *args, attempts: int = 12, **kwargs):
-    """Call fn, retrying with jittered exponential backoff while SQLite says it is locked."""
+    """Call fn, retrying with jittered exponential backoff while SQLite says it is locked. Every
+    MLflow call goes through here, so an interrupt waits for the call (deferred_interrupts)."""
     for attempt in range(attempts):
         try:
-            return fn(*args, **kwargs)
+            with deferred_interrupts():
+                return fn(*args, **kwargs)
         except Exception as exc:  # MlflowException / sqlalchemy OperationalError wrap the message
             if "locked" not in str(exc).lower() or attempt == attempts - 1:
                 raise
@@ -448,8 +450,7 @@ class NullTracker:
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         """An MLflow call made on the run's behalf (Tracker: a dead server is one TrackingError line)."""
-        with deferred_interrupts():
-            return retry(fn, *args, **kwargs)
+        return retry(fn, *args, **kwargs)
 
     @contextmanager
     def run(self, run_name: str, params: Dict[str, Any], tags: Dict[str, Any]) -> Iterator[StageRun]:
@@ -609,8 +610,7 @@ class Tracker(NullTracker):
         if self._lost is not None:
             return None
         try:
-            with deferred_interrupts():
-                return retry(fn, *args, **kwargs)
+            return retry(fn, *args, **kwargs)
         except Exception as exc:  # MlflowException, requests / SQLAlchemy errors
             if _sqlite_path(self.uri) is not None:
                 raise  # the embedded store: a failure here is a bug or a full disk, keep its traceback
