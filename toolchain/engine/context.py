@@ -54,3 +54,29 @@ class RunContext:
             "toolchain_version": __version__,
             "mlflow": self.summary.data.get("mlflow"),
         }
+
+    def publication(self, inputs: Dict[str, StageOutput]) -> "Publication":
+        """What one stage's publish step sees: this run's records and that stage's declared inputs."""
+        return Publication(
+            self.recipe, self.data, self.tracker, self.parent, self.run_dir, self.summary, inputs, self.identity()
+        )
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A publish step's view of the run: where this run's files go (run_dir, the staging folder of
+    export/<run>/), its summary, parent MLflow run and identity, and the outputs the stage declared
+    (its compute inputs plus its publish-only `reads`, by role). Other stages' outputs are not in it."""
+
+    recipe: Any  # the validated Recipe (the model card describes the whole job)
+    data: Any
+    tracker: Any
+    parent: Any
+    run_dir: Path
+    summary: Summary
+    inputs: Dict[str, StageOutput]
+    identity: Dict[str, Any]
+
+    def final(self) -> Optional[StageOutput]:
+        """The model this run ships, where the stage declared it (role `final`)."""
+        return self.inputs.get("final")

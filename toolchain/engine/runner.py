@@ -137,9 +137,12 @@ def data_key(recipe: Recipe, data) -> str:
 
 def run_stage(run: RunContext, stage: Stage) -> StageOutput:
     cfg = sections_of(run.recipe, stage)
-    inputs = {
-        role: run.outputs[name] for role, name in stage.inputs(cfg, run.model_stages(), list(run.outputs)).items()
-    }
+    models, ran = run.model_stages(), list(run.outputs)
+    inputs = {role: run.outputs[name] for role, name in stage.inputs(cfg, models, ran).items()}
+    reads = {role: run.outputs[name] for role, name in stage.reads(cfg, models, ran).items()}
+    clash = [r for r in reads if r in inputs and reads[r] is not inputs[r]]
+    if clash:
+        raise ValueError(f"stage {stage.name}: role {clash[0]!r} names one stage in inputs() and another in reads()")
     key = stage_key(
         stage, cfg, {role: out.key for role, out in inputs.items()}, run.data_key if stage.uses_data else None
     )
@@ -153,13 +156,17 @@ def run_stage(run: RunContext, stage: Stage) -> StageOutput:
         run.cache_dir / f"{stage.name}-{key}",
         NullStageRun(),
     )
-    output = stage_dist.follow_stage(stage, job, key) if not dist.is_main() else _lead(run, stage, job, key)
+    if not dist.is_main():
+        output = stage_dist.follow_stage(stage, job, key)
+    else:
+        output = _lead(run, stage, job, key, {**inputs, **reads})
     run.outputs[stage.name] = output
     return output
 
 
-def _lead(run: RunContext, stage: Stage, job: Job, key: str) -> StageOutput:
-    """Rank 0 (or the only process): reuse or compute, track, publish."""
+def _lead(run: RunContext, stage: Stage, job: Job, key: str, published: Dict[str, StageOutput]) -> StageOutput:
+    """Rank 0 (or the only process): reuse or compute, track, publish (publish sees `published`:
+    the stage's inputs and reads)."""
     force = run.force and (stage.name, key) not in run.recomputed
     run.recomputed.add((stage.name, key))
     done = job.stage_dir / "result.json"
@@ -184,7 +191,7 @@ def _lead(run: RunContext, stage: Stage, job: Job, key: str) -> StageOutput:
         output = StageOutput(stage.name, key, job.stage_dir, result, model, cached, child.run_id)
         child.set_tags({"toolchain.cached": cached})
         child.log_metrics(result.metrics)
-        output.derived = stage.publish(run, output, child) or {}
+        output.derived = stage.publish(run.publication(published), output, child) or {}
         child.log_metrics(output.derived)
     run.summary.add_stage(output)
     stage_dist.publish_stage(job.stage_dir, result, stage.followers)

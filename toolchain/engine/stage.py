@@ -7,6 +7,8 @@ A stage is one file in toolchain/stages/ plus its recipe section. It declares:
   checked           sections its preflight also reads (e.g. the student architecture the
                     prune check prunes); never part of the key, never seen by compute()
   inputs()          the earlier stages whose outputs it consumes (role -> stage name)
+  reads()           outputs its publish step also reads (references for PE, the final model):
+                    handed to publish with the inputs, never part of the cache key
   followers         what the other ranks do under torchrun: train | load | wait
   uses_data         whether its output depends on the dataset (adds the data key)
   revision          code revisions its output depends on (name -> int): bump one and the runner's
@@ -14,7 +16,8 @@ A stage is one file in toolchain/stages/ plus its recipe section. It declares:
   compute()         the work, on a cache miss; returns a StageResult (a model stage's carries its model)
   restore()         on a cache hit (and on torchrun followers): rebuild in-memory state
   publish()         run-specific outputs on every run, hit or miss (files under export/<run>/,
-                    MLflow artifacts, metrics derived from other stages such as PE)
+                    MLflow artifacts, metrics derived from its inputs and reads such as PE),
+                    through a Publication (engine/context.py): never other stages by name
 It never sees the run name, recipe hash or MLflow ids while computing, so a cached output
 cannot carry another run's identity.
 """
@@ -87,6 +90,10 @@ class Stage:
         """role -> stage name; `models` are the model stages that ran before, in order; `ran` all earlier stages."""
         return {}
 
+    def reads(self, cfg: SimpleNamespace, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
+        """role -> stage name of outputs only the publish step reads (not part of the cache key)."""
+        return {}
+
     def preflight(self, cfg: SimpleNamespace, data: Any) -> None:
         """Checks of the sections against the loaded data, run for every planned stage before the
         first one computes: a bad setting fails in seconds, not after an hour of training."""
@@ -107,8 +114,8 @@ class Stage:
     def restore(self, job: Job, result: StageResult) -> Any:
         return None
 
-    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
-        """Run-specific outputs; returns metrics derived from this run's other stages."""
+    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
+        """Run-specific outputs (pub: a Publication); returns metrics derived from its inputs and reads."""
         return {}
 
     def headline(self, output: StageOutput) -> Dict[str, float]:

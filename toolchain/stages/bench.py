@@ -19,7 +19,7 @@ from ..bench.ort import PROVIDERS, result_rows
 from ..engine.artifacts import BenchArtifact, StageResult
 from ..engine.stage import Job, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, atomic_write_text, file_sha256
-from .common import REFERENCES, cpu_copy, latency_plan, pe_against_references
+from .common import REFERENCES, cpu_copy, latency_plan, pe_against_references, reference_reads
 
 # ratio columns: (baseline, candidate); the INT8 file is also compared with the float file it came from
 COLUMNS = (("teacher", "final"), ("student", "final"), ("teacher", "int8"), ("student", "int8"), ("final", "int8"))
@@ -37,6 +37,9 @@ class Bench(Stage):
 
     def inputs(self, cfg, models, ran):
         return {"export": "export", "model": models[-1], **({"quantize": "quantize"} if "quantize" in ran else {})}
+
+    def reads(self, cfg, models, ran):
+        return reference_reads(models)  # pe_latency against the teacher and the KD student
 
     def compute(self, job: Job) -> StageResult:
         cfg, export = job.cfg.bench, job.inputs["export"]
@@ -80,19 +83,21 @@ class Bench(Stage):
     def headline(self, output: StageOutput) -> Dict[str, float]:
         return dict(output.metrics)
 
-    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
+    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
         art = output.result.artifacts["bench"]
-        files = {"latency.txt": run.run_dir / "latency.txt", "bench.json": run.run_dir / "bench.json"}
+        files = {"latency.txt": pub.run_dir / "latency.txt", "bench.json": pub.run_dir / "bench.json"}
         atomic_write_text(files["latency.txt"], output.result.info["table"] + "\n")
         atomic_write_text(files["bench.json"], output.path(art.file).read_text())
         child.log_artifact(output.path(art.file))
-        run.summary.add_files(files)
-        final = run.outputs["export"].result.artifacts["final"].stage
-        final_metrics = run.outputs[final].result.metrics
-        derived = pe_latency(run.outputs, final_metrics, final, output.metrics, "")
+        pub.summary.add_files(files)
+        model = pub.inputs["model"]  # the model the exported final file came from
+        derived = pe_latency(pub.inputs, model.result.metrics, model.name, output.metrics, "")
         if "int8" in art.latency_ms:  # same architecture and weights count, its own accuracy and latency
-            int8 = {**final_metrics, "test_accuracy": run.outputs["quantize"].result.metrics["int8.test_accuracy"]}
-            derived.update(pe_latency(run.outputs, int8, final, output.metrics, "int8."))
+            int8 = {
+                **model.result.metrics,
+                "test_accuracy": pub.inputs["quantize"].result.metrics["int8.test_accuracy"],
+            }
+            derived.update(pe_latency(pub.inputs, int8, model.name, output.metrics, "int8."))
         return derived
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -135,22 +135,27 @@ def cpu_batches(batches):
         yield x.cpu(), y.cpu()
 
 
-def stamp_and_write(run, cached: Path, content: Dict[str, Any], dst: Path) -> Dict[str, Any]:
-    """Copy a cached ONNX file to the run folder with this run's identity and PE added to its
-    metadata; returns the metadata written."""
+def reference_reads(models: Sequence[str], own: Optional[str] = None) -> Dict[str, str]:
+    """The reference model stages that ran (PE compares with them), keyed by their stage names as
+    pe_against_references reads them; a model is no reference for itself."""
+    return {ref: ref for ref in REFERENCES.values() if ref in models and ref != own}
+
+
+def stamp_and_write(pub, cached: Path, content: Dict[str, Any], dst: Path) -> Dict[str, Any]:
+    """Copy a cached ONNX file to the run folder with this run's identity and the final model's PE
+    (the publication's `final` read) added to its metadata; returns the metadata written."""
     import onnx
 
     from ..onnx.export import set_metadata
 
-    identity = run.identity()
-    final = run.final_model()
+    final = pub.final()
     pe = {k: v for k, v in final.metrics.items() if k.startswith("vs_")} if final else {}
     metadata = {
         **content,
-        "run_name": identity["run_name"],
-        "recipe_hash": identity["recipe_hash"],
+        "run_name": pub.identity["run_name"],
+        "recipe_hash": pub.identity["recipe_hash"],
         "performance_efficiency": pe,
-        "mlflow_parent_run_id": run.parent.run_id or "",
+        "mlflow_parent_run_id": pub.parent.run_id or "",
     }
     proto = onnx.load(str(cached))
     set_metadata(proto, metadata)
@@ -159,16 +164,16 @@ def stamp_and_write(run, cached: Path, content: Dict[str, Any], dst: Path) -> Di
     return metadata
 
 
-def update_card(run, fields: Dict[str, Any]) -> None:
+def update_card(pub, fields: Dict[str, Any]) -> None:
     """Later stages (quantize) add their section to this run's model card and re-log it; a section
     that already exists (files) is extended, not replaced."""
-    path = run.run_dir / "model_card.json"
+    path = pub.run_dir / "model_card.json"
     card = json.loads(path.read_text())
     for key, value in fields.items():
         card[key] = {**card[key], **value} if isinstance(value, dict) and isinstance(card.get(key), dict) else value
     atomic_write_json(path, card)
-    if run.tracker.uri is not None:
-        run.parent.log_artifact(path)
+    if pub.tracker.uri is not None:
+        pub.parent.log_artifact(path)
 
 
 def precision_metrics(p) -> Dict[str, float]:
@@ -210,7 +215,7 @@ def model_fingerprint(model_cfg) -> Dict[str, Any]:
 
 
 def pe_against_references(
-    outputs: Dict[str, StageOutput],
+    outputs: Dict[str, StageOutput],  # a publication's inputs: the references under their stage names
     metrics: Dict[str, float],
     own_stage: str,
     latency: Optional[Dict[str, float]] = None,
@@ -254,10 +259,13 @@ class ModelStage(Stage):
     def restore(self, job: Job, result: StageResult):
         return load_model(job, result.model())
 
-    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
+    def reads(self, cfg, models, ran) -> Dict[str, str]:
+        return reference_reads(models, self.name)
+
+    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
         if not output.result.metrics:
             return {}
-        return pe_against_references(run.outputs, output.result.metrics, output.name)
+        return pe_against_references(pub.inputs, output.result.metrics, output.name)
 
 
 def latency_plan(section) -> Tuple[Settings, Plan]:

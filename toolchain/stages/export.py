@@ -76,6 +76,10 @@ class Export(Stage):
             roles.update({role: stage for role, stage in REFERENCES.items() if stage in models and stage != final})
         return roles
 
+    def reads(self, cfg, models, ran):
+        # the final model's PE goes into the file's metadata; the prune stage's budget decision into the card
+        return {"final": models[-1], **({"prune": "prune"} if "prune" in ran else {})}
+
     def compute(self, job: Job) -> StageResult:
         cfg, final = job.cfg.export, job.inputs["model"]
         tqdm.write(f"[export] {final.name} model -> ONNX ({cfg.exporter} exporter, opset {cfg.opset})")
@@ -105,53 +109,53 @@ class Export(Stage):
         m = output.metrics
         return {"onnx_file_bytes": m["onnx_file_size_bytes"], "onnx_zip_bytes": m["onnx_zip_bytes"]}
 
-    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
-        files = publish_onnx(run, output)
-        run.summary.add_files(files)
+    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
+        files = publish_onnx(pub, output)
+        pub.summary.add_files(files)
         return {}
 
 
-def publish_onnx(run, output: StageOutput) -> Dict[str, Path]:
+def publish_onnx(pub, output: StageOutput) -> Dict[str, Path]:
     """export/<run>/model.onnx (this run's identity stamped in) and model_card.json, logged to
     the parent MLflow run. Written atomically: a reader sees the old file or the new one."""
     from ..onnx.export import log_onnx_to_mlflow
 
     art = output.result.artifacts["final"]
-    onnx_path, card_path = run.run_dir / "model.onnx", run.run_dir / "model_card.json"
-    metadata = stamp_and_write(run, output.path(art.file), art.metadata, onnx_path)
+    onnx_path, card_path = pub.run_dir / "model.onnx", pub.run_dir / "model_card.json"
+    metadata = stamp_and_write(pub, output.path(art.file), art.metadata, onnx_path)
     # an INT8 file of an earlier model must not sit next to this one (quantize's publish writes the new one)
-    (run.run_dir / "model_int8.onnx").unlink(missing_ok=True)
+    (pub.run_dir / "model_int8.onnx").unlink(missing_ok=True)
     sha = file_sha256(
         onnx_path
     )  # this run's bytes (its identity is stamped in): what `attach` matches a device JSON to
-    card = model_card(run, art, metadata)
+    card = model_card(pub, art, metadata)
     card["files"] = {"model.onnx": {**file_sizes(onnx_path), "sha256": sha}}
     atomic_write_json(card_path, card)
-    if run.tracker.uri is not None:
+    if pub.tracker.uri is not None:
         # through the tracker: against a server that died, one masked line instead of MLflow's traceback with the URI
-        model_uri = run.tracker._call(
+        model_uri = pub.tracker._call(
             "logging the ONNX model",
             log_onnx_to_mlflow,
             onnx_path,
-            run.data.example_batch(2).cpu().numpy(),
-            run_id=run.parent.run_id,
+            pub.data.example_batch(2).cpu().numpy(),
+            run_id=pub.parent.run_id,
         )
-        run.summary.data["mlflow"]["model_uri"] = (
+        pub.summary.data["mlflow"]["model_uri"] = (
             model_uri  # tracking.register_model registers it when the run finishes
         )
-        run.parent.log_artifact(card_path)
+        pub.parent.log_artifact(card_path)
     # references are the cached files as exported: a device timing them gives pe_latency on the device
     refs = {
         f"toolchain.sha256.reference.{role}": a.sha256
         for role, a in output.result.artifacts.items()
         if role != "final" and a.sha256
     }
-    run.parent.set_tags({"toolchain.sha256.model.onnx": sha, **refs})
+    pub.parent.set_tags({"toolchain.sha256.model.onnx": sha, **refs})
     return {"model.onnx": onnx_path, "model_card.json": card_path}
 
 
-def model_card(run, art: OnnxArtifact, metadata: Dict[str, Any]) -> Dict[str, Any]:
-    recipe = run.recipe
+def model_card(pub, art: OnnxArtifact, metadata: Dict[str, Any]) -> Dict[str, Any]:
+    recipe = pub.recipe
     return {
         "name": recipe.name,
         "model": recipe.student.model,
@@ -161,14 +165,14 @@ def model_card(run, art: OnnxArtifact, metadata: Dict[str, Any]) -> Dict[str, An
         "parity": art.parity,
         "export": art.info,
         "pruning": recipe.prune.model_dump(mode="json") if recipe.prune else None,
-        **({"budget": _budget_decision(run)} if recipe.prune and recipe.prune.budget else {}),
-        "mlflow": run.identity()["mlflow"],
+        **({"budget": _budget_decision(pub)} if recipe.prune and recipe.prune.budget else {}),
+        "mlflow": pub.identity["mlflow"],
     }
 
 
-def _budget_decision(run) -> Dict[str, Any]:
+def _budget_decision(pub) -> Dict[str, Any]:
     """prune.budget: what the prune stage decided and measured (its budget.json has every probed point)."""
-    info = run.outputs["prune"].result.info if "prune" in run.outputs else {}
+    info = pub.inputs["prune"].result.info if "prune" in pub.inputs else {}
     decision = info.get("budget") or {}
     keys = (
         "kind",

@@ -70,30 +70,30 @@ class Package(Stage):
             package_metrics(manifest, checks), artifacts={"package": PackageArtifact(PACKAGE_DIR, hashes)}, info=info
         )
 
-    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
+    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
         # the runner verified every file's sha256 before reusing this entry
         target = publish_folder(
-            output.path(PACKAGE_DIR), run.run_dir / PACKAGE_DIR, lambda staging: ship_run_models(run, staging)
+            output.path(PACKAGE_DIR), pub.run_dir / PACKAGE_DIR, lambda staging: ship_run_models(pub, staging)
         )
-        run.summary.add_files({PACKAGE_DIR: target})
+        pub.summary.add_files({PACKAGE_DIR: target})
         # `attach` accepts a device's timing of the package's ORT-format files by these hashes
-        run.parent.set_tags(
+        pub.parent.set_tags(
             {f"toolchain.sha256.{PACKAGE_DIR}/{f.name}": file_sha256(f) for f in sorted(target.glob("*.ort"))}
         )
         child.log_dict(output.result.info["checks"], "package_checks.json")
-        if run.tracker.uri is not None:
+        if pub.tracker.uri is not None:
             for name in [*output.result.info["files"], MANIFEST]:
-                run.parent.log_artifact(target / name, Path(PACKAGE_DIR, name).parent.as_posix())
+                pub.parent.log_artifact(target / name, Path(PACKAGE_DIR, name).parent.as_posix())
         return {}
 
 
-def ship_run_models(run, folder: Path) -> None:
+def ship_run_models(pub, folder: Path) -> None:
     """The published package's ONNX files are this run's own export/<run>/model.onnx (and
     model_int8.onnx): the packaged graphs with this run's identity in their metadata, so a device
     timing of them attaches to this run (attach matches a file's sha256 to the run's tags)."""
     models = read_manifest(folder)["models"]
-    shipped = {f["onnx"]: run.run_dir / f["onnx"] for f in models.values() if (run.run_dir / f["onnx"]).is_file()}
-    identity = run.identity()
+    shipped = {f["onnx"]: pub.run_dir / f["onnx"] for f in models.values() if (pub.run_dir / f["onnx"]).is_file()}
+    identity = pub.identity
     replace_files(folder, shipped, {"run": {"run_name": identity["run_name"], "recipe_hash": identity["recipe_hash"]}})
 
 

@@ -8,7 +8,7 @@ from typing import Dict, List
 
 from ..engine.stage import register_stage
 from ..train.tasks import make_task
-from .common import ModelStage, finalize, pe_against_references, reseed, teacher_role, train
+from .common import ModelStage, finalize, reseed, teacher_role, train
 
 # Replaces the latency timing of budget comparisons (bench/compare.py's `replicate`); tests feed it.
 REPLICATE = None
@@ -139,9 +139,9 @@ class Prune(ModelStage):
             if k in m
         }
 
-    def publish(self, run, output, child) -> Dict[str, float]:
+    def publish(self, pub, output, child) -> Dict[str, float]:
         if output.result.info.get("layers"):
             child.log_dict(output.result.info["layers"], "layers.json")
         if output.result.info.get("budget"):
             child.log_dict(output.result.info["budget"], "budget.json")
-        return pe_against_references(run.outputs, output.result.metrics, output.name)
+        return super().publish(pub, output, child)

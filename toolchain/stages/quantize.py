@@ -37,7 +37,14 @@ from ..onnx.quantize import (
     quantize,
     within_accuracy,
 )
-from .common import cpu_batches, latency_plan, pe_against_references, stamp_and_write, update_card
+from .common import (
+    cpu_batches,
+    latency_plan,
+    pe_against_references,
+    reference_reads,
+    stamp_and_write,
+    update_card,
+)
 
 INT8_FILE = "model_int8.onnx"
 # 2: every candidate calibrates on the same images (1 handed each candidate the next ones)
@@ -61,6 +68,10 @@ class Quantize(Stage):
 
     def inputs(self, cfg, models, ran):
         return {"export": "export"}
+
+    def reads(self, cfg, models, ran):
+        # the INT8 model's PE: the float model's counts with its own accuracy, against the references
+        return {**reference_reads(models), "final": models[-1]}
 
     def preflight(self, cfg, data) -> None:
         available = data.train.num_samples * data.train.num_replicas  # the whole split, also under torchrun
@@ -150,27 +161,27 @@ class Quantize(Stage):
         # int8.test_accuracy, .file_bytes, .zip_bytes, .vs_*.pe_* ...
         return {k: v for k, v in output.metrics.items() if k.startswith("int8.")}
 
-    def publish(self, run, output: StageOutput, child) -> Dict[str, float]:
+    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
         child.log_dict(output.result.info, "candidates.json")
-        path = run.run_dir / INT8_FILE
+        path = pub.run_dir / INT8_FILE
         art = output.result.artifacts.get("int8")
         if art is None:  # the float model ships: no INT8 file of an earlier run may linger next to it
             path.unlink(missing_ok=True)
-            update_card(run, {"int8": {"shipped": False, **_card_fields(output)}})
+            update_card(pub, {"int8": {"shipped": False, **_card_fields(output)}})
             return {}
-        stamp_and_write(run, output.path(art.file), art.metadata, path)
-        run.summary.add_files({INT8_FILE: path})
+        stamp_and_write(pub, output.path(art.file), art.metadata, path)
+        pub.summary.add_files({INT8_FILE: path})
         sha = file_sha256(path)  # `attach` accepts a device's timing of this file by its hash
-        run.parent.set_tags({f"toolchain.sha256.{INT8_FILE}": sha})
+        pub.parent.set_tags({f"toolchain.sha256.{INT8_FILE}": sha})
         update_card(
-            run,
+            pub,
             {
                 "int8": {"shipped": True, "file": INT8_FILE, **_card_fields(output)},
                 "files": {INT8_FILE: {**file_sizes(path), "sha256": sha}},
             },
         )
-        final = run.outputs[art.stage].result.metrics
-        pe = pe_against_references(run.outputs, {**final, "test_accuracy": art.onnx_test_accuracy}, art.stage)
+        final = pub.final().result.metrics
+        pe = pe_against_references(pub.inputs, {**final, "test_accuracy": art.onnx_test_accuracy}, art.stage)
         return {f"int8.{k}": v for k, v in pe.items()}
 
 
