@@ -288,6 +288,9 @@ def test_stages_are_peers_and_the_engine_imports_no_command():
     for mod, deps in graph.items():
         if mod.startswith("toolchain.engine"):
             assert not any(d.startswith(COMMANDS) for d in deps), f"{mod} imports {sorted(deps)}"
+            # the torchrun protocol builds on the process group (a leaf), not on the training package
+            assert not any(d.startswith("toolchain.train") for d in deps), f"{mod} imports {sorted(deps)}"
+    assert {d for d in graph["toolchain.procgroup"] if d.startswith("toolchain.")} <= {"toolchain.errors"}
     upper = ("toolchain.engine", "toolchain.stages", *COMMANDS)
     for mod, deps in graph.items():
         if mod.startswith(upper) or mod == "toolchain.stages":

@@ -25,16 +25,16 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .. import procgroup as dist
 from ..errors import RecipeError, ToolchainError
 from ..formatting import stable_hash
 from ..fsutil import atomic_write_json, atomic_write_text, ensure_dir, file_lock, remove_stale_temp_files
 from ..recipe import Recipe, recipe_hash, to_yaml
 from ..tracking import NullStageRun, flatten
-from ..train import ddp as dist
-from . import distributed as stage_dist
 from . import publish
 from .artifacts import StageResult, damaged_files
 from .context import RunContext
+from .distributed import Coordinator
 from .stage import STAGES, Job, Stage, StageOutput
 from .summary import Summary, final_table
 
@@ -157,7 +157,7 @@ def run_stage(run: RunContext, stage: Stage) -> StageOutput:
         NullStageRun(),
     )
     if not dist.is_main():
-        output = stage_dist.follow_stage(stage, job, key)
+        output = Coordinator(stage).follow(job, key)
     else:
         output = _lead(run, stage, job, key, {**inputs, **reads})
     run.outputs[stage.name] = output
@@ -167,6 +167,7 @@ def run_stage(run: RunContext, stage: Stage) -> StageOutput:
 def _lead(run: RunContext, stage: Stage, job: Job, key: str, published: Dict[str, StageOutput]) -> StageOutput:
     """Rank 0 (or the only process): reuse or compute, track, publish (publish sees `published`:
     the stage's inputs and reads)."""
+    coordinator = Coordinator(stage)
     force = run.force and (stage.name, key) not in run.recomputed
     run.recomputed.add((stage.name, key))
     done = job.stage_dir / "result.json"
@@ -178,7 +179,7 @@ def _lead(run: RunContext, stage: Stage, job: Job, key: str, published: Dict[str
     ):
         job = replace(job, run=child)
         reusable = None if force else _verified_result(stage.name, job.stage_dir)
-        cached = stage_dist.lead_stage(reusable is not None, job.stage_dir, stage.followers)
+        cached = coordinator.begin(reusable is not None, job.stage_dir)
         if cached:
             result = reusable
             model = stage.restore(job, result)
@@ -186,7 +187,7 @@ def _lead(run: RunContext, stage: Stage, job: Job, key: str, published: Dict[str
                 child.log_metrics(metrics, step=epoch)
             tqdm.write(f"[{stage.name}] reused finished output {job.stage_dir} (use --force to recompute)")
         else:
-            result = _compute(run, stage, job, force or done.is_file())
+            result = _compute(run, stage, job, force or done.is_file(), coordinator)
             model = result.module
         output = StageOutput(stage.name, key, job.stage_dir, result, model, cached, child.run_id)
         child.set_tags({"toolchain.cached": cached})
@@ -194,11 +195,7 @@ def _lead(run: RunContext, stage: Stage, job: Job, key: str, published: Dict[str
         output.derived = stage.publish(run.publication(published), output, child) or {}
         child.log_metrics(output.derived)
     run.summary.add_stage(output)
-    stage_dist.publish_stage(job.stage_dir, result, stage.followers)
-    if dist.is_distributed() and stage.followers == "load" and not cached:
-        output.model = stage.restore(
-            job, result
-        )  # continue from the checkpoint like the others: same modules everywhere
+    output.model = coordinator.end(job, result, cached, output.model)
     return output
 
 
@@ -223,13 +220,13 @@ def _verified_result(name: str, stage_dir: Path) -> Optional[StageResult]:
     return result
 
 
-def _compute(run: RunContext, stage: Stage, job: Job, force: bool):
+def _compute(run: RunContext, stage: Stage, job: Job, force: bool, coordinator: Coordinator):
     """force: wipe the stage folder first (--force, or a damaged entry)."""
     if force and job.stage_dir.exists():
         shutil.rmtree(job.stage_dir)
     ensure_dir(job.stage_dir)
     t0 = time.perf_counter()
-    with stage_dist.leading(run.data, stage.followers):
+    with coordinator.computing(run.data):
         result = stage.compute(job)
     result.metrics["stage_seconds"] = time.perf_counter() - t0
     atomic_write_json(job.stage_dir / "result.json", result.to_json())  # written last: its presence means "complete"
