@@ -15,6 +15,7 @@ import pytest
 from conftest import packaged_run
 
 from toolchain.cli import run
+from toolchain.engine.runner import plan
 from toolchain.errors import RecipeError
 from toolchain.fsutil import file_sha256
 from toolchain.package.build import PackageError, build_package
@@ -330,7 +331,7 @@ def test_unknown_target_platform_is_a_one_line_recipe_error(tiny_recipe, capsys)
 def test_package_needs_export_and_defaults_to_amd64():
     base = {"name": "p", "student": {"model": "mobilenet_v2"}, "distill": {"loss": "ce"}}
     with pytest.raises(RecipeError, match="package needs the export stage"):
-        validate_dict({**base, "export": None, "bench": None, "package": {}})
+        plan(validate_dict({**base, "export": None, "bench": None, "package": {}}))  # declared: Stage.requires
     assert validate_dict({**base, "package": {}}).package.target_platform == "amd64"
     assert validate_dict(base).package is None
 

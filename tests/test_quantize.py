@@ -11,6 +11,7 @@ from conftest import FAST_LATENCY
 
 from toolchain.bench.compare import interval
 from toolchain.cli import run
+from toolchain.engine.runner import plan
 from toolchain.errors import RecipeError
 from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, Measured, choose, cpu_features, needs_reduce_range
 from toolchain.recipe import validate_dict
@@ -79,7 +80,7 @@ def test_choose_keeps_float_when_the_interval_straddles_the_gate_and_says_so():
 def test_a_quantize_section_needs_export_and_known_candidates():
     base = {"name": "q", "student": {"model": "mobilenet_v2"}, "distill": {"loss": "ce"}}
     with pytest.raises(RecipeError, match="quantize needs the export stage"):
-        validate_dict({**base, "export": None, "bench": None, "quantize": {}})
+        plan(validate_dict({**base, "export": None, "bench": None, "quantize": {}}))  # declared: Stage.requires
     with pytest.raises(RecipeError, match="Did you mean 'qdq_u8s8_per_tensor'"):
         validate_dict({**base, "quantize": {"candidates": ["qdq_u8s8_per_tensr"]}})
     assert validate_dict({**base, "quantize": {}}).quantize.candidates[0] in CANDIDATES

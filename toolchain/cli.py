@@ -78,9 +78,12 @@ class Commands:
           recipe: path to a YAML recipe
           overrides: dotted section.key=value pairs
         """
+        from .engine.runner import plan
         from .recipe import shown, to_yaml
 
-        print(to_yaml(shown(_load(recipe, overrides))), end="")  # the screen never shows the tracking password
+        loaded = _load(recipe, overrides)
+        plan(loaded)  # the stages it enables fit together (bench needs export...)
+        print(to_yaml(shown(loaded)), end="")  # the screen never shows the tracking password
 
     def bench(self, onnx: str, *args: str):
         """Benchmark an ONNX file with onnxruntime (torch-free). Same options as python -m toolchain.bench --help,

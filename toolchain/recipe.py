@@ -918,7 +918,7 @@ class Recipe(Section):
         return v
 
     @model_validator(mode="after")
-    def _kd_needs_teacher(self) -> "Recipe":
+    def _kd_needs_a_teacher_section(self) -> "Recipe":
         for key, section in (("distill", self.distill), ("finetune", self.finetune)):
             if section is not None and section.needs_teacher and self.teacher is None:
                 what = f"loss is {section.loss}" if _loss_needs_teacher(section.loss) else "features is set"
@@ -926,16 +926,8 @@ class Recipe(Section):
                     f"{key}.{what} but the recipe has no teacher section; add one or set {key}.loss: ce "
                     f"without {key}.features"
                 )
-        if self.bench is not None and self.export is None:
-            raise ValueError("bench needs the export stage (it measures the exported ONNX file)")
-        if self.quantize is not None and self.export is None:
-            raise ValueError(
-                "quantize needs the export stage (it quantizes the exported ONNX file); add an export section"
-            )
-        if self.package is not None and self.export is None:
-            raise ValueError(
-                "package needs the export stage (it packages the exported ONNX file); add an export section"
-            )
+        # which stage needs which (bench needs export...) is declared by the stages (Stage.requires)
+        # and checked by the engine's plan
         self._resolve_budget()
         return self
 

@@ -230,6 +230,7 @@ def run_sweep(
     """Validate every variant, then run them in order; raises SweepError at the end if any failed."""
     out = out or sys.stdout
     variants = select(expand(path, overrides), only)
+    check_plans(variants)
     total = len(variants)
     print(f"[sweep] {total} variant(s) from {path}, all validated", file=out, flush=True)
     if dry_run:
@@ -255,6 +256,17 @@ def run_sweep(
             f"sweep: {len(failed)} of {total} variants failed: {', '.join(failed)} (their errors are printed above)"
         )
     return outcomes
+
+
+def check_plans(variants: List[Variant]) -> None:
+    """Every variant's stages fit together (a stage's required stages are enabled), before the first runs."""
+    from .engine.runner import plan
+
+    for v in variants:
+        try:
+            plan(v.recipe)
+        except RecipeError as exc:
+            raise RecipeError(f"variant {v.name}: {exc}") from None
 
 
 def run_variant(variant: Variant, i: int, total: int, force: bool, out, recomputed: Optional[set] = None) -> Outcome:
@@ -294,9 +306,8 @@ def _end_dangling_mlflow_run() -> None:
 
 
 def _final_metrics(summary: Dict[str, Any]) -> Dict[str, float]:
-    stages = summary.get("stages", {})
-    final = stages.get(summary.get("final_stage") or "", {}).get("metrics", {})  # the model the run shipped
-    return {**final, **stages.get("bench", {}).get("metrics", {})}
+    """The run's parent-run metrics (summary.json `metrics`): the shipped model's, and each stage's headline."""
+    return summary.get("metrics", {})
 
 
 def results_table(outcomes: Iterable[Outcome], seconds: float) -> str:

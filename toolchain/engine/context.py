@@ -5,20 +5,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, Union
 
 from .stage import STAGES, StageOutput
 from .summary import Summary
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.loaders import DataBundle
+    from ..recipe import Recipe
+    from ..tracking import NullTracker, StageRun, Tracker
+
 
 @dataclass
 class RunContext:
-    recipe: Any  # the validated Recipe: only the runner and publish steps read it whole
-    device: Any
-    data: Any
+    recipe: "Recipe"  # the validated recipe: only the runner and publish steps read it whole
+    device: "torch.device"
+    data: "DataBundle"
     data_key: str
-    tracker: Any
-    parent: Any  # the parent MLflow run's handle
+    tracker: Union["Tracker", "NullTracker"]
+    parent: "StageRun"  # the parent MLflow run's handle
     run_dir: (
         Path  # where publish steps write this run's files: a staging folder swapped in for export/<run>/ at the end
     )
@@ -68,10 +75,10 @@ class Publication:
     export/<run>/), its summary, parent MLflow run and identity, and the outputs the stage declared
     (its compute inputs plus its publish-only `reads`, by role). Other stages' outputs are not in it."""
 
-    recipe: Any  # the validated Recipe (the model card describes the whole job)
-    data: Any
-    tracker: Any
-    parent: Any
+    recipe: "Recipe"  # the model card describes the whole job
+    data: "DataBundle"
+    tracker: Union["Tracker", "NullTracker"]
+    parent: "StageRun"
     run_dir: Path
     summary: Summary
     inputs: Dict[str, StageOutput]

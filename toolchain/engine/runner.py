@@ -19,7 +19,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from tqdm.auto import tqdm
@@ -35,16 +34,47 @@ from . import publish
 from .artifacts import StageResult, damaged_files
 from .context import RunContext
 from .distributed import Coordinator
-from .stage import STAGES, Job, Stage, StageOutput
+from .stage import MODELS, STAGES, Job, Sections, Stage, StageOutput
 from .summary import Summary, final_table
 
 
 def plan(recipe: Recipe) -> List[Stage]:
-    """The stages this recipe runs, in order."""
+    """The stages this recipe runs, in order; a stage enabled without a stage it requires is a
+    one-line RecipeError (checked before anything connects, loads or trains)."""
     from .. import stages  # noqa: F401  (registers every stage)
 
-    ordered = sorted((STAGES.get(n) for n in STAGES.names()), key=lambda s: s.order)
-    return [s for s in ordered if s.enabled(recipe)]
+    enabled = {s.name: s for s in (STAGES.get(n) for n in STAGES.names()) if s.enabled(recipe)}
+    for stage in enabled.values():
+        for needed, why in stage.requires.items():
+            if needed not in enabled:
+                section = STAGES.get(needed).sections[0]
+                raise RecipeError(
+                    f"{stage.name} needs the {needed} stage ({why}); add a{'n' if section[0] in 'aeiou' else ''} "
+                    f"{section} section"
+                )
+    return ordered(enabled)
+
+
+def consumed(stage: Stage, stages: Dict[str, Stage]) -> Set[str]:
+    """The stages among `stages` whose outputs `stage` may read (MODELS: every model stage)."""
+    names: Set[str] = set()
+    for item in stage.consumes:
+        names |= {n for n, s in stages.items() if s.makes_model} if item == MODELS else {item}
+    return (names & stages.keys()) - {stage.name}
+
+
+def ordered(stages: Dict[str, Stage]) -> List[Stage]:
+    """Each stage after every stage it consumes; among the stages free to run, the first by name
+    (so the order is a property of the declarations, not of import or registration order)."""
+    waiting = {name: consumed(stage, stages) for name, stage in stages.items()}
+    done: List[Stage] = []
+    while waiting:
+        free = sorted(name for name, needs in waiting.items() if not needs - {s.name for s in done})
+        if not free:
+            raise ValueError(f"stages consume each other in a cycle: {', '.join(sorted(waiting))}")
+        done.append(stages[free[0]])
+        del waiting[free[0]]
+    return done
 
 
 def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple[str, str]]] = None) -> Dict[str, Any]:
@@ -56,10 +86,10 @@ def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
         raise RecipeError(
             f"recipe {recipe.name!r} has a matrix section (a sweep of variants); run it with `python -m toolchain sweep RECIPE`"
         )
+    stages = plan(recipe)
     if os.environ.get("RANK", "0") == "0":  # before the process group exists: torchrun's env says who leads
         remove_stale_temp_files(recipe.output_dir)
     with dist.session(recipe.device), open_run(recipe, force, recomputed) as run:  # torchrun: process group
-        stages = plan(recipe)
         for stage in stages:
             stage.preflight(sections_of(recipe, stage, stage.checked), run.data)
         for stage in stages:
@@ -71,11 +101,11 @@ def compress(recipe: Recipe, force: bool = False, recomputed: Optional[Set[Tuple
 # ---------------------------------------------------------------- keys
 
 
-def sections_of(recipe: Recipe, stage: Stage, checked: Tuple[str, ...] = ()) -> SimpleNamespace:
-    return SimpleNamespace(**{name: getattr(recipe, name) for name in (*stage.sections, *checked)})
+def sections_of(recipe: Recipe, stage: Stage, checked: Tuple[str, ...] = ()) -> Sections:
+    return Sections(**{name: getattr(recipe, name) for name in (*stage.sections, *checked)})
 
 
-def stage_key(stage: Stage, cfg: SimpleNamespace, input_keys: Dict[str, str], data_key: Optional[str]) -> str:
+def stage_key(stage: Stage, cfg: Sections, input_keys: Dict[str, str], data_key: Optional[str]) -> str:
     sections = {n: (_keyed(s) if s is not None else None) for n, s in vars(cfg).items()}
     return stable_hash(
         {
@@ -138,8 +168,8 @@ def data_key(recipe: Recipe, data) -> str:
 def run_stage(run: RunContext, stage: Stage) -> StageOutput:
     cfg = sections_of(run.recipe, stage)
     models, ran = run.model_stages(), list(run.outputs)
-    inputs = {role: run.outputs[name] for role, name in stage.inputs(cfg, models, ran).items()}
-    reads = {role: run.outputs[name] for role, name in stage.reads(cfg, models, ran).items()}
+    inputs = {role: _output(run, stage, name) for role, name in stage.inputs(cfg, models, ran).items()}
+    reads = {role: _output(run, stage, name) for role, name in stage.reads(cfg, models, ran).items()}
     clash = [r for r in reads if r in inputs and reads[r] is not inputs[r]]
     if clash:
         raise ValueError(f"stage {stage.name}: role {clash[0]!r} names one stage in inputs() and another in reads()")
@@ -162,6 +192,13 @@ def run_stage(run: RunContext, stage: Stage) -> StageOutput:
         output = _lead(run, stage, job, key, {**inputs, **reads})
     run.outputs[stage.name] = output
     return output
+
+
+def _output(run: RunContext, stage: Stage, name: str) -> StageOutput:
+    """An earlier stage's output, if the stage declared it consumes that stage (the plan's order rests on it)."""
+    if name not in consumed(stage, {n: STAGES.get(n) for n in run.outputs}):
+        raise ValueError(f"stage {stage.name} reads {name}, which is not in its consumes {stage.consumes}")
+    return run.outputs[name]
 
 
 def _lead(run: RunContext, stage: Stage, job: Job, key: str, published: Dict[str, StageOutput]) -> StageOutput:
@@ -255,6 +292,7 @@ def finish(run: RunContext) -> None:
     run.parent.log_metrics(headline)
     _register_model(run)
     run.summary.data["final_stage"] = final.name if final else None
+    run.summary.data["metrics"] = headline  # the parent run's metrics, as sweep and scripts read them
     # the table names the files where they will be once the run is published, not in the staging folder
     shown = Summary(
         run.summary.path,

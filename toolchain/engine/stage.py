@@ -1,7 +1,12 @@
 """The stage contract and the STAGES registry.
 
 A stage is one file in toolchain/stages/ plus its recipe section. It declares:
-  name, order       where it runs in the pipeline (ascending order; the plan is this data)
+  name              its registry name
+  consumes          the stages whose outputs its inputs()/reads() may name (MODELS: every model
+                    stage); the plan runs it after each of them that the recipe enables
+                    (engine/runner.py `ordered`: derived from this, ties by name)
+  requires          consumed stages it cannot run without (stage -> why): a recipe that enables it
+                    without them is a one-line RecipeError before anything runs
   sections          the recipe sections it reads: it is handed exactly these, and the
                     runner's cache key covers exactly these
   checked           sections its preflight also reads (e.g. the student architecture the
@@ -27,12 +32,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from ..registry import Registry
 from .artifacts import StageResult
 
+if TYPE_CHECKING:  # annotations only: the engine does not import torch or the data package to type its seams
+    import torch
+
+    from ..data.loaders import DataBundle
+    from ..recipe import (
+        BenchConfig,
+        ExportConfig,
+        PackageConfig,
+        PruneConfig,
+        QuantizeConfig,
+        StudentConfig,
+        TeacherConfig,
+        TrainConfig,
+    )
+    from ..tracking import StageRun
+
 FOLLOWER_ROLES = ("train", "load", "wait")
+MODELS = "<models>"  # in `consumes`: every model stage (export ships the last one, whichever it is)
+
+
+class Sections(SimpleNamespace):
+    """The recipe sections a stage declared (`sections`, plus `checked` in its preflight), by name,
+    typed as the recipe schema validated them; a section the stage did not declare is absent."""
+
+    teacher: Optional["TeacherConfig"]
+    student: "StudentConfig"
+    distill: "TrainConfig"
+    prune: Optional["PruneConfig"]
+    finetune: Optional["TrainConfig"]
+    export: Optional["ExportConfig"]
+    quantize: Optional["QuantizeConfig"]
+    bench: Optional["BenchConfig"]
+    package: Optional["PackageConfig"]
 
 
 @dataclass
@@ -62,19 +99,20 @@ class Job:
     Frozen: a stage's one way out is the StageResult compute returns (with its model)."""
 
     name: str
-    cfg: SimpleNamespace  # the declared recipe sections, by name
+    cfg: Sections  # the declared recipe sections, by name
     inputs: Dict[str, StageOutput]  # role -> output of an earlier stage
-    data: Any
-    device: Any
+    data: "DataBundle"
+    device: "torch.device"
     seed: int
     stage_dir: Path
-    run: Any  # the stage's tracking handle (a NullStageRun on torchrun followers)
+    run: "StageRun"  # the stage's tracking handle (a NullStageRun on torchrun followers)
 
 
 class Stage:
     name: ClassVar[str]
-    order: ClassVar[int]
     sections: ClassVar[Tuple[str, ...]]
+    consumes: ClassVar[Tuple[str, ...]] = ()
+    requires: ClassVar[Dict[str, str]] = {}
     checked: ClassVar[Tuple[str, ...]] = ()
     followers: ClassVar[str] = "wait"
     uses_data: ClassVar[bool] = True
@@ -86,23 +124,23 @@ class Stage:
         """Runs when its first section is present in the recipe."""
         return getattr(recipe, self.sections[0]) is not None
 
-    def inputs(self, cfg: SimpleNamespace, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
+    def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         """role -> stage name; `models` are the model stages that ran before, in order; `ran` all earlier stages."""
         return {}
 
-    def reads(self, cfg: SimpleNamespace, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
+    def reads(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         """role -> stage name of outputs only the publish step reads (not part of the cache key)."""
         return {}
 
-    def preflight(self, cfg: SimpleNamespace, data: Any) -> None:
+    def preflight(self, cfg: Sections, data: "DataBundle") -> None:
         """Checks of the sections against the loaded data, run for every planned stage before the
         first one computes: a bad setting fails in seconds, not after an hour of training."""
 
-    def fingerprint(self, cfg: SimpleNamespace) -> Dict[str, Any]:
+    def fingerprint(self, cfg: Sections) -> Dict[str, Any]:
         """Content the sections only point at (files named by path), for the cache key."""
         return {}
 
-    def params(self, cfg: SimpleNamespace) -> Dict[str, Any]:
+    def params(self, cfg: Sections) -> Dict[str, Any]:
         """What the stage's MLflow child run shows as params: its sections, flattened."""
         from ..tracking import flatten
 
@@ -135,5 +173,7 @@ def register_stage(cls):
     """Class decorator: one instance of the stage goes into STAGES."""
     if cls.followers not in FOLLOWER_ROLES:
         raise ValueError(f"stage {cls.name}: followers={cls.followers!r}; expected one of {FOLLOWER_ROLES}")
+    if not set(cls.requires) <= set(cls.consumes):
+        raise ValueError(f"stage {cls.name}: requires {sorted(cls.requires)} must be among consumes {cls.consumes}")
     STAGES.register(cls.name)(cls())
     return cls

@@ -10,16 +10,20 @@ against this run's references.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
 from tqdm.auto import tqdm
 
 from ..bench.compare import Comparison, Settings, compare, p50_smallest
 from ..bench.ort import PROVIDERS, result_rows
 from ..engine.artifacts import BenchArtifact, StageResult
-from ..engine.stage import Job, Stage, StageOutput, register_stage
+from ..engine.stage import MODELS, Job, Sections, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, atomic_write_text, file_sha256
 from .common import REFERENCES, cpu_copy, latency_plan, pe_against_references, reference_reads
+
+if TYPE_CHECKING:  # annotations only
+    from ..engine.context import Publication
+    from ..tracking import StageRun
 
 # ratio columns: (baseline, candidate); the INT8 file is also compared with the float file it came from
 COLUMNS = (("teacher", "final"), ("student", "final"), ("teacher", "int8"), ("student", "int8"), ("final", "int8"))
@@ -30,15 +34,16 @@ REVISION = 2  # 2: ratios from replicated paired blocks with intervals (1: three
 @register_stage
 class Bench(Stage):
     name = "bench"
-    order = 60
+    consumes = ("export", "quantize", MODELS)  # quantize: the INT8 file is timed next to the float one
+    requires = {"export": "it measures the exported ONNX file"}
     sections = ("bench",)
     uses_data = False  # times the exported files; their key already covers the data
     revision = {"bench_revision": REVISION}
 
-    def inputs(self, cfg, models, ran):
+    def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         return {"export": "export", "model": models[-1], **({"quantize": "quantize"} if "quantize" in ran else {})}
 
-    def reads(self, cfg, models, ran):
+    def reads(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         return reference_reads(models)  # pe_latency against the teacher and the KD student
 
     def compute(self, job: Job) -> StageResult:
@@ -83,7 +88,7 @@ class Bench(Stage):
     def headline(self, output: StageOutput) -> Dict[str, float]:
         return dict(output.metrics)
 
-    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
+    def publish(self, pub: Publication, output: StageOutput, child: StageRun) -> Dict[str, float]:
         art = output.result.artifacts["bench"]
         files = {"latency.txt": pub.run_dir / "latency.txt", "bench.json": pub.run_dir / "bench.json"}
         atomic_write_text(files["latency.txt"], output.result.info["table"] + "\n")

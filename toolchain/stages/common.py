@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..bench.compare import Plan, Settings
 from ..engine.artifacts import ModelArtifact, StageResult
-from ..engine.stage import Job, Stage, StageOutput
+from ..engine.stage import Job, Sections, Stage, StageOutput
 from ..fsutil import atomic_path, atomic_write_json, file_sha256
 from ..metrics import model_stats, performance_efficiency
 from ..models import resolve
@@ -24,6 +24,11 @@ from ..models.checkpoint import load_weights, save_state
 from ..train import ddp as dist
 from ..train.loop import evaluate, fit, memory_layout
 from ..train.tasks import make_task
+
+if TYPE_CHECKING:  # annotations only
+    from ..data.loaders import DataBundle
+    from ..engine.context import Publication
+    from ..tracking import StageRun
 
 REFERENCES = {"teacher": "teacher", "student": "distill"}  # PE label -> reference model stage
 
@@ -248,7 +253,7 @@ class ModelStage(Stage):
     makes_model = True
     followers = "train"
 
-    def preflight(self, cfg, data) -> None:
+    def preflight(self, cfg: Sections, data: DataBundle) -> None:
         """A model section's reference builds, its weights resolve, and its forward gives one
         (batch, num_classes) logits tensor on a real batch, before any stage trains."""
         example = data.example_batch(2).cpu() if hasattr(data, "example_batch") else None  # None: build checks only
@@ -259,10 +264,10 @@ class ModelStage(Stage):
     def restore(self, job: Job, result: StageResult):
         return load_model(job, result.model())
 
-    def reads(self, cfg, models, ran) -> Dict[str, str]:
+    def reads(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         return reference_reads(models, self.name)
 
-    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
+    def publish(self, pub: Publication, output: StageOutput, child: StageRun) -> Dict[str, float]:
         if not output.result.metrics:
             return {}
         return pe_against_references(pub.inputs, output.result.metrics, output.name)

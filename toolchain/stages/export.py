@@ -8,16 +8,20 @@ The cached files carry the model's content metadata only; publish stamps this ru
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..engine.artifacts import OnnxArtifact, StageResult
-from ..engine.stage import Job, Stage, StageOutput, register_stage
+from ..engine.stage import MODELS, Job, Sections, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, file_sha256, file_sizes
 from ..onnx.pooling import REVISION as POOLING_REVISION
 from .common import REFERENCES, cpu_batches, cpu_copy, stamp_and_write
+
+if TYPE_CHECKING:  # annotations only
+    from ..engine.context import Publication
+    from ..tracking import StageRun
 
 PARITY_BATCH = 64
 
@@ -65,18 +69,18 @@ def export_model(job: Job, source: StageOutput, relative: str) -> OnnxArtifact:
 @register_stage
 class Export(Stage):
     name = "export"
-    order = 50
+    consumes = (MODELS,)
     sections = ("export",)
     revision = {"pooling_revision": POOLING_REVISION}  # a changed graph rewrite re-exports cached models
 
-    def inputs(self, cfg, models, ran):
+    def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         final = models[-1]
         roles = {"model": final}
         if cfg.export.references:
             roles.update({role: stage for role, stage in REFERENCES.items() if stage in models and stage != final})
         return roles
 
-    def reads(self, cfg, models, ran):
+    def reads(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         # the final model's PE goes into the file's metadata; the prune stage's budget decision into the card
         return {"final": models[-1], **({"prune": "prune"} if "prune" in ran else {})}
 
@@ -109,7 +113,7 @@ class Export(Stage):
         m = output.metrics
         return {"onnx_file_bytes": m["onnx_file_size_bytes"], "onnx_zip_bytes": m["onnx_zip_bytes"]}
 
-    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
+    def publish(self, pub: Publication, output: StageOutput, child: StageRun) -> Dict[str, float]:
         files = publish_onnx(pub, output)
         pub.summary.add_files(files)
         return {}

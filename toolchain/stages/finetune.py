@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING, Dict, Sequence
 
-from ..engine.stage import register_stage
+from ..engine.artifacts import StageResult
+from ..engine.stage import Job, Sections, register_stage
 from .common import ModelStage, check_features, finalize, reseed, teacher_role, train
+
+if TYPE_CHECKING:  # annotations only
+    from ..data.loaders import DataBundle
 
 
 @register_stage
 class Finetune(ModelStage):
     name = "finetune"
     row_label = "pruned+KD ft"
-    order = 40
+    consumes = ("teacher", "distill", "prune")
     sections = ("finetune",)
     checked = ("student", "teacher")  # the feature paths the preflight resolves
 
-    def preflight(self, cfg, data) -> None:
+    def preflight(self, cfg: Sections, data: DataBundle) -> None:
         check_features(cfg.finetune, cfg.student, cfg.teacher, data, "finetune")
 
-    def inputs(self, cfg, models, ran):
+    def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         return {"model": models[-1], **teacher_role(cfg.finetune, models)}
 
-    def compute(self, job):
+    def compute(self, job: Job) -> StageResult:
         from ..prune import keep_sparsity
 
         reseed(job)

@@ -14,17 +14,22 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..engine.artifacts import PackageArtifact, StageResult
-from ..engine.stage import Job, Stage, StageOutput, register_stage
+from ..engine.stage import Job, Sections, Stage, StageOutput, register_stage
 from ..errors import OutputError
 from ..fsutil import file_sha256
 from ..package.build import MANIFEST, PackageError, build_package, read_manifest, replace_files
 from ..package.verify import verify_package
+
+if TYPE_CHECKING:  # annotations only
+    from ..data.loaders import DataBundle
+    from ..engine.context import Publication
+    from ..tracking import StageRun
 
 PACKAGE_DIR = "package"
 
@@ -32,13 +37,14 @@ PACKAGE_DIR = "package"
 @register_stage
 class Package(Stage):
     name = "package"
-    order = 70  # after bench: last, it packages what the run ships
+    consumes = ("export", "quantize")
+    requires = {"export": "it packages the exported ONNX file"}
     sections = ("package",)
 
-    def inputs(self, cfg, models, ran):
+    def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         return {"export": "export", **({"quantize": "quantize"} if "quantize" in ran else {})}
 
-    def preflight(self, cfg, data) -> None:
+    def preflight(self, cfg: Sections, data: DataBundle) -> None:
         """The golden images come from the test split: too few fails now, not after training."""
         available = len(data.test.labels)
         if cfg.package.golden_images > available:
@@ -70,7 +76,7 @@ class Package(Stage):
             package_metrics(manifest, checks), artifacts={"package": PackageArtifact(PACKAGE_DIR, hashes)}, info=info
         )
 
-    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
+    def publish(self, pub: Publication, output: StageOutput, child: StageRun) -> Dict[str, float]:
         # the runner verified every file's sha256 before reusing this entry
         target = publish_folder(
             output.path(PACKAGE_DIR), pub.run_dir / PACKAGE_DIR, lambda staging: ship_run_models(pub, staging)

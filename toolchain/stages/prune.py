@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
-from ..engine.stage import register_stage
+from ..engine.artifacts import StageResult
+from ..engine.stage import Job, Sections, StageOutput, register_stage
 from ..train.tasks import make_task
 from .common import ModelStage, finalize, reseed, teacher_role, train
+
+if TYPE_CHECKING:  # annotations only
+    from ..data.loaders import DataBundle
+    from ..engine.context import Publication
+    from ..tracking import StageRun
 
 # Replaces the latency timing of budget comparisons (bench/compare.py's `replicate`); tests feed it.
 REPLICATE = None
@@ -23,12 +29,12 @@ def step_train_cfg(cfg):
 class Prune(ModelStage):
     name = "prune"
     row_label = "pruned"
-    order = 30
+    consumes = ("teacher", "distill")
     sections = ("prune", "finetune", "distill")
     checked = ("student",)  # the architecture the preflight prunes
     followers = "load"  # rank 0 prunes; the others load the smaller model
 
-    def preflight(self, cfg, data) -> None:
+    def preflight(self, cfg: Sections, data: DataBundle) -> None:
         """Channel pruning of the untrained architecture once, before the teacher and the student
         train: a model the engine cannot prune fails now, in one line, with the way out."""
         from tqdm import tqdm
@@ -76,11 +82,11 @@ class Prune(ModelStage):
             f"{reading.text(cfg.budget.kind)}; {time.perf_counter() - started:.1f} s)"
         )
 
-    def inputs(self, cfg, models, ran):
+    def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         # the teacher is an input too: taylor scores and iterative steps use the KD loss
         return {"model": models[-1], **teacher_role(step_train_cfg(cfg), models)}
 
-    def compute(self, job):
+    def compute(self, job: Job) -> StageResult:
         from ..prune import GradientSource, prune_model
 
         reseed(job)  # iterative steps train (dropout)
@@ -120,11 +126,11 @@ class Prune(ModelStage):
         tqdm.write(f"[prune] {decision.line()}")
         return result, decision
 
-    def summary_lines(self, entry) -> List[str]:
+    def summary_lines(self, entry: Dict[str, Any]) -> List[str]:
         line = entry["info"].get("budget_line")  # prune.budget: what was decided
         return [line] if line else []
 
-    def headline(self, output) -> Dict[str, float]:
+    def headline(self, output: StageOutput) -> Dict[str, float]:
         """A budget's decision on the parent run too (the runs table, `report`): the chosen sparsity, met or not."""
         m = output.result.metrics
         return {
@@ -139,7 +145,7 @@ class Prune(ModelStage):
             if k in m
         }
 
-    def publish(self, pub, output, child) -> Dict[str, float]:
+    def publish(self, pub: Publication, output: StageOutput, child: StageRun) -> Dict[str, float]:
         if output.result.info.get("layers"):
             child.log_dict(output.result.info["layers"], "layers.json")
         if output.result.info.get("budget"):

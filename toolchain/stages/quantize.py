@@ -14,14 +14,14 @@ import dataclasses
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from tqdm.auto import tqdm
 
 from ..bench.compare import Comparison, Interval, compare
 from ..bench.device import physical_cores
 from ..engine.artifacts import OnnxArtifact, StageResult
-from ..engine.stage import Job, Stage, StageOutput, register_stage
+from ..engine.stage import MODELS, Job, Sections, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, file_sha256, file_sizes
 from ..onnx.fold import REVISION as FOLD_REVISION
 from ..onnx.gemm_route import REVISION as GEMM_REVISION
@@ -46,6 +46,11 @@ from .common import (
     update_card,
 )
 
+if TYPE_CHECKING:  # annotations only
+    from ..data.loaders import DataBundle
+    from ..engine.context import Publication
+    from ..tracking import StageRun
+
 INT8_FILE = "model_int8.onnx"
 # 2: every candidate calibrates on the same images (1 handed each candidate the next ones)
 CALIBRATION_REVISION = 2
@@ -56,7 +61,8 @@ LATENCY_REVISION = 2
 @register_stage
 class Quantize(Stage):
     name = "quantize"
-    order = 55  # after export, before bench (which times the INT8 file next to the float one)
+    consumes = ("export", MODELS)
+    requires = {"export": "it quantizes the exported ONNX file"}
     sections = ("quantize",)
     # a changed graph rewrite, calibration or latency rule rebuilds cached candidates
     revision = {
@@ -66,14 +72,14 @@ class Quantize(Stage):
         "latency_revision": LATENCY_REVISION,
     }
 
-    def inputs(self, cfg, models, ran):
+    def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         return {"export": "export"}
 
-    def reads(self, cfg, models, ran):
+    def reads(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         # the INT8 model's PE: the float model's counts with its own accuracy, against the references
         return {**reference_reads(models), "final": models[-1]}
 
-    def preflight(self, cfg, data) -> None:
+    def preflight(self, cfg: Sections, data: DataBundle) -> None:
         available = data.train.num_samples * data.train.num_replicas  # the whole split, also under torchrun
         if cfg.quantize.calibration_images > available:
             raise QuantizeError(
@@ -161,7 +167,7 @@ class Quantize(Stage):
         # int8.test_accuracy, .file_bytes, .zip_bytes, .vs_*.pe_* ...
         return {k: v for k, v in output.metrics.items() if k.startswith("int8.")}
 
-    def publish(self, pub, output: StageOutput, child) -> Dict[str, float]:
+    def publish(self, pub: Publication, output: StageOutput, child: StageRun) -> Dict[str, float]:
         child.log_dict(output.result.info, "candidates.json")
         path = pub.run_dir / INT8_FILE
         art = output.result.artifacts.get("int8")

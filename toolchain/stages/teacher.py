@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..engine.stage import register_stage
+from typing import Any, Dict
+
+from ..engine.artifacts import StageResult
+from ..engine.stage import Job, Sections, register_stage
 from .common import ModelStage, arch_of, finalize, initial_model, model_fingerprint, train
 
 
@@ -10,13 +13,12 @@ from .common import ModelStage, arch_of, finalize, initial_model, model_fingerpr
 class Teacher(ModelStage):
     name = "teacher"
     row_label = "teacher"
-    order = 10
     sections = ("teacher",)
 
-    def fingerprint(self, cfg):
+    def fingerprint(self, cfg: Sections) -> Dict[str, Any]:
         return model_fingerprint(cfg.teacher)
 
-    def compute(self, job):
+    def compute(self, job: Job) -> StageResult:
         cfg = job.cfg.teacher
         model = initial_model(job, cfg)
         if cfg.checkpoint:
