@@ -687,9 +687,32 @@ def _quant_candidates():
     return CANDIDATES
 
 
+class AutoQuantizeConfig(Section):
+    images: int = Field(
+        128,
+        ge=8,
+        le=10000,
+        description="Calibration images on which each block's logits divergence is measured (its sensitivity).",
+    )
+    timed_blocks: int = Field(
+        6,
+        ge=1,
+        le=64,
+        description="How many of the most sensitive blocks get their float-fallback latency measured; only "
+        "these may be kept in float.",
+    )
+    timing_budget_s: float = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="Seconds the fallback comparison (all-INT8 against each timed block in float) may take.",
+    )
+
+
 class QuantizeConfig(Section):
     candidates: List[str] = Field(
         default_factory=lambda: [
+            "auto",
             "qdq_u8s8_dw_per_channel_keep_stem",
             "qdq_u8s8_dw_per_channel_keep_stem_fold",
             "qdq_u8s8_dw_per_channel_keep_stem_fold_gemm",
@@ -744,6 +767,11 @@ class QuantizeConfig(Section):
         gt=0,
         le=86400,
         description="Stop building new candidates after this many seconds (the ones built are still measured).",
+    )
+    auto: AutoQuantizeConfig = Field(
+        default_factory=AutoQuantizeConfig,
+        description="The `auto` candidate: blocks kept in float by their measured sensitivity and "
+        "fallback latency (docs/int8.md, 'INT8 layer by layer').",
     )
 
     @field_validator("candidates")

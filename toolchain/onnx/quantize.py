@@ -23,7 +23,7 @@ import collections.abc
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -65,6 +65,8 @@ class Candidate:
     # > 0: convs with at least this many weights per output channel run on onnxruntime's general QGEMM (AMX
     # where the CPU has it) instead of its symmetric conv kernels (onnx/gemm_route.py; exact)
     gemm_min_weights: int = 0
+    # True: which blocks stay float is searched block by block on the real runtime (onnx/sensitivity.py)
+    search: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.per_channel_only) - {"depthwise"}
@@ -128,6 +130,9 @@ for _c in (
         fold_max_pixels=64,
         gemm_min_weights=320,
     ),
+    # every block INT8 (depthwise weights per channel), then the blocks whose INT8 costs the accuracy kept in
+    # float, chosen by their measured logits divergence and float-fallback latency (onnx/sensitivity.py)
+    Candidate("auto", per_channel_only=("depthwise",), search=True),
 ):
     _register(_c)
 
@@ -253,13 +258,25 @@ def _is_depthwise(node, inits) -> bool:
 
 
 def quantize(
-    pre_path: Path, out_path: Path, candidate: Candidate, reader: CalibrationReader, reduce_range: bool = False
+    pre_path: Path,
+    out_path: Path,
+    candidate: Candidate,
+    reader: CalibrationReader,
+    reduce_range: bool = False,
+    float_nodes: Sequence[str] = (),
+    calibration_cache: Optional[Path] = None,
 ) -> Dict[str, Any]:
-    """Quantize pre_path into out_path (atomically) as `candidate` says."""
+    """Quantize pre_path into out_path (atomically) as `candidate` says, with `float_nodes` also kept
+    in float. calibration_cache: onnxruntime's file of activation ranges, computed by the first call
+    that names it and read by the next ones (the block search builds dozens of files from one
+    calibration; every file of one cache must come from the same graph and calibration method)."""
     from onnxruntime.quantization import quantize_static
 
     reader.rewind()
     options = quantize_options(pre_path, candidate)  # node and weight names survive folding
+    options["nodes_to_exclude"] = list(dict.fromkeys([*options["nodes_to_exclude"], *float_nodes]))
+    if calibration_cache is not None:
+        options["calibration_cache_path"] = str(calibration_cache)
     excluded = options["nodes_to_exclude"]
     regions = 0
     with atomic_path(out_path) as tmp, tempfile.TemporaryDirectory(dir=out_path.parent) as work:

@@ -16,18 +16,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..bench.compare import Comparison, Interval, compare
 from ..bench.device import physical_cores
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import MODELS, Job, Sections, Stage, StageOutput, register_stage
-from ..fsutil import atomic_write_json, file_sha256, file_sizes
+from ..fsutil import atomic_write_json, ensure_dir, file_sha256, file_sizes
 from ..onnx.fold import REVISION as FOLD_REVISION
 from ..onnx.gemm_route import REVISION as GEMM_REVISION
 from ..onnx.quantize import (
     CANDIDATES,
     CalibrationReader,
+    Candidate,
     Measured,
     QuantizeError,
     choose,
@@ -49,6 +51,7 @@ from .common import (
 if TYPE_CHECKING:  # annotations only
     from ..data.loaders import DataBundle
     from ..engine.context import Publication
+    from ..recipe import QuantizeConfig
     from ..tracking import StageRun
 
 INT8_FILE = "model_int8.onnx"
@@ -96,9 +99,10 @@ class Quantize(Stage):
         features = cpu_features()
         reader = calibration_reader(job, float_art.metadata["input_name"], cfg.calibration_images)
         preprocess(float_path, job.stage_dir / "float_pre.onnx")
-        built = build_candidates(job, cfg, reader, needs_reduce_range(features))
+        val = {"float": onnx_accuracy(float_path, cpu_batches(job.data.val))}
+        built = build_candidates(job, cfg, reader, needs_reduce_range(features), val["float"])
         files = {"float": float_path, **{name: path for name, (path, _) in built.items()}}
-        val = {name: onnx_accuracy(path, cpu_batches(job.data.val)) for name, path in files.items()}
+        val.update({name: onnx_accuracy(path, cpu_batches(job.data.val)) for name, (path, _) in built.items()})
         accurate = [n for n in built if within_accuracy(val["float"], Measured(n, val[n]), cfg.max_accuracy_drop)]
         comparison = compare_with_float(cfg, files, accurate)
         measured = [
@@ -161,7 +165,8 @@ class Quantize(Stage):
         return StageResult(metrics, artifacts={"int8": art}, info=info)
 
     def summary_lines(self, entry: Dict[str, Any]) -> List[str]:
-        return [_int8_line(entry)]
+        searched = [row["auto"]["line"] for row in entry["info"].get("candidates", []) if "auto" in row]
+        return [_int8_line(entry), *(f"INT8 {line}" for line in searched)]
 
     def headline(self, output: StageOutput) -> Dict[str, float]:
         # int8.test_accuracy, .file_bytes, .zip_bytes, .vs_*.pe_* ...
@@ -197,7 +202,9 @@ def calibration_reader(job: Job, input_name: str, images: int) -> CalibrationRea
     return CalibrationReader(plain, input_name, images)  # re-iterable: every candidate sees the same images
 
 
-def build_candidates(job: Job, cfg, reader: CalibrationReader, reduce_range: bool) -> Dict[str, Tuple[Path, dict]]:
+def build_candidates(
+    job: Job, cfg: QuantizeConfig, reader: CalibrationReader, reduce_range: bool, float_val: float
+) -> Dict[str, Tuple[Path, dict]]:
     """Quantize each candidate in turn until the search budget is spent. A candidate that
     onnxruntime cannot quantize is reported and skipped, not fatal."""
     built, start = {}, time.perf_counter()
@@ -206,13 +213,105 @@ def build_candidates(job: Job, cfg, reader: CalibrationReader, reduce_range: boo
             tqdm.write(f"[quantize] search budget ({cfg.search_budget_s:.0f} s) spent: {name} and later not built")
             break
         path = job.stage_dir / "candidates" / f"{name}.onnx"
+        candidate = CANDIDATES.get(name)
         try:
-            info = quantize(job.stage_dir / "float_pre.onnx", path, CANDIDATES.get(name), reader, reduce_range)
+            if candidate.search:
+                info = search_blocks(job, cfg, candidate, reader, reduce_range, float_val, path)
+            else:
+                info = quantize(job.stage_dir / "float_pre.onnx", path, candidate, reader, reduce_range)
         except QuantizeError as exc:
             tqdm.write(f"[quantize] skipped {exc}")
             continue
         built[name] = (path, info)
     return built
+
+
+def search_blocks(
+    job: Job,
+    cfg: QuantizeConfig,
+    candidate: Candidate,
+    reader: CalibrationReader,
+    reduce_range: bool,
+    float_val: float,
+    path: Path,
+) -> Dict[str, Any]:
+    """A searched candidate (`auto`): blocks kept in float by measured sensitivity and fallback cost
+    (onnx/sensitivity.py); its info carries the per-block table."""
+    from ..bench.ort import create_session
+    from ..onnx.export import onnx_accuracy
+    from ..onnx.sensitivity import BlockSearch, blocks
+
+    pre = job.stage_dir / "float_pre.onnx"
+    work = ensure_dir(job.stage_dir / "auto")
+    cache = work / "calibration.json"
+    cache.unlink(missing_ok=True)  # ranges of this calibration only
+    images = first_images(reader, cfg.auto.images)
+    info: Dict[str, Any] = {}
+
+    def build(float_blocks, out: Path) -> None:
+        info.update(quantize(pre, out, candidate, reader, reduce_range, float_blocks, cache))
+
+    def logits_of(onnx_path: Path):
+        session = create_session(onnx_path, "cpu")
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x})[0] for x in images])
+
+    search = BlockSearch(
+        build,
+        logits_of,
+        lambda p: onnx_accuracy(p, cpu_batches(job.data.val)),
+        lambda base, files: time_fallbacks(cfg, base, files),
+        work,
+        progress=lambda line: tqdm.write(f"[quantize] {candidate.name} {line}"),
+    )
+    result, out = search.run(blocks(pre), logits_of(pre), float_val, cfg.max_accuracy_drop, cfg.auto.timed_blocks)
+    tqdm.write(f"[quantize] {result.line()}")
+    shutil.copyfile(out, ensure_dir(path.parent) / path.name)
+    return {**info, "excluded_nodes": result.kept_float, "auto": {"line": result.line(), **_search_fields(result)}}
+
+
+def _search_fields(result) -> Dict[str, Any]:
+    return {
+        "base_divergence": result.base_divergence,
+        "base_val_accuracy": result.base_val_accuracy,
+        "val_accuracy": result.val_accuracy,
+        "within_gate": result.within_gate,
+        "kept_float": result.kept_float,
+        "blocks": result.table(),
+    }
+
+
+def first_images(reader: CalibrationReader, n: int) -> List[np.ndarray]:
+    """The first n calibration images, in the reader's chunks (the sensitivity measurement's inputs)."""
+    reader.rewind()
+    chunks, count = [], 0
+    while count < n and (chunk := reader.get_next()) is not None:
+        x = next(iter(chunk.values()))[: n - count]
+        chunks.append(x)
+        count += len(x)
+    reader.rewind()
+    return chunks
+
+
+def time_fallbacks(cfg: QuantizeConfig, base: Path, files: Dict[str, Path]) -> Dict[str, Tuple[float, Dict]]:
+    """block -> (cost, batch -> [ratio, low, high]): all-INT8 against each block in float, paired in one
+    comparison; cost = p50 with the block float / p50 all-INT8 - 1 (geometric mean over batch sizes)."""
+    settings, plan = latency_plan(cfg)
+    roles = {f"block{i}": name for i, name in enumerate(files)}
+    comparison = compare(
+        {"int8": base, **{role: files[name] for role, name in roles.items()}},
+        [("int8", role) for role in roles],
+        cfg.batch_sizes,
+        settings,
+        dataclasses.replace(plan, budget_s=cfg.auto.timing_budget_s),
+        progress=lambda line: tqdm.write(f"[quantize] auto fallback {line}"),
+    )
+    out = {}
+    for role, name in roles.items():
+        ivs = {b: comparison.ratio("int8", role, b) for b in cfg.batch_sizes}
+        cost = float(np.exp(np.mean([-np.log(iv.ratio) for iv in ivs.values()]))) - 1
+        out[name] = (cost, {str(b): [iv.ratio, iv.low, iv.high] for b, iv in ivs.items()})
+    return out
 
 
 def compare_with_float(cfg, files: Dict[str, Path], names: List[str]) -> Optional[Comparison]:
@@ -259,6 +358,7 @@ def candidate_table(
             "timed": m.speedup is not None,
             "sizes": file_sizes(files[m.name]),
             "settings": CANDIDATES.get(m.name).describe(),
+            **({"auto": m.info["auto"]} if "auto" in m.info else {}),  # the per-block table: why these blocks
         }
         if m.speedup is not None:
             row.update(

@@ -1,0 +1,141 @@
+"""INT8 layer by layer (the `auto` candidate, onnx/sensitivity.py): the block whose INT8 breaks the
+model ranks first on the real runtime; the choice weighs sensitivity against measured fallback cost;
+the stage ships the searched file only through the same gate, and says why in the card."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolchain.cli import run
+from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize
+from toolchain.onnx.sensitivity import Block, BlockSearch, blocks, divergence, priority
+
+from test_quantize import _tiny_dw_model
+
+
+def _fragile(path: Path) -> Path:
+    """The tiny mobilenet-like graph with pw1 made fragile: one weight 1000x the others, on an input
+    channel the depthwise conv zeroes (so the function and the activation ranges do not change), which
+    makes pw1's per-tensor weight scale so coarse that its other weights quantize to zero."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(_tiny_dw_model(path)))
+    inits = {i.name: i for i in model.graph.initializer}
+    for name, edit in (
+        ("dw_w", lambda w: w.__setitem__(3, 0.0)),
+        ("dw_w_b", lambda w: w.__setitem__(3, 0.0)),
+        ("pw1_w", lambda w: w.__setitem__((5, 3), 300.0)),
+    ):
+        w = numpy_helper.to_array(inits[name]).copy()
+        edit(w)
+        inits[name].CopyFrom(numpy_helper.from_array(w, name))
+    onnx.save(model, str(path))
+    return path
+
+
+def _session_logits(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_the_block_made_fragile_on_purpose_ranks_first(tmp_path):
+    pre = tmp_path / "pre.onnx"
+    preprocess(_fragile(tmp_path / "float.onnx"), pre)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, (32, 3, 16, 16)).astype(np.float32)
+    reader = CalibrationReader([(x, np.zeros(32))], "input", 32)
+    auto, cache = CANDIDATES.get("auto"), tmp_path / "calibration.json"
+
+    def build(float_blocks, out):
+        quantize(pre, out, auto, reader, float_nodes=float_blocks, calibration_cache=cache)
+
+    search = BlockSearch(build, lambda p: _session_logits(p, x), None, None, tmp_path)
+    found = blocks(pre)
+    assert {b.name for b in found} >= {"stem", "dw", "pw1", "pw2", "fc"}
+    base_div, ranked, _ = search.rank(found, _session_logits(pre, x))
+    assert ranked[0].name == "pw1", [(b.name, b.sensitivity) for b in ranked]
+    # measured: pw1 0.14 of the base's 0.23, the next block (pw2) 0.005
+    assert ranked[0].sensitivity > 0.5 * base_div and ranked[0].sensitivity > 10 * ranked[1].sensitivity
+    assert cache.is_file()  # one calibration for every file
+
+
+class Synthetic:
+    """Blocks with known damage and cost: accuracy = 0.90 - the damage of the blocks left in INT8."""
+
+    damage = {"a": 0.20, "b": 0.003, "c": 0.004, "d": 0.0}
+    cost = {"a": 0.30, "b": -0.05, "c": 0.20, "d": 0.02}
+
+    def build(self, float_blocks, out: Path):
+        out.write_text(json.dumps(sorted(float_blocks)))
+
+    def logits_of(self, path: Path):
+        kept = set(json.loads(path.read_text())) if path.name != "float.onnx" else set(self.damage)
+        return np.array([[1.0 + sum(self.damage[b] for b in self.damage if b not in kept), 0.0]])
+
+    def accuracy_of(self, path: Path):
+        kept = set(json.loads(path.read_text()))
+        return 0.90 - sum(v for b, v in self.damage.items() if b not in kept)
+
+    def time_fallbacks(self, base, files):
+        return {n: (self.cost[n], {"1": [1 / (1 + self.cost[n])] * 3}) for n in files}
+
+
+def test_the_choice_takes_free_fallbacks_first_then_sensitivity_per_cost_and_stops_at_the_gate(tmp_path):
+    s = Synthetic()
+    search = BlockSearch(s.build, s.logits_of, s.accuracy_of, s.time_fallbacks, tmp_path)
+    (tmp_path / "float.onnx").write_text("[]")
+    found = [Block(n, "Conv") for n in "abcd"]
+    result, out = search.run(found, s.logits_of(tmp_path / "float.onnx"), 0.90, 0.01, timed=3)
+    assert [b.name for b in result.blocks][:3] == ["a", "c", "b"]  # by sensitivity
+    # the known optimum: within the gate (damage left <= 0.01) at the least cost is {a, b}: b speeds up
+    # when float (taken first, free), a is needed; c is not (its 0.004 fits the gate) and costs 0.20
+    assert result.kept_float == ["b", "a"]
+    assert result.within_gate and result.val_accuracy == pytest.approx(0.90 - 0.004)
+    assert json.loads(out.read_text()) == ["a", "b"]  # the file written is the chosen set
+    assert next(b for b in result.blocks if b.name == "d").cost is None  # not among the timed: never chosen
+
+
+def test_priority_and_divergence():
+    assert priority(Block("x", "Conv", sensitivity=0.1, cost=-0.01)) > priority(
+        Block("y", "Conv", sensitivity=5.0, cost=0.01)
+    )
+    assert priority(Block("z", "Conv", sensitivity=1.0)) == -np.inf
+    ref = np.array([[1.0, -1.0], [2.0, 0.0]])
+    assert divergence(ref, ref) == 0.0 and divergence(ref, ref * 2) == pytest.approx(np.mean(ref**2) / np.var(ref))
+
+
+@pytest.mark.slow  # the search quantizes the tiny student once per block (60) and trains it first
+def test_the_auto_candidate_runs_in_the_stage_and_the_card_says_why(tiny_recipe, tmp_path, capsys):
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        export={"exporter": "torchscript", "opset": 17, "references": False},
+        quantize={
+            "candidates": ["auto"],
+            "calibration_images": 32,
+            "max_accuracy_drop": 0.0,  # any drop makes the search time blocks and keep some float
+            "latency": {"block_s": 0.01, "blocks": 2, "min_replicates": 2, "max_replicates": 2},
+            "intra_op_threads": 1,
+            "auto": {"images": 16, "timed_blocks": 2, "timing_budget_s": 5},
+        },
+        bench=None,
+        package=None,
+    )
+    assert run(["compress", str(path)]) == 0
+    run_dir = tmp_path / "export" / "tiny"
+    quantize_entry = json.loads((run_dir / "summary.json").read_text())["stages"]["quantize"]
+    row = next(r for r in quantize_entry["info"]["candidates"] if r["name"] == "auto")
+    auto = row["auto"]
+    assert auto["blocks"] and all(b["divergence"] is not None for b in auto["blocks"])
+    sens = [b["sensitivity"] for b in auto["blocks"]]
+    assert sens == sorted(sens, reverse=True)
+    assert set(auto["kept_float"]) == {b["name"] for b in auto["blocks"] if b["kept_float"]}
+    assert row["timed"] and "auto" in quantize_entry["info"]["reason"]  # judged by the gate like any candidate
+    assert all(b["cost"] is not None for b in auto["blocks"] if b["kept_float"])  # measured before chosen
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert next(r for r in card["int8"]["candidates"] if r["name"] == "auto")["auto"]["line"] == auto["line"]
+    assert f"INT8 {auto['line']}" in capsys.readouterr().out
