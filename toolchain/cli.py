@@ -117,7 +117,7 @@ class Commands:
         )
 
     def list(self, kind: str = "all"):
-        """List registry names: models, datasets, pruners, losses, quantizers, stages (or all)."""
+        """List registry names: models, sources, datasets, pruners, losses, quantizers, stages (or all)."""
         print("\n".join(_registry_lines(kind)))
 
 
@@ -136,12 +136,14 @@ def _registries():
     from .data.datasets import DATASETS
     from .engine.stage import STAGES
     from .models.registry import MODELS
+    from .models.sources import SOURCES
     from .onnx.quantize import CANDIDATES
     from .prune.registry import PRUNERS
     from .train.losses import LOSSES
 
     return {
         "models": MODELS,
+        "sources": SOURCES,
         "datasets": DATASETS,
         "pruners": PRUNERS,
         "losses": LOSSES,

@@ -215,13 +215,13 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _weights_fit_model(self) -> "ModelConfig":
-        from .models.refs import parse
+        from .models.refs import check_cifar_stem
         from .models.weights import check_weights
 
         if self.weights is not None:
             check_weights(self.model, self.weights)
-        if self.cifar_stem and parse(self.model).kind != "registry":
-            raise ValueError(f"cifar_stem applies to registry models only, not {self.model!r}; remove it")
+        if self.cifar_stem:
+            check_cifar_stem(self.model)
         return self
 
 

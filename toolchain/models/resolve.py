@@ -6,7 +6,8 @@
     weights_identity(model_cfg)           what the weights are, for the stage key
     weights_preprocessing(model_cfg)      how the weights expect images, for the data layer
 
-References are parsed in refs.py, weights loaded in weights.py.
+References are parsed in refs.py, weights loaded in weights.py; what differs between the forms of
+a reference (registry, torchvision/, timm/, module:callable) is their model source's (sources.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .refs import build, parse  # noqa: F401  (build: part of this module's API)
-from .weights import create_pretrained, is_file, load_pretrained_file, timm_pretrained_cfg, torchvision_weights
+from .weights import create_pretrained, is_file, load_pretrained_file
 
 
 def create(model_cfg, num_classes: int):
@@ -148,11 +149,7 @@ def weights_identity(model_cfg) -> Optional[str]:
             )
         return file_sha256(weights)[:16]
     ref = parse(model_cfg.model)
-    if ref.kind == "torchvision":
-        enum = torchvision_weights(ref, weights)
-        return f"{enum} {enum.url}"
-    cfg = timm_pretrained_cfg(ref)
-    return f"{cfg.hf_hub_id or cfg.url or cfg.file} {cfg.tag}"
+    return ref.source.weights_identity(ref, weights)
 
 
 def weights_preprocessing(model_cfg) -> Optional[Dict[str, Any]]:
@@ -163,28 +160,4 @@ def weights_preprocessing(model_cfg) -> Optional[Dict[str, Any]]:
     if not weights or is_file(weights):
         return None
     ref = parse(model_cfg.model)
-    if ref.kind == "torchvision":
-        t = torchvision_weights(ref, weights).transforms()
-        crop, resize = t.crop_size[0], t.resize_size[0]
-        return {
-            "mean": [float(v) for v in t.mean],
-            "std": [float(v) for v in t.std],
-            "image_size": [crop, crop],
-            "crop_pct": round(crop / resize, 4),
-            "interpolation": t.interpolation.value,
-        }
-    from timm.data import resolve_data_config
-
-    cfg = resolve_data_config(pretrained_cfg=timm_pretrained_cfg(ref).to_dict())
-    return {
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
-        "image_size": list(cfg["input_size"][1:]),
-        "crop_pct": float(cfg["crop_pct"]),
-        "interpolation": _interpolation(cfg["interpolation"]),
-    }
-
-
-def _interpolation(name: str) -> str:
-    """timm also names 'random' or 'lanczos'; the data layer knows bilinear, bicubic, nearest."""
-    return name if name in ("bilinear", "bicubic", "nearest") else "bilinear"
+    return ref.source.weights_preprocessing(ref, weights)
