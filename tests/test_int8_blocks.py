@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_quantize import _tiny_dw_model
 
 from toolchain.cli import run
 from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize
 from toolchain.onnx.sensitivity import Block, BlockSearch, blocks, divergence, priority
-
-from test_quantize import _tiny_dw_model
 
 
 def _fragile(path: Path) -> Path:
