@@ -223,7 +223,7 @@ def test_a_bare_postgresql_uri_names_sqlalchemys_default_driver(monkeypatch):
     import toolchain.tracking as tracking
     from toolchain.errors import TrackingError
 
-    monkeypatch.setattr(tracking, "_has_module", lambda name: name == "psycopg2")
+    monkeypatch.setattr(tracking.uris, "_has_module", lambda name: name == "psycopg2")  # where check_uri looks it up
     with pytest.raises(TrackingError) as err:
         tracking.check_uri(f"postgresql://u:{SECRET}@db/mlflow")
     message = str(err.value)
