@@ -138,3 +138,32 @@ def test_the_auto_candidate_runs_in_the_stage_and_the_card_says_why(tiny_recipe,
     card = json.loads((run_dir / "model_card.json").read_text())
     assert next(r for r in card["int8"]["candidates"] if r["name"] == "auto")["auto"]["line"] == auto["line"]
     assert f"INT8 {auto['line']}" in capsys.readouterr().out
+
+
+def test_a_fallback_measured_faster_is_kept_even_within_the_gate_and_a_slower_one_is_not(tmp_path):
+    s = Synthetic()
+    s.damage = {"a": 0.0, "b": 0.0, "c": 0.0}
+    s.cost = {"a": 0.10, "b": -0.10, "c": 0.05}
+    profile = {"b": 0.08, "c": 0.02}  # the profile says b and c may run faster in float; a is not profiled slow
+    search = BlockSearch(s.build, s.logits_of, s.accuracy_of, s.time_fallbacks, tmp_path, profile=lambda base: profile)
+    (tmp_path / "float.onnx").write_text("[]")
+    result, _ = search.run([Block(n, "Conv") for n in "abc"], s.logits_of(tmp_path / "float.onnx"), 0.90, 0.01, 2)
+    assert result.kept_float == ["b"]  # measured faster in float; c measured slower, a never timed
+    timed = {b.name: b.cost for b in result.blocks if b.cost is not None}
+    assert timed == {"b": -0.10, "c": 0.05}
+    assert {b.name: b.profile_gain for b in result.blocks} == {"a": None, "b": 0.08, "c": 0.02}
+
+
+def test_profiles_map_back_to_the_blocks_they_ran(tmp_path):
+    from toolchain.bench.profile import node_profile
+    from toolchain.onnx.sensitivity import profile_gains
+
+    pre = tmp_path / "pre.onnx"
+    preprocess(_tiny_dw_model(tmp_path / "float.onnx"), pre)
+    rng = np.random.default_rng(3)
+    reader = CalibrationReader([(rng.uniform(0, 1, (8, 3, 16, 16)).astype(np.float32), np.zeros(8))], "input", 8)
+    quantize(pre, tmp_path / "int8.onnx", CANDIDATES.get("auto"), reader)
+    f = node_profile(pre, batch_size=2, runs=3, replicates=1)["nodes"]
+    q = node_profile(tmp_path / "int8.onnx", batch_size=2, runs=3, replicates=1)["nodes"]
+    gains = profile_gains(pre, f, q)
+    assert {"stem", "dw", "pw1", "pw2", "fc"} <= set(gains)  # every INT8 kernel found its block

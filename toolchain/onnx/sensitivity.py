@@ -13,14 +13,17 @@ What the `auto` quantization candidate does (issue 32), on the real runtime:
    divergence (the MSE of logits: cheap, and it ranks what the accuracy then confirms).
 2. Fallback cost, measured, not assumed: a float block between INT8 neighbours runs its float
    kernel and adds Quantize/Dequantize conversions, and a narrow INT8 kernel can be slower than
-   the float one (MLAS's depthwise), so the cost can be of either sign. For the `timed` most
-   sensitive blocks, bench/compare.py times base against base-with-that-block-float (paired
-   blocks, fresh processes); cost = p50(with the block float) / p50(base) - 1, the geometric mean
-   over the batch sizes.
-3. Choice: starting from base, add blocks in order of sensitivity per unit of cost (a block that
-   costs nothing or speeds up comes first), checking validation accuracy after each, and stop
-   as soon as it is within max_drop of float; the set is then final. When the ranked blocks run
-   out first, the last set is the candidate and the stage's gate rejects it for its accuracy.
+   the float one (MLAS's depthwise, the 3-channel stem), so the cost can be of either sign. Two
+   sets of blocks are timed: the most sensitive ones (when all-INT8 misses the accuracy gate) and
+   the ones whose INT8 kernels onnxruntime's per-node profile shows slower than their float kernels
+   (bench/profile.py; names mapped back by profile_gains). bench/compare.py times all-INT8 against
+   all-INT8-with-that-block-float, paired blocks in fresh processes; cost = p50(with the block
+   float) / p50(all-INT8) - 1, the geometric mean over the batch sizes.
+3. Choice: every timed block whose fallback interval says faster at every batch size is kept float
+   (it only adds accuracy). Then, while validation accuracy is outside max_drop of float, the timed
+   sensitive blocks are added in order of sensitivity per unit of cost (a free one first), checking
+   accuracy after each. When they run out first, the last set is the candidate and the stage's gate
+   rejects it for its accuracy.
 The file chosen is then one candidate among the whole-model ones: the stage measures it against
 float like any other, and it ships only if it wins there.
 """
@@ -36,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 BLOCK_OPS = ("Conv", "Gemm", "MatMul", "Add")
+REVISION = 1  # the quantize stage's key carries it: a changed search rebuilds cached `auto` candidates
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Block:
     cost: Optional[float] = None  # measured slowdown of keeping it float (negative: faster)
     cost_interval: Optional[Dict[str, List[float]]] = None  # batch -> [ratio, low, high] of base / with it float
     val_accuracy: Optional[float] = None  # of the candidate after this block was added (choice steps only)
+    profile_gain: Optional[float] = None  # profiled INT8 minus float kernel time, as a share of the INT8 model's
     kept_float: bool = False
 
     def as_dict(self) -> Dict[str, object]:
@@ -87,6 +92,42 @@ def divergence(reference: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean((logits.astype(np.float64) - ref) ** 2) / max(np.var(ref), 1e-12))
 
 
+ACTIVATIONS = ("Clip", "Relu", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid")
+
+
+def profile_gains(pre_path: Path, float_nodes: List[dict], int8_nodes: List[dict]) -> Dict[str, float]:
+    """block -> its INT8 kernel time minus its float kernel time (us), from onnxruntime per-node profiles
+    (bench/profile.py) of the all-INT8 file and the float file. onnxruntime renames what it runs: a fused
+    float conv is named after the tensor it writes (`<tensor>_nchwc`, the activation's output when one
+    is fused), an INT8 node `<node>_token_<n>`; both are mapped back to the block they come from."""
+    import onnx
+
+    graph = onnx.load(str(pre_path), load_external_data=False).graph
+    names = {n.name for n in graph.node if n.op_type in BLOCK_OPS}
+    writer = {o: n.name for n in graph.node if n.name in names for o in n.output}
+    for n in graph.node:  # an activation fused into the block writes the tensor the fused node is named after
+        if n.op_type in ACTIVATIONS and n.input and n.input[0] in writer:
+            writer[n.output[0]] = writer[n.input[0]]
+
+    def block_of(node: str) -> Optional[str]:
+        base = re.sub(r"_nchwc$", "", re.sub(r"_token_\d+$", "", node))
+        return base if base in names else writer.get(base)
+
+    totals: Dict[str, Dict[str, float]] = {"float": {}, "int8": {}}
+    for kind, nodes in (("float", float_nodes), ("int8", int8_nodes)):
+        for node in nodes:
+            block = block_of(node["name"])
+            if block is not None:
+                totals[kind][block] = totals[kind].get(block, 0.0) + node["us"]
+    return {b: us - totals["float"].get(b, 0.0) for b, us in totals["int8"].items()}
+
+
+def faster_in_float(block: Block) -> bool:
+    """Its measured fallback is faster at every batch size: the interval of all-INT8 / with it float
+    lies above 1 (a slow INT8 kernel, e.g. a narrow depthwise or the 3-channel stem)."""
+    return bool(block.cost_interval) and all(low > 1.0 for _, low, _ in block.cost_interval.values())
+
+
 def priority(block: Block) -> float:
     """Sensitivity per unit of measured cost; a free (or speeding-up) fallback first, by sensitivity."""
     sens = max(block.sensitivity or 0.0, 0.0)
@@ -110,6 +151,8 @@ class BlockSearch:
     time_fallbacks: Callable[[Path, Dict[str, Path]], Dict[str, Tuple[float, Dict[str, List[float]]]]]
     work: Path
     progress: Callable[[str], None] = lambda line: None
+    # all-INT8 file -> block -> profiled INT8 minus float kernel time (> 0: the fallback may be free)
+    profile: Optional[Callable[[Path], Dict[str, float]]] = None
 
     def rank(self, found: List[Block], float_logits: np.ndarray) -> Tuple[float, List[Block], Path]:
         base = self.work / "base.onnx"
@@ -130,23 +173,38 @@ class BlockSearch:
         """The chosen candidate's file (work/auto.onnx) and what was measured on the way."""
         base_div, ranked, base = self.rank(found, float_logits)
         base_val = self.accuracy_of(base)
-        top = [b for b in ranked[:timed] if (b.sensitivity or 0.0) > 0]
-        if float_val - base_val > max_drop + 1e-9 and top:
-            self.progress(f"timing the float fallback of the {len(top)} most sensitive blocks against all-INT8")
-            for name, (cost, interval) in self.time_fallbacks(base, {b.name: self._path(b) for b in top}).items():
-                block = next(b for b in top if b.name == name)
+        within = lambda val: float_val - val <= max_drop + 1e-9  # noqa: E731  (the gate's own rule)
+        sensitive = [] if within(base_val) else [b for b in ranked[:timed] if (b.sensitivity or 0.0) > 0]
+        gains = self.profile(base) if self.profile is not None else {}
+        for block in ranked:
+            block.profile_gain = gains.get(block.name)
+        slow = sorted((b for b in ranked if gains.get(b.name, 0.0) > 0), key=lambda b: -gains[b.name])[:timed]
+        to_time = list({b.name: b for b in [*sensitive, *slow]}.values())
+        if to_time:
+            self.progress(
+                f"timing the float fallback of {len(to_time)} blocks against all-INT8 ({len(sensitive)} most "
+                f"sensitive, {len(slow)} profiled slower in INT8)"
+            )
+            for name, (cost, interval) in self.time_fallbacks(base, {b.name: self._path(b) for b in to_time}).items():
+                block = next(b for b in to_time if b.name == name)
                 block.cost, block.cost_interval = cost, interval
-        chosen, val, out = [], base_val, self.work / "auto.onnx"
-        self.build([], out)
-        for block in sorted(top, key=priority, reverse=True):
-            if float_val - val <= max_drop + 1e-9 or block.cost is None:
+        out = self.work / "auto.onnx"
+        chosen = [b for b in sorted(to_time, key=lambda b: b.cost or 0.0) if faster_in_float(b)]  # free: take all
+        self.build([b.name for b in chosen], out)
+        val = self.accuracy_of(out) if chosen else base_val
+        for block in chosen:
+            block.kept_float = True
+        if chosen:
+            self.progress(f"kept {len(chosen)} blocks float that run faster in float: val acc {val:.4f}")
+        for block in sorted((b for b in sensitive if not b.kept_float), key=priority, reverse=True):
+            if within(val) or block.cost is None:
                 break
-            chosen.append(block.name)
-            self.build(chosen, out)
+            chosen.append(block)
+            self.build([b.name for b in chosen], out)
             val = block.val_accuracy = self.accuracy_of(out)
             block.kept_float = True
             self.progress(f"kept {block.name} in float: val acc {val:.4f}")
-        result = SearchResult(base_div, base_val, chosen, val, float_val - val <= max_drop + 1e-9, ranked)
+        result = SearchResult(base_div, base_val, [b.name for b in chosen], val, within(val), ranked)
         return result, out
 
     def _path(self, block: Block) -> Path:

@@ -39,6 +39,7 @@ from ..onnx.quantize import (
     quantize,
     within_accuracy,
 )
+from ..onnx.sensitivity import REVISION as SEARCH_REVISION
 from .common import (
     cpu_batches,
     latency_plan,
@@ -73,6 +74,7 @@ class Quantize(Stage):
         "gemm_revision": GEMM_REVISION,
         "calibration_revision": CALIBRATION_REVISION,
         "latency_revision": LATENCY_REVISION,
+        "search_revision": SEARCH_REVISION,
     }
 
     def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
@@ -263,6 +265,7 @@ def search_blocks(
         lambda base, files: time_fallbacks(cfg, base, files),
         work,
         progress=lambda line: tqdm.write(f"[quantize] {candidate.name} {line}"),
+        profile=lambda base: profiled_gains(cfg, pre, base),
     )
     result, out = search.run(blocks(pre), logits_of(pre), float_val, cfg.max_accuracy_drop, cfg.auto.timed_blocks)
     tqdm.write(f"[quantize] {result.line()}")
@@ -279,6 +282,22 @@ def _search_fields(result) -> Dict[str, Any]:
         "kept_float": result.kept_float,
         "blocks": result.table(),
     }
+
+
+def profiled_gains(cfg: QuantizeConfig, float_path: Path, int8_path: Path) -> Dict[str, float]:
+    """block -> its INT8 kernel time minus its float kernel time in onnxruntime's per-node profile, as a
+    share of the INT8 model's profiled time, summed over the batch sizes (it picks which fallbacks to time)."""
+    from ..bench.profile import node_profile
+    from ..onnx.sensitivity import profile_gains
+
+    settings, _ = latency_plan(cfg)
+    gains: Dict[str, float] = {}
+    for batch in cfg.batch_sizes:
+        fp = node_profile(float_path, batch_size=batch, settings=settings, runs=20, replicates=1)
+        qp = node_profile(int8_path, batch_size=batch, settings=settings, runs=20, replicates=1)
+        for name, us in profile_gains(float_path, fp["nodes"], qp["nodes"]).items():
+            gains[name] = gains.get(name, 0.0) + us / max(qp["total_us"], 1e-9)
+    return gains
 
 
 def first_images(reader: CalibrationReader, n: int) -> List[np.ndarray]:
