@@ -65,19 +65,32 @@ def measure(
     replicates, 95% intervals); accuracy on val (choice) and test (report)."""
     from toolchain.bench.compare import Plan, Settings, compare
     from toolchain.onnx.export import onnx_accuracy
+    from toolchain.onnx.sensitivity import search
     from toolchain.recipe import QuantizeConfig
 
     preprocess(float_path, work / "pre.onnx")
     files = {"float": float_path}
-    for name in dict.fromkeys([DEFAULT, *QuantizeConfig().candidates]):  # the stage's default search + ORT's advice
-        files[name] = work / f"{name}.onnx"
-        quantize(work / "pre.onnx", files[name], CANDIDATES.get(name), CalibrationReader(calib, "input", 512))
+    settings = Settings(intra_op_threads=threads, block_s=block_s)
+    section = QuantizeConfig(batch_sizes=list(batch_sizes))
+    # no labels (random weights): every file is as accurate as float, so `auto` keeps float only what runs faster
+    accuracy_of = (lambda p: onnx_accuracy(p, val)) if val else (lambda p: 0.0)
+    for name in dict.fromkeys([DEFAULT, *section.candidates]):  # the stage's default search + ORT's advice
+        files[name], candidate = work / f"{name}.onnx", CANDIDATES.get(name)
+        reader = CalibrationReader(calib, "input", 512)
+        if candidate.search:
+            info = search(
+                work / "pre.onnx", files[name], candidate, reader, False, accuracy_of, accuracy_of(float_path),
+                section, settings, Plan(), work / "auto", progress=lambda line: print(f"  [auto] {line}", file=sys.stderr),
+            )  # fmt: skip
+            print(f"  [{float_path.stem}] {info['auto']['line']}", file=sys.stderr)
+        else:
+            quantize(work / "pre.onnx", files[name], candidate, reader)
     names = [n for n in files if n != "float"]
     c = compare(
         files,
         [("float", n) for n in names],
         batch_sizes,
-        Settings(intra_op_threads=threads, block_s=block_s),
+        settings,
         Plan(budget_s=budget_s),
         progress=lambda line: print(f"  [{float_path.stem}] {line}", file=sys.stderr),
     )

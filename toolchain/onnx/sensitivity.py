@@ -209,3 +209,118 @@ class BlockSearch:
 
     def _path(self, block: Block) -> Path:
         return self.work / ("float_" + re.sub(r"[^\w.-]", "_", block.name).strip("_") + ".onnx")
+
+
+# ---------------------------------------------------------------- the search on real files
+
+
+def search(
+    pre: Path,
+    out_path: Path,
+    candidate,
+    reader,
+    reduce_range: bool,
+    accuracy_of: Callable[[Path], float],
+    float_val: float,
+    cfg,
+    settings,
+    plan,
+    work: Path,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Dict[str, object]:
+    """Run BlockSearch on the pre-processed float file `pre` and write the chosen candidate to out_path;
+    returns quantize()'s info with the per-block table under "auto". cfg: a quantize section (its
+    batch_sizes, max_accuracy_drop, auto.*); settings, plan: how bench/compare.py times (the section's)."""
+    import shutil
+
+    from ..bench.ort import create_session
+    from .quantize import quantize
+
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "calibration.json"
+    cache.unlink(missing_ok=True)  # the ranges of this calibration only
+    images = first_images(reader, cfg.auto.images)
+    info: Dict[str, object] = {}
+
+    def build(float_blocks: Sequence[str], out: Path) -> None:
+        info.update(quantize(pre, out, candidate, reader, reduce_range, float_blocks, cache))
+
+    def logits_of(path: Path) -> np.ndarray:
+        session = create_session(path, "cpu")
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x})[0] for x in images])
+
+    searcher = BlockSearch(
+        build,
+        logits_of,
+        accuracy_of,
+        lambda base, files: time_fallbacks(base, files, cfg.batch_sizes, settings, plan, cfg.auto.timing_budget_s),
+        work,
+        progress=progress,
+        profile=lambda base: profiled_gains(pre, base, cfg.batch_sizes, settings),
+    )
+    result, chosen = searcher.run(blocks(pre), logits_of(pre), float_val, cfg.max_accuracy_drop, cfg.auto.timed_blocks)
+    progress(result.line().removeprefix("auto: "))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(chosen, out_path)
+    fields = {
+        "line": result.line(),
+        "base_divergence": result.base_divergence,
+        "base_val_accuracy": result.base_val_accuracy,
+        "val_accuracy": result.val_accuracy,
+        "within_gate": result.within_gate,
+        "kept_float": result.kept_float,
+        "blocks": result.table(),
+    }
+    return {**info, "excluded_nodes": result.kept_float, "auto": fields}
+
+
+def first_images(reader, n: int) -> List[np.ndarray]:
+    """The first n calibration images, in the reader's chunks (the sensitivity measurement's inputs)."""
+    reader.rewind()
+    chunks, count = [], 0
+    while count < n and (chunk := reader.get_next()) is not None:
+        x = next(iter(chunk.values()))[: n - count]
+        chunks.append(x)
+        count += len(x)
+    reader.rewind()
+    return chunks
+
+
+def profiled_gains(float_path: Path, int8_path: Path, batch_sizes: Sequence[int], settings) -> Dict[str, float]:
+    """block -> its INT8 kernel time minus its float kernel time in onnxruntime's per-node profile, as a
+    share of the INT8 model's profiled time, summed over the batch sizes (it picks which fallbacks to time)."""
+    from ..bench.profile import node_profile
+
+    gains: Dict[str, float] = {}
+    for batch in batch_sizes:
+        fp = node_profile(float_path, batch_size=batch, settings=settings, runs=20, replicates=1)
+        qp = node_profile(int8_path, batch_size=batch, settings=settings, runs=20, replicates=1)
+        for name, us in profile_gains(float_path, fp["nodes"], qp["nodes"]).items():
+            gains[name] = gains.get(name, 0.0) + us / max(qp["total_us"], 1e-9)
+    return gains
+
+
+def time_fallbacks(
+    base: Path, files: Dict[str, Path], batch_sizes: Sequence[int], settings, plan, budget_s: float
+) -> Dict[str, Tuple[float, Dict[str, List[float]]]]:
+    """block -> (cost, batch -> [ratio, low, high]): all-INT8 against each block in float, paired in one
+    comparison; cost = p50 with the block float / p50 all-INT8 - 1 (geometric mean over batch sizes)."""
+    from dataclasses import replace
+
+    from ..bench.compare import compare
+
+    roles = {f"block{i}": name for i, name in enumerate(files)}
+    comparison = compare(
+        {"int8": base, **{role: files[name] for role, name in roles.items()}},
+        [("int8", role) for role in roles],
+        batch_sizes,
+        settings,
+        replace(plan, budget_s=budget_s),
+    )
+    out = {}
+    for role, name in roles.items():
+        ivs = {b: comparison.ratio("int8", role, b) for b in batch_sizes}
+        cost = float(np.exp(np.mean([-np.log(iv.ratio) for iv in ivs.values()]))) - 1
+        out[name] = (cost, {str(b): [iv.ratio, iv.low, iv.high] for b, iv in ivs.items()})
+    return out

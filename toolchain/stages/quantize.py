@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ..bench.compare import Comparison, Interval, compare
@@ -237,100 +236,26 @@ def search_blocks(
     float_val: float,
     path: Path,
 ) -> Dict[str, Any]:
-    """A searched candidate (`auto`): blocks kept in float by measured sensitivity and fallback cost
-    (onnx/sensitivity.py); its info carries the per-block table."""
-    from ..bench.ort import create_session
+    """A searched candidate (`auto`, onnx/sensitivity.py) on the validation split, measured with the
+    section's latency settings; its info carries the per-block table."""
     from ..onnx.export import onnx_accuracy
-    from ..onnx.sensitivity import BlockSearch, blocks
+    from ..onnx.sensitivity import search
 
-    pre = job.stage_dir / "float_pre.onnx"
-    work = ensure_dir(job.stage_dir / "auto")
-    cache = work / "calibration.json"
-    cache.unlink(missing_ok=True)  # ranges of this calibration only
-    images = first_images(reader, cfg.auto.images)
-    info: Dict[str, Any] = {}
-
-    def build(float_blocks, out: Path) -> None:
-        info.update(quantize(pre, out, candidate, reader, reduce_range, float_blocks, cache))
-
-    def logits_of(onnx_path: Path):
-        session = create_session(onnx_path, "cpu")
-        name = session.get_inputs()[0].name
-        return np.concatenate([session.run(None, {name: x})[0] for x in images])
-
-    search = BlockSearch(
-        build,
-        logits_of,
-        lambda p: onnx_accuracy(p, cpu_batches(job.data.val)),
-        lambda base, files: time_fallbacks(cfg, base, files),
-        work,
-        progress=lambda line: tqdm.write(f"[quantize] {candidate.name} {line}"),
-        profile=lambda base: profiled_gains(cfg, pre, base),
-    )
-    result, out = search.run(blocks(pre), logits_of(pre), float_val, cfg.max_accuracy_drop, cfg.auto.timed_blocks)
-    tqdm.write(f"[quantize] {result.line()}")
-    shutil.copyfile(out, ensure_dir(path.parent) / path.name)
-    return {**info, "excluded_nodes": result.kept_float, "auto": {"line": result.line(), **_search_fields(result)}}
-
-
-def _search_fields(result) -> Dict[str, Any]:
-    return {
-        "base_divergence": result.base_divergence,
-        "base_val_accuracy": result.base_val_accuracy,
-        "val_accuracy": result.val_accuracy,
-        "within_gate": result.within_gate,
-        "kept_float": result.kept_float,
-        "blocks": result.table(),
-    }
-
-
-def profiled_gains(cfg: QuantizeConfig, float_path: Path, int8_path: Path) -> Dict[str, float]:
-    """block -> its INT8 kernel time minus its float kernel time in onnxruntime's per-node profile, as a
-    share of the INT8 model's profiled time, summed over the batch sizes (it picks which fallbacks to time)."""
-    from ..bench.profile import node_profile
-    from ..onnx.sensitivity import profile_gains
-
-    settings, _ = latency_plan(cfg)
-    gains: Dict[str, float] = {}
-    for batch in cfg.batch_sizes:
-        fp = node_profile(float_path, batch_size=batch, settings=settings, runs=20, replicates=1)
-        qp = node_profile(int8_path, batch_size=batch, settings=settings, runs=20, replicates=1)
-        for name, us in profile_gains(float_path, fp["nodes"], qp["nodes"]).items():
-            gains[name] = gains.get(name, 0.0) + us / max(qp["total_us"], 1e-9)
-    return gains
-
-
-def first_images(reader: CalibrationReader, n: int) -> List[np.ndarray]:
-    """The first n calibration images, in the reader's chunks (the sensitivity measurement's inputs)."""
-    reader.rewind()
-    chunks, count = [], 0
-    while count < n and (chunk := reader.get_next()) is not None:
-        x = next(iter(chunk.values()))[: n - count]
-        chunks.append(x)
-        count += len(x)
-    reader.rewind()
-    return chunks
-
-
-def time_fallbacks(cfg: QuantizeConfig, base: Path, files: Dict[str, Path]) -> Dict[str, Tuple[float, Dict]]:
-    """block -> (cost, batch -> [ratio, low, high]): all-INT8 against each block in float, paired in one
-    comparison; cost = p50 with the block float / p50 all-INT8 - 1 (geometric mean over batch sizes)."""
     settings, plan = latency_plan(cfg)
-    roles = {f"block{i}": name for i, name in enumerate(files)}
-    comparison = compare(
-        {"int8": base, **{role: files[name] for role, name in roles.items()}},
-        [("int8", role) for role in roles],
-        cfg.batch_sizes,
+    return search(
+        job.stage_dir / "float_pre.onnx",
+        path,
+        candidate,
+        reader,
+        reduce_range,
+        lambda p: onnx_accuracy(p, cpu_batches(job.data.val)),
+        float_val,
+        cfg,
         settings,
-        dataclasses.replace(plan, budget_s=cfg.auto.timing_budget_s),
-        progress=lambda line: tqdm.write(f"[quantize] auto fallback {line}"),
+        plan,
+        ensure_dir(job.stage_dir / "auto"),
+        progress=lambda line: tqdm.write(f"[quantize] {candidate.name} {line}"),
     )
-    out = {}
-    for role, name in roles.items():
-        ivs = {b: comparison.ratio("int8", role, b) for b in cfg.batch_sizes}
-        cost = float(np.exp(np.mean([-np.log(iv.ratio) for iv in ivs.values()]))) - 1
-        out[name] = (cost, {str(b): [iv.ratio, iv.low, iv.high] for b, iv in ivs.items()})
-    return out
 
 
 def compare_with_float(cfg, files: Dict[str, Path], names: List[str]) -> Optional[Comparison]:
