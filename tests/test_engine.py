@@ -343,7 +343,13 @@ def test_a_stage_revision_is_in_its_key_and_a_bump_changes_it(monkeypatch):
     quantize = STAGES.get("quantize")
     cfg = sections_of(load_recipe("recipes/mobilenet.yaml"), quantize)
     before = stage_key(quantize, cfg, {"export": "k"}, None)
-    assert set(quantize.revision) == {"fold_revision", "gemm_revision", "calibration_revision", "latency_revision"}
+    assert set(quantize.revision) == {
+        "fold_revision",
+        "gemm_revision",
+        "calibration_revision",
+        "latency_revision",
+        "search_revision",
+    }
     monkeypatch.setattr(type(quantize), "revision", {**quantize.revision, "latency_revision": 99})
     assert stage_key(quantize, cfg, {"export": "k"}, None) != before
 
