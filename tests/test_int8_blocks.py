@@ -98,6 +98,16 @@ def test_the_choice_takes_free_fallbacks_first_then_sensitivity_per_cost_and_sto
     assert next(b for b in result.blocks if b.name == "d").cost is None  # not among the timed: never chosen
 
 
+def test_a_fallback_is_free_when_faster_somewhere_and_slower_nowhere():
+    from toolchain.onnx.sensitivity import faster_in_float
+
+    # the demo's stem: 0.99x [0.90, 1.14] at batch 1, 1.13x [1.05, 1.22] at batch 32
+    assert faster_in_float(Block("stem", "Conv", cost_interval={"1": [0.99, 0.90, 1.14], "32": [1.13, 1.05, 1.22]}))
+    assert not faster_in_float(Block("s", "Conv", cost_interval={"1": [1.2, 1.1, 1.3], "32": [0.9, 0.85, 0.95]}))
+    assert not faster_in_float(Block("n", "Conv", cost_interval={"1": [1.0, 0.9, 1.1]}))
+    assert not faster_in_float(Block("u", "Conv"))
+
+
 def test_priority_and_divergence():
     assert priority(Block("x", "Conv", sensitivity=0.1, cost=-0.01)) > priority(
         Block("y", "Conv", sensitivity=5.0, cost=0.01)

@@ -19,8 +19,8 @@ What the `auto` quantization candidate does (issue 32), on the real runtime:
    (bench/profile.py; names mapped back by profile_gains). bench/compare.py times all-INT8 against
    all-INT8-with-that-block-float, paired blocks in fresh processes; cost = p50(with the block
    float) / p50(all-INT8) - 1, the geometric mean over the batch sizes.
-3. Choice: every timed block whose fallback interval says faster at every batch size is kept float
-   (it only adds accuracy). Then, while validation accuracy is outside max_drop of float, the timed
+3. Choice: every timed block whose fallback is measured faster at some batch size and slower at
+   none (intervals) is kept float (it only adds accuracy). Then, while validation accuracy is outside max_drop of float, the timed
    sensitive blocks are added in order of sensitivity per unit of cost (a free one first), checking
    accuracy after each. When they run out first, the last set is the candidate and the stage's gate
    rejects it for its accuracy.
@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 BLOCK_OPS = ("Conv", "Gemm", "MatMul", "Add")
-REVISION = 1  # the quantize stage's key carries it: a changed search rebuilds cached `auto` candidates
+REVISION = 2  # in the quantize stage key: a changed search rebuilds cached `auto` candidates (2: free = faster somewhere, slower nowhere)
 
 
 @dataclass
@@ -123,9 +123,10 @@ def profile_gains(pre_path: Path, float_nodes: List[dict], int8_nodes: List[dict
 
 
 def faster_in_float(block: Block) -> bool:
-    """Its measured fallback is faster at every batch size: the interval of all-INT8 / with it float
-    lies above 1 (a slow INT8 kernel, e.g. a narrow depthwise or the 3-channel stem)."""
-    return bool(block.cost_interval) and all(low > 1.0 for _, low, _ in block.cost_interval.values())
+    """Its measured fallback is faster at some batch size and slower at none: one interval of
+    all-INT8 / with it float lies above 1, none below 1 (a slow INT8 kernel, e.g. the 3-channel stem)."""
+    intervals = list((block.cost_interval or {}).values())
+    return any(low > 1.0 for _, low, _ in intervals) and all(high >= 1.0 for _, _, high in intervals)
 
 
 def priority(block: Block) -> float:
