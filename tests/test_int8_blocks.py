@@ -177,3 +177,25 @@ def test_profiles_map_back_to_the_blocks_they_ran(tmp_path):
     q = node_profile(tmp_path / "int8.onnx", batch_size=2, runs=3, replicates=1)["nodes"]
     gains = profile_gains(pre, f, q)
     assert {"stem", "dw", "pw1", "pw2", "fc"} <= set(gains)  # every INT8 kernel found its block
+
+
+def test_the_report_shows_each_runs_per_block_table():
+    from toolchain.report import int8_block_sections
+
+    search = {
+        "line": "auto: 3 blocks ranked; kept in float: stem; val acc 0.8938 (all INT8: 0.8930)",
+        "blocks": [
+            {"name": "stem", "op": "Conv", "sensitivity": 1e-4, "divergence": 2e-4, "profile_gain": 0.08,
+             "cost": -0.07, "cost_interval": {"1": [1.03, 0.84, 1.20], "32": [1.14, 1.12, 1.16]}, "kept_float": True},
+            {"name": "pw", "op": "Conv", "sensitivity": 5e-5, "divergence": 3e-4, "profile_gain": None,
+             "cost": None, "cost_interval": None, "kept_float": False},
+        ],
+    }  # fmt: skip
+    text = "\n".join(int8_block_sections({"demo": search}))
+    assert "## INT8 layer by layer (`auto`)" in text and "### demo" in text and search["line"] in text
+    assert (
+        "| stem | Conv | 1.00e-04 | 2.00e-04 | +0.080 | bs1 1.03x [0.84, 1.20] / bs32 1.14x [1.12, 1.16] | yes |"
+        in text
+    )
+    assert "| pw | Conv | 5.00e-05 | 3.00e-04 | - | - |  |" in text
+    assert int8_block_sections({}) == []

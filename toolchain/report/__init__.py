@@ -19,7 +19,8 @@ Every number is read from the runs; nothing is recomputed.
 The package's face (what `python -m toolchain report` and the tests import) and the command itself,
 make_report / log_report; the code is in
     runs.py     reading MLflow: the experiment, its compress runs and their references, as rows
-    tables.py   cell formats, Markdown and CSV tables, weight vs channel, seeds and paired differences
+    tables.py   cell formats, Markdown and CSV tables, weight vs channel, seeds and paired differences,
+                the per-block table of the `auto` INT8 candidate (read from its quantize run's candidates.json)
     plots.py    the PNG plots (matplotlib is imported only when one is drawn)
 """
 
@@ -51,6 +52,7 @@ from .runs import (
     client_for,
     collect,
     find_experiment,
+    int8_blocks,
     parent_runs,
     reference_rows,
     run_row,
@@ -63,6 +65,7 @@ from .tables import (
     _repeated,
     fmt,
     fmt_stat,
+    int8_block_sections,
     markdown_report,
     markdown_table,
     method_comparison,
@@ -92,6 +95,8 @@ __all__ = [
     "find_experiment",
     "fmt",
     "fmt_stat",
+    "int8_block_sections",
+    "int8_blocks",
     "log_report",
     "make_report",
     "markdown_report",
@@ -154,7 +159,8 @@ def make_report(
     files["markdown"] = out / "report.md"
     write_csv(files["csv"], rows, CSV_COLUMNS)
     write_csv(files["references_csv"], refs, REF_COLUMNS)
-    atomic_write_text(files["markdown"], markdown_report(experiment, rows, refs, plots))
+    int8 = int8_blocks(experiment, tracking_uri)  # the auto INT8 candidate's per-block search, where one ran
+    atomic_write_text(files["markdown"], markdown_report(experiment, rows, refs, plots, int8))
     if log_to_mlflow:
         files_run = log_report(uri, exp.experiment_id, list(files.values()), len(rows))
         print(f"[report] logged to MLflow run {files_run} (experiment {experiment})")

@@ -249,3 +249,30 @@ def collect(experiment: str, tracking_uri: Optional[str] = None):
     ids = [r.info.run_id for r in parents]
     children = {stage: child_runs(client, exp.experiment_id, stage, ids) for stage in ("teacher", "distill")}
     return exp, [run_row(r) for r in parents], reference_rows(parents, children), uri
+
+
+def int8_blocks(experiment: str, tracking_uri: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """run name -> the `auto` INT8 candidate's per-block search (from its quantize child run's
+    candidates.json artifact), for the compress runs whose quantize stage built it."""
+    import json
+    import tempfile
+
+    client, _ = client_for(tracking_uri)
+    exp = find_experiment(client, experiment)
+    parents = parent_runs(client, exp.experiment_id)
+    children = child_runs(client, exp.experiment_id, "quantize", [r.info.run_id for r in parents])
+    found: Dict[str, Dict[str, Any]] = {}
+    for parent in parents:
+        child = children.get(parent.info.run_id)
+        if child is None:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = retry(client.download_artifacts, child.info.run_id, "candidates.json", tmp)
+                table = json.loads(open(path).read()).get("candidates", [])
+            except Exception:  # a run without the artifact (older toolchain): nothing to show
+                continue
+        searched = [row["auto"] for row in table if isinstance(row, dict) and "auto" in row]
+        if searched:
+            found[run_row(parent)["run_name"]] = searched[0]
+    return found

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..formatting import si
 from ..fsutil import atomic_write_text
@@ -185,7 +185,9 @@ def write_csv(path: Path, rows: List[Dict[str, Any]], columns: Sequence[str]) ->
     atomic_write_text(path, buffer.getvalue())
 
 
-def markdown_report(experiment: str, rows, refs, plots: Sequence[str]) -> str:
+def markdown_report(
+    experiment: str, rows, refs, plots: Sequence[str], int8: Optional[Dict[str, Dict[str, Any]]] = None
+) -> str:
     comparison = [] if _repeated(rows) else method_comparison(rows)  # one run per cell; repeats get the paired tables
     parts = [
         f"# Compression report: experiment `{experiment}`",
@@ -217,6 +219,7 @@ def markdown_report(experiment: str, rows, refs, plots: Sequence[str]) -> str:
         parts += ["", "## Weight vs channel pruning (PE vs teacher)", "", markdown_table(comparison, cols)]
     if _repeated(rows):
         parts += seed_sections(rows)
+    parts += int8_block_sections(int8 or {})
     parts += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(parts) + "\n"
 
@@ -257,3 +260,44 @@ def seed_sections(rows: List[Dict[str, Any]]) -> List[str]:
                 markdown_table(table, ["dataset", "student", "finetune_loss", "comparison", "pairs", *PAIRED_METRICS]),
             ]
     return parts
+
+
+def int8_block_sections(searches: Dict[str, Dict[str, Any]], top: int = 8) -> List[str]:
+    """Per run, why the `auto` INT8 candidate kept which blocks in float: the most sensitive blocks and
+    every block whose float fallback was timed (measured, all-INT8 / with it float, per batch size)."""
+    if not searches:
+        return []
+    parts = [
+        "",
+        "## INT8 layer by layer (`auto`)",
+        "",
+        "Sensitivity: how much keeping the block in float lowers the logits' relative MSE against float; "
+        "fallback: p50 all-INT8 / p50 with the block float, median [95% interval] per batch size "
+        "(> 1: faster in float); profiled: the block's INT8 kernel time minus its float kernel time, as a "
+        "share of the INT8 model's (per-node profile, summed over batch sizes).",
+    ]
+    for run, search in sorted(searches.items()):
+        blocks = search.get("blocks", [])
+        shown = [b for i, b in enumerate(blocks) if i < top or b.get("cost") is not None or b.get("kept_float")]
+        rows = [
+            {
+                "block": b["name"],
+                "op": b["op"],
+                "sensitivity": _num(b.get("sensitivity"), ".2e"),
+                "divergence": _num(b.get("divergence"), ".2e"),
+                "profiled": _num(b.get("profile_gain"), "+.3f"),
+                "fallback": " / ".join(
+                    f"bs{bs} {r:.2f}x [{lo:.2f}, {hi:.2f}]"
+                    for bs, (r, lo, hi) in (b.get("cost_interval") or {}).items()
+                )
+                or "-",
+                "kept float": "yes" if b.get("kept_float") else "",
+            }
+            for b in shown
+        ]
+        parts += ["", f"### {run}", "", search.get("line", ""), "", markdown_table(rows, list(rows[0]) if rows else [])]
+    return parts
+
+
+def _num(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
