@@ -18,7 +18,7 @@ class OnnxBytes(Stage):
     name = "toy_bytes"
     consumes = ("export",)  # the plan runs it after export
     requires = {"export": "it reads the exported file"}
-    sections = ("export",)  # runs when the recipe exports; a stage with a new section adds it to recipe.py
+    sections = ("export",)  # runs when the recipe exports; a stage with a new section adds it to recipe/schema.py
     uses_data = False
     revision = {"toy_revision": 1}
 

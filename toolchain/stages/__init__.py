@@ -2,7 +2,7 @@
 stage in engine.stage.STAGES (so a new stage is its own file, with no import list to edit).
 
 To add a stage: CONTRIBUTING.md "Add a stage" (a @register_stage class: name, sections, consumes,
-inputs, compute, restore, publish; its section in toolchain/recipe.py when it reads a new one).
+inputs, compute, restore, publish; its section in toolchain/recipe/schema.py when it reads a new one).
 """
 
 import importlib
