@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from test_model_refs import one_line_error, student  # the same helpers as the reference tests
 
 from toolchain.cli import run
-from toolchain.errors import RecipeError
 from toolchain.models import resolve
 from toolchain.models.refs import build, parse
 from toolchain.models.sources import SOURCES, ModelSource, Reference, register_source
-from toolchain.recipe import validate_dict
 
 PACKAGE = Path(__file__).resolve().parent.parent / "toolchain"
 
@@ -51,17 +50,6 @@ def toy_source(monkeypatch):
     monkeypatch puts back after the test."""
     monkeypatch.setattr(SOURCES, "_entries", dict(SOURCES._entries))
     register_source(ToySource)
-
-
-def one_line_error(fn, error=RecipeError):
-    with pytest.raises(error) as info:
-        fn()
-    assert "\n" not in str(info.value) and info.value.exit_code == 2
-    return str(info.value)
-
-
-def student(**fields):
-    return validate_dict({"name": "t", "student": fields, "distill": {"loss": "ce"}}).student
 
 
 def test_a_toy_source_is_validated_built_and_listed(toy_source, tmp_path, capsys):
