@@ -95,6 +95,8 @@ def test_the_choice_takes_free_fallbacks_first_then_sensitivity_per_cost_and_sto
     assert result.kept_float == ["b", "a"]
     assert result.within_gate and result.val_accuracy == pytest.approx(0.90 - 0.004)
     assert json.loads(out.read_text()) == ["a", "b"]  # the file written is the chosen set
+    alone = {b.name: b.alone_val_accuracy for b in result.blocks}  # the 3 most sensitive, each alone in float
+    assert alone == {"a": pytest.approx(0.893), "c": pytest.approx(0.697), "b": pytest.approx(0.696), "d": None}
     assert next(b for b in result.blocks if b.name == "d").cost is None  # not among the timed: never chosen
 
 
@@ -185,7 +187,7 @@ def test_the_report_shows_each_runs_per_block_table():
     search = {
         "line": "auto: 3 blocks ranked; kept in float: stem; val acc 0.8938 (all INT8: 0.8930)",
         "blocks": [
-            {"name": "stem", "op": "Conv", "sensitivity": 1e-4, "divergence": 2e-4, "profile_gain": 0.08,
+            {"name": "stem", "op": "Conv", "sensitivity": 1e-4, "divergence": 2e-4, "profile_gain": 0.08, "alone_val_accuracy": 0.895,
              "cost": -0.07, "cost_interval": {"1": [1.03, 0.84, 1.20], "32": [1.14, 1.12, 1.16]}, "kept_float": True},
             {"name": "pw", "op": "Conv", "sensitivity": 5e-5, "divergence": 3e-4, "profile_gain": None,
              "cost": None, "cost_interval": None, "kept_float": False},
@@ -194,8 +196,8 @@ def test_the_report_shows_each_runs_per_block_table():
     text = "\n".join(int8_block_sections({"demo": search}))
     assert "## INT8 layer by layer (`auto`)" in text and "### demo" in text and search["line"] in text
     assert (
-        "| stem | Conv | 1.00e-04 | 2.00e-04 | +0.080 | bs1 1.03x [0.84, 1.20] / bs32 1.14x [1.12, 1.16] | yes |"
+        "| stem | Conv | 1.00e-04 | 2.00e-04 | 0.8950 | +0.080 | bs1 1.03x [0.84, 1.20] / bs32 1.14x [1.12, 1.16] | yes |"
         in text
     )
-    assert "| pw | Conv | 5.00e-05 | 3.00e-04 | - | - |  |" in text
+    assert "| pw | Conv | 5.00e-05 | 3.00e-04 | - | - | - |  |" in text
     assert int8_block_sections({}) == []

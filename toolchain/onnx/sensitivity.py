@@ -10,7 +10,8 @@ What the `auto` quantization candidate does (issue 32), on the real runtime:
    (onnxruntime's calibration cache) and runs in onnxruntime on the calibration images; a file's
    divergence is its logits' mean squared error against the float model's, relative to the float
    logits' variance. A block's sensitivity is how much keeping it in float lowers the base's
-   divergence (the MSE of logits: cheap, and it ranks what the accuracy then confirms).
+   divergence (the MSE of logits: cheap, and it ranks what the accuracy then confirms: the
+   ACCURACY_CHECKED most sensitive blocks' files also get their validation accuracy).
 2. Fallback cost, measured, not assumed: a float block between INT8 neighbours runs its float
    kernel and adds Quantize/Dequantize conversions, and a narrow INT8 kernel can be slower than
    the float one (MLAS's depthwise, the 3-channel stem), so the cost can be of either sign. Two
@@ -39,7 +40,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 BLOCK_OPS = ("Conv", "Gemm", "MatMul", "Add")
-REVISION = 2  # in the quantize stage key: a changed search rebuilds cached `auto` candidates (2: free = faster somewhere, slower nowhere)
+ACCURACY_CHECKED = 3  # the most sensitive blocks whose only-it-float file also gets its validation accuracy
+REVISION = 3  # in the quantize stage key: a changed search rebuilds cached `auto` candidates (2: free = faster
+# somewhere, slower nowhere; 3: the top blocks' validation accuracy alone in float)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Block:
     cost: Optional[float] = None  # measured slowdown of keeping it float (negative: faster)
     cost_interval: Optional[Dict[str, List[float]]] = None  # batch -> [ratio, low, high] of base / with it float
     val_accuracy: Optional[float] = None  # of the candidate after this block was added (choice steps only)
+    alone_val_accuracy: Optional[float] = None  # with only this block in float (the ACCURACY_CHECKED most sensitive)
     profile_gain: Optional[float] = None  # profiled INT8 minus float kernel time, as a share of the INT8 model's
     kept_float: bool = False
 
@@ -174,6 +178,8 @@ class BlockSearch:
         """The chosen candidate's file (work/auto.onnx) and what was measured on the way."""
         base_div, ranked, base = self.rank(found, float_logits)
         base_val = self.accuracy_of(base)
+        for block in ranked[:ACCURACY_CHECKED]:  # the divergence ranks; accuracy confirms the top of it
+            block.alone_val_accuracy = self.accuracy_of(self._path(block))
         within = lambda val: float_val - val <= max_drop + 1e-9  # noqa: E731  (the gate's own rule)
         sensitive = [] if within(base_val) else [b for b in ranked[:timed] if (b.sensitivity or 0.0) > 0]
         gains = self.profile(base) if self.profile is not None else {}

@@ -285,6 +285,7 @@ def int8_block_sections(searches: Dict[str, Dict[str, Any]], top: int = 8) -> Li
                 "op": b["op"],
                 "sensitivity": _num(b.get("sensitivity"), ".2e"),
                 "divergence": _num(b.get("divergence"), ".2e"),
+                "val acc, only it float": _num(b.get("alone_val_accuracy"), ".4f"),
                 "profiled": _num(b.get("profile_gain"), "+.3f"),
                 "fallback": " / ".join(
                     f"bs{bs} {r:.2f}x [{lo:.2f}, {hi:.2f}]"
