@@ -168,6 +168,7 @@ class BlockSearch:
             self.build([block.name], path)
             block.divergence = divergence(float_logits, self.logits_of(path))
             block.sensitivity = base_div - block.divergence
+            path.unlink()  # one model file per block would stay in the stage cache; the few used later are rebuilt
             if i % 10 == 0 or i == len(found):
                 self.progress(f"sensitivity: {i}/{len(found)} blocks")
         return base_div, sorted(found, key=lambda b: -(b.sensitivity or 0.0)), base
@@ -179,7 +180,7 @@ class BlockSearch:
         base_div, ranked, base = self.rank(found, float_logits)
         base_val = self.accuracy_of(base)
         for block in ranked[:ACCURACY_CHECKED]:  # the divergence ranks; accuracy confirms the top of it
-            block.alone_val_accuracy = self.accuracy_of(self._path(block))
+            block.alone_val_accuracy = self.accuracy_of(self._file(block))
         within = lambda val: float_val - val <= max_drop + 1e-9  # noqa: E731  (the gate's own rule)
         sensitive = [] if within(base_val) else [b for b in ranked[:timed] if (b.sensitivity or 0.0) > 0]
         gains = self.profile(base) if self.profile is not None else {}
@@ -192,7 +193,7 @@ class BlockSearch:
                 f"timing the float fallback of {len(to_time)} blocks against all-INT8 ({len(sensitive)} most "
                 f"sensitive, {len(slow)} profiled slower in INT8)"
             )
-            for name, (cost, interval) in self.time_fallbacks(base, {b.name: self._path(b) for b in to_time}).items():
+            for name, (cost, interval) in self.time_fallbacks(base, {b.name: self._file(b) for b in to_time}).items():
                 block = next(b for b in to_time if b.name == name)
                 block.cost, block.cost_interval = cost, interval
         out = self.work / "auto.onnx"
@@ -211,8 +212,17 @@ class BlockSearch:
             val = block.val_accuracy = self.accuracy_of(out)
             block.kept_float = True
             self.progress(f"kept {block.name} in float: val acc {val:.4f}")
+        for block in ranked:
+            self._path(block).unlink(missing_ok=True)
         result = SearchResult(base_div, base_val, [b.name for b in chosen], val, within(val), ranked)
         return result, out
+
+    def _file(self, block: Block) -> Path:
+        """The file with only `block` in float, built again (same calibration) if the ranking removed it."""
+        path = self._path(block)
+        if not path.is_file():
+            self.build([block.name], path)
+        return path
 
     def _path(self, block: Block) -> Path:
         return self.work / ("float_" + re.sub(r"[^\w.-]", "_", block.name).strip("_") + ".onnx")
