@@ -1,5 +1,10 @@
 """`python -m toolchain.bench`: the torch-free device bench's command line (the library is ort.py,
 the paired comparison with --reference is compare.py). See ort.py's docstring for the options.
+
+    python -m toolchain.bench --latency-table SPEC.json --json TABLE.json
+
+instead times the single Conv / Gemm layers a spec lists and writes the layer latency table the
+prune stage allocates channels from (latency_table.py; no model file, torch-free too).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from ..errors import BenchError, OutputError, first_line, run_command
 from ..fsutil import atomic_write_json, file_sha256
 from .compare import Plan, Settings, compare
 from .device import fingerprint, format_device
+from .latency_table import load_spec, measure_table
 from .ort import GRAPH_OPT_LEVELS, PROVIDERS, _check_model_file, _fmt_shape, benchmark, format_environment, format_table
 
 # ---------------------------------------------------------------- CLI
@@ -51,9 +57,18 @@ def _provider_list(text: str) -> List[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
-        prog=_PROG, description="onnxruntime latency benchmark of an ONNX image classifier (no torch needed)."
+        prog=_PROG,
+        description="onnxruntime latency benchmark of an ONNX image classifier (no torch needed); "
+        "or, with --latency-table SPEC.json --json TABLE.json, the per-layer latency table for latency-aware pruning.",
     )
-    p.add_argument("model", help="path to the .onnx file")
+    p.add_argument("model", nargs="?", help="path to the .onnx file (absent with --latency-table)")
+    p.add_argument(
+        "--latency-table",
+        default=None,
+        metavar="SPEC",
+        help="time the Conv/Gemm layers listed in this JSON spec (batch_size, threads, layers; see "
+        "toolchain/bench/latency_table.py) instead of a model, and write the table to --json",
+    )
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 32], help="comma-separated batch sizes (default 1,32)")
     p.add_argument(
         "--providers",
@@ -261,8 +276,66 @@ def _log_to_run(args, target, results: Dict[str, Any]) -> None:
         raise BenchError(f"--mlflow-run-id: logging failed ({first_line(exc, 200)}){kept}") from None
 
 
+# ---------------------------------------------------------------- --latency-table
+
+
+def _check_table_args(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors: exactly one of MODEL and --latency-table; the table needs --json and takes its
+    batch size and threads from the spec, so model-bench options would be silently ignored: refused."""
+    if args.latency_table is None:
+        if args.model is None:
+            parser.error("the model file is required (or --latency-table SPEC.json --json TABLE.json)")
+        return
+    if args.model is not None:
+        parser.error(f"give either a model ({args.model}) or --latency-table, not both")
+    if not args.json:
+        parser.error("--latency-table needs --json TABLE.json (where the table is written)")
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "latency_table", "json"):
+            if getattr(args, action.dest) != action.default:
+                parser.error(
+                    f"{action.option_strings[0]} does not apply to --latency-table (the spec sets batch_size and threads)"
+                )
+
+
+def _measure_with_counter(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """measure_table with a one-line counter on stderr; the line is ended even when the timing
+    fails, so the error that follows stays one line of its own."""
+    shown = []
+
+    def progress(done: int, total: int) -> None:
+        sys.stderr.write(f"\r[latency-table] {done}/{total} layer timings")
+        sys.stderr.flush()
+        shown.append(done)
+
+    try:
+        return measure_table(spec, progress=progress)
+    finally:
+        if shown:
+            sys.stderr.write("\n")
+
+
+def _latency_table(args) -> int:
+    _check_json_path(args.json)
+    spec = load_spec(args.latency_table)
+    table = _measure_with_counter(spec)
+    _write_json(args.json, table)
+    device = table["device"]
+    print(
+        f"latency table: {len(table['entries'])} distinct layers ({len(spec['layers'])} in the spec) timed in "
+        f"{table['elapsed_s']:.1f} s at batch {table['batch_size']}, intra-op threads "
+        f"{table['threads'] or 'default'}, on {device['cpu_model']} (onnxruntime {device['onnxruntime']}); "
+        f"written to {args.json}"
+    )
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_table_args(parser, args)
+    if args.latency_table is not None:
+        return run_command(lambda: _latency_table(args), prog=_PROG)
 
     def body() -> int:
         results, target = _run(args)
