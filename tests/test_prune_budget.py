@@ -37,8 +37,24 @@ def recipe(prune, **sections):
         ({"method": "channel", "budget": {"macs": 1.5}}, "prune.budget.macs: Input should be less than 1"),
         ({"method": "channel", "budget": {"speedup": 0.5}}, "prune.budget.speedup: Input should be greater than 1"),
         (
-            {"method": "channel", "allocation": "latency_aware", "budget": {"speedup": 2}},
-            "prune.allocation: Input should be 'uniform'",
+            {"method": "channel", "allocation": "greedy", "budget": {"speedup": 2}},
+            "prune.allocation: Input should be 'uniform' or 'latency_aware'",
+        ),
+        (
+            {"method": "channel", "sparsity": 0.3, "allocation": "latency_aware"},
+            "prune: prune.allocation latency_aware spreads a budget: set prune.budget",
+        ),
+        (
+            {"method": "channel", "engine": "torch_pruning", "allocation": "latency_aware", "budget": {"speedup": 2}},
+            "prune.allocation latency_aware (kept channels per group) is built for prune.engine nni",
+        ),
+        (
+            {"method": "channel", "budget": {"macs": 0.5, "device_table": "t.json"}},
+            "device_table is a latency table: it goes with speedup or latency_ms, not macs",
+        ),
+        (
+            {"method": "channel", "allocation": "uniform", "budget": {"speedup": 2, "device_table": "t.json"}},
+            "prune.budget.device_table is what latency_aware allocates on",
         ),
     ],
 )
@@ -81,9 +97,10 @@ def test_latency_budget_defaults_come_from_the_bench_and_export_sections():
 def test_a_budget_recipe_dumps_without_sparsity_and_loads_again():
     r = recipe({"method": "channel", "budget": {"params": 0.4}})
     dumped = yaml.safe_load(to_yaml(r))
-    assert "sparsity" not in dumped["prune"] and dumped["prune"]["allocation"] == "uniform"
+    assert "sparsity" not in dumped["prune"] and dumped["prune"]["allocation"] == "latency_aware"  # a budget's default
     assert validate_dict(dumped) == r
     assert recipe({"method": "channel", "sparsity": 0.3}).model_dump()["prune"]["sparsity"] == 0.3
+    assert recipe({"method": "channel", "sparsity": 0.3}).prune.allocation == "uniform"
     assert PruneConfig(method="channel", budget={"macs": 0.5}).budget.kind == "macs"
 
 

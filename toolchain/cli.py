@@ -85,6 +85,26 @@ class Commands:
         plan(loaded)  # the stages it enables fit together (bench needs export...)
         print(to_yaml(shown(loaded)), end="")  # the screen never shows the tracking password
 
+    def latency_spec(self, recipe: str, *overrides: str, out: str = "latency_spec.json"):
+        """Write the layer shapes a latency budget's cost model times (prune.budget with allocation
+        latency_aware), for the device: python -m toolchain.bench --latency-table SPEC.json --json TABLE.json
+        there, then prune.budget.device_table: TABLE.json here.
+
+        Args:
+          recipe: path to a YAML recipe with prune.budget.speedup or latency_ms
+          overrides: dotted section.key=value pairs
+          out: where the spec is written (JSON)
+        """
+        from .engine.runner import latency_spec
+        from .fsutil import atomic_write_json
+
+        _quiet()
+        spec = latency_spec(_load(recipe, overrides))
+        atomic_write_json(out, spec)
+        print(
+            f"wrote {out}: {len(spec['layers'])} layer shapes at batch {spec['batch_size']}, threads {spec['threads']}"
+        )
+
     def bench(self, onnx: str, *args: str):
         """Benchmark an ONNX file with onnxruntime (torch-free). Same options as python -m toolchain.bench --help,
         e.g. bench export/RUN/model.onnx --batch-sizes 1,32 --providers cpu

@@ -325,6 +325,31 @@ def _register_model(run: RunContext) -> None:
     tqdm.write(f"[mlflow] registered model {name} version {version.version} ({model_uri})")
 
 
+def latency_spec(recipe: Recipe) -> Dict[str, Any]:
+    """The layer shapes a latency budget's cost model times (prune.budget, latency_aware), for
+    `python -m toolchain.bench --latency-table` on the device: the student as the prune stage sees it
+    (untrained: shapes do not depend on weights), the budget's batch size and threads."""
+    from ..data.loaders import build_data
+    from ..models.resolve import architecture
+    from ..prune.costmodel import layer_graph, table_spec
+    from ..recipe.pruning import LATENCY_BUDGETS
+
+    budget = recipe.prune.budget if recipe.prune is not None else None
+    if budget is None or budget.kind not in LATENCY_BUDGETS or recipe.prune.allocation != "latency_aware":
+        raise RecipeError(
+            "latency-spec needs a latency budget allocated latency_aware (prune.budget.speedup or latency_ms, "
+            "prune.allocation: latency_aware)"
+        )
+    import torch
+
+    data = build_data(
+        recipe.data, recipe.seed, torch.device("cpu"), weights_preprocessing=pretrained_preprocessing(recipe)
+    )
+    example = data.example_batch(2).cpu()
+    graph = layer_graph(architecture(recipe.student, data.num_classes).cpu(), example, recipe.prune)
+    return table_spec(graph, budget.batch_size, budget.threads or 0)
+
+
 def recipe_tags(recipe: Recipe) -> Dict[str, Any]:
     return {
         "toolchain.recipe_hash": recipe_hash(recipe),

@@ -50,10 +50,14 @@ def prune_model(
     example_input: torch.Tensor,
     finetune_fn: Optional[FinetuneFn] = None,
     gradients: Optional[GradientSource] = None,
+    kept: Optional[Dict[str, int]] = None,
 ) -> PruneResult:
     """Prune a copy of `model` as `cfg` (a PruneConfig) says; see the module doc.
 
-    `gradients` (training batches + loss) is what the `taylor` pruner scores with.
+    `gradients` (training batches + loss) is what the `taylor` pruner scores with. `kept` (channel
+    method, engine nni): the kept channels of each dependency group, keyed by its first member
+    (latency_aware allocation, costmodel.py); cfg.sparsity is then not used, and an iterative
+    schedule ramps every group towards its own count.
     """
     spec = check_fit(cfg.method, cfg.pruner, cfg.engine, cfg.scope)
     started = time.perf_counter()
@@ -65,15 +69,17 @@ def prune_model(
     names = list(targets)
     before = _totals(model, example_input)
     shapes_before = layer_stats.snapshot(model, names)
-    sparsities = sparsity_steps(cfg.sparsity, cfg.schedule, cfg.steps)
+    sparsities = sparsity_steps(1.0 if kept else cfg.sparsity, cfg.schedule, cfg.steps)
     with engine_failures(cfg, model, names):
         prune_step = _stepper(
-            model, cfg, spec, targets, sparsities, example_input, gradients, has_channel_shuffle(model)
+            model, cfg, spec, targets, sparsities, example_input, gradients, has_channel_shuffle(model), kept
         )
         after_step = run_schedule(sparsities, prune_step, lambda: model, finetune_fn, cfg.step_epochs)
         after = _totals(model, example_input)  # runs the pruned model: one that no longer runs failed here too
     layers = layer_stats.compare(cfg.method, shapes_before, layer_stats.snapshot(model, names))
     report = _report(cfg, before, after, layers, time.perf_counter() - started)
+    if kept:  # no one sparsity was asked for: each group has its own
+        report["sparsity_target"] = report["sparsity_achieved"]
     return PruneResult(
         model=model, report=report, layers=layers, after_step=after_step if cfg.method == "weight" else None
     )
@@ -190,12 +196,15 @@ def time_limit(seconds: float, error: Callable[[], Exception]):
 
 
 def _stepper(
-    model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients, shuffles: bool
+    model, cfg, spec: PrunerSpec, targets, sparsities, example_input, gradients, shuffles: bool, kept=None
 ) -> Callable[[float], Optional[Callable]]:
     """prune_step(sparsity) for the engine the recipe names (never chosen silently); `shuffles`:
-    the model has known channel shuffles, whose neighbours are pinned (pinned.py)."""
+    the model has known channel shuffles, whose neighbours are pinned (pinned.py). With `kept`, the
+    steps' sparsities are the fraction of the way to each group's kept count."""
     if cfg.method == "weight":
         return lambda s: level_step(model, {n: model.get_submodule(n) for n in targets}, s, cfg.scope)
+    if kept and cfg.engine != "nni":
+        raise PruneError("prune: kept channels per group (allocation latency_aware) need prune.engine: nni")
     if cfg.engine == "torch_pruning":
         return tp_stepper(
             model,
@@ -211,6 +220,8 @@ def _stepper(
     original = {name: out_channels(m) for name, m in targets.items()}
 
     def step(sparsity: float) -> None:
+        if kept:  # each group its own share of the way: sparsity is the progress here
+            sparsity = {g[0]: sparsity * (1 - kept.get(g[0], original[g[0]]) / original[g[0]]) for g in groups}
         nni_channel_step(
             model, groups, original, sparsity, cfg.align, spec.engines["nni"], example_input, gradients, blocks
         )

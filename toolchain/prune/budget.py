@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -92,6 +93,7 @@ class Decision:
     threads: Optional[int] = None
     history: List[Dict[str, Any]] = field(default_factory=list)  # every measured sparsity, in order
     comparison: Dict[str, Any] = field(default_factory=dict)
+    cost_model: Dict[str, Any] = field(default_factory=dict)  # latency_aware: the model, its prediction, kept counts
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -118,11 +120,20 @@ class Decision:
         sign = ">=" if self.kind == "speedup" else "<="
         reading = Reading(self.value, self.low, self.high, self.met)
         interval = " (95% interval)" if self.kind in ("speedup", "latency_ms") else ""
+        on_device = self.cost_model.get("table", {}).get("source") == "device table"
+        basis = " predicted on the device table" if on_device else ""
+        predicted = f", cost model predicted {value_text(self.kind, self.predicted)}" if self.cost_model else ""
         return (
-            f"Budget: {self.kind} {sign} {self.target:g}{where}: {'met' if self.met else 'NOT met'}, "
+            f"Budget: {self.kind} {sign} {self.target:g}{where}: {'met' if self.met else 'NOT met'}{basis}, "
             f"{reading.text(self.kind)}{interval} at sparsity {self.sparsity:.3f} ({self.allocation}, "
-            f"{self.trials} trials)"
+            f"{self.trials} trials{predicted})"
         )
+
+
+def value_text(kind: str, value: float) -> str:
+    return {"speedup": f"{value:.2f}x", "latency_ms": f"{value:.3f} ms", "file_bytes": f"{int(value)} bytes"}.get(
+        kind, f"{value:.4f}"
+    )
 
 
 def threads_text(n: Optional[int]) -> str:
@@ -218,6 +229,17 @@ class OnnxMeter(Meter):
             copy.deepcopy(model).cpu(), path, self.example.cpu(), cfg, {}
         )  # no metadata: file_bytes counts the model
         return str(path)
+
+    def student_ms(self, student: nn.Module) -> float:
+        """The student's p50 at the budget's batch size and threads, one session, about a second:
+        what the cost model is calibrated on (its decisions are measured again by __call__)."""
+        from ..bench.ort import create_session, make_input, model_input, time_calls
+
+        session = create_session(self.student_file(student), intra_op_threads=self.budget.threads or 0)
+        spec = model_input(session)
+        x = make_input([self.budget.batch_size, *self.example.shape[1:]], spec["dtype"])
+        times = time_calls(lambda: session.run(None, {spec["name"]: x}), 5, 10000, 1.0)
+        return float(np.median(times) * 1e3)
 
     def student_file(self, student: nn.Module) -> str:
         if self._student is None or self._student[0] != id(student):

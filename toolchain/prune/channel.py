@@ -10,7 +10,7 @@ sizes as a one-shot run.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -27,11 +27,12 @@ def nni_config(
     model: nn.Module,
     groups: List[List[str]],
     original: Dict[str, int],
-    sparsity: float,
+    sparsity: Union[float, Dict[str, float]],
     align: int,
     blocks: Optional[Dict[str, int]] = None,
 ) -> List[dict]:
-    """One NNI config entry per group that still has channels to drop at `sparsity`.
+    """One NNI config entry per group that still has channels to drop at `sparsity` (one for every
+    group, or per group keyed by its first member: latency_aware allocation).
 
     A group next to a grouped conv keeps a multiple of its block count as well as of `align`,
     and NNI drops the same number from every block (internal_metric_block, which NNI honours
@@ -40,7 +41,10 @@ def nni_config(
     for gid, names in enumerate(groups):
         block = math.lcm(*((blocks or {}).get(n, 1) for n in names))
         current = out_channels(model.get_submodule(names[0]))
-        kept = kept_channels(original[names[0]], sparsity, math.lcm(align, block))
+        share = sparsity.get(names[0], 0.0) if isinstance(sparsity, dict) else sparsity
+        if share <= 0:  # a group kept whole (rounding 24 channels to a multiple of 16 would drop 8)
+            continue
+        kept = kept_channels(original[names[0]], share, math.lcm(align, block))
         if kept >= current:
             continue
         entry = {"op_names": list(names), "sparse_ratio": nni_sparse_ratio(current, kept)}
@@ -73,7 +77,7 @@ def nni_channel_step(
     model: nn.Module,
     groups: List[List[str]],
     original: Dict[str, int],
-    sparsity: float,
+    sparsity: Union[float, Dict[str, float]],
     align: int,
     pruner_class: str,
     example_input: torch.Tensor,

@@ -58,6 +58,14 @@ def coupled_sets(model: nn.Module, example_input: torch.Tensor) -> Tuple[List[se
     """NNI's channel-dependency sets over all Conv2d/Linear layers (singletons included), and
     for layers next to grouped convs the number their kept channels must divide into
     (a grouped conv and the layers feeding it lose the same number of channels per group)."""
+    sets, blocks, _ = structure(model, example_input)
+    return sets, blocks
+
+
+def structure(model: nn.Module, example_input: torch.Tensor) -> Tuple[List[set], Dict[str, int], Dict[str, List[str]]]:
+    """coupled_sets' two answers and, from the same trace, each Conv2d/Linear layer's parents: the
+    nearest such layers whose outputs make its input (one coupled set through an add, several
+    through a concat; none for the first layer). The cost model derives input widths from them."""
     nni_compat.import_nni_quietly()
     channels, groups = _dependencies()
 
@@ -65,11 +73,18 @@ def coupled_sets(model: nn.Module, example_input: torch.Tensor) -> Tuple[List[se
         # NNI's own trace runs torch.jit's trace checker (a second and third forward,
         # ~70% of the time); the graph is the same without it.
         traced = torch.jit.trace(model, example_input, strict=False, check_trace=False)
-        sets = [set(s) for s in channels(model, example_input, traced_model=traced).dependency_sets]
+        found = channels(model, example_input, traced_model=traced)
+        sets = [set(s) for s in found.dependency_sets]
         blocks = {
             name: int(n) for name, n in groups(model, example_input, traced_model=traced).dependency.items() if n > 1
         }
-    return sets, blocks
+    graph = found.graph
+    parents = {
+        name: _parent_convs(graph, graph.name_to_node[name])
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name in graph.name_to_node
+    }
+    return sets, blocks, parents
 
 
 def _grouped_convs(model: nn.Module) -> List[str]:
@@ -95,7 +110,13 @@ def channel_groups(
                 f"per-layer (dependency_aware: false) pruning of grouped convs ({grouped[0]}{more})"
             )
         return [[name] for name in targets], {}
+    return target_groups(*coupled_sets(model, example_input), targets)
+
+
+def target_groups(
+    sets: List[set], blocks: Dict[str, int], targets: Dict[str, nn.Module]
+) -> Tuple[List[List[str]], Dict[str, int]]:
+    """The coupled sets made only of targets (members in model order), and their block counts."""
     order = {name: i for i, name in enumerate(targets)}
-    sets, blocks = coupled_sets(model, example_input)
     groups = [sorted(members, key=order.get) for members in sets if members and members <= targets.keys()]
     return sorted(groups, key=lambda g: order[g[0]]), {n: b for n, b in blocks.items() if n in targets}

@@ -70,6 +70,10 @@ class PruneBudget(Section):
         le=23,
         description="speedup / latency_ms / file_bytes: ONNX opset of the candidates. None: the export section's.",
     )
+    device_table: Optional[str] = Field(
+        None,
+        description="speedup / latency_ms with allocation latency_aware: a layer latency table measured on the device (python -m toolchain.bench --latency-table SPEC.json --json TABLE.json, SPEC from python -m toolchain latency-spec); the allocation is then predicted for the device, not measured here.",
+    )
     max_retries: int = Field(
         2,
         ge=0,
@@ -82,6 +86,12 @@ class PruneBudget(Section):
         given = [k for k in BUDGET_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(BUDGET_KINDS)} (got {', '.join(given) or 'none'})")
+        return self
+
+    @model_validator(mode="after")
+    def _table_for_latency(self) -> "PruneBudget":
+        if self.device_table and self.kind not in LATENCY_BUDGETS:
+            raise ValueError(f"device_table is a latency table: it goes with speedup or latency_ms, not {self.kind}")
         return self
 
     @property
@@ -150,9 +160,9 @@ class PruneConfig(Section):
         None,
         description="Channel method: what the pruned model must reach (speedup, latency_ms, macs, params or file_bytes); the sparsity is searched to meet it, so sparsity is not set. A budget the most-pruned aligned model misses fails in the preflight.",
     )
-    allocation: Literal["uniform"] = Field(
+    allocation: Literal["uniform", "latency_aware"] = Field(
         "uniform",
-        description="How a budget is spread over the layers. uniform: one aligned sparsity in every layer, the least one that meets the budget (latency_aware is not built yet).",
+        description="How a budget is spread over the layers (default latency_aware when a budget is set, uniform with engine torch_pruning). uniform: one aligned sparsity in every layer, the least one that meets the budget. latency_aware: kept channels per dependency group from a cost model of the budget's quantity (latency: single layers timed with onnxruntime; macs/params/bytes: counted), a greedy that loses the least importance per unit of cost, then measured (engine nni).",
     )
 
     @field_validator("pruner")
@@ -177,10 +187,31 @@ class PruneConfig(Section):
             raise ValueError(str(exc)) from None
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _latency_aware_under_a_budget(cls, data: Any) -> Any:
+        # latency_aware is built for the nni engine (kept counts per NNI dependency group)
+        if isinstance(data, dict) and data.get("budget") is not None and "allocation" not in data:
+            data = {**data, "allocation": "latency_aware" if data.get("engine", "nni") == "nni" else "uniform"}
+        return data
+
     @model_validator(mode="after")
     def _budget_fits(self) -> "PruneConfig":
         if self.budget is None:
+            if self.allocation != "uniform":
+                raise ValueError(
+                    "prune.allocation latency_aware spreads a budget: set prune.budget (or drop allocation)"
+                )
             return self
+        if self.allocation == "latency_aware" and self.engine != "nni":
+            raise ValueError(
+                "prune.allocation latency_aware (kept channels per group) is built for prune.engine nni; "
+                "set engine: nni, or allocation: uniform with torch_pruning"
+            )
+        if self.budget.device_table and self.allocation != "latency_aware":
+            raise ValueError(
+                "prune.budget.device_table is what latency_aware allocates on: set prune.allocation: latency_aware"
+            )
         if self.method != "channel":
             raise ValueError(
                 "prune.budget needs method: channel (weight pruning removes no compute; budget its size "

@@ -65,6 +65,8 @@ class Prune(ModelStage):
         if cfg.budget.kind in LATENCY_KINDS and not dist.is_main():
             return  # torchrun: rank 0 measures (ranks timing at once would measure each other); its failure ends the job
         example = data.example_batch(2).cpu()
+        if cfg.budget.device_table:
+            return self._check_device_budget(model.cpu(), cfg, example)
         meter = make_meter(cfg.budget, example, REPLICATE, tqdm.write)
 
         def prune_once(m, c):
@@ -82,6 +84,33 @@ class Prune(ModelStage):
             f"{reading.text(cfg.budget.kind)}; {time.perf_counter() - started:.1f} s)"
         )
 
+    def _check_device_budget(self, model, cfg, example) -> None:
+        """A device table must hold this student's layer shapes, and its narrowest aligned allocation
+        must be predicted to meet the budget."""
+        from tqdm import tqdm
+
+        from ..prune.costmodel import layer_graph
+        from ..prune.latency_aware import cost_model, device_tables, predicted_narrowest
+
+        started = time.perf_counter()
+        graph = layer_graph(model, example, cfg)
+        cost, student, _ = cost_model(model, graph, cfg.budget, None, device_tables(cfg.budget.device_table))
+        narrowest = predicted_narrowest(cfg.budget, cost, graph, student)  # raises when it misses
+        tqdm.write(
+            f"[prune] preflight: budget {cfg.budget.kind} {cfg.budget.target:g} is reachable on the device table "
+            f"{cfg.budget.device_table} (narrowest aligned allocation predicted {narrowest:.4g}; "
+            f"{time.perf_counter() - started:.1f} s)"
+        )
+
+    def fingerprint(self, cfg: Sections) -> Dict[str, Any]:
+        """A device table is named by path: its content is what the allocation depends on."""
+        table = cfg.prune.budget.device_table if cfg.prune.budget is not None else None
+        if not table:
+            return {}
+        from ..fsutil import file_sha256
+
+        return {"device_table_sha256": file_sha256(table)}
+
     def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         # the teacher is an input too: taylor scores and iterative steps use the KD loss
         return {"model": models[-1], **teacher_role(step_train_cfg(cfg), models)}
@@ -98,12 +127,14 @@ class Prune(ModelStage):
         gradients = GradientSource(job.data.train, lambda model, x, y: task.loss(model, x, y)[0], cfg.taylor_batches)
         source = job.inputs["model"]
         example = job.data.example_batch(2)
-        prune_fn = lambda m, c: prune_model(m, c, example, finetune_fn=finetune_fn, gradients=gradients)  # noqa: E731
+        prune_fn = lambda m, c, kept=None: prune_model(  # noqa: E731
+            m, c, example, finetune_fn=finetune_fn, gradients=gradients, kept=kept
+        )
         decision = None
         if cfg.budget is None:
             result = prune_fn(copy.deepcopy(source.model), cfg)
         else:
-            result, decision = self._to_budget(copy.deepcopy(source.model), cfg, example, prune_fn)
+            result, decision = self._to_budget(copy.deepcopy(source.model), cfg, example, prune_fn, job.stage_dir)
             result.report.update(decision.report())
         extra = {f"prune.{k}": v for k, v in result.report.items() if isinstance(v, (int, float))}
         out = finalize(job, result.model, source.result.model().spec(), extra=extra, keep_zeros=cfg.method == "weight")
@@ -113,14 +144,22 @@ class Prune(ModelStage):
             out.info["budget_line"] = decision.line()
         return out
 
-    def _to_budget(self, model, cfg, example, prune_fn):
+    def _to_budget(self, model, cfg, example, prune_fn, stage_dir):
         from tqdm import tqdm
 
-        from ..prune.budget import choose, make_meter
+        from ..prune import budget, latency_aware
 
-        meter = make_meter(cfg.budget, example.cpu(), REPLICATE, tqdm.write)
+        meter = budget.make_meter(cfg.budget, example.cpu(), REPLICATE, tqdm.write)
         try:
-            result, decision = choose(model, cfg, meter, prune_fn)
+            if cfg.allocation == "uniform":
+                result, decision = budget.choose(model, cfg, meter, prune_fn)
+            else:
+                tables = (
+                    latency_aware.device_tables(cfg.budget.device_table)
+                    if cfg.budget.device_table  # the stage cache's neighbour: tables outlive one stage's key
+                    else latency_aware.local_tables(stage_dir.parent / "latency-tables", tqdm.write)
+                )
+                result, decision = latency_aware.choose(model.cpu(), cfg, meter, prune_fn, example.cpu(), tables)
         finally:
             meter.close()
         tqdm.write(f"[prune] {decision.line()}")

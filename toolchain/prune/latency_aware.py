@@ -1,0 +1,247 @@
+"""`prune.allocation: latency_aware` (issue 31): kept channels per dependency group, chosen on a cost
+model of the budget's own quantity, then measured.
+
+    result, decision = choose(model, cfg, meter, prune_fn, example, tables)
+
+1. The cost model (costmodel.py): the layers whose widths a group decides, each costed by a table of
+   single-layer onnxruntime timings at the budget's batch size and threads (latency budgets: measured
+   here once and kept in the stage cache, or a device's own table from `prune.budget.device_table`), or
+   counted (macs, params, file_bytes); the constant is calibrated on the unpruned student.
+2. The allocation: a greedy on that model (costmodel.allocate), the engine prunes once with those counts.
+3. The verification: the pruned model is measured as the uniform search measures (budget.py's meters:
+   a latency budget by paired replicated comparison with the student). While it misses, the model's
+   target is tightened by the measured shortfall and the allocation repeated, at most budget.max_retries
+   times; a budget still missed is reported NOT met. With a device table nothing here measures the
+   device: the decision is the table's prediction, labelled so, and `attach` confirms it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch.nn as nn
+
+from ..metrics import count_macs, count_params
+from .budget import LATENCY_KINDS, Decision, Meter, Reading
+from .costmodel import CostModel, LayerGraph, TableCost, allocate, count_cost, importance, layer_graph, table_spec
+from .registry import PruneError
+
+Tables = Callable[[Dict], Tuple[Dict, Dict]]  # spec -> (table, where it came from)
+
+
+def choose(model: nn.Module, cfg, meter: Meter, prune_fn, example, tables: Tables) -> Tuple[Any, Decision]:
+    """See the module doc. `prune_fn(model, cfg, kept=...)` prunes a copy; the model is not modified."""
+    b = cfg.budget
+    graph = layer_graph(model, example, cfg)
+    cost, student, info = cost_model(model, graph, b, meter, tables)
+    target = _target(b, student)
+    scores = importance(model, graph, cfg.pruner)
+    final = cfg.model_copy(update={"budget": None})
+    history: List[Dict[str, Any]] = []
+    retries = 0
+    while True:
+        kept = allocate(cost, scores, target)
+        if kept is None:
+            raise PruneError(_unreachable(b, cost, graph, student))
+        predicted = _in_budget_units(b, cost.cost(kept), student)
+        named = {g.name: k for g, k in zip(graph.groups, kept)}
+        result = prune_fn(model, final, kept=named)
+        reading = _predicted_reading(b, predicted) if b.device_table else _measure(meter, model, result, retries)
+        history.append(_record(reading, predicted, named, retries))
+        if reading.met or b.device_table or retries >= b.max_retries:
+            break
+        target *= _tighten(b, reading)
+        retries += 1
+    latency = b.kind in LATENCY_KINDS
+    info.update(predicted=predicted, error_pct=_error_pct(b, predicted, reading), kept=named)
+    decision = Decision(
+        b.kind,
+        float(b.target),
+        cfg.allocation,
+        float(result.report["sparsity_achieved"]),
+        reading.met,
+        reading.value,
+        reading.low,
+        reading.high,
+        predicted,
+        len(history),
+        retries,
+        0,
+        b.batch_size if latency else None,
+        b.threads if latency else None,
+        history,
+        reading.detail,
+        cost_model=info,
+    )
+    return result, decision
+
+
+# ---------------------------------------------------------------- the cost model
+
+
+def cost_model(model: nn.Module, graph: LayerGraph, b, meter: Meter, tables: Tables) -> Tuple[CostModel, float, Dict]:
+    """The model of the budget's quantity, calibrated on the student, the student's value in the
+    model's units (ms, MACs, parameters, bytes), and what to record about it."""
+    info: Dict[str, Any] = {"layers": len(graph.layers), "groups": len(graph.groups), "unmodelled": graph.unmodelled}
+    if b.kind in LATENCY_KINDS:
+        started = time.perf_counter()
+        table, where = tables(table_spec(graph, b.batch_size, b.threads or 0))
+        info.update(table=where, table_entries=len(table["entries"]), table_s=round(time.perf_counter() - started, 1))
+        cost = CostModel(graph, TableCost(graph, lambda layer: _lookup(table, layer)))
+        if b.device_table:  # the device's whole model was never timed: the layers' sum is the prediction
+            return cost, cost.cost(graph.full()), info
+        student = meter.student_ms(model)
+        info["student_ms"] = student
+    elif b.kind == "file_bytes":
+        cost = CostModel(graph, count_cost("file_bytes"))
+        student = float(Path(meter.student_file(model)).stat().st_size)
+    else:
+        cost = CostModel(graph, count_cost(b.kind))
+        shape = (1, *meter.example.shape[1:])
+        student = float(count_macs(model, shape) if b.kind == "macs" else count_params(model))
+    cost.calibrate(student)
+    info["constant"] = cost.constant
+    return cost, student, info
+
+
+def _lookup(table: Dict, layer: Dict) -> float:
+    from ..bench.latency_table import lookup
+
+    return lookup(table, layer)
+
+
+def _target(b, student: float) -> float:
+    """The budget in the cost model's units."""
+    if b.kind == "speedup":
+        return student / b.speedup
+    if b.kind in ("macs", "params"):
+        return student * b.target
+    return float(b.target)  # latency_ms, file_bytes
+
+
+def _in_budget_units(b, cost: float, student: float) -> float:
+    if b.kind == "speedup":
+        return student / cost
+    if b.kind in ("macs", "params"):
+        return cost / student
+    return cost
+
+
+def _predicted_reading(b, predicted: float) -> Reading:
+    met = predicted >= b.target if b.kind == "speedup" else predicted <= b.target
+    return Reading(predicted, predicted, predicted, met, {"predicted_on": "device table"})
+
+
+def _measure(meter: Meter, model, result, retries: int) -> Reading:
+    meter.label = f"allocation {retries + 1}"
+    return meter(model, result.model)
+
+
+def _record(reading: Reading, predicted: float, kept: Dict[str, int], retries: int) -> Dict[str, Any]:
+    return {
+        "stage": "allocation",
+        "retry": retries,
+        "predicted": predicted,
+        "value": reading.value,
+        "low": reading.low,
+        "high": reading.high,
+        "met": reading.met,
+        "kept": kept,
+    }
+
+
+def _tighten(b, reading: Reading) -> float:
+    """The factor on the model's target after a measured miss: the shortfall, with a margin."""
+    if b.kind == "speedup":
+        seen = reading.low if np.isfinite(reading.low) and reading.low > 0 else reading.value
+        factor = seen / b.speedup
+    elif b.kind == "latency_ms":
+        seen = reading.high if np.isfinite(reading.high) and reading.high > 0 else reading.value
+        factor = b.latency_ms / seen
+    else:
+        factor = b.target / reading.value
+    return float(min(max(factor * 0.99, 0.5), 0.99))
+
+
+def _error_pct(b, predicted: float, reading: Reading) -> Optional[float]:
+    """The cost model's error on the final model: (predicted - measured) / measured, in %."""
+    if b.device_table or not reading.value:
+        return None
+    return 100.0 * (predicted - reading.value) / reading.value
+
+
+def _unreachable(b, cost: CostModel, graph: LayerGraph, student: float) -> str:
+    narrowest = _in_budget_units(b, cost.cost([g.step for g in graph.groups]), student)
+    return (
+        f"prune.budget.{b.kind} {b.target:g}: the cost model predicts {narrowest:.4g} for the narrowest aligned "
+        "allocation, which misses it; relax the budget, or lower prune.align / shrink prune.exclude"
+    )
+
+
+def predicted_narrowest(b, cost: CostModel, graph: LayerGraph, student: float) -> float:
+    """The cost model's value of the narrowest aligned allocation, or a PruneError when it misses the budget."""
+    narrowest = _in_budget_units(b, cost.cost([g.step for g in graph.groups]), student)
+    if not _predicted_reading(b, narrowest).met:
+        raise PruneError(_unreachable(b, cost, graph, student))
+    return narrowest
+
+
+# ---------------------------------------------------------------- tables
+
+
+def table_key(spec: Dict) -> str:
+    """What a measured table depends on: the layer shapes, batch size, threads, onnxruntime and the CPU."""
+    import onnxruntime
+
+    from ..bench.device import cpu_features, cpu_model, physical_cores
+
+    what = {
+        "spec": spec,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": [cpu_model(), physical_cores(), cpu_features()],
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def local_tables(cache_dir: Optional[Path], progress: Optional[Callable[[str], None]] = None) -> Tables:
+    """Tables measured on this machine, kept under cache_dir (a second budget on the same student,
+    batch size and threads measures nothing)."""
+    from ..bench.latency_table import load_table, measure_table
+    from ..fsutil import atomic_write_json
+
+    def tables(spec: Dict) -> Tuple[Dict, Dict]:
+        path = cache_dir / f"{table_key(spec)}.json" if cache_dir else None
+        if path is not None and path.exists():
+            return load_table(path), {"source": "measured here (cached)", "path": str(path)}
+        if progress:
+            progress(
+                f"[prune] latency table: timing {len(spec['layers'])} layer shapes (once per student, batch, threads)"
+            )
+        table = measure_table(spec)
+        if path is not None:
+            atomic_write_json(path, table)
+        return table, {"source": "measured here", "path": str(path) if path else None}
+
+    return tables
+
+
+def device_tables(path: str) -> Tables:
+    """The device's own table (python -m toolchain.bench --latency-table on the device)."""
+    from ..bench.latency_table import load_table
+
+    def tables(spec: Dict) -> Tuple[Dict, Dict]:
+        table = load_table(path)
+        for key in ("batch_size", "threads"):
+            if table.get(key) != spec[key]:
+                raise PruneError(
+                    f"prune.budget.device_table {path} was measured at {key} {table.get(key)}, the budget asks "
+                    f"{spec[key]}; measure it again with a spec of this budget (python -m toolchain latency-spec)"
+                )
+        return table, {"source": "device table", "path": path, "device": table.get("device", {})}
+
+    return tables
