@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -74,6 +74,7 @@ class Layer:
     padding: Tuple[int, int] = (0, 0)
     dilation: Tuple[int, int] = (1, 1)
     out_pixels: int = 1
+    out_params: int = 0  # parameters per output channel besides the weights: bias, a following norm's affine
 
     def widths(self, kept: Sequence[int]) -> Tuple[int, int]:
         cin = self.in_scale * (self.in_fixed + sum(kept[g] for g in self.in_groups)) if self.in_groups else self.cin
@@ -99,7 +100,7 @@ class Layer:
 
     def params(self, cin: int, cout: int) -> int:
         groups = cout if self.depthwise else self.groups
-        return self.kernel[0] * self.kernel[1] * (cin // groups) * cout + cout
+        return self.kernel[0] * self.kernel[1] * (cin // groups) * cout + self.out_params * cout
 
     def macs(self, cin: int, cout: int) -> int:
         groups = cout if self.depthwise else self.groups
@@ -144,27 +145,39 @@ def layer_graph(model: nn.Module, example: torch.Tensor, cfg) -> LayerGraph:
             groups.append(Group(tuple(names), full, step))
     group_of = {n: i for i, g in enumerate(groups) for n in g.members}
     set_of = {n: i for i, s in enumerate(sets) for n in s}
-    shapes = _input_shapes(model, example[:1])
+    shapes, norms = _input_shapes(model, example[:1])
     graph = LayerGraph(groups, [])
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)) and name in shapes:
             layer = _layer(name, module, shapes[name], parents.get(name, []), group_of, set_of, model, graph)
             if layer is not None:
-                graph.layers.append(layer)
+                bias = 1 if getattr(module, "bias", None) is not None else 0
+                graph.layers.append(replace(layer, out_params=bias + norms.get(name, 0)))
     return graph
 
 
-def _input_shapes(model: nn.Module, example: torch.Tensor) -> Dict[str, Tuple[int, ...]]:
-    shapes, hooks = {}, []
+NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.InstanceNorm2d)
+
+
+def _input_shapes(model: nn.Module, example: torch.Tensor) -> Tuple[Dict[str, Tuple], Dict[str, int]]:
+    """Each Conv2d/Linear's input and output shapes, and the affine parameters per channel of a norm
+    layer that runs right after it on its channels (they are pruned with its outputs)."""
+    shapes, norms, hooks, last = {}, {}, [], [None]
 
     def record(name):
         def hook(module, inputs, output) -> None:  # None: the output is left as it is
+            if isinstance(module, NORMS):
+                if last[0] and shapes[last[0]][1][1] == output.shape[1]:
+                    norms[last[0]] = sum(p.numel() for p in module.parameters(recurse=False)) // output.shape[1]
+                last[0] = None
+                return
             shapes.setdefault(name, (inputs[0].shape, output.shape))
+            last[0] = name
 
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Linear, *NORMS)):
             hooks.append(module.register_forward_hook(record(name)))
     was = model.training
     model.eval()
@@ -175,7 +188,7 @@ def _input_shapes(model: nn.Module, example: torch.Tensor) -> Dict[str, Tuple[in
         model.train(was)
         for h in hooks:
             h.remove()
-    return shapes
+    return shapes, norms
 
 
 def _layer(name, module, shapes, parents, group_of, set_of, model, graph) -> Optional[Layer]:
@@ -358,16 +371,15 @@ def allocate(model: CostModel, scores: List[np.ndarray], target: float) -> Optio
     while cost > target:
         best = None
         for g, group in enumerate(model.graph.groups):
-            options = [k for k in group.options() if k < kept[g]]
-            if not options:
-                continue
-            to = options[-1]
-            saved = -model.delta(kept, g, to)
-            if saved <= 0:
-                continue
-            lost = cumulative[g][kept[g]] - cumulative[g][to]
-            if best is None or lost / saved < best[0]:
-                best = (lost / saved, g, to, saved)
+            # the next narrower option that saves anything: a measured table is not monotone
+            # everywhere (a kernel's tile boundary, noise), so a step that saves nothing is jumped
+            for to in reversed([k for k in group.options() if k < kept[g]]):
+                saved = -model.delta(kept, g, to)
+                if saved > 0:
+                    lost = cumulative[g][kept[g]] - cumulative[g][to]
+                    if best is None or lost / saved < best[0]:
+                        best = (lost / saved, g, to, saved)
+                    break
         if best is None:
             return None
         _, g, to, saved = best

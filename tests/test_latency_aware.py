@@ -1,0 +1,219 @@
+"""prune.allocation latency_aware (issue 31): the cost model, the allocator, the stage's decision,
+and a device's table from the torch-free bench into an allocation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from toolchain.metrics import count_macs, count_params
+from toolchain.prune import budget as B
+from toolchain.prune import latency_aware as L
+from toolchain.prune import prune_model
+from toolchain.prune.costmodel import CostModel, Group, Layer, LayerGraph, allocate, count_cost, layer_graph
+from toolchain.prune.targets import in_channels, out_channels
+from toolchain.recipe.pruning import PruneConfig
+
+
+class Branches(nn.Module):
+    """A concat of two pruned branches into a conv, a residual add, a depthwise conv and a Linear
+    after a spatial flatten: the input-width rules the cost model derives from the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.left = nn.Conv2d(32, 48, 1)
+        self.right = nn.Conv2d(32, 64, 3, padding=1)
+        self.mix = nn.Conv2d(112, 64, 1)
+        self.dw = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.pw = nn.Conv2d(64, 64, 1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(64 * 4, 40)
+        self.head = nn.Linear(40, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.mix(torch.cat([self.left(x).relu(), self.right(x).relu()], 1))
+        x = x + self.pw(self.dw(x).relu())
+        return self.head(self.fc(self.pool(x).flatten(1)).relu())
+
+
+MODELS = {
+    "branches": Branches,
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_cost_model_counts_exactly_what_the_engine_prunes(name, one_thread):
+    """Random kept counts per group: every layer's predicted widths are the pruned model's, and the
+    counted MACs and parameters (calibrated on the unpruned model) are the pruned model's counts."""
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    x = torch.randn(2, 3, 32, 32)
+    cfg = PruneConfig(method="channel", align=8)
+    graph = layer_graph(model, x, cfg)
+    assert graph.groups and not graph.unmodelled
+    rng = random.Random(0)
+    kept = [rng.choice(g.options()) for g in graph.groups]
+    pruned = prune_model(model, cfg, x, kept={g.name: k for g, k in zip(graph.groups, kept)}).model
+    for layer in graph.layers:
+        module = pruned.get_submodule(layer.name)
+        assert (in_channels(module), out_channels(module)) == layer.widths(kept), layer.name
+    shape = (1, 3, 32, 32)
+    for kind, count in (("macs", lambda m: count_macs(m, shape)), ("params", count_params)):
+        cost = CostModel(graph, count_cost(kind))
+        cost.calibrate(count(model))
+        assert cost.cost(kept) == pytest.approx(count(pruned), rel=1e-9), kind
+
+
+def _toy_graph(costs_per_channel, full=(32, 32, 32), step=8):
+    """Independent groups, one Linear each, whose cost is linear in its output width."""
+    groups = [Group((f"g{i}",), f, step) for i, f in enumerate(full)]
+    layers = [Layer(f"g{i}", "linear", 4, f, i, (), 0, 1) for i, f in enumerate(full)]
+    per = dict(zip((layer.name for layer in layers), costs_per_channel))
+    return CostModel(LayerGraph(groups, layers), lambda layer, cin, cout: per[layer.name] * cout)
+
+
+def _brute_force(cost, scores, target):
+    best = None
+    for kept in itertools.product(*(g.options() for g in cost.graph.groups)):
+        if cost.cost(kept) <= target + 1e-9:
+            value = sum(float(s[:k].sum()) for s, k in zip(scores, kept))
+            best = max(best or (value, kept), (value, kept))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_allocator_picks_the_known_optimum_on_a_synthetic_table(seed):
+    """Costs linear per group and every channel of a group as important as the others: the optimum
+    is known (keep the channels that are cheapest per unit of importance), and brute force finds it."""
+    rng = np.random.default_rng(seed)
+    cost = _toy_graph([1.0, 2.0, 4.0])
+    scores = [np.full(32, float(v)) for v in rng.uniform(0.5, 2.0, 3)]
+    target = float(rng.choice([56, 96, 128, 160]))
+    kept = allocate(cost, scores, target)
+    value = sum(float(s[:k].sum()) for s, k in zip(scores, kept))
+    assert cost.cost(kept) <= target
+    assert value == pytest.approx(_brute_force(cost, scores, target)[0])
+
+
+def test_the_allocator_prunes_where_latency_is_cheap_to_save():
+    """Same importance everywhere, one group 4x as costly per channel: it is cut first."""
+    cost = _toy_graph([1.0, 1.0, 4.0])
+    kept = allocate(cost, [np.ones(32)] * 3, 32 + 32 + 4 * 8)
+    assert kept == [32, 32, 8]
+    assert allocate(cost, [np.ones(32)] * 3, 10.0) is None  # narrowest: 8 + 8 + 32
+
+
+def test_a_macs_budget_allocated_latency_aware_is_met_and_predicted_exactly(one_thread):
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    cfg = PruneConfig(method="channel", align=16, budget={"macs": 0.5})
+    assert cfg.allocation == "latency_aware"
+    meter = B.make_meter(cfg.budget, x)
+    result, d = L.choose(model, cfg, meter, lambda m, c, kept=None: prune_model(m, c, x, kept=kept), x, None)
+    shape = (1, 3, 32, 32)
+    measured = count_macs(result.model, shape) / count_macs(model, shape)
+    assert d.met and d.value == pytest.approx(measured) and measured <= 0.5
+    assert d.predicted == pytest.approx(measured, rel=1e-9) and d.cost_model["error_pct"] == pytest.approx(0, abs=1e-6)
+    assert d.allocation == "latency_aware" and len(d.cost_model["kept"]) == d.cost_model["groups"]
+    assert "(latency_aware, 1 trials, cost model predicted 0." in d.line()
+
+
+def test_a_missed_measurement_tightens_the_target_and_allocates_again(one_thread):
+    """The first allocation is measured no faster than the student (fed comparisons): the target drops
+    by the shortfall and the second allocation removes more channels; later ones are measured by size."""
+    from test_prune_budget import size_replicate
+
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    latency = {"block_s": 0.005, "blocks": 2, "min_replicates": 2, "max_replicates": 2, "isolation": "session"}
+    cfg = PruneConfig(
+        method="channel",
+        align=16,
+        budget={"speedup": 2, "batch_size": 1, "threads": 1, "latency": latency, "exporter": "torchscript", "opset": 17},
+    )
+    honest, calls = size_replicate(), {"n": 0}
+
+    def replicate(spec):
+        calls["n"] += 1
+        out = honest(spec)
+        if calls["n"] <= 2:  # the first comparison's two replicates: no faster than the student
+            out["ratios"] = {k: 1.0 for k in out["ratios"]}
+        return out
+
+    meter = B.make_meter(cfg.budget, x, replicate)
+    full = {}
+    meter.student_ms = lambda student: sum(full.values())  # the table's own unpruned sum: constant 0
+
+    def tables(spec):  # a layer's time: its weights
+        from toolchain.bench.latency_table import layer_key
+
+        ms = {layer_key(s): 1e-3 * s["cin"] * s["cout"] / s.get("groups", 1) for s in spec["layers"]}
+        for s in spec["layers"]:
+            full[s["name"]] = max(full.get(s["name"], 0.0), ms[layer_key(s)])
+        return {"entries": {k: {"ms": v} for k, v in ms.items()}}, {"source": "test"}
+
+    try:
+        _, d = L.choose(model, cfg, meter, lambda m, c, kept=None: prune_model(m, c, x, kept=kept), x, tables)
+    finally:
+        meter.close()
+    assert d.retries >= 1 and [h["stage"] for h in d.history] == ["allocation"] * (d.retries + 1)
+    assert not d.history[0]["met"] and d.history[0]["value"] == pytest.approx(1.0)
+    kept = [sum(h["kept"].values()) for h in d.history]
+    assert kept[1] < kept[0]
+
+
+@pytest.mark.slow  # times the tiny student's layers for real (~30 s)
+def test_a_device_table_from_the_torch_free_bench_drives_the_allocation(tiny_recipe, tmp_path, capsys):
+    """latency-spec -> python -m toolchain.bench --latency-table (torch and onnx unimportable) ->
+    prune.budget.device_table: the decision is the device table's prediction, said so."""
+    import subprocess
+    import sys
+
+    from toolchain.cli import run
+
+    budget = {"speedup": 1.1, "batch_size": 1, "threads": 1}
+    prune = {"method": "channel", "align": 8, "budget": budget}
+    path = tiny_recipe(teacher=None, distill={"epochs": 0, "loss": "ce"}, prune=prune)
+    spec = tmp_path / "spec.json"
+    assert run(["latency-spec", str(path), "--out", str(spec)]) == 0
+    assert "layer shapes at batch 1, threads 1" in capsys.readouterr().out
+    fake = tmp_path / "fake"
+    for name in ("torch", "onnx"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text("raise ImportError('not on the device')\n")
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(repo)]), OMP_NUM_THREADS="1")
+    table = tmp_path / "table.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "toolchain.bench", "--latency-table", str(spec), "--json", str(table)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    prune["budget"] = {**budget, "device_table": str(table)}
+    path = tiny_recipe(teacher=None, distill={"epochs": 0, "loss": "ce"}, prune=prune)
+    assert run(["compress", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "is reachable on the device table" in out
+    closing = [line for line in out.splitlines() if line.startswith("Budget: ")]
+    assert closing and closing[-1].startswith("Budget: speedup >= 1.1 at batch 1, 1 thread: met predicted on the device table")
+    summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    assert summary["stages"]["prune"]["metrics"]["prune.budget.met"] == 1.0
