@@ -113,7 +113,9 @@ def demo(a) -> None:
 
 
 def _demo_table(rows, a) -> None:
-    print("\n| budget | allocation | measured speedup [95%] per seed | met | test acc mean +- sd | sparsity | prune s |")
+    print(
+        "\n| budget | allocation | measured speedup [95%] per seed | met | test acc mean +- sd | sparsity | prune s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for kind, value, batch in _budgets(a.budgets):
         for allocation in a.allocations:
@@ -129,13 +131,16 @@ def _demo_table(rows, a) -> None:
                 f"| {statistics.mean(r['prune_s'] for r in got):.0f} |"
             )
         diffs = [
-            rows[(kind, value, batch, "latency_aware", s)]["accuracy"] - rows[(kind, value, batch, "uniform", s)]["accuracy"]
+            rows[(kind, value, batch, "latency_aware", s)]["accuracy"]
+            - rows[(kind, value, batch, "uniform", s)]["accuracy"]
             for s in a.seeds
             if (kind, value, batch, "latency_aware", s) in rows and (kind, value, batch, "uniform", s) in rows
         ]
         if diffs:
             mean, low, high = _t_interval(diffs)
-            print(f"| {kind} {value:g} @ batch {batch} | paired latency_aware - uniform | | | {mean:+.4f} [{low:+.4f}, {high:+.4f}] | | |")
+            print(
+                f"| {kind} {value:g} @ batch {batch} | paired latency_aware - uniform | | | {mean:+.4f} [{low:+.4f}, {high:+.4f}] | | |"
+            )
 
 
 # ---------------------------------------------------------------- zoo: latency only, 224x224
@@ -151,7 +156,9 @@ def zoo(a) -> None:
     from toolchain.recipe import validate_dict
 
     torch.set_num_threads(1)
-    print("| model | budget | allocation | measured [95%] | met | predicted | error % | table s | table layers | total s |")
+    print(
+        "| model | budget | allocation | measured [95%] | met | predicted | error % | table s | table layers | total s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in a.models:
         for kind, value, batch in _budgets(a.budgets):
@@ -174,7 +181,7 @@ def zoo(a) -> None:
                 x = torch.randn(2, 3, a.size, a.size)
                 meter = B.make_meter(r.prune.budget, x)
                 started = time.perf_counter()
-                prune = lambda m, c, kept=None: prune_model(m, c, x, kept=kept)  # noqa: E731
+                prune = lambda m, c, kept=None, x=x: prune_model(m, c, x, kept=kept)  # noqa: E731
                 try:
                     if allocation == "uniform":
                         _, d = B.choose(model, r.prune, meter, prune)
