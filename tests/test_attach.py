@@ -305,3 +305,40 @@ def test_a_reference_timing_of_another_file_is_refused(store, tmp_path):
     assert "\n" not in str(err.value) and not store.client.get_run(parent.info.run_id).data.metrics.keys() - {
         "final.vs_teacher.retention"
     }
+
+
+@pytest.mark.parametrize(
+    "budget, results, references, expect",
+    [
+        (
+            "latency_ms=2.5",
+            rows(2.0),
+            None,
+            "prune.budget latency_ms 2.5 at batch 1 (predicted on the device's table at compress): confirmed on the device, p50 2.000 ms",
+        ),
+        ("latency_ms=1.5", rows(2.0), None, ": REFUTED on the device, p50 2.000 ms"),
+        ("speedup=3", rows(2.0), rows(8.0), ": confirmed on the device, 4.00x the student"),
+        ("speedup=3", rows(2.0), None, "not checked, a speedup needs the student timed on the device too"),
+    ],
+)
+def test_attach_confirms_or_refutes_a_latency_budget_on_the_device(
+    store, tmp_path, budget, results, references, expect
+):
+    files = {n: tmp_path / f"{n}.onnx" for n in ("float", "student")}
+    for i, path in enumerate(files.values()):
+        path.write_bytes(bytes([i]) * 64)
+    tags = {
+        "toolchain.run_name": "r",
+        "toolchain.stage": "compress",
+        "toolchain.sha256.model.onnx": file_sha256(files["float"]),
+        "toolchain.sha256.reference.student": file_sha256(files["student"]),
+        "prune.budget": budget,
+        "prune.budget.device_table": "yes",
+    }
+    with store.run("r", {}, tags) as parent:
+        parent.log_metrics({"prune.budget.batch_size": 1.0, "final.vs_student.retention": 0.95})
+    data = {"device": fingerprint(files["float"], "pi"), "results": results}
+    if references:
+        data["references"] = {"student": {"sha256": file_sha256(files["student"]), "results": references}}
+    lines = attach_data(store.client, find_run(store.client, "r"), data, "pi.json")
+    assert expect in lines[-1], lines

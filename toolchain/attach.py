@@ -327,7 +327,34 @@ def attach_data(client, run, data: Dict[str, Any], source: str) -> List[str]:
         f"attached {source} to run {name} (parent run {run_id}): device {device['name']}, {file}, "
         f"{len(metrics)} metrics ({first} = {metrics[first]:.4g}), artifact device/{label}.json"
     ]
-    return lines + ([note] if note else [])
+    verdict = budget_verdict(run, data)
+    return lines + ([note] if note else []) + ([verdict] if verdict else [])
+
+
+def budget_verdict(run, data: Dict[str, Any]) -> Optional[str]:
+    """A latency prune.budget checked on the device's own timing of the shipped file: confirmed or
+    refuted (a speedup needs the student timed there too: --reference student=PATH)."""
+    kind, _, target = run.data.tags.get("prune.budget", "").partition("=")
+    batch = run.data.metrics.get("prune.budget.batch_size")
+    if kind not in ("speedup", "latency_ms") or batch is None:
+        return None
+    batch = int(batch)
+    basis = "predicted on the device's table" if run.data.tags.get("prune.budget.device_table") else "measured here"
+    head = f"prune.budget {kind} {target} at batch {batch} ({basis} at compress)"
+    p50 = {r["batch_size"]: r["p50_ms"] for r in data["results"] if r["provider"] == "cpu"}
+    if batch not in p50:
+        return f"{head}: not checked, the JSON has no CPU timing at batch {batch} (bench with --batch-sizes {batch})"
+    if kind == "latency_ms":
+        ok, seen = p50[batch] <= float(target), f"p50 {p50[batch]:.3f} ms"
+    else:
+        student = (data.get("references") or {}).get("student", {}).get("results", [])
+        ref = {r["batch_size"]: r["p50_ms"] for r in student if r["provider"] == "cpu"}.get(batch)
+        if ref is None:
+            return (
+                f"{head}: not checked, a speedup needs the student timed on the device too (--reference student=PATH)"
+            )
+        ok, seen = ref / p50[batch] >= float(target), f"{ref / p50[batch]:.2f}x the student (p50 {p50[batch]:.3f} ms)"
+    return f"{head}: {'confirmed' if ok else 'REFUTED'} on the device, {seen} (one bench run, no interval)"
 
 
 def attach(

@@ -361,7 +361,12 @@ def recipe_tags(recipe: Recipe) -> Dict[str, Any]:
         "prune.sparsity": (recipe.prune.sparsity if recipe.prune.budget is None else "budget") if recipe.prune else 0.0,
         # the budget chooses the sparsity in the prune stage (its metric prune.budget.sparsity)
         **(
-            {"prune.budget": f"{recipe.prune.budget.kind}={recipe.prune.budget.target:g}"}
+            {
+                "prune.budget": f"{recipe.prune.budget.kind}={recipe.prune.budget.target:g}",
+                "prune.allocation": recipe.prune.allocation,
+                # attach says whether the device confirms what was predicted on its table
+                **({"prune.budget.device_table": "yes"} if recipe.prune.budget.device_table else {}),
+            }
             if recipe.prune and recipe.prune.budget
             else {}
         ),

@@ -113,6 +113,8 @@ class Decision:
         }
         if self.batch_size is not None:
             out.update({"budget.batch_size": self.batch_size, "budget.threads": self.threads})
+        if self.cost_model.get("error_pct") is not None:  # latency_aware: (predicted - measured) / measured
+            out["budget.error_pct"] = self.cost_model["error_pct"]
         return out
 
     def line(self) -> str:

@@ -191,4 +191,16 @@ def _budget_decision(pub) -> Dict[str, Any]:
         "threads",
         "retries",
     )
-    return {**{k: decision.get(k) for k in keys}, "line": info.get("budget_line")}
+    out = {
+        **{k: decision.get(k) for k in keys},
+        "predicted": decision.get("predicted"),
+        "line": info.get("budget_line"),
+    }
+    model = decision.get("cost_model") or {}
+    if model:  # latency_aware: what the allocation was predicted on, how far off it was, what each group kept
+        out["cost_model"] = {
+            "basis": (model.get("table") or {}).get("source", f"counted {decision.get('kind')}"),
+            "error_pct": model.get("error_pct"),
+            "kept": model.get("kept"),
+        }
+    return out

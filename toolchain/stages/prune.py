@@ -180,6 +180,9 @@ class Prune(ModelStage):
                 "prune.budget.value",
                 "prune.budget.low",
                 "prune.budget.high",
+                "prune.budget.target",
+                "prune.budget.batch_size",
+                "prune.budget.predicted",
             )
             if k in m
         }
