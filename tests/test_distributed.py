@@ -188,3 +188,33 @@ def test_torchrun_image_folder_shards_through_the_disk_cache(tmp_path):
     assert not set(ranks[0]["indices"]) & set(ranks[1]["indices"])
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 2  # train + test, built once for both ranks
     assert json.loads((tmp_path / "export" / "ddp-photos" / "summary.json").read_text())["status"] == "FINISHED"
+
+
+def test_torchrun_a_latency_budget_is_allocated_and_measured_on_rank_0(tiny_recipe, fmnist_root, tmp_path):
+    """prune.budget (speedup, latency_aware) under torchrun: rank 0 times the layer table and the
+    comparisons, the other rank loads its model; one decision, in the summary and the closing line."""
+    from conftest import FAST_LATENCY
+
+    path = tiny_recipe(
+        teacher=None,
+        data={"name": "fashion_mnist", "root": str(fmnist_root), "batch_size": 16, "eval_batch_size": 64},
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        prune={
+            "method": "channel",
+            "align": 8,
+            "budget": {"speedup": 1.1, "batch_size": 1, "threads": 1, "latency": FAST_LATENCY},
+        },
+        export={"exporter": "torchscript", "opset": 17, "references": False},
+    )
+    proc = torchrun(["compress", str(path)], tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and summary["distributed"]["world_size"] == 2
+    m = summary["stages"]["prune"]["metrics"]
+    assert (
+        m["prune.budget.target"] == 1.1
+        and "prune.budget.met" in m
+        and m["params"] < summary["stages"]["distill"]["metrics"]["params"]
+    )
+    assert proc.stdout.count("latency table: timing") == 1  # rank 0 alone measured
+    assert any(line.startswith("Budget: speedup >= 1.1 at batch 1") for line in proc.stdout.splitlines())
