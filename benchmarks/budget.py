@@ -200,6 +200,78 @@ def zoo(a) -> None:
                 )
 
 
+# ---------------------------------------------------------------- allocators: greedy vs knapsack
+
+
+def allocators(a) -> None:
+    """The two optimisers of issue 31 on the same cost model and target: kept importance (higher is
+    better) and predicted cost. Greedy: costmodel.allocate. Knapsack (HALP's multiple-choice knapsack,
+    prune/allocate.py): each group's options priced alone (neighbours at full width), the separable
+    sum's error on the exact model removed by shrinking its budget until the exact prediction fits."""
+    import torch
+
+    from toolchain.metrics import count_macs
+    from toolchain.models.resolve import architecture
+    from toolchain.prune import allocate as K
+    from toolchain.prune.costmodel import CostModel, allocate, count_cost, importance, layer_graph
+    from toolchain.recipe import validate_dict
+
+    print(
+        "| model | MACs budget | greedy importance | knapsack importance | greedy / knapsack | greedy s | knapsack s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name in a.models:
+        r = validate_dict(
+            {
+                "name": "a",
+                "student": {"model": name},
+                "distill": {"loss": "ce"},
+                "prune": {"method": "channel", "align": a.align, "budget": {"macs": 0.5}},
+            }
+        )
+        torch.manual_seed(0)
+        model = architecture(r.student, 1000).eval()
+        x = torch.randn(2, 3, a.size, a.size)
+        graph = layer_graph(model, x, r.prune)
+        cost = CostModel(graph, count_cost("macs"))
+        full_macs = count_macs(model, (1, 3, a.size, a.size))
+        cost.calibrate(full_macs)
+        scores = importance(model, graph, "l1")
+        for fraction in a.fractions:
+            target = fraction * full_macs
+            started = time.perf_counter()
+            greedy = allocate(cost, scores, target)
+            greedy_s = time.perf_counter() - started
+            started = time.perf_counter()
+            knap = _knapsack(K, cost, scores, target)
+            knap_s = time.perf_counter() - started
+            value = lambda kept: sum(float(s[:k].sum()) for s, k in zip(scores, kept))  # noqa: E731
+            print(
+                f"| {name} | {fraction:g} | {value(greedy):.1f} | {value(knap):.1f} | {value(greedy) / value(knap):.4f} "
+                f"| {greedy_s:.2f} | {knap_s:.2f} |",
+                flush=True,
+            )
+
+
+def _knapsack(K, cost, scores, target):
+    full = cost.graph.full()
+    tables = []
+    for g, group in enumerate(cost.graph.groups):
+        options = [K.Option(k, cost.delta(list(full), g, k), float(scores[g][:k].sum())) for k in group.options()]
+        tables.append(K.GroupTable(group.name, options))
+    budget = target - cost.cost(full)
+    for _ in range(20):
+        choice = K.allocate(tables, budget)
+        if choice is None:
+            return None
+        kept = [choice.kept[group.name] for group in cost.graph.groups]
+        over = cost.cost(kept) - target
+        if over <= 0:
+            return kept
+        budget -= over
+    return kept
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="mode", required=True)
@@ -217,8 +289,13 @@ def main() -> None:
     z.add_argument("--align", type=int, default=16)
     z.add_argument("--threads", type=int, default=1)
     z.add_argument("--work", default="/tmp/budget-benchmark")
+    k = sub.add_parser("allocators", help="greedy vs knapsack on the counted MACs model (no timing)")
+    k.add_argument("--models", type=lambda t: t.split(","), default=["mobilenet_v2", "resnet18", "efficientnet_b0"])
+    k.add_argument("--fractions", type=lambda t: [float(v) for v in t.split(",")], default=[0.3, 0.5, 0.7])
+    k.add_argument("--size", type=int, default=224)
+    k.add_argument("--align", type=int, default=16)
     a = p.parse_args()
-    demo(a) if a.mode == "demo" else zoo(a)
+    {"demo": demo, "zoo": zoo, "allocators": allocators}[a.mode](a)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ MODELS = {
     "branches": Branches,
     "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
     "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(num_classes=10),  # pinned layers
+    "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(num_classes=10),  # grouped convs (blocks)
 }
 
 
@@ -142,7 +144,14 @@ def test_a_missed_measurement_tightens_the_target_and_allocates_again(one_thread
     cfg = PruneConfig(
         method="channel",
         align=16,
-        budget={"speedup": 2, "batch_size": 1, "threads": 1, "latency": latency, "exporter": "torchscript", "opset": 17},
+        budget={
+            "speedup": 2,
+            "batch_size": 1,
+            "threads": 1,
+            "latency": latency,
+            "exporter": "torchscript",
+            "opset": 17,
+        },
     )
     honest, calls = size_replicate(), {"n": 0}
 
@@ -214,6 +223,8 @@ def test_a_device_table_from_the_torch_free_bench_drives_the_allocation(tiny_rec
     out = capsys.readouterr().out
     assert "is reachable on the device table" in out
     closing = [line for line in out.splitlines() if line.startswith("Budget: ")]
-    assert closing and closing[-1].startswith("Budget: speedup >= 1.1 at batch 1, 1 thread: met predicted on the device table")
+    assert closing and closing[-1].startswith(
+        "Budget: speedup >= 1.1 at batch 1, 1 thread: met predicted on the device table"
+    )
     summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
     assert summary["stages"]["prune"]["metrics"]["prune.budget.met"] == 1.0

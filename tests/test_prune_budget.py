@@ -418,11 +418,11 @@ def test_the_budget_demo_recipe_validates():
         "speedup",
         2.0,
         32,
-        "uniform",
+        "latency_aware",
     )
 
 
-# ---------------------------------------------------------------- the allocator (latency_aware, not wired yet)
+# ---------------------------------------------------------------- the knapsack (benchmarks/budget.py allocators' comparator)
 
 import itertools  # noqa: E402
 import random  # noqa: E402
