@@ -245,7 +245,7 @@ def allocators(a) -> None:
             started = time.perf_counter()
             knap = _knapsack(K, cost, scores, target)
             knap_s = time.perf_counter() - started
-            value = lambda kept: sum(float(s[:k].sum()) for s, k in zip(scores, kept))  # noqa: E731
+            value = lambda kept, scores=scores: sum(float(s[:k].sum()) for s, k in zip(scores, kept))  # noqa: E731
             print(
                 f"| {name} | {fraction:g} | {value(greedy):.1f} | {value(knap):.1f} | {value(greedy) / value(knap):.4f} "
                 f"| {greedy_s:.2f} | {knap_s:.2f} |",
