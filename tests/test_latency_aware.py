@@ -228,3 +228,24 @@ def test_a_device_table_from_the_torch_free_bench_drives_the_allocation(tiny_rec
     )
     summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
     assert summary["stages"]["prune"]["metrics"]["prune.budget.met"] == 1.0
+
+
+def test_taylor_scores_are_weight_times_gradient_squared_per_channel():
+    """pruner taylor: a group's scores sum (w x dL/dw)^2 over its members' filters and the batches; a
+    filter of zeros scores 0."""
+    from toolchain.prune import GradientSource
+    from toolchain.prune.costmodel import importance
+
+    torch.manual_seed(0)
+    model = Branches().eval()
+    with torch.no_grad():
+        model.left.weight[3].zero_()
+    x = torch.randn(2, 3, 8, 8)
+    graph = layer_graph(model, x, PruneConfig(method="channel", align=8))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
+    source = GradientSource(batches, lambda m, xb, yb: nn.functional.cross_entropy(m(xb), yb), steps=3)
+    scores = importance(model, graph, "taylor", source)
+    left = next(i for i, g in enumerate(graph.groups) if "left" in g.members)
+    assert [len(s) for s in scores] == [g.full for g in graph.groups]
+    assert all((np.diff(s) <= 0).all() for s in scores) and scores[left][-1] == 0.0 and scores[left][0] > 0
+    assert not any(p.grad is not None for p in model.parameters())  # left as it was

@@ -343,10 +343,16 @@ class CostModel:
 # ---------------------------------------------------------------- importance and allocation
 
 
-def importance(model: nn.Module, graph: LayerGraph, pruner: str) -> List[np.ndarray]:
-    """Per group, its channels' scores in descending order. l1/l2 (fpgm: l2) norms of each member's
-    filters, each member's norms divided by their mean (layers differ in scale by their fan-in; a
-    group's scores then average 1 per channel), averaged over the members."""
+def importance(model: nn.Module, graph: LayerGraph, pruner: str, gradients=None) -> List[np.ndarray]:
+    """Per group, its channels' scores in descending order.
+    - l1/l2 (fpgm: l2): norms of each member's filters, each member's norms divided by their mean
+      (layers differ in scale by their fan-in; a group's scores then average 1 per channel),
+      averaged over the members;
+    - taylor (with `gradients`, the stage's GradientSource): sum over the members and the batches of
+      (weight x gradient)^2 per output channel, an estimate of the loss change, comparable across
+      layers as it is (Molchanov et al. 2019; HALP's importance)."""
+    if pruner == "taylor" and gradients is not None:
+        return _taylor(model, graph, gradients)
     p = 1 if pruner == "l1" else 2
     out = []
     for group in graph.groups:
@@ -357,6 +363,28 @@ def importance(model: nn.Module, graph: LayerGraph, pruner: str) -> List[np.ndar
             scores += (norms / norms.mean().clamp_min(1e-12)).cpu().numpy()
         out.append(np.sort(scores / len(group.members))[::-1])
     return out
+
+
+def _taylor(model: nn.Module, graph: LayerGraph, gradients) -> List[np.ndarray]:
+    weights = {n: model.get_submodule(n).weight for g in graph.groups for n in g.members}
+    totals = {n: torch.zeros(w.shape[0]) for n, w in weights.items()}
+    was, device = model.training, next(model.parameters()).device
+    model.eval()  # BN keeps its running statistics; gradients flow either way
+    try:
+        done = 0
+        while done < gradients.steps:
+            for x, y in gradients.batches:
+                model.zero_grad(set_to_none=True)
+                gradients.loss(model, x.to(device), y.to(device)).backward()
+                for n, w in weights.items():
+                    totals[n] += (w.detach() * w.grad).float().pow(2).flatten(1).sum(1).cpu()
+                done += 1
+                if done >= gradients.steps:
+                    break
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    return [np.sort(sum(totals[n] for n in g.members).numpy())[::-1] for g in graph.groups]
 
 
 def allocate(model: CostModel, scores: List[np.ndarray], target: float) -> Optional[List[int]]:

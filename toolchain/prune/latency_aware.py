@@ -34,13 +34,16 @@ from .registry import PruneError
 Tables = Callable[[Dict], Tuple[Dict, Dict]]  # spec -> (table, where it came from)
 
 
-def choose(model: nn.Module, cfg, meter: Meter, prune_fn, example, tables: Tables) -> Tuple[Any, Decision]:
-    """See the module doc. `prune_fn(model, cfg, kept=...)` prunes a copy; the model is not modified."""
+def choose(
+    model: nn.Module, cfg, meter: Meter, prune_fn, example, tables: Tables, gradients=None
+) -> Tuple[Any, Decision]:
+    """See the module doc. `prune_fn(model, cfg, kept=...)` prunes a copy; the model is not modified;
+    `gradients` (the stage's GradientSource) scores channels when the pruner is taylor."""
     b = cfg.budget
     graph = layer_graph(model, example, cfg)
     cost, student, info = cost_model(model, graph, b, meter, tables)
     target = _target(b, student)
-    scores = importance(model, graph, cfg.pruner)
+    scores = importance(model, graph, cfg.pruner, gradients)
     final = cfg.model_copy(update={"budget": None})
     history: List[Dict[str, Any]] = []
     retries = 0

@@ -134,7 +134,8 @@ class Prune(ModelStage):
         if cfg.budget is None:
             result = prune_fn(copy.deepcopy(source.model), cfg)
         else:
-            result, decision = self._to_budget(copy.deepcopy(source.model), cfg, example, prune_fn, job.stage_dir)
+            model = copy.deepcopy(source.model)
+            result, decision = self._to_budget(model, cfg, example, prune_fn, job.stage_dir, gradients)
             result.report.update(decision.report())
         extra = {f"prune.{k}": v for k, v in result.report.items() if isinstance(v, (int, float))}
         out = finalize(job, result.model, source.result.model().spec(), extra=extra, keep_zeros=cfg.method == "weight")
@@ -144,7 +145,7 @@ class Prune(ModelStage):
             out.info["budget_line"] = decision.line()
         return out
 
-    def _to_budget(self, model, cfg, example, prune_fn, stage_dir):
+    def _to_budget(self, model, cfg, example, prune_fn, stage_dir, gradients):
         from tqdm import tqdm
 
         from ..prune import budget, latency_aware
@@ -159,7 +160,9 @@ class Prune(ModelStage):
                     if cfg.budget.device_table  # the stage cache's neighbour: tables outlive one stage's key
                     else latency_aware.local_tables(stage_dir.parent / "latency-tables", tqdm.write)
                 )
-                result, decision = latency_aware.choose(model.cpu(), cfg, meter, prune_fn, example.cpu(), tables)
+                result, decision = latency_aware.choose(
+                    model.cpu(), cfg, meter, prune_fn, example.cpu(), tables, gradients
+                )
         finally:
             meter.close()
         tqdm.write(f"[prune] {decision.line()}")
