@@ -254,10 +254,10 @@ def sample_widths(graph: LayerGraph, layer: Layer) -> Tuple[List[int], List[int]
     else:
         couts = [layer.cout]
     if steps:
-        low = [g.step for g in steps]
-        mid = [_spread(g.options(), 3)[len(_spread(g.options(), 3)) // 2] for g in steps]
-        full = [g.full for g in steps]
-        cins = sorted({layer.in_scale * (layer.in_fixed + sum(v)) for v in (low, mid, full)})
+        spreads = [_spread(g.options(), 3) for g in steps]  # narrowest, middle, full of each input group
+        cins = sorted(
+            {layer.in_scale * (layer.in_fixed + sum(w[min(i, len(w) - 1)] for w in spreads)) for i in range(3)}
+        )
     else:
         cins = [layer.cin]
     return cins, couts
