@@ -160,9 +160,7 @@ class Prune(ModelStage):
                     if cfg.budget.device_table  # the stage cache's neighbour: tables outlive one stage's key
                     else latency_aware.local_tables(stage_dir.parent / "latency-tables", tqdm.write)
                 )
-                result, decision = latency_aware.choose(
-                    model.cpu(), cfg, meter, prune_fn, example.cpu(), tables, gradients
-                )
+                result, decision = latency_aware.choose(model, cfg, meter, prune_fn, example, tables, gradients)
         finally:
             meter.close()
         tqdm.write(f"[prune] {decision.line()}")
