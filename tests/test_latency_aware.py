@@ -249,3 +249,15 @@ def test_taylor_scores_are_weight_times_gradient_squared_per_channel():
     assert [len(s) for s in scores] == [g.full for g in graph.groups]
     assert all((np.diff(s) <= 0).all() for s in scores) and scores[left][-1] == 0.0 and scores[left][0] > 0
     assert not any(p.grad is not None for p in model.parameters())  # left as it was
+
+
+def test_the_target_tightens_on_a_miss_relaxes_on_a_surplus_and_stays_between_measured_ends():
+    search = L.TargetSearch(10.0)
+    assert search.next(met=False, slack=0.8) and search.target == pytest.approx(10 * 0.8 * 0.99)  # missed by 20%
+    missed, met = 10.0, search.target
+    assert search.next(met=True, slack=1.5)  # beat the budget by 50%: relax, but not past the target that missed
+    assert met < search.target <= (met + missed) / 2
+    assert not search.next(met=True, slack=1.01)  # within 3% of the budget: done
+    halving = L.TargetSearch(10.0)  # a tightening step at most halves the target
+    halving.next(met=False, slack=0.1)
+    assert halving.target == pytest.approx(5.0)

@@ -9,10 +9,12 @@ model of the budget's own quantity, then measured.
    counted (macs, params, file_bytes); the constant is calibrated on the unpruned student.
 2. The allocation: a greedy on that model (costmodel.allocate), the engine prunes once with those counts.
 3. The verification: the pruned model is measured as the uniform search measures (budget.py's meters:
-   a latency budget by paired replicated comparison with the student). While it misses, the model's
-   target is tightened by the measured shortfall and the allocation repeated, at most budget.max_retries
-   times; a budget still missed is reported NOT met. With a device table nothing here measures the
-   device: the decision is the table's prediction, labelled so, and `attach` confirms it.
+   a latency budget by paired replicated comparison with the student). A miss tightens the model's
+   target by the measured shortfall, a model that beats the budget by more than 3% relaxes it by the
+   surplus (it pruned more than it had to), and the allocation is repeated, at most budget.max_retries
+   times (TargetSearch); the met allocation keeping the most importance ships, and a budget never met
+   is reported NOT met. With a device table nothing here measures the device: the decision is the
+   table's prediction, labelled so, and `attach` confirms it.
 """
 
 from __future__ import annotations
@@ -46,20 +48,25 @@ def choose(
     scores = importance(model, graph, cfg.pruner, gradients)
     final = cfg.model_copy(update={"budget": None})
     history: List[Dict[str, Any]] = []
-    retries = 0
+    search = TargetSearch(target)
+    best = None  # the met allocation that keeps the most importance: (importance, result, reading, predicted, kept)
     while True:
-        kept = allocate(cost, scores, target)
+        kept = allocate(cost, scores, search.target)
         if kept is None:
             raise PruneError(_unreachable(b, cost, graph, student))
         predicted = _in_budget_units(b, cost.cost(kept), student)
         named = {g.name: k for g, k in zip(graph.groups, kept)}
         result = prune_fn(model, final, kept=named)
-        reading = _predicted_reading(b, predicted) if b.device_table else _measure(meter, model, result, retries)
-        history.append(_record(reading, predicted, named, retries))
-        if reading.met or b.device_table or retries >= b.max_retries:
+        reading = _predicted_reading(b, predicted) if b.device_table else _measure(meter, model, result, len(history))
+        history.append(_record(reading, predicted, named, len(history)))
+        kept_importance = sum(float(s[:k].sum()) for s, k in zip(scores, kept))
+        if reading.met and (best is None or kept_importance > best[0]):
+            best = (kept_importance, result, reading, predicted, named)
+        if b.device_table or len(history) > b.max_retries or not search.next(reading.met, _slack(b, reading)):
             break
-        target *= _tighten(b, reading)
-        retries += 1
+    if best is not None:
+        _, result, reading, predicted, named = best
+    retries = len(history) - 1
     latency = b.kind in LATENCY_KINDS
     info.update(predicted=predicted, error_pct=_error_pct(b, predicted, reading), kept=named)
     decision = Decision(
@@ -158,17 +165,47 @@ def _record(reading: Reading, predicted: float, kept: Dict[str, int], retries: i
     }
 
 
-def _tighten(b, reading: Reading) -> float:
-    """The factor on the model's target after a measured miss: the shortfall, with a margin."""
+def _slack(b, reading: Reading) -> float:
+    """How far the measurement's decisive end is from the budget, as a factor on the model's target
+    (cost): below 1 a miss by that much, above 1 room to prune less."""
     if b.kind == "speedup":
         seen = reading.low if np.isfinite(reading.low) and reading.low > 0 else reading.value
-        factor = seen / b.speedup
-    elif b.kind == "latency_ms":
+        return seen / b.speedup
+    if b.kind == "latency_ms":
         seen = reading.high if np.isfinite(reading.high) and reading.high > 0 else reading.value
-        factor = b.latency_ms / seen
-    else:
-        factor = b.target / reading.value
-    return float(min(max(factor * 0.99, 0.5), 0.99))
+        return b.latency_ms / seen
+    return b.target / reading.value
+
+
+class TargetSearch:
+    """The cost model's target, corrected by measurement (NetAdapt's "as close to the budget as the
+    measurement allows"): a miss tightens it by the shortfall, a model that beats the budget by more
+    than `close` relaxes it by the surplus (it pruned more than it needed, which costs accuracy),
+    never past a target that already missed or below one that already met (then halfway between)."""
+
+    close = 1.03
+
+    def __init__(self, target: float):
+        self.target = target
+        self.met_at: Optional[float] = None  # the largest target measured met
+        self.missed_at: Optional[float] = None  # the smallest target measured missed
+
+    def next(self, met: bool, slack: float) -> bool:
+        """Move the target after a measurement; False when there is nothing left to try."""
+        if met:
+            self.met_at = max(self.met_at or 0.0, self.target)
+            if slack < self.close:
+                return False
+            proposed = self.target * min(slack, 2.0) * 0.99
+            if self.missed_at is not None:
+                proposed = min(proposed, (self.target + self.missed_at) / 2)
+        else:
+            self.missed_at = min(self.missed_at or float("inf"), self.target)
+            proposed = self.target * min(max(slack * 0.99, 0.5), 0.99)
+            if self.met_at is not None:
+                proposed = max(proposed, (self.target + self.met_at) / 2)
+        self.target = proposed
+        return True
 
 
 def _error_pct(b, predicted: float, reading: Reading) -> Optional[float]:
