@@ -35,6 +35,10 @@ from .registry import PruneError
 
 Tables = Callable[[Dict], Tuple[Dict, Dict]]  # spec -> (table, where it came from)
 
+# In the prune stage's cache key when it allocates latency_aware: bump it when a change here or in
+# costmodel.py changes what is chosen, so cached decisions of the old code are recomputed.
+REVISION = 2
+
 
 def choose(
     model: nn.Module, cfg, meter: Meter, prune_fn, example, tables: Tables, gradients=None

@@ -103,13 +103,18 @@ class Prune(ModelStage):
         )
 
     def fingerprint(self, cfg: Sections) -> Dict[str, Any]:
-        """A device table is named by path: its content is what the allocation depends on."""
-        table = cfg.prune.budget.device_table if cfg.prune.budget is not None else None
-        if not table:
+        """latency_aware: the allocation's code revision (recipes without it keep their keys) and,
+        a device table being named by path, its content."""
+        budget = cfg.prune.budget
+        if budget is None or cfg.prune.allocation != "latency_aware":
             return {}
         from ..fsutil import file_sha256
+        from ..prune.latency_aware import REVISION
 
-        return {"device_table_sha256": file_sha256(table)}
+        return {
+            "allocation_revision": REVISION,
+            **({"device_table_sha256": file_sha256(budget.device_table)} if budget.device_table else {}),
+        }
 
     def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         # the teacher is an input too: taylor scores and iterative steps use the KD loss
