@@ -439,6 +439,9 @@ def test_an_interrupt_during_an_mlflow_call_waits_for_the_call_to_finish(tmp_pat
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "interrupts")
     tracker.connect()
     done = []
+    # a background job (nohup ... &) starts Python with SIGINT ignored: the behaviour under test is
+    # that of a terminal's Ctrl-C, Python's own handler
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def interrupted_write():
         os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the call
@@ -452,3 +455,4 @@ def test_an_interrupt_during_an_mlflow_call_waits_for_the_call_to_finish(tmp_pat
     tracker._call("closing a run", tracker.client.set_terminated, done[0], "KILLED")  # the store is not locked
     assert tracker.client.get_run(done[0]).info.status == "KILLED"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    signal.signal(signal.SIGINT, outside)
