@@ -261,3 +261,15 @@ def test_the_target_tightens_on_a_miss_relaxes_on_a_surplus_and_stays_between_me
     halving = L.TargetSearch(10.0)  # a tightening step at most halves the target
     halving.next(met=False, slack=0.1)
     assert halving.target == pytest.approx(5.0)
+
+
+def test_a_missing_device_table_is_one_line_before_anything_trains(tiny_recipe, tmp_path, capsys):
+    from toolchain.cli import run
+
+    missing = tmp_path / "nowhere" / "table.json"
+    budget = {"speedup": 1.5, "batch_size": 1, "threads": 1, "device_table": str(missing)}
+    path = tiny_recipe(distill={"epochs": 1, "loss": "ce"}, prune={"method": "channel", "align": 8, "budget": budget})
+    assert run(["compress", str(path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "Traceback" not in err, err
+    assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))  # failed in the preflight

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 from ..engine.artifacts import StageResult
 from ..engine.stage import Job, Sections, StageOutput, register_stage
 from ..train.tasks import make_task
-from .common import ModelStage, finalize, reseed, teacher_role, train
+from .common import ModelStage, file_digest, finalize, reseed, teacher_role, train
 
 if TYPE_CHECKING:  # annotations only
     from ..data.loaders import DataBundle
@@ -108,12 +108,12 @@ class Prune(ModelStage):
         budget = cfg.prune.budget
         if budget is None or cfg.prune.allocation != "latency_aware":
             return {}
-        from ..fsutil import file_sha256
         from ..prune.latency_aware import REVISION
 
+        # file_digest: a missing table keys by its path; the preflight then says it is missing, in one line
         return {
             "allocation_revision": REVISION,
-            **({"device_table_sha256": file_sha256(budget.device_table)} if budget.device_table else {}),
+            **({"device_table": file_digest(budget.device_table)} if budget.device_table else {}),
         }
 
     def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
@@ -162,7 +162,8 @@ class Prune(ModelStage):
             else:
                 tables = (
                     latency_aware.device_tables(cfg.budget.device_table)
-                    if cfg.budget.device_table  # the stage cache's neighbour: tables outlive one stage's key
+                    if cfg.budget.device_table
+                    # next to the stage cache's folders: a table outlives one stage's key
                     else latency_aware.local_tables(stage_dir.parent / "latency-tables", tqdm.write)
                 )
                 result, decision = latency_aware.choose(model, cfg, meter, prune_fn, example, tables, gradients)
