@@ -274,3 +274,21 @@ def warm_cache(warm_stages, tmp_path):
         if entry.is_dir():
             shutil.copytree(entry, cache / entry.name)
     return cache
+
+
+def blocked_imports_env(folder: Path, names=("torch",), **extra: str) -> dict:
+    """os.environ with PYTHONPATH = fake packages `names` in `folder` (importing one raises
+    ImportError '<name> must not be imported by the bench') and then the checkout: what a device has.
+    Checked here: each import fails that way."""
+    import subprocess
+    import sys
+
+    for name in names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "__init__.py").write_text(f"raise ImportError('{name} must not be imported by the bench')\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), str(repo)]), **extra)
+    for name in names:
+        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
+        assert probe.returncode != 0 and "must not be imported" in probe.stderr  # the trap works
+    return env

@@ -3,7 +3,6 @@ that shipped the model, by sha256; another model's JSON, a garbled one, an unkno
 with one line and nothing logged."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from conftest import blocked_imports_env
 from onnx import TensorProto, helper, numpy_helper
 
 from toolchain.attach import attach_data, find_run
@@ -58,10 +58,7 @@ def shipped(tmp_path_factory, fmnist_root):
 @pytest.fixture(scope="module")
 def no_torch_env(tmp_path_factory) -> dict:
     """PYTHONPATH with a fake `torch` package first: any import of torch fails (as in test_bench.py)."""
-    fake = tmp_path_factory.mktemp("fake_torch")
-    (fake / "torch").mkdir()
-    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch must not be imported by toolchain.bench')\n")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO)]))
+    return blocked_imports_env(tmp_path_factory.mktemp("fake_torch"))
 
 
 def bench_cli(env, *args):
@@ -253,9 +250,10 @@ def store(tmp_path):
     return tracker
 
 
-def shipped_run(store, tmp_path, retention):
-    """A finished compress run whose shipped files are float.onnx / int8.onnx and teacher reference teacher.onnx."""
-    files = {n: tmp_path / f"{n}.onnx" for n in ("float", "int8", "teacher")}
+def shipped_run(store, tmp_path, metrics, reference="teacher", **tags):
+    """A finished compress run whose shipped files are float.onnx / int8.onnx and whose reference
+    (teacher.onnx by default) is <reference>.onnx; `tags` are added to the run's."""
+    files = {n: tmp_path / f"{n}.onnx" for n in ("float", "int8", reference)}
     for i, path in enumerate(files.values()):
         path.write_bytes(bytes([i]) * 64)
     tags = {
@@ -263,10 +261,11 @@ def shipped_run(store, tmp_path, retention):
         "toolchain.stage": "compress",
         "toolchain.sha256.model.onnx": file_sha256(files["float"]),
         "toolchain.sha256.model_int8.onnx": file_sha256(files["int8"]),
-        "toolchain.sha256.reference.teacher": file_sha256(files["teacher"]),
+        f"toolchain.sha256.reference.{reference}": file_sha256(files[reference]),
+        **tags,
     }
     with store.run("r", {}, tags) as parent:
-        parent.log_metrics(retention)
+        parent.log_metrics(metrics)
     return files, store.client.get_run(parent.run_id)
 
 
@@ -324,19 +323,13 @@ def test_a_reference_timing_of_another_file_is_refused(store, tmp_path):
 def test_attach_confirms_or_refutes_a_latency_budget_on_the_device(
     store, tmp_path, budget, results, references, expect
 ):
-    files = {n: tmp_path / f"{n}.onnx" for n in ("float", "student")}
-    for i, path in enumerate(files.values()):
-        path.write_bytes(bytes([i]) * 64)
-    tags = {
-        "toolchain.run_name": "r",
-        "toolchain.stage": "compress",
-        "toolchain.sha256.model.onnx": file_sha256(files["float"]),
-        "toolchain.sha256.reference.student": file_sha256(files["student"]),
-        "prune.budget": budget,
-        "prune.budget.device_table": "yes",
-    }
-    with store.run("r", {}, tags) as parent:
-        parent.log_metrics({"prune.budget.batch_size": 1.0, "final.vs_student.retention": 0.95})
+    files, _ = shipped_run(
+        store,
+        tmp_path,
+        {"prune.budget.batch_size": 1.0, "final.vs_student.retention": 0.95},
+        reference="student",
+        **{"prune.budget": budget, "prune.budget.device_table": "yes"},
+    )
     data = {"device": fingerprint(files["float"], "pi"), "results": results}
     if references:
         data["references"] = {"student": {"sha256": file_sha256(files["student"]), "results": references}}

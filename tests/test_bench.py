@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import blocked_imports_env
 from onnx import TensorProto, helper, numpy_helper
 
 from toolchain.bench import cli as bench_cli
@@ -201,13 +202,7 @@ def test_recipe_bench_batch_sizes_have_an_upper_bound():
 @pytest.fixture(scope="module")
 def no_torch_env(tmp_path_factory) -> dict:
     """PYTHONPATH with a fake `torch` package first: any import of torch fails loudly."""
-    fake = tmp_path_factory.mktemp("fake_torch")
-    (fake / "torch").mkdir()
-    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch must not be imported by toolchain.bench')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO)]))
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert probe.returncode != 0 and "must not be imported" in probe.stderr  # the trap works
-    return env
+    return blocked_imports_env(tmp_path_factory.mktemp("fake_torch"))
 
 
 def _cli(env, *args):

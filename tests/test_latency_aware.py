@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from conftest import blocked_imports_env
 
 from toolchain.metrics import count_macs, count_params
 from toolchain.prune import budget as B
@@ -199,15 +200,7 @@ def test_a_device_table_from_the_torch_free_bench_drives_the_allocation(tiny_rec
     spec = tmp_path / "spec.json"
     assert run(["latency-spec", str(path), "--out", str(spec)]) == 0
     assert "layer shapes at batch 1, threads 1" in capsys.readouterr().out
-    fake = tmp_path / "fake"
-    for name in ("torch", "onnx"):
-        (fake / name).mkdir(parents=True)
-        (fake / name / "__init__.py").write_text("raise ImportError('not on the device')\n")
-    import os
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(repo)]), OMP_NUM_THREADS="1")
+    env = blocked_imports_env(tmp_path / "fake", ("torch", "onnx"), OMP_NUM_THREADS="1")
     table = tmp_path / "table.json"
     done = subprocess.run(
         [sys.executable, "-m", "toolchain.bench", "--latency-table", str(spec), "--json", str(table)],

@@ -2,7 +2,6 @@
 measurement, and the torch-free, onnx-free CLI. Tiny shapes, no timing thresholds."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import blocked_imports_env
 from onnx import numpy_helper
 
 from toolchain.bench import latency_table as lt
@@ -171,15 +171,7 @@ def test_lookup_of_a_layer_the_table_lacks_says_rebuild():
 @pytest.fixture(scope="module")
 def no_torch_env(tmp_path_factory) -> dict:
     """PYTHONPATH with fake `torch` and `onnx` packages first: importing either fails loudly."""
-    fake = tmp_path_factory.mktemp("fake_torch_onnx")
-    for name in ("torch", "onnx"):
-        (fake / name).mkdir()
-        (fake / name / "__init__.py").write_text(f"raise ImportError('{name} must not be imported by the bench')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), str(REPO)]), OMP_NUM_THREADS="1")
-    for name in ("torch", "onnx"):
-        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
-        assert probe.returncode != 0 and "must not be imported" in probe.stderr  # the trap works
-    return env
+    return blocked_imports_env(tmp_path_factory.mktemp("fake_torch_onnx"), ("torch", "onnx"), OMP_NUM_THREADS="1")
 
 
 def _cli(env, *args):

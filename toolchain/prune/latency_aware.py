@@ -57,7 +57,7 @@ def choose(
     while True:
         kept = allocate(cost, scores, search.target)
         if kept is None:
-            raise PruneError(_unreachable(b, cost, graph, student))
+            raise PruneError(_unreachable(b, _narrowest(b, cost, graph, student)))
         predicted = _in_budget_units(b, cost.cost(kept), student)
         named = {g.name: k for g, k in zip(graph.groups, kept)}
         result = prune_fn(model, final, kept=named)
@@ -219,8 +219,12 @@ def _error_pct(b, predicted: float, reading: Reading) -> Optional[float]:
     return 100.0 * (predicted - reading.value) / reading.value
 
 
-def _unreachable(b, cost: CostModel, graph: LayerGraph, student: float) -> str:
-    narrowest = _in_budget_units(b, cost.cost([g.step for g in graph.groups]), student)
+def _narrowest(b, cost: CostModel, graph: LayerGraph, student: float) -> float:
+    """The cost model's value, in the budget's units, of every group at its narrowest aligned width."""
+    return _in_budget_units(b, cost.cost([g.step for g in graph.groups]), student)
+
+
+def _unreachable(b, narrowest: float) -> str:
     return (
         f"prune.budget.{b.kind} {b.target:g}: the cost model predicts {narrowest:.4g} for the narrowest aligned "
         "allocation, which misses it; relax the budget, or lower prune.align / shrink prune.exclude"
@@ -229,9 +233,9 @@ def _unreachable(b, cost: CostModel, graph: LayerGraph, student: float) -> str:
 
 def predicted_narrowest(b, cost: CostModel, graph: LayerGraph, student: float) -> float:
     """The cost model's value of the narrowest aligned allocation, or a PruneError when it misses the budget."""
-    narrowest = _in_budget_units(b, cost.cost([g.step for g in graph.groups]), student)
+    narrowest = _narrowest(b, cost, graph, student)
     if not _predicted_reading(b, narrowest).met:
-        raise PruneError(_unreachable(b, cost, graph, student))
+        raise PruneError(_unreachable(b, narrowest))
     return narrowest
 
 
