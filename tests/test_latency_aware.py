@@ -133,9 +133,9 @@ def test_a_macs_budget_allocated_latency_aware_is_met_and_predicted_exactly(one_
     assert "(latency_aware, 1 trials, cost model predicted 0." in d.line()
 
 
-def test_a_missed_measurement_tightens_the_target_and_allocates_again(one_thread):
-    """The first allocation is measured no faster than the student (fed comparisons): the target drops
-    by the shortfall and the second allocation removes more channels; later ones are measured by size."""
+def _choose_fed(slow_calls, max_retries=2):
+    """latency_aware on mobilenet_v2 with fed comparisons: the candidate's 'latency' is its file size,
+    except the first `slow_calls` replicates, which are measured no faster than the student."""
     from test_prune_budget import size_replicate
 
     torch.manual_seed(0)
@@ -152,6 +152,7 @@ def test_a_missed_measurement_tightens_the_target_and_allocates_again(one_thread
             "latency": latency,
             "exporter": "torchscript",
             "opset": 17,
+            "max_retries": max_retries,
         },
     )
     honest, calls = size_replicate(), {"n": 0}
@@ -159,7 +160,7 @@ def test_a_missed_measurement_tightens_the_target_and_allocates_again(one_thread
     def replicate(spec):
         calls["n"] += 1
         out = honest(spec)
-        if calls["n"] <= 2:  # the first comparison's two replicates: no faster than the student
+        if calls["n"] <= slow_calls:
             out["ratios"] = {k: 1.0 for k in out["ratios"]}
         return out
 
@@ -176,13 +177,30 @@ def test_a_missed_measurement_tightens_the_target_and_allocates_again(one_thread
         return {"entries": {k: {"ms": v} for k, v in ms.items()}}, {"source": "test"}
 
     try:
-        _, d = L.choose(model, cfg, meter, lambda m, c, kept=None: prune_model(m, c, x, kept=kept), x, tables)
+        return L.choose(model, cfg, meter, lambda m, c, kept=None: prune_model(m, c, x, kept=kept), x, tables)
     finally:
         meter.close()
+
+
+def test_a_missed_measurement_tightens_the_target_and_allocates_again(one_thread):
+    """The first allocation is measured no faster than the student (fed comparisons): the target drops
+    by the shortfall and the second allocation removes more channels; later ones are measured by size."""
+    _, d = _choose_fed(slow_calls=2)
     assert d.retries >= 1 and [h["stage"] for h in d.history] == ["allocation"] * (d.retries + 1)
     assert not d.history[0]["met"] and d.history[0]["value"] == pytest.approx(1.0)
     kept = [sum(h["kept"].values()) for h in d.history]
     assert kept[1] < kept[0]
+
+
+def test_misses_that_tighten_past_the_model_end_on_the_narrowest_allocation_not_an_error(one_thread):
+    """Every comparison no faster than the student: the target is tightened past what the cost model can
+    reach (a CI run under torchrun raised 'unreachable' here for a budget the preflight had measured
+    reachable); the narrowest aligned allocation is tried once, then the search stops, reported not met."""
+    _, d = _choose_fed(slow_calls=10**6, max_retries=8)
+    narrowest = d.history[-1]["kept"]
+    assert not d.met and all(not h["met"] for h in d.history)
+    assert [h["kept"] for h in d.history].count(narrowest) == 1 and 1 < len(d.history) < 9
+    assert sum(narrowest.values()) < sum(d.history[0]["kept"].values())
 
 
 @pytest.mark.slow  # times the tiny student's layers for real (~30 s)

@@ -308,6 +308,30 @@ def test_latency_ms_budget_is_met_by_the_intervals_upper_end(one_thread):
         meter.close()
 
 
+def test_a_budget_the_interval_straddles_is_searched_not_refused_and_a_refuted_one_is(one_thread):
+    """'Unreachable' is a claim: the preflight refuses only when the interval's favourable end misses.
+    A noisy measurement straddling the budget (a CI run under torchrun refused a reachable one) lets
+    the search run; the decision then reports what it measured."""
+    model = Net().eval()
+    exact = latency_budget(speedup=1.01)
+    meter = B.make_meter(exact.budget, X, size_replicate())
+    try:
+        best = B.check_reachable(model, exact, meter, prune_fn).value
+    finally:
+        meter.close()
+    cfg = latency_budget(speedup=round(best * 1.2, 3))
+    meter = B.make_meter(cfg.budget, X, size_replicate(noise=0.5))
+    try:
+        reading = B.check_reachable(model, cfg, meter, prune_fn)
+        assert not reading.met and reading.low < cfg.budget.speedup < reading.high
+        _, d = B.choose(model, cfg, meter, prune_fn)
+        assert d.sparsity == max(h["sparsity"] for h in d.history) and not d.met
+    finally:
+        meter.close()
+    with pytest.raises(PruneError, match="cannot be reached"):
+        B.check_reachable(model, cfg, B.make_meter(cfg.budget, X, size_replicate()), prune_fn)
+
+
 def test_file_bytes_budget_on_the_float_onnx_file(one_thread):
     model = Net().eval()
     cfg = recipe(

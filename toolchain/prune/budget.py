@@ -25,8 +25,9 @@ What "met" means (Meter.__call__ -> Reading):
 The chosen sparsity is then pruned with the recipe's own pruner and schedule (a one-shot l1/l2/fpgm
 recipe reuses the search's model) and, for latency budgets, measured again;
 while that measurement misses (noise), the sparsity moves one grid point up, at most
-budget.max_retries times. A budget the most-pruned aligned model misses is unreachable
-(check_reachable, run in the prune preflight, before anything trains).
+budget.max_retries times. A budget the most-pruned aligned model measurably misses (even its
+interval's favourable end) is unreachable (check_reachable, run in the prune preflight, before
+anything trains); one it only fails to prove (a wide interval) is searched and reported as measured.
 """
 
 from __future__ import annotations
@@ -361,7 +362,9 @@ class Search:
         """Smallest grid index whose model meets the budget (the last one must: check it first)."""
         last = len(self.grid) - 1
         if not self.measure(last).met:
-            raise Unreachable(self.grid[last], self.readings[last])
+            if out_of_reach(self.readings[last], self.cfg.budget):
+                raise Unreachable(self.grid[last], self.readings[last])
+            return last  # unproven, not refuted (a wide interval): the most-pruned model is measured again
         lo, hi = -1, last  # invariant: hi meets; lo does not (or is below the grid)
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -370,6 +373,16 @@ class Search:
             else:
                 lo = mid
         return hi
+
+
+def out_of_reach(reading: Reading, b) -> bool:
+    """Even the interval's favourable end misses the budget: refuted by the measurement, not merely
+    unproven (a wide interval straddling the budget is not a reason to refuse a recipe)."""
+    if b.kind == "speedup":
+        return reading.high < b.target
+    if b.kind == "latency_ms":
+        return reading.low > b.target
+    return not reading.met
 
 
 class Unreachable(Exception):
@@ -394,11 +407,12 @@ def unreachable_message(cfg, model: nn.Module, sparsity: float, reading: Reading
 
 
 def check_reachable(model: nn.Module, cfg, meter: Meter, prune_fn: PruneFn) -> Reading:
-    """The most-pruned aligned model meets the budget, or a one-line PruneError naming the best reachable value."""
+    """The most-pruned aligned model's reading, or a one-line PruneError naming the best reachable value
+    when the measurement refutes the budget (out_of_reach)."""
     grid = sparsity_grid(model, cfg)
     search = Search(model, cfg, meter, prune_fn, grid)
     reading = search.measure(len(grid) - 1)
-    if not reading.met:
+    if out_of_reach(reading, cfg.budget):
         raise PruneError(unreachable_message(cfg, model, grid[-1], reading))
     return reading
 

@@ -54,12 +54,19 @@ def choose(
     history: List[Dict[str, Any]] = []
     search = TargetSearch(target)
     best = None  # the met allocation that keeps the most importance: (importance, result, reading, predicted, kept)
+    narrowest = [g.step for g in graph.groups]
     while True:
         kept = allocate(cost, scores, search.target)
-        if kept is None:
+        if kept is None and b.device_table:  # the prediction is all there is (the preflight checked it)
             raise PruneError(_unreachable(b, _narrowest(b, cost, graph, student)))
+        if kept is None:
+            # The target is past the model's narrowest allocation (a pessimistic model, or measurements
+            # that tightened it); the measurement decides, not the model: the narrowest is tried, once.
+            if any(h["kept"] == _named(graph, narrowest) for h in history):
+                break
+            kept = narrowest
         predicted = _in_budget_units(b, cost.cost(kept), student)
-        named = {g.name: k for g, k in zip(graph.groups, kept)}
+        named = _named(graph, kept)
         result = prune_fn(model, final, kept=named)
         reading = _predicted_reading(b, predicted) if b.device_table else _measure(meter, model, result, len(history))
         history.append(_record(reading, predicted, named, len(history)))
@@ -144,6 +151,10 @@ def _in_budget_units(b, cost: float, student: float) -> float:
     if b.kind in ("macs", "params"):
         return cost / student
     return cost
+
+
+def _named(graph: LayerGraph, kept: List[int]) -> Dict[str, int]:
+    return {g.name: k for g, k in zip(graph.groups, kept)}
 
 
 def _predicted_reading(b, predicted: float) -> Reading:

@@ -54,7 +54,8 @@ class Prune(ModelStage):
         )
 
     def _check_budget(self, model, cfg, data) -> None:
-        """An unreachable budget (the most-pruned aligned model misses it) fails now, naming the best reachable value."""
+        """An unreachable budget (the most-pruned aligned model measurably misses it) fails now, naming
+        the best reachable value."""
         from tqdm import tqdm
 
         from ..prune import prune_model
@@ -78,9 +79,10 @@ class Prune(ModelStage):
             reading = check_reachable(model.cpu(), cfg, meter, prune_once)
         finally:
             meter.close()
+        verdict = "is reachable" if reading.met else "may be reachable (the interval straddles it)"
         tqdm.write(
             f"[prune] preflight: {type(model).__name__} channel-prunes with engine {cfg.engine}; budget "
-            f"{cfg.budget.kind} {cfg.budget.target:g} is reachable (most-pruned aligned model: "
+            f"{cfg.budget.kind} {cfg.budget.target:g} {verdict} (most-pruned aligned model: "
             f"{reading.text(cfg.budget.kind)}; {time.perf_counter() - started:.1f} s)"
         )
 
