@@ -19,6 +19,7 @@ from toolchain.prune import budget as B
 from toolchain.prune import latency_aware as L
 from toolchain.prune import prune_model
 from toolchain.prune.costmodel import CostModel, Group, Layer, LayerGraph, allocate, count_cost, layer_graph
+from toolchain.prune.registry import PruneError
 from toolchain.prune.targets import in_channels, out_channels
 from toolchain.recipe.pruning import PruneConfig
 
@@ -55,19 +56,25 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("engine", ["nni", "torch_pruning"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_the_cost_model_counts_exactly_what_the_engine_prunes(name, one_thread):
+def test_the_cost_model_counts_exactly_what_the_engine_prunes(name, engine, one_thread):
     """Random kept counts per group: every layer's predicted widths are the pruned model's, and the
     counted MACs and parameters (calibrated on the unpruned model) are the pruned model's counts."""
     torch.manual_seed(0)
     model = MODELS[name]().eval()
     x = torch.randn(2, 3, 32, 32)
-    cfg = PruneConfig(method="channel", align=8)
+    cfg = PruneConfig(method="channel", align=8, engine=engine)
     graph = layer_graph(model, x, cfg)
     assert graph.groups and not graph.unmodelled
     rng = random.Random(0)
     kept = [rng.choice(g.options()) for g in graph.groups]
     pruned = prune_model(model, cfg, x, kept={g.name: k for g, k in zip(graph.groups, kept)}).model
+    if (name, engine) == ("regnet_x_400mf", "torch_pruning"):  # couples a grouped conv to its producer
+        with pytest.raises(PruneError, match="engine torch_pruning pruned .* use prune.engine: nni"):
+            L._check_widths(graph, kept, pruned, engine)
+        return
+    L._check_widths(graph, kept, pruned, engine)
     for layer in graph.layers:
         module = pruned.get_submodule(layer.name)
         assert (in_channels(module), out_channels(module)) == layer.widths(kept), layer.name
@@ -117,11 +124,12 @@ def test_the_allocator_prunes_where_latency_is_cheap_to_save():
     assert allocate(cost, [np.ones(32)] * 3, 10.0) is None  # narrowest: 8 + 8 + 32
 
 
-def test_a_macs_budget_allocated_latency_aware_is_met_and_predicted_exactly(one_thread):
+@pytest.mark.parametrize("engine", ["nni", "torch_pruning"])
+def test_a_macs_budget_allocated_latency_aware_is_met_and_predicted_exactly(engine, one_thread):
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    cfg = PruneConfig(method="channel", align=16, budget={"macs": 0.5})
+    cfg = PruneConfig(method="channel", align=16, engine=engine, budget={"macs": 0.5})
     assert cfg.allocation == "latency_aware"
     meter = B.make_meter(cfg.budget, x)
     result, d = L.choose(model, cfg, meter, lambda m, c, kept=None: prune_model(m, c, x, kept=kept), x, None)
@@ -284,3 +292,20 @@ def test_a_missing_device_table_is_one_line_before_anything_trains(tiny_recipe, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(missing) in err and "Traceback" not in err, err
     assert not list((tmp_path / "export" / ".cache").glob("teacher-*"))  # failed in the preflight
+
+
+def test_torch_pruning_allocates_latency_aware_by_default_in_the_stage(tiny_recipe, tmp_path, capsys):
+    """A budget with engine torch_pruning and no allocation: latency_aware, the groups' kept counts as
+    Torch-Pruning ratios, the budget met and the kept counts in the decision."""
+    from toolchain.cli import run
+
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        prune={"method": "channel", "engine": "torch_pruning", "budget": {"macs": 0.5}},
+    )
+    assert run(["compress", str(path)]) == 0
+    prune = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]["prune"]
+    budget = prune["info"]["budget"]
+    assert budget["allocation"] == "latency_aware" and prune["metrics"]["prune.budget.met"] == 1.0
+    assert budget["cost_model"]["error_pct"] == pytest.approx(0, abs=1e-6) and budget["cost_model"]["kept"]

@@ -45,10 +45,6 @@ def recipe(prune, **sections):
             "prune: prune.allocation latency_aware spreads a budget: set prune.budget",
         ),
         (
-            {"method": "channel", "engine": "torch_pruning", "allocation": "latency_aware", "budget": {"speedup": 2}},
-            "prune.allocation latency_aware (kept channels per group) is built for prune.engine nni",
-        ),
-        (
             {"method": "channel", "budget": {"macs": 0.5, "device_table": "t.json"}},
             "device_table is a latency table: it goes with speedup or latency_ms, not macs",
         ),
@@ -373,7 +369,7 @@ def test_a_budget_run_reports_the_decision_in_metrics_mlflow_budget_json_and_the
     path = tiny_recipe(
         teacher=None,
         distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
-        prune={"method": "channel", "engine": "torch_pruning", "budget": {"macs": 0.4}},
+        prune={"method": "channel", "engine": "torch_pruning", "allocation": "uniform", "budget": {"macs": 0.4}},
     )
     assert run(["compress", str(path)]) == 0
     out = capsys.readouterr().out
@@ -414,6 +410,7 @@ def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, 
         prune={
             "method": "channel",
             "engine": "torch_pruning",
+            "allocation": "uniform",
             "budget": {"speedup": 3, "batch_size": 2, "threads": 1, "latency": LATENCY},
         },
         export={"exporter": "torchscript", "opset": 17, "references": False},

@@ -203,8 +203,6 @@ def _stepper(
     steps' sparsities are the fraction of the way to each group's kept count."""
     if cfg.method == "weight":
         return lambda s: level_step(model, {n: model.get_submodule(n) for n in targets}, s, cfg.scope)
-    if kept and cfg.engine != "nni":
-        raise PruneError("prune: kept channels per group (allocation latency_aware) need prune.engine: nni")
     if cfg.engine == "torch_pruning":
         return tp_stepper(
             model,
@@ -215,6 +213,7 @@ def _stepper(
             cfg.dependency_aware,
             example_input,
             shuffles,
+            _kept_ratios(model, example_input, targets, cfg, kept) if kept else None,
         )
     groups, blocks = _groups(model, example_input, targets, cfg.dependency_aware)
     original = {name: out_channels(m) for name, m in targets.items()}
@@ -227,6 +226,20 @@ def _stepper(
         )
 
     return step
+
+
+def _kept_ratios(model, example_input, targets, cfg, kept: Dict[str, int]) -> Dict[str, float]:
+    """Torch-Pruning's per-layer ratio for each member of a group with a kept count (the groups as the
+    cost model forms them, keyed by their first member). Half a channel below the kept count, because
+    Torch-Pruning keeps int(channels * (1 - ratio)) and a float landing just under it would cost a
+    whole alignment step."""
+    groups, _ = _groups(model, example_input, targets, cfg.dependency_aware)
+    ratios = {}
+    for group in groups:
+        if group[0] in kept:
+            full = out_channels(targets[group[0]])
+            ratios.update({name: 1 - (kept[group[0]] + 0.5) / full for name in group})
+    return ratios
 
 
 def _groups(model, example_input, targets, aware: bool) -> Tuple[List[List[str]], Dict[str, int]]:

@@ -68,6 +68,7 @@ def choose(
         predicted = _in_budget_units(b, cost.cost(kept), student)
         named = _named(graph, kept)
         result = prune_fn(model, final, kept=named)
+        _check_widths(graph, kept, result.model, cfg.engine)
         reading = _predicted_reading(b, predicted) if b.device_table else _measure(meter, model, result, len(history))
         history.append(_record(reading, predicted, named, len(history)))
         kept_importance = sum(float(s[:k].sum()) for s, k in zip(scores, kept))
@@ -151,6 +152,23 @@ def _in_budget_units(b, cost: float, student: float) -> float:
     if b.kind in ("macs", "params"):
         return cost / student
     return cost
+
+
+def _check_widths(graph: LayerGraph, kept: List[int], pruned: nn.Module, engine: str) -> None:
+    """The engine pruned what was allocated, layer by layer, or a one-line PruneError: a model whose
+    grouping the engine sees differently (Torch-Pruning couples a grouped conv's input to its
+    producer, NNI does not) would otherwise be measured and reported as the allocation it is not."""
+    from .targets import in_channels, out_channels
+
+    for layer in graph.layers:
+        module = pruned.get_submodule(layer.name)
+        got, asked = (in_channels(module), out_channels(module)), layer.widths(kept)
+        if got != asked:
+            raise PruneError(
+                f"prune.allocation latency_aware: engine {engine} pruned {layer.name} to {got[0]} -> {got[1]} "
+                f"channels where the allocation asked {asked[0]} -> {asked[1]} (its dependency groups differ "
+                "from the cost model's here); use prune.engine: nni, or prune.allocation: uniform"
+            )
 
 
 def _named(graph: LayerGraph, kept: List[int]) -> Dict[str, int]:

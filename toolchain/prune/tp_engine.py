@@ -9,7 +9,7 @@ fewer are ignored, as in the NNI engine. Importances: l1/l2 magnitude, FPGM.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -69,8 +69,11 @@ def tp_stepper(
     dependency_aware: bool,
     example_input: torch.Tensor,
     shuffles: bool = False,
+    ratios: Optional[Dict[str, float]] = None,
 ) -> Callable[[float], None]:
-    """A prune_step(sparsity) that advances a Torch-Pruning MetaPruner one step."""
+    """A prune_step(sparsity) that advances a Torch-Pruning MetaPruner one step. With `ratios` (a
+    layer's final pruning ratio, allocation latency_aware) `sparsities` are the fraction of the way
+    there at each step, and a layer without one is not pruned."""
     if not dependency_aware:
         raise PruneError(
             "prune.engine torch_pruning is always dependency-aware; set prune.dependency_aware: true or use engine nni"
@@ -85,13 +88,20 @@ def tp_stepper(
     was_training = model.training
     model.eval()
     with _shuffle_views(shuffles):
+        per_layer = None if ratios is None else {model.get_submodule(n): r for n, r in ratios.items()}
+        default = sparsities[-1] if ratios is None else 0.0
+
+        def schedule(ratio: float, steps: int) -> List[float]:
+            return [0.0] + [p if ratios is None else ratio * p for p in sparsities]
+
         pruner = tp.pruner.MetaPruner(
             model,
             example_input,
             importance=_importance(importance),
-            pruning_ratio=sparsities[-1],
+            pruning_ratio=default,
+            pruning_ratio_dict=per_layer,
             iterative_steps=len(sparsities),
-            iterative_pruning_ratio_scheduler=lambda ratio, steps: [0.0] + list(sparsities),
+            iterative_pruning_ratio_scheduler=schedule,
             ignored_layers=_ignored(model, targets, align),
             round_to=align if align > 1 else None,
         )

@@ -162,7 +162,7 @@ class PruneConfig(Section):
     )
     allocation: Literal["uniform", "latency_aware"] = Field(
         "uniform",
-        description="How a budget is spread over the layers (default latency_aware when a budget is set, uniform with engine torch_pruning). uniform: one aligned sparsity in every layer, the least one that meets the budget. latency_aware: kept channels per dependency group from a cost model of the budget's quantity (latency: single layers timed with onnxruntime; macs/params/bytes: counted), a greedy that loses the least importance per unit of cost, then measured (engine nni).",
+        description="How a budget is spread over the layers (default latency_aware when a budget is set). uniform: one aligned sparsity in every layer, the least one that meets the budget. latency_aware: kept channels per dependency group from a cost model of the budget's quantity (latency: single layers timed with onnxruntime; macs/params/bytes: counted), a greedy that loses the least importance per unit of cost, then measured (either engine; torch_pruning refuses, in one line, a model where it cannot prune the allocated counts exactly).",
     )
 
     @field_validator("pruner")
@@ -190,9 +190,8 @@ class PruneConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _latency_aware_under_a_budget(cls, data: Any) -> Any:
-        # latency_aware is built for the nni engine (kept counts per NNI dependency group)
         if isinstance(data, dict) and data.get("budget") is not None and "allocation" not in data:
-            data = {**data, "allocation": "latency_aware" if data.get("engine", "nni") == "nni" else "uniform"}
+            data = {**data, "allocation": "latency_aware"}
         return data
 
     @model_validator(mode="after")
@@ -203,11 +202,6 @@ class PruneConfig(Section):
                     "prune.allocation latency_aware spreads a budget: set prune.budget (or drop allocation)"
                 )
             return self
-        if self.allocation == "latency_aware" and self.engine != "nni":
-            raise ValueError(
-                "prune.allocation latency_aware (kept channels per group) is built for prune.engine nni; "
-                "set engine: nni, or allocation: uniform with torch_pruning"
-            )
         if self.budget.device_table and self.allocation != "latency_aware":
             raise ValueError(
                 "prune.budget.device_table is what latency_aware allocates on: set prune.allocation: latency_aware"
