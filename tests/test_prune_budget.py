@@ -342,6 +342,39 @@ def test_file_bytes_budget_on_the_float_onnx_file(one_thread):
         meter.close()
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "latency_aware"])
+def test_file_bytes_budget_on_the_int8_file_when_the_recipe_quantizes(allocation, one_thread):
+    """With a quantize section file_bytes budgets the INT8 file: the chosen model, quantized by the
+    meter's candidate in a fresh meter, fits; the float file of the same model would not; and the
+    quantize stage is handed the same limit."""
+    from toolchain.prune import latency_aware as L
+
+    r = recipe(
+        {"method": "channel", "allocation": allocation, "budget": {"file_bytes": 12000}},
+        export={"exporter": "torchscript", "opset": 17},
+        quantize={},
+    )
+    cfg = r.prune
+    assert cfg.budget.file == "int8" and r.quantize.max_file_bytes == 12000
+    meter = B.make_meter(cfg.budget, X)
+    try:
+        if allocation == "uniform":
+            result, d = B.choose(Net().eval(), cfg, meter, prune_fn)
+        else:
+            result, d = L.choose(Net().eval(), cfg, meter, lambda m, c, kept: prune_model(m, c, X, kept=kept), X, None)
+    finally:
+        meter.close()
+    again = B.make_meter(cfg.budget, X)
+    floats = B.make_meter(cfg.budget.model_copy(update={"file": "float"}), X)
+    try:
+        assert d.met and d.value <= 12000 and again.size(result.model, "again") == d.value
+        assert floats.size(result.model, "float") > 12000
+    finally:
+        again.close()
+        floats.close()
+    assert "Budget: file_bytes <= 12000 (INT8 file): met, " in d.line() and d.file == "int8"
+
+
 # ---------------------------------------------------------------- the pipeline
 
 import json  # noqa: E402
@@ -399,6 +432,44 @@ def test_a_budget_run_reports_the_decision_in_metrics_mlflow_budget_json_and_the
 
 
 @pytest.mark.slow
+def test_a_byte_budget_on_the_int8_file_prunes_for_it_and_the_quantize_stage_ships_a_file_that_fits(
+    tiny_recipe, tmp_path, capsys
+):
+    """file_bytes with a quantize section: the prune stage budgets the INT8 file (the student's is
+    1.78 MB, its float file 6.1 MB), and the quantize stage, handed the same limit, ships an INT8 file
+    within it although the latency gate alone would not have to (the float file is over the limit)."""
+    from conftest import FAST_LATENCY
+
+    path = tiny_recipe(
+        teacher=None,
+        distill={"epochs": 1, "lr": 0.05, "loss": "ce"},
+        prune={"method": "channel", "budget": {"file_bytes": 1_000_000}},
+        export={"exporter": "torchscript", "opset": 17, "references": False},
+        quantize={
+            "candidates": ["qdq_u8s8_dw_per_channel", "qdq_u8s8_dw_per_channel_keep_stem"],
+            "calibration_images": 64,
+            "max_accuracy_drop": 1.0,
+            "latency": FAST_LATENCY,
+            "intra_op_threads": 1,
+        },
+        bench=None,
+    )
+    assert run(["compress", str(path)]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "export" / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    prune, quantize = summary["stages"]["prune"], summary["stages"]["quantize"]
+    assert prune["info"]["budget"]["file"] == "int8" and prune["metrics"]["prune.budget.value"] <= 1_000_000
+    assert prune["metrics"]["prune.budget.met"] == 1.0
+    assert summary["stages"]["export"]["metrics"]["onnx_file_size_bytes"] > 1_000_000  # the float file is over
+    q = quantize["metrics"]
+    assert q["int8.shipped"] == 1 and q["file_limit.max"] == 1_000_000 and q["file_limit.met"] == 1.0
+    assert q["file_limit.bytes"] == q["int8.file_bytes"] <= 1_000_000
+    assert "is over quantize.max_file_bytes 1000000" in quantize["info"]["reason"]
+    assert any(line.startswith("Budget: file_bytes <= 1e+06 (INT8 file): met, ") for line in out.splitlines()), out
+    assert any(line.startswith("File limit: INT8 model ") and line.endswith(": met") for line in out.splitlines())
+
+
 def test_a_speedup_budget_run_on_fed_comparisons(tiny_recipe, tmp_path, capsys, monkeypatch):
     """The stage's latency path end to end, timing replaced by fed replicates (file size as latency)."""
     import toolchain.stages.prune as stage

@@ -13,7 +13,15 @@ from toolchain.bench.compare import interval
 from toolchain.cli import run
 from toolchain.engine.runner import plan
 from toolchain.errors import RecipeError
-from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, Measured, choose, cpu_features, needs_reduce_range
+from toolchain.onnx.quantize import (
+    CANDIDATES,
+    CalibrationReader,
+    Measured,
+    choose,
+    choose_within,
+    cpu_features,
+    needs_reduce_range,
+)
 from toolchain.recipe import validate_dict
 
 X86_VNNI = "model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
@@ -75,6 +83,25 @@ def test_choose_keeps_float_when_the_interval_straddles_the_gate_and_says_so():
     assert chosen is None and why.startswith("too noisy to decide") and "straddles 1.10x" in why
     clear = Measured("fold", 0.90, {1: interval([1.30, 1.32, 1.31]), 32: interval([1.72, 1.70, 1.69])})
     assert choose(0.90, [clear], max_accuracy_drop=0.01)[0] is clear
+
+
+def test_a_file_size_limit_ships_the_fastest_accurate_file_that_fits_even_if_not_faster():
+    """quantize.max_file_bytes: over-size files never ship; with the float file over the limit, size is
+    the budget and the fastest accurate file that fits ships, faster than float or not; with none, float
+    ships and the reason says the limit is missed."""
+    big_fast = Measured("big", 0.90, _sure(2.0, 2.0))
+    small_slow = Measured("small", 0.90, _sure(0.9, 0.95))  # slower than float: the latency gate refuses it
+    small_wrong = Measured("wrong", 0.80, _sure(3.0, 3.0))
+    sizes = {"float": 40000, "big": 12000, "small": 9000, "wrong": 8000}
+    assert choose(0.90, [big_fast, small_slow], 0.01)[0] is big_fast  # no limit
+    chosen, why = choose_within(0.90, [big_fast, small_slow, small_wrong], 0.01, 1.1, sizes, 10000)
+    assert chosen is small_slow and "float file (40000 bytes) is over quantize.max_file_bytes 10000" in why
+    chosen, why = choose_within(0.90, [big_fast, small_wrong], 0.01, 1.1, sizes, 10000)
+    assert chosen is None and "no candidate within the accuracy gate fits it" in why and "big is 12000 bytes" in why
+    # the float file fits: the usual latency decision among the files that fit
+    chosen, why = choose_within(0.90, [big_fast, small_slow], 0.01, 1.1, {**sizes, "float": 9500}, 10000)
+    assert chosen is None and "over quantize.max_file_bytes 10000: big is 12000 bytes" in why
+    assert choose_within(0.90, [big_fast, small_slow], 0.01, 1.1, sizes, None)[0] is big_fast
 
 
 def test_a_quantize_section_needs_export_and_known_candidates():

@@ -343,11 +343,50 @@ def choose(
             undecided.append(m)
             reasons.append(f"{m.name} {_ratios(m)} straddles {min_speedup:.2f}x")
     if ok:
-        best = max(ok, key=lambda m: float(np.exp(np.mean(np.log([iv.ratio for iv in m.speedup.values()])))))
+        best = max(ok, key=_mean_speedup)
         return best, f"{best.name}: fastest within the accuracy gate, {_ratios(best)} vs float (95% intervals)"
     if undecided:
         return None, f"too noisy to decide: no interval's lower end clears {min_speedup:.2f}x: " + "; ".join(reasons)
     return None, "no candidate was both within the accuracy gate and faster: " + "; ".join(reasons)
+
+
+def choose_within(
+    float_val: float,
+    candidates: List[Measured],
+    max_accuracy_drop: float,
+    min_speedup: float,
+    sizes: Dict[str, int],
+    max_file_bytes: Optional[int],
+) -> Tuple[Optional[Measured], str]:
+    """choose() among the files of at most max_file_bytes (sizes: bytes by name, float included).
+    When the float file itself is over the limit the budget is size, not speed: the fastest
+    candidate within the accuracy gate that fits ships, faster than float or not."""
+    if max_file_bytes is None:
+        return choose(float_val, candidates, max_accuracy_drop, min_speedup)
+    fits = [m for m in candidates if sizes[m.name] <= max_file_bytes]
+    over = [f"{m.name} is {sizes[m.name]} bytes" for m in candidates if sizes[m.name] > max_file_bytes]
+    limit = f"quantize.max_file_bytes {max_file_bytes}"
+    if sizes["float"] <= max_file_bytes:
+        chosen, reason = choose(float_val, fits, max_accuracy_drop, min_speedup) if fits else (None, "")
+        return chosen, "; ".join(filter(None, [reason, over and f"over {limit}: " + ", ".join(over)]))
+    accurate = [m for m in fits if within_accuracy(float_val, m, max_accuracy_drop)]
+    if not accurate:
+        lost = [f"{m.name} loses {float_val - m.val_accuracy:.4f} accuracy" for m in fits]
+        return None, (
+            f"the float file ({sizes['float']} bytes) is over {limit} and no candidate within the accuracy gate "
+            f"fits it: " + "; ".join([*lost, *(f"{o}, over the limit" for o in over)])
+        )
+    best = max(accurate, key=lambda m: (_mean_speedup(m), -sizes[m.name]))
+    timed = f", {_ratios(best)} vs float (95% intervals)" if best.speedup else ""
+    return best, (
+        f"{best.name}: the float file ({sizes['float']} bytes) is over {limit}; the fastest candidate within "
+        f"the accuracy gate that fits ships ({sizes[best.name]} bytes{timed})"
+    )
+
+
+def _mean_speedup(m: Measured) -> float:
+    """Geometric mean of the median speedups over the batch sizes; 0 when not timed."""
+    return float(np.exp(np.mean(np.log([iv.ratio for iv in m.speedup.values()])))) if m.speedup else 0.0
 
 
 def _ratios(m: Measured) -> str:

@@ -95,6 +95,7 @@ class Decision:
     history: List[Dict[str, Any]] = field(default_factory=list)  # every measured sparsity, in order
     comparison: Dict[str, Any] = field(default_factory=dict)
     cost_model: Dict[str, Any] = field(default_factory=dict)  # latency_aware: the model, its prediction, kept counts
+    file: Optional[str] = None  # file_bytes: the file budgeted, float or int8
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -120,6 +121,7 @@ class Decision:
 
     def line(self) -> str:
         where = f" at batch {self.batch_size}, {threads_text(self.threads)}" if self.batch_size is not None else ""
+        where += f" ({self.file.upper() if self.file == 'int8' else self.file} file)" if self.file else ""
         sign = ">=" if self.kind == "speedup" else "<="
         reading = Reading(self.value, self.low, self.high, self.met)
         interval = " (95% interval)" if self.kind in ("speedup", "latency_ms") else ""
@@ -253,10 +255,34 @@ class OnnxMeter(Meter):
         self._dir.cleanup()
 
 
+# The INT8 file a file_bytes budget measures (budget.file int8): every layer INT8, the quantize stage's
+# all-INT8 default; its candidates that keep a few layers float are a few KB larger, and
+# quantize.max_file_bytes holds them to the budget exactly.
+INT8_SIZE_CANDIDATE = "qdq_u8s8_dw_per_channel"
+
+
 class FileMeter(OnnxMeter):
     def __call__(self, student, pruned) -> Reading:
-        size = float(Path(self.export(pruned, "candidate")).stat().st_size)
+        size = self.size(pruned, "candidate")
         return Reading(size, size, size, size <= self.target)
+
+    def size(self, model: nn.Module, name: str) -> float:
+        """Bytes of the budgeted file: the float ONNX file, or it quantized to INT8."""
+        path = Path(self.export(model, name))
+        return float((self._int8(path) if self.budget.file == "int8" else path).stat().st_size)
+
+    def _int8(self, path: Path) -> Path:
+        """Calibrated on the example batch: the file's size does not depend on the ranges found."""
+        import onnx
+
+        from ..onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize
+
+        pre, out = path.with_suffix(".pre.onnx"), path.with_suffix(".int8.onnx")
+        preprocess(path, pre)
+        name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+        reader = CalibrationReader([(self.example.cpu(), None)], name, len(self.example))
+        quantize(pre, out, CANDIDATES.get(INT8_SIZE_CANDIDATE), reader)
+        return out
 
 
 class LatencyMeter(OnnxMeter):
@@ -469,6 +495,7 @@ def choose(model: nn.Module, cfg, meter: Meter, prune_fn: PruneFn) -> Tuple[Any,
         b.threads if latency else None,
         search.history,
         reading.detail,
+        file=b.file,
     )
     return result, decision
 

@@ -312,6 +312,8 @@ def count_cost(kind: str) -> Callable[[Layer, int, int], float]:
         return lambda layer, cin, cout: float(layer.macs(cin, cout))
     if kind == "params":
         return lambda layer, cin, cout: float(layer.params(cin, cout))
+    if kind == "file_bytes_int8":  # int8 weights; an int32 bias per output channel (a norm folds into it)
+        return lambda layer, cin, cout: float(layer.params(cin, cout) - layer.out_params * cout) + 4.0 * cout
     return lambda layer, cin, cout: 4.0 * layer.params(cin, cout)  # file_bytes: float32 weights
 
 

@@ -99,6 +99,7 @@ def choose(
         history,
         reading.detail,
         cost_model=info,
+        file=b.file,
     )
     return result, decision
 
@@ -120,8 +121,8 @@ def cost_model(model: nn.Module, graph: LayerGraph, b, meter: Meter, tables: Tab
         student = meter.student_ms(model)
         info["student_ms"] = student
     elif b.kind == "file_bytes":
-        cost = CostModel(graph, count_cost("file_bytes"))
-        student = float(Path(meter.student_file(model)).stat().st_size)
+        cost = CostModel(graph, count_cost("file_bytes_int8" if b.file == "int8" else "file_bytes"))
+        student = meter.size(model, "student")
     else:
         cost = CostModel(graph, count_cost(b.kind))
         shape = (1, *meter.example.shape[1:])

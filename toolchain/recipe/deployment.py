@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Literal
+from typing import List, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -145,6 +145,8 @@ class AutoQuantizeConfig(Section):
 
 
 class QuantizeConfig(Section):
+    omitted_when_unset = ("max_file_bytes",)
+
     candidates: List[str] = Field(
         default_factory=lambda: [
             "auto",
@@ -176,6 +178,12 @@ class QuantizeConfig(Section):
         ge=1.0,
         le=100,
         description="A shipped INT8 model is at least this many times faster than float at every batch size: the lower end of its 95% interval over replicates clears it.",
+    )
+    max_file_bytes: Optional[int] = Field(
+        None,
+        ge=1,
+        le=2**40,
+        description="A file larger than this many bytes does not ship. When the float file is larger, the fastest INT8 candidate within max_accuracy_drop that fits ships even if it is not faster (the budget is size); when none fits, float ships and the stage says the limit is missed (or fails, on_miss: error). None: no limit; set from prune.budget.file_bytes when that budgets the INT8 file.",
     )
     on_miss: Literal["keep_float", "error"] = Field(
         "keep_float",

@@ -17,6 +17,8 @@ LATENCY_BUDGETS = ("speedup", "latency_ms")
 class PruneBudget(Section):
     """What the pruned model must reach (issue 31); the channel sparsity is searched to meet it (docs/pruning.md)."""
 
+    omitted_when_unset = ("file",)
+
     speedup: Optional[float] = Field(
         None,
         gt=1,
@@ -42,7 +44,11 @@ class PruneBudget(Section):
         None,
         ge=1,
         le=2**40,
-        description="Size in bytes of the pruned model's float ONNX file (the INT8 file is not what is budgeted).",
+        description="Size in bytes of the pruned model's ONNX file: the INT8 file when the recipe quantizes, else the float file (see `file`).",
+    )
+    file: Optional[Literal["float", "int8"]] = Field(
+        None,
+        description="file_bytes: which file is budgeted. int8: the pruned model quantized to INT8 (every layer, QDQ) is measured while pruning, and quantize.max_file_bytes keeps a larger file from shipping; float: the float ONNX file. None: int8 when the recipe has a quantize section, else float.",
     )
     batch_size: Optional[int] = Field(
         None,
@@ -86,6 +92,12 @@ class PruneBudget(Section):
         given = [k for k in BUDGET_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(BUDGET_KINDS)} (got {', '.join(given) or 'none'})")
+        return self
+
+    @model_validator(mode="after")
+    def _file_for_bytes(self) -> "PruneBudget":
+        if self.file is not None and self.kind != "file_bytes":
+            raise ValueError(f"file says which file file_bytes budgets: it goes with file_bytes, not {self.kind}")
         return self
 
     @model_validator(mode="after")

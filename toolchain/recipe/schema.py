@@ -128,5 +128,20 @@ class Recipe(Section):
                 threads=budget.threads if budget.threads is not None else (bench.intra_op_threads if bench else 0),
                 latency=budget.latency or (bench.latency.model_copy() if bench else LatencyConfig()),
             )
+        if budget.kind == "file_bytes":
+            updates["file"] = self._budgeted_file(budget)
         if any(getattr(budget, k) != v for k, v in updates.items()):
             self.prune.budget = budget.model_copy(update=updates)
+
+    def _budgeted_file(self, budget) -> str:
+        """file_bytes budgets the INT8 file when the recipe quantizes; the quantize stage then keeps a
+        larger file from shipping (quantize.max_file_bytes, unless the recipe sets its own)."""
+        file = budget.file or ("int8" if self.quantize is not None else "float")
+        if file == "int8" and self.quantize is None:
+            raise ValueError(
+                "prune.budget.file int8 budgets the quantize stage's INT8 file, but the recipe has no quantize "
+                "section; add one, or set prune.budget.file: float"
+            )
+        if file == "int8" and self.quantize.max_file_bytes is None:
+            self.quantize = self.quantize.model_copy(update={"max_file_bytes": budget.file_bytes})
+        return file

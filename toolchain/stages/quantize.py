@@ -31,7 +31,7 @@ from ..onnx.quantize import (
     Candidate,
     Measured,
     QuantizeError,
-    choose,
+    choose_within,
     cpu_features,
     needs_reduce_range,
     preprocess,
@@ -104,13 +104,19 @@ class Quantize(Stage):
         built = build_candidates(job, cfg, reader, needs_reduce_range(features), val["float"])
         files = {"float": float_path, **{name: path for name, (path, _) in built.items()}}
         val.update({name: onnx_accuracy(path, cpu_batches(job.data.val)) for name, (path, _) in built.items()})
-        accurate = [n for n in built if within_accuracy(val["float"], Measured(n, val[n]), cfg.max_accuracy_drop)]
+        sizes = {name: Path(path).stat().st_size for name, path in files.items()}
+        fits = {n for n in built if cfg.max_file_bytes is None or sizes[n] <= cfg.max_file_bytes}
+        accurate = [
+            n for n in built if n in fits and within_accuracy(val["float"], Measured(n, val[n]), cfg.max_accuracy_drop)
+        ]
         comparison = compare_with_float(cfg, files, accurate)
         measured = [
             Measured(name, val[name], _speedups(comparison, name, cfg.batch_sizes), info)
             for name, (_, info) in built.items()
         ]
-        chosen, reason = choose(val["float"], measured, cfg.max_accuracy_drop, cfg.min_speedup)
+        chosen, reason = choose_within(
+            val["float"], measured, cfg.max_accuracy_drop, cfg.min_speedup, sizes, cfg.max_file_bytes
+        )
         if comparison is not None:
             reason += f" [{comparison.replicates_text()}, stopped: {comparison.stopped}]"
         table = candidate_table(job, comparison, measured, files)
@@ -121,7 +127,17 @@ class Quantize(Stage):
                 "or set quantize.on_miss: keep_float"
             )
         latency = comparison.summary() if comparison is not None else None
-        return self._result(job, float_art, val["float"], chosen, reason, table, features, latency)
+        result = self._result(job, float_art, val["float"], chosen, reason, table, features, latency)
+        if cfg.max_file_bytes is not None:  # the shipped file against the limit, shipped either way
+            shipped = sizes[chosen.name if chosen else "float"]
+            result.metrics.update(
+                {
+                    "file_limit.max": cfg.max_file_bytes,
+                    "file_limit.bytes": shipped,
+                    "file_limit.met": float(shipped <= cfg.max_file_bytes),
+                }
+            )
+        return result
 
     def _result(self, job, float_art, float_val, chosen, reason, table, features, latency) -> StageResult:
         info = {
@@ -167,11 +183,11 @@ class Quantize(Stage):
 
     def summary_lines(self, entry: Dict[str, Any]) -> List[str]:
         searched = [row["auto"]["line"] for row in entry["info"].get("candidates", []) if "auto" in row]
-        return [_int8_line(entry), *(f"INT8 {line}" for line in searched)]
+        return [_int8_line(entry), *_limit_line(entry.get("metrics", {})), *(f"INT8 {line}" for line in searched)]
 
     def headline(self, output: StageOutput) -> Dict[str, float]:
-        # int8.test_accuracy, .file_bytes, .zip_bytes, .vs_*.pe_* ...
-        return {k: v for k, v in output.metrics.items() if k.startswith("int8.")}
+        # int8.test_accuracy, .file_bytes, .zip_bytes, .vs_*.pe_* ...; file_limit.* under a size limit
+        return {k: v for k, v in output.metrics.items() if k.startswith(("int8.", "file_limit."))}
 
     def publish(self, pub: Publication, output: StageOutput, child: StageRun) -> Dict[str, float]:
         child.log_dict(output.result.info, "candidates.json")
@@ -339,6 +355,17 @@ def _card_fields(output: StageOutput) -> Dict[str, Any]:
 
 def _replicates(latency: Dict[str, Any]) -> str:
     return f"{latency['replicates']} fresh-{latency['plan']['isolation']} replicates, stopped: {latency['stopped']}"
+
+
+def _limit_line(metrics: Dict[str, Any]) -> List[str]:
+    """quantize.max_file_bytes: the shipped model file (without the run's metadata) against it."""
+    if "file_limit.max" not in metrics:
+        return []
+    met = "met" if metrics["file_limit.met"] else "NOT met"
+    shipped = "INT8" if metrics.get("int8.shipped") else "float"
+    return [
+        f"File limit: {shipped} model {int(metrics['file_limit.bytes'])} bytes <= {int(metrics['file_limit.max'])}: {met}"
+    ]
 
 
 def _int8_line(quantize: Dict[str, Any]) -> str:
