@@ -282,6 +282,31 @@ def test_the_target_tightens_on_a_miss_relaxes_on_a_surplus_and_stays_between_me
     assert halving.target == pytest.approx(5.0)
 
 
+def test_the_refit_recovers_a_scaled_variable_part_and_aims_the_next_target_at_it():
+    """A true latency whose channel-dependent part is 1.2x the table's (what the table misses scales with
+    the channels): one measured allocation recovers the scale, and the target it proposes gives an
+    allocation the truth puts at the aim; proposals only move the target the measurement's way."""
+    cost, student = _toy_graph([0.05, 0.1, 0.15]), 20.0
+    graph = cost.graph
+    cost.calibrate(student)
+    full = cost.layers_cost(graph.full())
+
+    def truth(kept):
+        return student - 1.2 * (full - cost.layers_cost(kept))
+
+    refit, first = L.Refit(cost, student), [16, 16, 16]
+    assert refit.cost_of(cost.layers_cost(first)) == pytest.approx(cost.cost(first))  # alpha 1: the table
+    refit.add(cost.layers_cost(first), truth(first))
+    assert refit.alpha == pytest.approx(1.2)
+    aim = 0.5 * (truth(first) + student)
+    kept = allocate(cost, [np.ones(32)] * 3, refit.target_for(aim))
+    assert kept is not None and truth(kept) <= aim + 1e-9 and refit.cost_of(cost.layers_cost(kept)) <= aim + 1e-9
+    search = L.TargetSearch(8.0)
+    assert search.next(met=False, slack=0.9, proposal=9.0) and search.target == pytest.approx(8 * 0.9 * 0.99)
+    search = L.TargetSearch(8.0)
+    assert search.next(met=False, slack=0.9, proposal=6.5) and search.target == 6.5
+
+
 def test_a_missing_device_table_is_one_line_before_anything_trains(tiny_recipe, tmp_path, capsys):
     from toolchain.cli import run
 

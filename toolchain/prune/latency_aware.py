@@ -9,10 +9,12 @@ model of the budget's own quantity, then measured.
    counted (macs, params, file_bytes); the constant is calibrated on the unpruned student.
 2. The allocation: a greedy on that model (costmodel.allocate), the engine prunes once with those counts.
 3. The verification: the pruned model is measured as the uniform search measures (budget.py's meters:
-   a latency budget by paired replicated comparison with the student). A miss tightens the model's
-   target by the measured shortfall, a model that beats the budget by more than 3% relaxes it by the
-   surplus (it pruned more than it had to), and the allocation is repeated, at most budget.max_retries
-   times (TargetSearch); the met allocation keeping the most importance ships, and a budget never met
+   a latency budget by paired replicated comparison with the student). Each measurement refits the
+   scale of the model's channel-dependent part (Refit: what the single-layer table misses scales
+   with the channels too), and the next target is where the refit model puts the budget, moved by
+   the interval's half-width; a miss tightens the target, a model that beats the budget by more than
+   3% relaxes it (it pruned more than it had to), and the allocation is repeated, at most
+   budget.max_retries times (TargetSearch: never past a target that missed or below one that met); the met allocation keeping the most importance ships, and a budget never met
    is reported NOT met. With a device table nothing here measures the device: the decision is the
    table's prediction, labelled so, and `attach` confirms it.
 """
@@ -37,7 +39,7 @@ Tables = Callable[[Dict], Tuple[Dict, Dict]]  # spec -> (table, where it came fr
 
 # In the prune stage's cache key when it allocates latency_aware: bump it when a change here or in
 # costmodel.py changes what is chosen, so cached decisions of the old code are recomputed.
-REVISION = 2
+REVISION = 3
 
 
 def choose(
@@ -52,7 +54,7 @@ def choose(
     scores = importance(model, graph, cfg.pruner, gradients)
     final = cfg.model_copy(update={"budget": None})
     history: List[Dict[str, Any]] = []
-    search = TargetSearch(target)
+    search, refit = TargetSearch(target), Refit(cost, student)
     best = None  # the met allocation that keeps the most importance: (importance, result, reading, predicted, kept)
     narrowest = [g.step for g in graph.groups]
     while True:
@@ -65,22 +67,26 @@ def choose(
             if any(h["kept"] == _named(graph, narrowest) for h in history):
                 break
             kept = narrowest
-        predicted = _in_budget_units(b, cost.cost(kept), student)
+        layers = cost.layers_cost(kept)
+        predicted = _in_budget_units(b, refit.cost_of(layers), student)
         named = _named(graph, kept)
         result = prune_fn(model, final, kept=named)
         _check_widths(graph, kept, result.model, cfg.engine)
         reading = _predicted_reading(b, predicted) if b.device_table else _measure(meter, model, result, len(history))
-        history.append(_record(reading, predicted, named, len(history)))
+        history.append(_record(reading, predicted, named, len(history), _in_budget_units(b, cost.cost(kept), student)))
         kept_importance = sum(float(s[:k].sum()) for s, k in zip(scores, kept))
         if reading.met and (best is None or kept_importance > best[0]):
             best = (kept_importance, result, reading, predicted, named)
-        if b.device_table or len(history) > b.max_retries or not search.next(reading.met, _slack(b, reading)):
+        if b.device_table or len(history) > b.max_retries:
+            break
+        refit.add(layers, _in_model_units(b, reading.value, student))
+        if not search.next(reading.met, _slack(b, reading), refit.target_for(_aim(b, reading, student))):
             break
     if best is not None:
         _, result, reading, predicted, named = best
     retries = len(history) - 1
     latency = b.kind in LATENCY_KINDS
-    info.update(predicted=predicted, error_pct=_error_pct(b, predicted, reading), kept=named)
+    info.update(predicted=predicted, error_pct=_error_pct(b, predicted, reading), kept=named, refit_scale=refit.alpha)
     decision = Decision(
         b.kind,
         float(b.target),
@@ -186,11 +192,14 @@ def _measure(meter: Meter, model, result, retries: int) -> Reading:
     return meter(model, result.model)
 
 
-def _record(reading: Reading, predicted: float, kept: Dict[str, int], retries: int) -> Dict[str, Any]:
+def _record(
+    reading: Reading, predicted: float, kept: Dict[str, int], retries: int, predicted_table: float
+) -> Dict[str, Any]:
     return {
         "stage": "allocation",
         "retry": retries,
         "predicted": predicted,
+        "predicted_table": predicted_table,  # the table alone, before any refit
         "value": reading.value,
         "low": reading.low,
         "high": reading.high,
@@ -211,6 +220,54 @@ def _slack(b, reading: Reading) -> float:
     return b.target / reading.value
 
 
+def _in_model_units(b, value: float, student: float) -> float:
+    """A reading's value in the cost model's units (ms, MACs, parameters, bytes)."""
+    if b.kind == "speedup":
+        return student / value
+    if b.kind in ("macs", "params"):
+        return value * student
+    return value
+
+
+def _aim(b, reading: Reading, student: float) -> float:
+    """Where the next allocation should land, in the model's units: the budget, moved by the last
+    measurement's half-width so that the interval's decisive end (not its median) meets it."""
+    if b.kind == "speedup" and np.isfinite(reading.low) and 0 < reading.low <= reading.value:
+        return student / (b.speedup * reading.value / reading.low)
+    if b.kind == "latency_ms" and np.isfinite(reading.high) and reading.high >= reading.value > 0:
+        return b.latency_ms * reading.value / reading.high
+    return _target(b, student)
+
+
+class Refit:
+    """The cost model's variable part rescaled by measurement. Single-layer timings miss what scales
+    with the channels outside the timed layers (activations, adds, layout reorders: the table was 12-21%
+    pessimistic at batch 32 on the demo), so every measured allocation refits alpha in
+    cost = student - alpha * (layers(full) - layers(kept)): least squares through the student's own
+    point. Scaling every layer alike leaves the greedy's order alone; it moves where it stops."""
+
+    def __init__(self, cost: CostModel, student: float):
+        self.cost, self.student = cost, student
+        self.full = cost.layers_cost(cost.graph.full())
+        self.points: List[Tuple[float, float]] = []  # (layers cost, measured cost), the model's units
+        self.alpha = 1.0  # the table as calibrated: cost.cost()
+
+    def add(self, layers: float, measured: float) -> None:
+        self.points.append((layers, measured))
+        num = sum((self.student - m) * (self.full - x) for x, m in self.points)
+        den = sum((self.full - x) ** 2 for x, _ in self.points)
+        if den > 0 and num > 0:
+            self.alpha = num / den
+
+    def cost_of(self, layers: float) -> float:
+        return self.student - self.alpha * (self.full - layers)
+
+    def target_for(self, aim: float) -> float:
+        """The target, in the calibrated table's terms (what allocate compares with), of the
+        allocations the refit model puts at `aim`."""
+        return self.cost.constant + self.full - (self.student - aim) / self.alpha
+
+
 class TargetSearch:
     """The cost model's target, corrected by measurement (NetAdapt's "as close to the budget as the
     measurement allows"): a miss tightens it by the shortfall, a model that beats the budget by more
@@ -224,18 +281,23 @@ class TargetSearch:
         self.met_at: Optional[float] = None  # the largest target measured met
         self.missed_at: Optional[float] = None  # the smallest target measured missed
 
-    def next(self, met: bool, slack: float) -> bool:
-        """Move the target after a measurement; False when there is nothing left to try."""
+    def next(self, met: bool, slack: float, proposal: Optional[float] = None) -> bool:
+        """Move the target after a measurement (to `proposal`, the refit model's, when it moves the
+        right way; else by the slack); False when there is nothing left to try."""
         if met:
             self.met_at = max(self.met_at or 0.0, self.target)
             if slack < self.close:
                 return False
             proposed = self.target * min(slack, 2.0) * 0.99
+            if proposal is not None and self.target < proposal < self.target * 2:
+                proposed = proposal
             if self.missed_at is not None:
                 proposed = min(proposed, (self.target + self.missed_at) / 2)
         else:
             self.missed_at = min(self.missed_at or float("inf"), self.target)
             proposed = self.target * min(max(slack * 0.99, 0.5), 0.99)
+            if proposal is not None and self.target * 0.5 < proposal < self.target:
+                proposed = proposal
             if self.met_at is not None:
                 proposed = max(proposed, (self.target + self.met_at) / 2)
         self.target = proposed
