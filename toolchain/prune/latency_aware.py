@@ -14,9 +14,10 @@ model of the budget's own quantity, then measured.
    with the channels too), and the next target is where the refit model puts the budget, moved by
    the interval's half-width; a miss tightens the target, a model that beats the budget by more than
    3% relaxes it (it pruned more than it had to), and the allocation is repeated, at most
-   budget.max_retries times (TargetSearch: never past a target that missed or below one that met); the met allocation keeping the most importance ships, and a budget never met
-   is reported NOT met. With a device table nothing here measures the device: the decision is the
-   table's prediction, labelled so, and `attach` confirms it.
+   budget.max_retries times (TargetSearch: never past a target that missed or below one that met);
+   the met allocation keeping the most importance ships, and a budget never met is reported NOT met.
+   With a device table nothing here measures the device: the decision is the table's prediction,
+   labelled so, and `attach` confirms it.
 """
 
 from __future__ import annotations
