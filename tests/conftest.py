@@ -166,6 +166,57 @@ def tiny_sections(tmp: Path, fmnist_root: Path) -> dict:
     }
 
 
+def tiny_dw_model(path):
+    """stem conv 3->8 (stride 2), depthwise 3x3, pointwise 8->16, pointwise 16->16, pool, Gemm: an
+    onnx-built mobilenet-like graph (ReLU6 as Clip), random weights."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+
+    def conv(name, x, wname, y, **attrs):
+        return helper.make_node("Conv", [x, wname, wname + "_b"], [y], name=name, **attrs)
+
+    inits = [
+        w("stem_w", 8, 3, 3, 3),
+        w("stem_w_b", 8),
+        w("dw_w", 8, 1, 3, 3),
+        w("dw_w_b", 8),
+        w("pw1_w", 16, 8, 1, 1),
+        w("pw1_w_b", 16),
+        w("pw2_w", 16, 16, 1, 1),
+        w("pw2_w_b", 16),
+        w("fc_w", 10, 16),
+        w("fc_b", 10),
+        numpy_helper.from_array(np.array(0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6, np.float32), "hi"),
+    ]
+    nodes = [
+        conv("stem", "input", "stem_w", "s", kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Clip", ["s", "lo", "hi"], ["s6"], name="clip0"),
+        conv("dw", "s6", "dw_w", "d", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["d6"], name="clip1"),
+        conv("pw1", "d6", "pw1_w", "p1", kernel_shape=[1, 1]),
+        conv("pw2", "p1", "pw2_w", "p2", kernel_shape=[1, 1]),
+        helper.make_node("GlobalAveragePool", ["p2"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_dw",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
 def packaged_run(tmp: Path, fmnist_root: Path, golden: int) -> Path:
     """One tiny run with a device package (no teacher, 1 epoch ce, export without references, no
     bench) in `tmp`; returns export/tiny/. Shared by the package and publish tests."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_quantize import _tiny_dw_model
+from conftest import tiny_dw_model
 
 from toolchain.cli import run
 from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize
@@ -21,7 +21,7 @@ def _fragile(path: Path) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(_tiny_dw_model(path)))
+    model = onnx.load(str(tiny_dw_model(path)))
     inits = {i.name: i for i in model.graph.initializer}
     for name, edit in (
         ("dw_w", lambda w: w.__setitem__(3, 0.0)),
@@ -171,7 +171,7 @@ def test_profiles_map_back_to_the_blocks_they_ran(tmp_path):
     from toolchain.onnx.sensitivity import profile_gains
 
     pre = tmp_path / "pre.onnx"
-    preprocess(_tiny_dw_model(tmp_path / "float.onnx"), pre)
+    preprocess(tiny_dw_model(tmp_path / "float.onnx"), pre)
     rng = np.random.default_rng(3)
     reader = CalibrationReader([(rng.uniform(0, 1, (8, 3, 16, 16)).astype(np.float32), np.zeros(8))], "input", 8)
     quantize(pre, tmp_path / "int8.onnx", CANDIDATES.get("auto"), reader)

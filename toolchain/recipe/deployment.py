@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 from .names import _check_name, _quant_candidates
+from .training import FeatureConfig, TrainConfig
 
 
 class ExportConfig(Section):
@@ -144,8 +145,67 @@ class AutoQuantizeConfig(Section):
     )
 
 
+def _qat_candidate(name: str) -> str:
+    """A candidate quantization-aware training can start from: a plain QDQ file (the trainable module
+    runs its graph), not the searched `auto` nor one whose wide convs moved to QGEMM."""
+    from ..onnx.quantize import CANDIDATES
+
+    _check_name(_quant_candidates, name)
+    c = CANDIDATES.get(name)
+    if c.format != "qdq" or c.search or c.gemm_min_weights:
+        ok = [n for n in CANDIDATES.names() if _qat_ready(CANDIDATES.get(n))]
+        raise ValueError(f"qat.candidate {name!r} is not a plain QDQ candidate; one of: {', '.join(ok)}")
+    return name
+
+
+def _qat_ready(c) -> bool:
+    return c.format == "qdq" and not c.search and not c.gemm_min_weights
+
+
+class QatConfig(TrainConfig):
+    """Quantization-aware distillation (stages/qad.py): a QDQ candidate's own graph trained with fake
+    quantization against the teacher, then gated like every INT8 candidate (docs/int8.md)."""
+
+    when: Literal["on_miss", "always"] = Field(
+        "on_miss",
+        description="on_miss: train only when post-training INT8 shipped nothing; always: also when it did "
+        "(the QAD file then replaces it only if it is more accurate or faster by measurement).",
+    )
+    candidate: str = Field(
+        "qdq_u8s8_per_tensor",
+        description="The QDQ candidate whose layout and calibrated scales start the training (a plain QDQ "
+        "candidate: not auto, not the _gemm ones). Per-tensor weights are the fastest layout that post-training "
+        "INT8 cannot ship on depthwise-heavy models (docs/int8.md).",
+    )
+    scales: Literal["learned", "frozen"] = Field(
+        "learned",
+        description="Activation scales trained with the weights (learned, in log space; zero points fixed) "
+        "or kept at the calibration's values (frozen). Weight scales always follow the weights (max |w| / 127).",
+    )
+    parity_images: int = Field(
+        256, ge=1, le=100000, description="Validation images on which fake-quant and onnxruntime outputs are compared."
+    )
+    epochs: int = Field(2, ge=1, le=10000, description="QAD epochs.")
+    lr: float = Field(0.005, gt=0, le=10, description="Peak learning rate (a fraction of fine-tuning's: the start is already trained).")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("cosine", description="LR schedule, stepped per batch.")
+    loss: str = Field("kd", description="Loss registry name (kd / dkd distil from the teacher; ce without one).")
+    precision: Literal["fp32"] = Field(
+        "fp32", description="fp32 only: bf16 would round differently from the INT8 arithmetic being simulated."
+    )
+    features: List[FeatureConfig] = Field(
+        default_factory=list,
+        max_length=0,
+        description="Not available: the QDQ graph has no PyTorch module paths to hook.",
+    )
+
+    @field_validator("candidate")
+    @classmethod
+    def _plain_qdq(cls, v: str) -> str:
+        return _qat_candidate(v)
+
+
 class QuantizeConfig(Section):
-    omitted_when_unset = ("max_file_bytes",)
+    omitted_when_unset = ("max_file_bytes", "qat")
 
     candidates: List[str] = Field(
         default_factory=lambda: [
@@ -215,6 +275,12 @@ class QuantizeConfig(Section):
         default_factory=AutoQuantizeConfig,
         description="The `auto` candidate: blocks kept in float by their measured sensitivity and "
         "fallback latency (docs/int8.md, 'INT8 layer by layer').",
+    )
+    # key False: the post-training candidates do not depend on it; the qad stage keys on it (fingerprint)
+    qat: Optional[QatConfig] = Field(
+        None,
+        json_schema_extra={"key": False},
+        description="Quantization-aware distillation after post-training INT8 (the qad stage); None: off.",
     )
 
     @field_validator("candidates")

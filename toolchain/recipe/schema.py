@@ -101,7 +101,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _kd_needs_a_teacher_section(self) -> "Recipe":
-        for key, section in (("distill", self.distill), ("finetune", self.finetune)):
+        qat = self.quantize.qat if self.quantize is not None else None
+        for key, section in (("distill", self.distill), ("finetune", self.finetune), ("quantize.qat", qat)):
             if section is not None and section.needs_teacher and self.teacher is None:
                 what = f"loss is {section.loss}" if _loss_needs_teacher(section.loss) else "features is set"
                 raise ValueError(

@@ -19,7 +19,7 @@ from ..bench.ort import PROVIDERS, result_rows
 from ..engine.artifacts import BenchArtifact, StageResult
 from ..engine.stage import MODELS, Job, Sections, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, atomic_write_text, file_sha256
-from .common import REFERENCES, cpu_copy, latency_plan, pe_against_references, reference_reads
+from .common import REFERENCES, cpu_copy, int8_roles, latency_plan, pe_against_references, reference_reads, shipped_int8
 
 if TYPE_CHECKING:  # annotations only
     from ..engine.context import Publication
@@ -34,14 +34,14 @@ REVISION = 2  # 2: ratios from replicated paired blocks with intervals (1: three
 @register_stage
 class Bench(Stage):
     name = "bench"
-    consumes = ("export", "quantize", MODELS)  # quantize: the INT8 file is timed next to the float one
+    consumes = ("export", "quantize", "qad", MODELS)  # quantize / qad: the INT8 file is timed next to the float one
     requires = {"export": "it measures the exported ONNX file"}
     sections = ("bench",)
     uses_data = False  # times the exported files; their key already covers the data
     revision = {"bench_revision": REVISION}
 
     def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
-        return {"export": "export", "model": models[-1], **({"quantize": "quantize"} if "quantize" in ran else {})}
+        return {"export": "export", "model": models[-1], **int8_roles(ran)}
 
     def reads(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
         return reference_reads(models)  # pe_latency against the teacher and the KD student
@@ -49,9 +49,9 @@ class Bench(Stage):
     def compute(self, job: Job) -> StageResult:
         cfg, export = job.cfg.bench, job.inputs["export"]
         files = {role: export.path(art.file) for role, art in export.result.artifacts.items()}
-        int8 = job.inputs.get("quantize")
-        if int8 is not None and "int8" in int8.result.artifacts:
-            files["int8"] = int8.path(int8.result.artifacts["int8"].file)
+        int8 = shipped_int8(job.inputs)
+        if int8 is not None:
+            files["int8"] = int8[0].path(int8[1].file)
         pairs = [p for p in COLUMNS if p[0] in files and p[1] in files]
         results, comparisons = measure(files, pairs, cfg)
         eager = None
@@ -100,7 +100,7 @@ class Bench(Stage):
         if "int8" in art.latency_ms:  # same architecture and weights count, its own accuracy and latency
             int8 = {
                 **model.result.metrics,
-                "test_accuracy": pub.inputs["quantize"].result.metrics["int8.test_accuracy"],
+                "test_accuracy": shipped_int8(pub.inputs)[1].onnx_test_accuracy,
             }
             derived.update(pe_latency(pub.inputs, int8, model.name, output.metrics, "int8."))
         return derived

@@ -8,6 +8,7 @@ student, so it is derived at publish time on every run, never cached.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
@@ -285,3 +286,28 @@ def latency_plan(section) -> Tuple[Settings, Plan]:
         blocks=lat.blocks,
     )
     return settings, Plan(lat.min_replicates, lat.max_replicates, lat.target_width, lat.budget_s, lat.isolation)
+
+
+def calibration_reader(job: Job, input_name: str, images: int):
+    """Training images with the evaluation preprocessing (no flips or crops), in split order."""
+    from ..onnx.quantize import CalibrationReader
+
+    plain = dataclasses.replace(job.data.train, augment=False, shuffle=False, num_replicas=1, rank=0)
+    return CalibrationReader(plain, input_name, images)  # re-iterable: every candidate sees the same images
+
+
+INT8_SOURCES = ("qad", "quantize")  # the stages that may ship model_int8.onnx; QAD's file replaces PTQ's
+
+
+def int8_roles(ran: Sequence[str]) -> Dict[str, str]:
+    """inputs() entries of a stage that reads the shipped INT8 file: the INT8 stages that ran."""
+    return {name: name for name in INT8_SOURCES if name in ran}
+
+
+def shipped_int8(inputs: Dict[str, StageOutput]) -> Optional[Tuple[StageOutput, Any]]:
+    """(stage output, OnnxArtifact) of the INT8 file this run ships, None when the float model ships."""
+    for name in INT8_SOURCES:
+        out = inputs.get(name)
+        if out is not None and "int8" in out.result.artifacts:
+            return out, out.result.artifacts["int8"]
+    return None

@@ -25,6 +25,7 @@ from ..errors import OutputError
 from ..fsutil import file_sha256
 from ..package.build import MANIFEST, PackageError, build_package, read_manifest, replace_files
 from ..package.verify import verify_package
+from .common import int8_roles, shipped_int8
 
 if TYPE_CHECKING:  # annotations only
     from ..data.loaders import DataBundle
@@ -37,12 +38,12 @@ PACKAGE_DIR = "package"
 @register_stage
 class Package(Stage):
     name = "package"
-    consumes = ("export", "quantize")
+    consumes = ("export", "quantize", "qad")
     requires = {"export": "it packages the exported ONNX file"}
     sections = ("package",)
 
     def inputs(self, cfg: Sections, models: Sequence[str], ran: Sequence[str]) -> Dict[str, str]:
-        return {"export": "export", **({"quantize": "quantize"} if "quantize" in ran else {})}
+        return {"export": "export", **int8_roles(ran)}
 
     def preflight(self, cfg: Sections, data: DataBundle) -> None:
         """The golden images come from the test split: too few fails now, not after training."""
@@ -104,12 +105,12 @@ def ship_run_models(pub, folder: Path) -> None:
 
 
 def shipped_models(job: Job) -> Dict[str, Path]:
-    """role -> ONNX file: the float model, and the INT8 one when quantize shipped it."""
+    """role -> ONNX file: the float model, and the INT8 one when quantize or qad shipped it."""
     export = job.inputs["export"]
     models = {"float": export.path(export.result.artifacts["final"].file)}
-    quantize = job.inputs.get("quantize")
-    if quantize is not None and "int8" in quantize.result.artifacts:
-        models["int8"] = quantize.path(quantize.result.artifacts["int8"].file)
+    int8 = shipped_int8(job.inputs)
+    if int8 is not None:
+        models["int8"] = int8[0].path(int8[1].file)
     return models
 
 

@@ -10,7 +10,6 @@ Publish writes export/<run>/model_int8.onnx (this run's identity stamped in) and
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,6 @@ from ..onnx.fold import REVISION as FOLD_REVISION
 from ..onnx.gemm_route import REVISION as GEMM_REVISION
 from ..onnx.quantize import (
     CANDIDATES,
-    CalibrationReader,
     Candidate,
     Measured,
     QuantizeError,
@@ -40,6 +38,7 @@ from ..onnx.quantize import (
 )
 from ..onnx.sensitivity import REVISION as SEARCH_REVISION
 from .common import (
+    calibration_reader,
     cpu_batches,
     latency_plan,
     pe_against_references,
@@ -213,12 +212,6 @@ class Quantize(Stage):
         return {f"int8.{k}": v for k, v in pe.items()}
 
 
-def calibration_reader(job: Job, input_name: str, images: int) -> CalibrationReader:
-    """Training images with the evaluation preprocessing (no flips or crops), in split order."""
-    plain = dataclasses.replace(job.data.train, augment=False, shuffle=False, num_replicas=1, rank=0)
-    return CalibrationReader(plain, input_name, images)  # re-iterable: every candidate sees the same images
-
-
 def build_candidates(
     job: Job, cfg: QuantizeConfig, reader: CalibrationReader, reduce_range: bool, float_val: float
 ) -> Dict[str, Tuple[Path, dict]]:
@@ -343,6 +336,7 @@ def _card_fields(output: StageOutput) -> Dict[str, Any]:
     }
     return {
         "candidate": info["chosen"],
+        "path": "ptq_per_block" if info["chosen"] == "auto" else "ptq",  # qad: the qad stage's card entry
         "why": info["reason"],
         "cpu_features": info["cpu_features"],
         "intra_op_threads": info["intra_op_threads"],
