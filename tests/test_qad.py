@@ -2,6 +2,7 @@
 the gate (stages/qad.py decide) and the qad stage in the pipeline."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -29,7 +30,9 @@ def tiny_files(tmp_path_factory):
     rng = np.random.default_rng(1)
     batches = [(rng.standard_normal((16, 3, 16, 16)).astype(np.float32), np.zeros(16)) for _ in range(2)]
     for name in PLAIN:
-        quantize(work / "pre.onnx", work / f"{name}.onnx", CANDIDATES.get(name), CalibrationReader(batches, "input", 32))
+        quantize(
+            work / "pre.onnx", work / f"{name}.onnx", CANDIDATES.get(name), CalibrationReader(batches, "input", 32)
+        )
     return work
 
 
@@ -184,7 +187,14 @@ def test_qad_stage_trains_the_candidate_and_ships_it_through_the_gate(tiny_recip
             "latency": {"min_replicates": 2, "max_replicates": 2},
             "qat": {"when": "always", "epochs": 1, "parity_images": 64},
         },
-        bench={"batch_sizes": [1], "warmup": 1, "iterations": 3, "time_budget_s": 0.1, "latency": FAST_LATENCY, "compare_torch": False},
+        bench={
+            "batch_sizes": [1],
+            "warmup": 1,
+            "iterations": 3,
+            "time_budget_s": 0.1,
+            "latency": FAST_LATENCY,
+            "compare_torch": False,
+        },
     )
     assert run(["compress", str(path)]) == 0
     run_dir = tmp_path / "export" / "tiny"
@@ -206,3 +216,71 @@ def test_qad_stage_trains_the_candidate_and_ships_it_through_the_gate(tiny_recip
     again = json.loads((tmp_path / "export" / "again" / "summary.json").read_text())
     assert again["stages"]["qad"]["metrics"] == {"qad.trained": 0, "stage_seconds": pytest.approx(0, abs=5)}
     assert json.loads((tmp_path / "export" / "again" / "model_card.json").read_text())["int8"]["path"] == "ptq"
+
+
+def _qad_recipe(tiny_recipe, epochs):
+    """Warm-cache teacher and student, then QAD every time (when: always), latency at its cheapest."""
+    return tiny_recipe(
+        export={"exporter": "dynamo", "opset": 18},
+        quantize={
+            "candidates": ["qdq_u8s8_dw_per_channel"],
+            "calibration_images": 64,
+            "max_accuracy_drop": 1.0,
+            "latency": FAST_LATENCY,
+            "qat": {"when": "always", "epochs": epochs, "parity_images": 64},
+        },
+    )
+
+
+def _trained(stage):
+    """What QAD's training decides, without what the latency measurement decides."""
+    keep = ("qad.start_val_accuracy", "qad.val_accuracy", "qad.test_accuracy", "qad.parity.top1_agreement")
+    return {k: stage["metrics"][k] for k in keep}, [
+        {k: v for k, v in epoch.items() if "seconds" not in k and "per_second" not in k} for epoch in stage["history"]
+    ]
+
+
+@pytest.mark.slow  # SIGKILL: three CLI subprocesses
+def test_sigkill_during_qad_then_rerun_resumes_and_matches(tiny_recipe, warm_cache, tmp_path):
+    from test_reliability import start, wait_for
+
+    path = _qad_recipe(tiny_recipe, epochs=3)
+    proc = start(path)
+    wait_for("qad-*/train_state.pt", tmp_path / "export" / ".cache", timeout=300)  # one QAD epoch done
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not list((tmp_path / "export" / ".cache").glob("qad-*/result.json"))
+    resumed = start(path)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming after epoch" in out + err
+    after = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())["stages"]["qad"]
+
+    recipe = path.read_text().replace(str(tmp_path / "export"), str(tmp_path / "fresh" / "export"))
+    (tmp_path / "fresh.yaml").write_text(recipe)
+    shutil.copytree(
+        tmp_path / "export" / ".cache", tmp_path / "fresh" / "export" / ".cache", ignore=shutil.ignore_patterns("qad-*")
+    )
+    uninterrupted = start(tmp_path / "fresh.yaml")
+    _, err = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, err[-3000:]
+    fresh = json.loads((tmp_path / "fresh" / "export" / "tiny" / "summary.json").read_text())["stages"]["qad"]
+    assert fresh["cached"] is False and _trained(fresh)[0] == _trained(after)[0]
+    # the epochs before the kill come back from the resume checkpoint, which holds them in float32
+    assert _trained(fresh)[1] == [pytest.approx(epoch, rel=1e-6) for epoch in _trained(after)[1]]
+
+
+@pytest.mark.slow  # torchrun: two processes
+def test_torchrun_qad_trains_on_two_processes_and_rank_0_alone_measures(tiny_recipe, warm_cache, tmp_path):
+    from test_distributed import torchrun
+
+    path = _qad_recipe(tiny_recipe, epochs=1)
+    proc = torchrun(["compress", str(path)], tmp_path, timeout=400)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 0, "\n".join(errors) + proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "export" / "tiny" / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and summary["distributed"]["world_size"] == 2
+    qad = summary["stages"]["qad"]
+    assert qad["metrics"]["qad.trained"] == 1 and len(qad["history"]) == 1
+    assert qad["metrics"]["qad.parity.top1_agreement"] >= 0.98
+    assert proc.stdout.count("[qad] val accuracy: post-training") == 1  # rank 0 alone scored and timed

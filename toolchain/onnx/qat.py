@@ -141,7 +141,13 @@ class QdqModule(nn.Module):
 
     def _trained_inputs(self) -> set:
         """Initializers that are Conv / Gemm / MatMul weights or biases (quantized or float)."""
-        return {n.input[i] for n in self.nodes if n.op_type in ("Conv", "Gemm", "MatMul") for i in (1, 2) if i < len(n.input)}
+        return {
+            n.input[i]
+            for n in self.nodes
+            if n.op_type in ("Conv", "Gemm", "MatMul")
+            for i in (1, 2)
+            if i < len(n.input)
+        }
 
     def _add_param(self, name: str, value: np.ndarray) -> str:
         key = f"p{len(self.params)}"
@@ -163,7 +169,9 @@ class QdqModule(nn.Module):
         deq = (q.astype(np.float32) - _axis_np(zp, axis, q.ndim)) * _axis_np(scale, axis, q.ndim)
         value = floats[base] if base in floats and floats[base].shape == q.shape else deq
         users = consumers.get(node.output[0], [])
-        is_bias = q.dtype == np.int32 and any(u.op_type in ("Conv", "Gemm") and list(u.input)[2:3] == [node.output[0]] for u in users)
+        is_bias = q.dtype == np.int32 and any(
+            u.op_type in ("Conv", "Gemm") and list(u.input)[2:3] == [node.output[0]] for u in users
+        )
         key = self._add_param(qname, value)
         if is_bias:
             self.biases[node.output[0]] = (key, scale_name)
@@ -232,7 +240,6 @@ class QdqModule(nn.Module):
             zero = torch.zeros((), device=scale.device)
             return fake_quantize(self.params[key], scale, zero, -(2**31), 2**31 - 1)
         return self.constant(name)
-
 
 
 def load_qdq(qdq_path: Path, float_path: Optional[Path], scales: str) -> QdqModule:
@@ -344,7 +351,11 @@ def _pool(kind: str) -> Callable:
         if kind == "max":
             return F.max_pool2d(a[0], k, s, pads[: len(k)], ceil_mode=bool(at.get("ceil_mode", 0)))
         return F.avg_pool2d(
-            a[0], k, s, pads[: len(k)], ceil_mode=bool(at.get("ceil_mode", 0)),
+            a[0],
+            k,
+            s,
+            pads[: len(k)],
+            ceil_mode=bool(at.get("ceil_mode", 0)),
             count_include_pad=bool(at.get("count_include_pad", 0)),
         )
 

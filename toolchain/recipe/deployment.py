@@ -186,7 +186,12 @@ class QatConfig(TrainConfig):
         256, ge=1, le=100000, description="Validation images on which fake-quant and onnxruntime outputs are compared."
     )
     epochs: int = Field(2, ge=1, le=10000, description="QAD epochs.")
-    lr: float = Field(0.005, gt=0, le=10, description="Peak learning rate (a fraction of fine-tuning's: the start is already trained).")
+    lr: float = Field(
+        0.005,
+        gt=0,
+        le=10,
+        description="Peak learning rate (a fraction of fine-tuning's: the start is already trained).",
+    )
     schedule: Literal["onecycle", "cosine", "constant"] = Field("cosine", description="LR schedule, stepped per batch.")
     loss: str = Field("kd", description="Loss registry name (kd / dkd distil from the teacher; ce without one).")
     precision: Literal["fp32"] = Field(

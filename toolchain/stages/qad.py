@@ -21,11 +21,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import procgroup as pg
 from ..bench.compare import Interval, compare, gate
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import MODELS, Job, Sections, Stage, StageOutput, register_stage
 from ..fsutil import file_sha256, file_sizes
-from ..onnx.quantize import CANDIDATES, Measured, cpu_features, needs_reduce_range, preprocess, quantize, within_accuracy
+from ..onnx.quantize import (
+    CANDIDATES,
+    Measured,
+    cpu_features,
+    needs_reduce_range,
+    preprocess,
+    quantize,
+    within_accuracy,
+)
 from ..train import ddp as dist
 from .common import (
     calibration_reader,
@@ -77,7 +86,7 @@ class Qad(Stage):
     def compute(self, job: Job) -> StageResult:
         from ..onnx.qat import load_qdq, write_qdq
 
-        cfg, qat = job.cfg.quantize, job.cfg.quantize.qat
+        qat = job.cfg.quantize.qat
         ptq = job.inputs["quantize"].result
         shipped = ptq.artifacts.get("int8")
         if qat.when == "on_miss" and shipped is not None:
@@ -85,7 +94,7 @@ class Qad(Stage):
             tqdm.write(f"[qad] {reason} (quantize.qat.when: on_miss)")
             return StageResult({"qad.trained": 0}, info={"reason": reason, "shipped": False})
         float_art = job.inputs["export"].result.artifacts["final"]
-        start = self._start_file(job, job.inputs["export"].path(float_art.file), float_art.metadata["input_name"])
+        start = self._shared_start(job, job.inputs["export"].path(float_art.file), float_art.metadata["input_name"])
         module = load_qdq(start, job.stage_dir / "float_pre.onnx", qat.scales).to(job.device)
         tqdm.write(
             f"[qad] training {qat.candidate}'s QDQ graph ({len(module.weights)} INT8 weights, "
@@ -97,6 +106,19 @@ class Qad(Stage):
         module = module.cpu().eval()
         written = write_qdq(module, start, job.stage_dir / QAD_FILE)
         return self._gate(job, module, start, float_art, history, written)
+
+    def _shared_start(self, job: Job, float_path: Path, input_name: str) -> Path:
+        """Rank 0 builds the candidate (under torchrun only its stage folders hold the float file) and
+        hands the files to the other ranks; a build error stops every rank."""
+        start = job.stage_dir / "ptq.onnx"
+        pg.agree(lambda: self._start_file(job, float_path, input_name) if pg.is_main() else None)
+        if pg.is_distributed():
+            names = ("float_pre.onnx", start.name)
+            files = pg.share({n: (job.stage_dir / n).read_bytes() for n in names} if pg.is_main() else None)
+            for name, data in files.items():
+                if not pg.is_main():
+                    (job.stage_dir / name).write_bytes(data)
+        return start
 
     def _start_file(self, job: Job, float_path: Path, input_name: str) -> Path:
         """The candidate built as the quantize stage builds it: same preprocessing, same calibration images."""
@@ -145,7 +167,9 @@ class Qad(Stage):
         vs_float = {b: comparison.ratio("float", "qad", b) for b in cfg.batch_sizes} if comparison else None
         vs_ptq = {b: comparison.ratio("ptq", "qad", b) for b in cfg.batch_sizes} if comparison and shipped else None
         ptq_val = shipped and ptq.result.metrics["int8.val_accuracy"]
-        ships, reason = decide(val["float"], val["qad"], vs_float, ptq_val, vs_ptq, cfg.max_accuracy_drop, cfg.min_speedup)
+        ships, reason = decide(
+            val["float"], val["qad"], vs_float, ptq_val, vs_ptq, cfg.max_accuracy_drop, cfg.min_speedup
+        )
         tqdm.write(f"[qad] {reason}")
         info = {
             "candidate": qat.candidate,
@@ -200,7 +224,13 @@ class Qad(Stage):
         out = {k: v for k, v in m.items() if k.startswith("qad.")}
         if m.get("qad.shipped"):
             out.update({"int8.shipped": 1, "int8.test_accuracy": m["qad.test_accuracy"]})
-            out.update({k.replace("qad.speedup_vs_float.", "int8.speedup."): v for k, v in m.items() if k.startswith("qad.speedup_vs_float.")})
+            out.update(
+                {
+                    k.replace("qad.speedup_vs_float.", "int8.speedup."): v
+                    for k, v in m.items()
+                    if k.startswith("qad.speedup_vs_float.")
+                }
+            )
             out.update({k: v for k, v in m.items() if k.startswith("int8.")})
         return out
 
@@ -285,8 +315,12 @@ def _interval_metrics(prefix: str, intervals: Optional[Dict[int, Interval]]) -> 
 
 
 def _intervals_of(metrics: Dict[str, float], prefix: str) -> Dict[int, Tuple[float, float, float]]:
-    batches = sorted(int(k.rsplit("bs", 1)[1]) for k in metrics if k.startswith(prefix + ".bs") and "_" not in k.rsplit(".", 1)[1])
-    return {b: (metrics[f"{prefix}.bs{b}"], metrics[f"{prefix}.bs{b}_lo"], metrics[f"{prefix}.bs{b}_hi"]) for b in batches}
+    batches = sorted(
+        int(k.rsplit("bs", 1)[1]) for k in metrics if k.startswith(prefix + ".bs") and "_" not in k.rsplit(".", 1)[1]
+    )
+    return {
+        b: (metrics[f"{prefix}.bs{b}"], metrics[f"{prefix}.bs{b}_lo"], metrics[f"{prefix}.bs{b}_hi"]) for b in batches
+    }
 
 
 @torch.no_grad()

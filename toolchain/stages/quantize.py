@@ -26,6 +26,7 @@ from ..onnx.fold import REVISION as FOLD_REVISION
 from ..onnx.gemm_route import REVISION as GEMM_REVISION
 from ..onnx.quantize import (
     CANDIDATES,
+    CalibrationReader,
     Candidate,
     Measured,
     QuantizeError,
