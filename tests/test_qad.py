@@ -203,7 +203,7 @@ def test_qad_stage_trains_the_candidate_and_ships_it_through_the_gate(tiny_recip
     m = qad["metrics"]
     assert m["qad.trained"] == 1 and m["qad.shipped"] == 1 and len(qad["history"]) == 1
     assert m["qad.parity.top1_agreement"] >= 0.98 and 0 < qad["info"]["parity"]["images"] <= 64
-    assert card["int8"]["path"] == "qad" and card["int8"]["candidate"] == "qdq_u8s8_per_tensor"
+    assert card["int8"]["path"] == "qad" and card["int8"]["candidate"] == "qdq_u8s8_dw_per_channel_keep_stem_fold"
     assert card["qad"]["shipped"] and card["int8"]["why"].startswith("QAD ")
     shipped = onnx.load(str(run_dir / "model_int8.onnx"))
     meta = {p.key: p.value for p in shipped.metadata_props}
