@@ -115,8 +115,8 @@ class Qad(Stage):
         if pg.is_distributed():
             names = ("float_pre.onnx", start.name)
             files = pg.share({n: (job.stage_dir / n).read_bytes() for n in names} if pg.is_main() else None)
-            for name, data in files.items():
-                if not pg.is_main():
+            if not pg.is_main():
+                for name, data in files.items():
                     (job.stage_dir / name).write_bytes(data)
         return start
 
