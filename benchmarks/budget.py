@@ -51,9 +51,10 @@ def _cached_model(cache: Path, stage: str) -> Path:
     return found[-1]
 
 
-def _demo_recipe(base: dict, cache: Path, work: Path, kind, value, batch, allocation, seed) -> dict:
+def _demo_recipe(base: dict, cache: Path, work: Path, kind, value, batch, allocation, seed, pruner=None) -> dict:
     r = {k: v for k, v in base.items() if k not in ("bench", "quantize", "package", "export")}
-    r["name"] = f"{kind}{value:g}-b{batch}-{allocation}-s{seed}"
+    tag = f"-{pruner}" if pruner else ""
+    r["name"] = f"{kind}{value:g}-b{batch}-{allocation}{tag}-s{seed}"
     r["seed"] = seed
     r["output_dir"] = str(work / "export")
     r["tracking"] = {"uri": f"sqlite:///{work}/mlflow.db", "experiment": "budget-benchmark"}
@@ -64,6 +65,7 @@ def _demo_recipe(base: dict, cache: Path, work: Path, kind, value, batch, alloca
         **{k: v for k, v in base["prune"].items() if k not in ("budget", "allocation")},
         "allocation": allocation,
         "budget": {kind: value, "batch_size": batch, "threads": 1},
+        **({"pruner": pruner} if pruner else {}),
     }
     return r
 
@@ -84,7 +86,7 @@ def demo(a) -> None:
     for kind, value, batch in _budgets(a.budgets):
         for seed in a.seeds:
             for allocation in a.allocations:
-                recipe = _demo_recipe(base, Path(a.cache), work, kind, value, batch, allocation, seed)
+                recipe = _demo_recipe(base, Path(a.cache), work, kind, value, batch, allocation, seed, a.pruner)
                 path = work / f"{recipe['name']}.yaml"
                 path.write_text(yaml.safe_dump(recipe, sort_keys=False))
                 started = time.perf_counter()
@@ -288,6 +290,7 @@ def main() -> None:
     d.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0, 1, 2])
     d.add_argument("--allocations", type=lambda t: t.split(","), default=["uniform", "latency_aware"])
     d.add_argument("--work", default="/tmp/budget-benchmark")
+    d.add_argument("--pruner", default=None, help="prune.pruner for every run (default: recipes/budget.yaml's, taylor)")
     z = sub.add_parser("zoo", help="224x224 random weights, latency only")
     z.add_argument("--models", type=lambda t: t.split(","), default=["mobilenet_v2", "resnet18", "efficientnet_b0"])
     z.add_argument("--budgets", default="speedup=1.5@1,speedup=2@1")

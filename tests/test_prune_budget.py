@@ -512,6 +512,7 @@ def test_the_budget_demo_recipe_validates():
         32,
         "latency_aware",
     )
+    assert r.prune.pruner == "taylor"  # what the allocation measured best with (docs/pruning.md)
 
 
 # ---------------------------------------------------------------- the knapsack (benchmarks/budget.py allocators' comparator)

@@ -366,7 +366,7 @@ def _limit_line(metrics: Dict[str, Any]) -> List[str]:
 def _int8_line(quantize: Dict[str, Any]) -> str:
     m, info = quantize["metrics"], quantize["info"]
     if not m.get("int8.shipped"):
-        return f"INT8: not shipped, the float model ships ({info['reason']})"
+        return f"INT8: no post-training candidate ships ({info['reason']})"
     batches = sorted(int(k.split("bs")[1]) for k in m if k.startswith("int8.speedup.bs") and "_" not in k)
     speedups = " / ".join(
         f"{m[f'int8.speedup.bs{b}']:.2f}x [{m[f'int8.speedup.bs{b}_lo']:.2f}, "
