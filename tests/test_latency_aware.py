@@ -141,9 +141,10 @@ def test_a_macs_budget_allocated_latency_aware_is_met_and_predicted_exactly(engi
     assert "(latency_aware, 1 trials, cost model predicted 0." in d.line()
 
 
-def _choose_fed(slow_calls, max_retries=2):
+def _choose_fed(slow_calls, max_retries=2, fed=()):
     """latency_aware on mobilenet_v2 with fed comparisons: the candidate's 'latency' is its file size,
-    except the first `slow_calls` replicates, which are measured no faster than the student."""
+    except the first `slow_calls` replicates, which are measured no faster than the student, and the
+    allocations with a `fed` speedup (the first allocation the first one, ...)."""
     from test_prune_budget import size_replicate
 
     torch.manual_seed(0)
@@ -170,6 +171,9 @@ def _choose_fed(slow_calls, max_retries=2):
         out = honest(spec)
         if calls["n"] <= slow_calls:
             out["ratios"] = {k: 1.0 for k in out["ratios"]}
+        allocation = (calls["n"] - 1) // latency["max_replicates"]
+        if allocation < len(fed):
+            out["ratios"] = {k: fed[allocation] for k in out["ratios"]}
         return out
 
     meter = B.make_meter(cfg.budget, x, replicate)
@@ -209,6 +213,15 @@ def test_misses_that_tighten_past_the_model_end_on_the_narrowest_allocation_not_
     assert not d.met and all(not h["met"] for h in d.history)
     assert [h["kept"] for h in d.history].count(narrowest) == 1 and 1 < len(d.history) < 9
     assert sum(narrowest.values()) < sum(d.history[0]["kept"].values())
+
+
+def test_a_budget_never_met_ships_the_nearest_miss_not_the_last_try(one_thread):
+    """Three allocations, all measured short of 2x, the second nearest (a tighter allocation can measure
+    slower, a latency cliff): the decision ships the second, reported not met."""
+    _, d = _choose_fed(slow_calls=0, fed=[1.5, 1.8, 1.2])
+    assert [round(h["value"], 3) for h in d.history] == [1.5, 1.8, 1.2] and not d.met
+    assert d.value == pytest.approx(1.8) and d.cost_model["kept"] == d.history[1]["kept"]
+    assert d.history[2]["kept"] != d.history[1]["kept"]
 
 
 @pytest.mark.slow  # times the tiny student's layers for real (~30 s)
