@@ -258,6 +258,20 @@ def tiny_recipe(tmp_path, fmnist_root):
 # pipeline tests check what is measured and recorded, not how fast this machine is.
 FAST_LATENCY = {"block_s": 0.005, "blocks": 2, "min_replicates": 2, "max_replicates": 2, "isolation": "session"}
 
+
+def fast_bench(*batch_sizes: int, compare_torch: bool = False) -> dict:
+    """A bench section that times a few runs per batch size with FAST_LATENCY (what tests check is the
+    plumbing, not the numbers)."""
+    return {
+        "batch_sizes": list(batch_sizes),
+        "warmup": 1,
+        "iterations": 3,
+        "time_budget_s": 0.1,
+        "latency": FAST_LATENCY,
+        "compare_torch": compare_torch,
+    }
+
+
 FULL_SECTIONS = {
     "teacher": {"model": "cifar_resnet20", "train": {"epochs": 1, "lr": 0.05}},
     "student": {"model": "mobilenet_v3_small"},

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import FAST_LATENCY, tiny_dw_model
+from conftest import FAST_LATENCY, fast_bench, tiny_dw_model
 from pydantic import ValidationError
 
 from toolchain.bench.compare import Interval
@@ -187,14 +187,7 @@ def test_qad_stage_trains_the_candidate_and_ships_it_through_the_gate(tiny_recip
             "latency": {"min_replicates": 2, "max_replicates": 2},
             "qat": {"when": "always", "epochs": 1, "parity_images": 64},
         },
-        bench={
-            "batch_sizes": [1],
-            "warmup": 1,
-            "iterations": 3,
-            "time_budget_s": 0.1,
-            "latency": FAST_LATENCY,
-            "compare_torch": False,
-        },
+        bench=fast_bench(1),
     )
     assert run(["compress", str(path)]) == 0
     run_dir = tmp_path / "export" / "tiny"

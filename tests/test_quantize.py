@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_LATENCY, tiny_dw_model
+from conftest import fast_bench, tiny_dw_model
 
 from toolchain.bench.compare import interval
 from toolchain.cli import run
@@ -143,14 +143,7 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
             "min_speedup": 1.0,
             "intra_op_threads": 1,
         },
-        bench={
-            "batch_sizes": [1, 2],
-            "warmup": 1,
-            "iterations": 3,
-            "time_budget_s": 0.1,
-            "latency": FAST_LATENCY,
-            "compare_torch": False,
-        },
+        bench=fast_bench(1, 2),
     )
     assert run(["compress", str(path)]) == 0
     run_dir = tmp_path / "export" / "tiny"

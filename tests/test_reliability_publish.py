@@ -275,20 +275,13 @@ def staging_left(export: Path) -> list:
 
 
 def publish_recipe(tiny_recipe, lr: float, **extra):
-    from conftest import FAST_LATENCY
+    from conftest import fast_bench
 
     return tiny_recipe(
         teacher=None,
         distill={"epochs": 1, "lr": lr, "loss": "ce"},
         export={"exporter": "dynamo", "opset": 18, "references": False},
-        bench={
-            "batch_sizes": [1],
-            "warmup": 1,
-            "iterations": 3,
-            "time_budget_s": 0.1,
-            "latency": FAST_LATENCY,
-            "compare_torch": False,
-        },
+        bench=fast_bench(1),
         package={"golden_images": 2},
         **extra,
     )
