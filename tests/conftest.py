@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
 import pickle
@@ -14,8 +15,12 @@ import numpy as np
 import pytest
 import yaml
 
-# the decode-once image cache of every test (and of the CLI subprocesses they start) stays out of ~/.cache
-os.environ.setdefault("TOOLCHAIN_CACHE", tempfile.mkdtemp(prefix="toolchain-test-cache-"))
+# the decode-once image cache of every test (and of the CLI subprocesses they start) stays out of ~/.cache;
+# the process that made the folder removes it at exit (every xdist worker imports this file: 300+ folders
+# were left in /tmp after a few days of test runs)
+if "TOOLCHAIN_CACHE" not in os.environ:
+    os.environ["TOOLCHAIN_CACHE"] = tempfile.mkdtemp(prefix="toolchain-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["TOOLCHAIN_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -129,7 +129,7 @@ def test_a_macs_budget_allocated_latency_aware_is_met_and_predicted_exactly(engi
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    cfg = PruneConfig(method="channel", align=16, engine=engine, budget={"macs": 0.5})
+    cfg = PruneConfig(method="channel", pruner="l1", align=16, engine=engine, budget={"macs": 0.5})
     assert cfg.allocation == "latency_aware"
     meter = B.make_meter(cfg.budget, x)
     result, d = L.choose(model, cfg, meter, lambda m, c, kept=None: prune_model(m, c, x, kept=kept), x, None)
@@ -153,6 +153,7 @@ def _choose_fed(slow_calls, max_retries=2, fed=()):
     latency = {"block_s": 0.005, "blocks": 2, "min_replicates": 2, "max_replicates": 2, "isolation": "session"}
     cfg = PruneConfig(
         method="channel",
+        pruner="l1",
         align=16,
         budget={
             "speedup": 2,
