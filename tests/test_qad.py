@@ -45,9 +45,10 @@ def _ort(path, x):
     return session.run(None, {"input": x.numpy()})[0]
 
 
+@pytest.mark.parametrize("scales", ["learned", "frozen"])
 @pytest.mark.parametrize("name", PLAIN)
-def test_fake_quant_forward_equals_onnxruntime_on_the_qdq_file(tiny_files, name):
-    module = load_qdq(tiny_files / f"{name}.onnx", tiny_files / "pre.onnx", "learned").eval()
+def test_fake_quant_forward_equals_onnxruntime_on_the_qdq_file(tiny_files, name, scales):
+    module = load_qdq(tiny_files / f"{name}.onnx", tiny_files / "pre.onnx", scales).eval()
     x = _images()
     with torch.no_grad():
         ours = module(x).numpy()

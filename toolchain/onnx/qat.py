@@ -188,8 +188,8 @@ class QdqModule(nn.Module):
         if self.learned:
             key = f"s{len(self.log_scales)}"
             self.log_scales[key] = nn.Parameter(value.log())
-        else:
-            key = self._buffer(scale_name, value)
+        else:  # named like a constant: _buffer numbers attributes by len(_names), so each must enter it
+            key = self._names[scale_name] = self._buffer(scale_name, value)
         self.act_scales[scale_name] = key
 
     # ------------------------------------------------------------ running
