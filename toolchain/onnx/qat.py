@@ -122,7 +122,7 @@ class QdqModule(nn.Module):
                 self._activation_scale(node.input[1], inits)
         for name, value in inits.items():  # everything else: constants (shapes, clip bounds, zero points)
             if name not in self._names and name not in self.act_scales:
-                self._names[name] = self._buffer(name, torch.from_numpy(np.array(value)))
+                self._buffer(name, torch.from_numpy(np.array(value)))
         unknown = sorted({n.op_type for n in self.nodes} - set(ONNX_OPS) - {"QuantizeLinear", "DequantizeLinear"})
         if unknown:
             raise QatError(
@@ -156,7 +156,9 @@ class QdqModule(nn.Module):
         return key
 
     def _buffer(self, name: str, value: torch.Tensor) -> str:
-        attr = f"c{len(self._names)}"
+        # recorded in _names here, not by the callers: attributes are numbered by len(_names), and a buffer
+        # left out of it gave the next one its name (frozen activation scales were overwritten so)
+        attr = self._names[name] = f"c{len(self._names)}"
         self.register_buffer(attr, value, persistent=True)
         return attr
 
@@ -188,8 +190,8 @@ class QdqModule(nn.Module):
         if self.learned:
             key = f"s{len(self.log_scales)}"
             self.log_scales[key] = nn.Parameter(value.log())
-        else:  # named like a constant: _buffer numbers attributes by len(_names), so each must enter it
-            key = self._names[scale_name] = self._buffer(scale_name, value)
+        else:
+            key = self._buffer(scale_name, value)
         self.act_scales[scale_name] = key
 
     # ------------------------------------------------------------ running

@@ -201,21 +201,17 @@ class PruneConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _latency_aware_under_a_budget(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("budget") is not None and "allocation" not in data:
+    def _defaults_under_a_budget(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("budget") is None:
+            return data
+        if "allocation" not in data:
             data = {**data, "allocation": "latency_aware"}
-        return data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _taylor_for_latency_aware(cls, data: Any) -> Any:
         # latency_aware compares importance across groups, which per-group norms do not allow: at 3x on
         # the demo taylor kept 0.38 points more test accuracy than l1, 3 seeds each (docs/pruning.md); NNI has it
         if (
-            isinstance(data, dict)
-            and "pruner" not in data
+            "pruner" not in data
             and data.get("method") == "channel"
-            and data.get("allocation", "latency_aware" if data.get("budget") is not None else None) == "latency_aware"
+            and data["allocation"] == "latency_aware"
             and data.get("engine", "nni") == "nni"
         ):
             data = {**data, "pruner": "taylor"}
