@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/quantize.py                    # demo model (needs `make demo` first) + random-weight models
     .venv/bin/python benchmarks/quantize.py --skip-demo --sizes 32
+    .venv/bin/python benchmarks/quantize.py --skip-demo --sizes "" --trained efficientnet_b0,mobilenet_v2
 
 For each model: export to ONNX (random weights where no trained model exists: latency does
 not depend on the values), build every INT8 candidate of the stage's registry, time all of
@@ -43,6 +44,34 @@ def export_random(name: str, size: int, out: Path) -> Path:
     model = build_model(name, 10).eval()
     export_onnx(model, out, torch.randn(2, 3, size, size), ExportConfig(), {})
     return out
+
+
+def train_fmnist(name: str, size: int, images: int, epochs: int, out: Path):
+    """`name` trained from scratch on Fashion-MNIST upscaled to size x size (a seeded subset of
+    `images` training images, `epochs` epochs, plain cross-entropy), exported as the pipeline
+    exports; returns (onnx path, calibration batches, val, test). Brief: real, not good, accuracy,
+    which is what an INT8 decision within 1 point needs (random weights are all "as accurate")."""
+    import dataclasses
+
+    from toolchain.data.loaders import build_data
+    from toolchain.models.registry import build_model
+    from toolchain.onnx.export import export_onnx
+    from toolchain.recipe import DataConfig, ExportConfig, TrainConfig
+    from toolchain.train.loop import fit
+    from toolchain.train.tasks import ClassificationTask
+
+    torch.manual_seed(0)
+    cfg = DataConfig(image_size=size, subset=images, test_subset=1000, batch_size=32, eval_batch_size=64)
+    data = build_data(cfg, seed=0)
+    model = build_model(name, 10)
+    train = TrainConfig(epochs=epochs, lr=0.05, schedule="onecycle", channels_last=True)
+    result = fit(model, ClassificationTask(), data.train, data.val, train, stage=f"{name}@{size}")
+    print(
+        f"  [{name}@{size}] trained: val acc {result.best_val_accuracy:.4f} ({result.seconds:.0f} s)", file=sys.stderr
+    )
+    export_onnx(model.eval(), out, data.example_batch(2), ExportConfig(), {})
+    calib = dataclasses.replace(data.train, augment=False, shuffle=False)
+    return out, calib, data.val, data.test
 
 
 def random_batches(size: int, n: int):
@@ -171,6 +200,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=8,
         help="the second batch size at inputs larger than 64x64 (8: 224 x 32 takes minutes per candidate here)",
     )
+    p.add_argument(
+        "--trained",
+        default="",
+        help="models to train briefly on Fashion-MNIST at --trained-size and measure with real accuracy "
+        "(e.g. efficientnet_b0,mobilenet_v2)",
+    )
+    p.add_argument("--trained-size", type=int, default=224)
+    p.add_argument(
+        "--trained-images", type=int, default=3000, help="training images (a seeded subset; 10%% validation)"
+    )
+    p.add_argument("--trained-epochs", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     print("| model | input | variant | candidate | test acc | p50 ms (bs1 / bsN) | speedup vs float |")
@@ -183,6 +223,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             calib, val, test = demo_data()
             rows = measure(demo, work, calib, [1, 32], args.block, val=val, test=test, threads=args.threads)
             print_rows("demo pruned mobilenet_v2 (trained)", 32, rows, [1, 32])
+        for name in [m for m in args.trained.split(",") if m]:
+            size = args.trained_size
+            batch_sizes = [1, 32] if size <= 64 else [1, args.large_batch]
+            path, calib, val, test = train_fmnist(
+                name, size, args.trained_images, args.trained_epochs, work / f"{name}-{size}-trained.onnx"
+            )
+            rows = measure(path, work, calib, batch_sizes, args.block, val=val, test=test, threads=args.threads)
+            print_rows(f"{name} (trained on Fashion-MNIST)", size, rows, batch_sizes)
         for size in [int(s) for s in args.sizes.split(",") if s]:
             batch_sizes = [1, 32] if size <= 64 else [1, args.large_batch]
             for name in args.models.split(","):

@@ -688,3 +688,27 @@ def test_a_spatial_reduce_mean_quantizes_only_once_it_is_a_global_average_pool(t
     np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-6, atol=1e-6)
     assert ops[False]["ReduceMean"] == 1 and "QLinearGlobalAveragePool" not in ops[False]
     assert ops[True]["QLinearGlobalAveragePool"] == 1 and "ReduceMean" not in ops[True]
+
+
+def test_quantize_benchmark_trains_a_model_at_the_asked_size_and_exports_it(tmp_path):
+    """benchmarks/quantize.py --trained: the model is trained on Fashion-MNIST at the asked input size (real
+    accuracy for the INT8 gate) and its ONNX file, calibration, validation and test batches all have that size."""
+    import importlib.util
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    spec = importlib.util.spec_from_file_location(
+        "quantize_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "quantize.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path, calib, val, test = bench.train_fmnist("cifar_resnet20", 40, 200, 1, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].name == "input"
+    for batches in (calib, val, test):
+        x, _ = next(iter(batches))
+        assert tuple(x.shape[1:]) == (3, 40, 40)
+        assert session.run(None, {"input": x.numpy()})[0].shape == (len(x), 10)
+    assert not calib.augment and not calib.shuffle
+    assert sum(len(y) for _, y in test) == 1000 and sum(len(y) for _, y in val) == 20
