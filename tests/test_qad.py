@@ -58,6 +58,25 @@ def test_fake_quant_forward_equals_onnxruntime_on_the_qdq_file(tiny_files, name,
     assert step > 0 and np.abs(ours - theirs).max() <= step * 1.001  # within one quantization step of the output
 
 
+@pytest.mark.parametrize("scales", ["learned", "frozen"])
+def test_a_float_conv_after_an_int8_activation_runs_as_onnxruntime_quantizes_it(tiny_files, tmp_path, scales):
+    """onnxruntime quantizes the weight and bias of a Conv kept float whose input is dequantized
+    (WeightBiasQuantization); the fake-quant forward must do the same, or it trains another model."""
+    rng = np.random.default_rng(1)
+    batches = [(rng.standard_normal((16, 3, 16, 16)).astype(np.float32), np.zeros(16)) for _ in range(2)]
+    path = tmp_path / "pw1_float.onnx"
+    candidate = CANDIDATES.get("qdq_u8s8_dw_per_channel")
+    quantize(tiny_files / "pre.onnx", path, candidate, CalibrationReader(batches, "input", 32), float_nodes=["pw1"])
+    module = load_qdq(path, tiny_files / "pre.onnx", scales).eval()
+    assert module.runtime_int8 == {"p1"}  # pw1's output: its input comes from the depthwise conv's INT8 output
+    x = _images()
+    with torch.no_grad():
+        ours = module(x).numpy()
+    theirs = _ort(path, x)
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() == 1.0
+    assert np.abs(ours - theirs).max() <= module.output_step() * 1.001
+
+
 def test_trained_weights_and_learned_scales_written_back_run_the_same_in_onnxruntime(tiny_files, tmp_path):
     name = "qdq_u8s8_dw_per_channel"
     module = load_qdq(tiny_files / f"{name}.onnx", tiny_files / "pre.onnx", "learned")

@@ -712,3 +712,27 @@ def test_quantize_benchmark_trains_a_model_at_the_asked_size_and_exports_it(tmp_
         assert session.run(None, {"input": x.numpy()})[0].shape == (len(x), 10)
     assert not calib.augment and not calib.shuffle
     assert sum(len(y) for _, y in test) == 1000 and sum(len(y) for _, y in val) == 20
+
+
+def test_quantize_names_the_float_nodes_onnxruntime_runs_in_int8_all_the_same(tiny_pre, tmp_path):
+    """A Conv kept float whose input is an INT8 activation gets INT8 weights from onnxruntime's
+    WeightBiasQuantization; the stem, fed by the float image, stays float. The candidate's info says which."""
+    import onnx
+    import onnxruntime as ort
+
+    from toolchain.onnx.quantize import quantize
+
+    info = quantize(
+        tiny_pre, tmp_path / "q.onnx", CANDIDATES.get("qdq_u8s8_dw_per_channel"), _reader(), float_nodes=["stem", "pw1"]
+    )
+    assert info["float_nodes_run_int8"] == ["pw1"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    producers = {o: n for n in optimized.node for o in n.output}
+    weight_feed = {n.name: producers.get(n.input[1]) for n in optimized.node if n.op_type == "Conv"}
+    # what onnxruntime did to the file: pw1's weight now comes from a DequantizeLinear, the stem's does not
+    assert weight_feed["pw1"] is not None and weight_feed["pw1"].op_type == "DequantizeLinear"
+    assert weight_feed["stem"] is None

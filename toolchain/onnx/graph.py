@@ -1,9 +1,12 @@
-"""Small ONNX graph queries the rewrites share (fold.py, gemm_route.py, pooling.py, quantize.py).
+"""Small ONNX graph queries the rewrites share (fold.py, gemm_route.py, pooling.py, quantize.py, qat.py).
 No onnx import: they read protobuf fields only, so importing this costs nothing."""
 
 from __future__ import annotations
 
 import collections
+import math
+
+FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
 def int_attr(node, name: str, default: int) -> int:
@@ -14,3 +17,28 @@ def int_attr(node, name: str, default: int) -> int:
 def input_uses(graph) -> collections.Counter:
     """Tensor name -> how many node inputs read it."""
     return collections.Counter(name for node in graph.node for name in node.input)
+
+
+def runtime_int8(graph) -> list:
+    """The Conv / Gemm nodes a QDQ graph keeps float that onnxruntime runs in INT8 all the same.
+
+    onnxruntime's WeightBiasQuantization (graph optimization level basic and above: on by default)
+    gives every Conv or Gemm whose input comes from a per-tensor DequantizeLinear per-tensor int8
+    weights (with a zero point, over [min(w, 0), max(w, 0)]) and an int32 bias at input scale x
+    weight scale, when its weight is a float initializer (and its bias, if any, a 1-D initializer).
+    So a block "kept float" after an INT8 activation is not float at run time (docs/int8.md)."""
+    inits = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    found = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        dq, weight = producers.get(node.input[0]), inits.get(node.input[1])
+        scale = inits.get(dq.input[1]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if scale is None or math.prod(scale.dims) != 1 or weight is None or weight.data_type != FLOAT:
+            continue
+        bias = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and (bias is None or len(bias.dims) != 1):
+            continue
+        found.append(node)
+    return found

@@ -36,6 +36,7 @@ from onnx import numpy_helper
 
 from ..errors import ToolchainError
 from ..fsutil import atomic_path
+from .graph import runtime_int8
 
 QUANTIZED_SUFFIX = "_quantized"  # onnxruntime's name for a quantized initializer: <float name>_quantized
 _RANGES = {onnx.TensorProto.UINT8: (0, 255), onnx.TensorProto.INT8: (-128, 127)}
@@ -123,6 +124,9 @@ class QdqModule(nn.Module):
         for name, value in inits.items():  # everything else: constants (shapes, clip bounds, zero points)
             if name not in self._names and name not in self.act_scales:
                 self._buffer(name, torch.from_numpy(np.array(value)))
+        # float blocks onnxruntime runs in INT8 anyway: mirrored, or QAD trains another model than the one
+        # onnxruntime runs (efficientnet_b0's keep_stem: top-1 agreement 0.77 without it, docs/int8.md)
+        self.runtime_int8 = {n.output[0] for n in runtime_int8(graph)}
         unknown = sorted({n.op_type for n in self.nodes} - set(ONNX_OPS) - {"QuantizeLinear", "DequantizeLinear"})
         if unknown:
             raise QatError(
@@ -230,6 +234,8 @@ class QdqModule(nn.Module):
                 env[out] = fake_quantize(env[ins[0]], self.activation_scale(ins[1]), zp, qmin, qmax)
                 continue
             args = [self._value(name, env, weight_scales, in_scales, node) if name else None for name in ins]
+            if out in self.runtime_int8:
+                args = _as_onnxruntime_runs_it(args, in_scales[ins[0]])
             env[out] = ONNX_OPS[op](args, attrs)
         return env[self.output_name]
 
@@ -242,6 +248,22 @@ class QdqModule(nn.Module):
             zero = torch.zeros((), device=scale.device)
             return fake_quantize(self.params[key], scale, zero, -(2**31), 2**31 - 1)
         return self.constant(name)
+
+
+def _as_onnxruntime_runs_it(args: List[torch.Tensor], in_scale: torch.Tensor) -> List[torch.Tensor]:
+    """A float Conv / Gemm's weight and bias as onnxruntime's WeightBiasQuantization quantizes them
+    (graph.runtime_int8): the weight per tensor over [min(w, 0), max(w, 0)] in 255 steps with its zero
+    point (GetQuantizationParameter), the bias to int32 at input scale x weight scale."""
+    w = args[1]
+    low, high = torch.clamp(w.detach().min(), max=0), torch.clamp(w.detach().max(), min=0)
+    scale = (high - low) / 255 if bool(high > low) else torch.ones((), dtype=w.dtype, device=w.device)
+    zero = torch.round(torch.clamp(-128 - low / scale, -128, 127))
+    out = list(args)
+    out[1] = fake_quantize(w, scale, zero, -128, 127)
+    if len(args) > 2 and args[2] is not None:
+        bias_scale = in_scale * scale
+        out[2] = _round_ste(args[2] / bias_scale) * bias_scale
+    return out
 
 
 def load_qdq(qdq_path: Path, float_path: Optional[Path], scales: str) -> QdqModule:

@@ -34,7 +34,7 @@ from ..fsutil import atomic_path
 from ..registry import Registry
 from .fold import fold_batch
 from .gemm_route import route_wide_convs_to_gemm
-from .graph import int_attr
+from .graph import int_attr, runtime_int8
 
 EXCLUDE_GROUPS = ("first_conv", "classifier", "depthwise")
 
@@ -270,6 +270,7 @@ def quantize(
     in float. calibration_cache: onnxruntime's file of activation ranges, computed by the first call
     that names it and read by the next ones (the block search builds dozens of files from one
     calibration; every file of one cache must come from the same graph and calibration method)."""
+    import onnx
     from onnxruntime.quantization import quantize_static
 
     reader.rewind()
@@ -297,6 +298,7 @@ def quantize(
             raise QuantizeError(
                 f"{candidate.name}: moving wide convs to the general QGEMM failed ({first_line(exc)})"
             ) from None
+        runs_int8 = [n.name for n in runtime_int8(onnx.load(str(tmp), load_external_data=False).graph)]
     return {
         "candidate": candidate.name,
         "excluded_nodes": excluded,
@@ -304,6 +306,8 @@ def quantize(
         "calibration_images": reader.images_read,
         "folded_regions": regions,
         "gemm_convs": gemm_convs,
+        # excluded, yet onnxruntime runs them in INT8 (per-tensor weights): their input is an INT8 activation
+        "float_nodes_run_int8": [n for n in runs_int8 if n in excluded],
     }
 
 

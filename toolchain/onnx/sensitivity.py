@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,8 +41,9 @@ import numpy as np
 
 BLOCK_OPS = ("Conv", "Gemm", "MatMul", "Add")
 ACCURACY_CHECKED = 3  # the most sensitive blocks whose only-it-float file also gets its validation accuracy
-REVISION = 3  # in the quantize stage key: a changed search rebuilds cached `auto` candidates (2: free = faster
-# somewhere, slower nowhere; 3: the top blocks' validation accuracy alone in float)
+REVISION = 4  # in the quantize stage key: a changed search rebuilds cached `auto` candidates (2: free = faster
+# somewhere, slower nowhere; 3: the top blocks' validation accuracy alone in float; 4: names the kept-float
+# blocks onnxruntime runs in INT8 all the same)
 
 
 @dataclass
@@ -70,14 +71,18 @@ class SearchResult:
     val_accuracy: float
     within_gate: bool
     blocks: List[Block]  # every ranked block, most sensitive first
+    runs_int8: List[str] = field(
+        default_factory=list
+    )  # kept float in the file, INT8 in onnxruntime (graph.runtime_int8)
 
     def table(self) -> List[Dict[str, object]]:
         return [b.as_dict() for b in self.blocks]
 
     def line(self) -> str:
         kept = ", ".join(self.kept_float) or "none"
+        runs = f" (onnxruntime runs {', '.join(self.runs_int8)} in INT8 all the same)" if self.runs_int8 else ""
         return (
-            f"auto: {len(self.blocks)} blocks ranked; kept in float: {kept}; val acc {self.val_accuracy:.4f} "
+            f"auto: {len(self.blocks)} blocks ranked; kept in float: {kept}{runs}; val acc {self.val_accuracy:.4f} "
             f"(all INT8: {self.base_val_accuracy:.4f}){'' if self.within_gate else ', NOT within the accuracy gate'}"
         )
 
@@ -250,7 +255,10 @@ def search(
     batch_sizes, max_accuracy_drop, auto.*); settings, plan: how bench/compare.py times (the section's)."""
     import shutil
 
+    import onnx
+
     from ..bench.ort import create_session
+    from .graph import runtime_int8
     from .quantize import quantize
 
     work.mkdir(parents=True, exist_ok=True)
@@ -277,6 +285,8 @@ def search(
         profile=lambda base: profiled_gains(pre, base, cfg.batch_sizes, settings),
     )
     result, chosen = searcher.run(blocks(pre), logits_of(pre), float_val, cfg.max_accuracy_drop, cfg.auto.timed_blocks)
+    graph = onnx.load(str(chosen), load_external_data=False).graph
+    result.runs_int8 = [n.name for n in runtime_int8(graph) if n.name in result.kept_float]
     progress(result.line().removeprefix("auto: "))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(chosen, out_path)
@@ -287,6 +297,7 @@ def search(
         "val_accuracy": result.val_accuracy,
         "within_gate": result.within_gate,
         "kept_float": result.kept_float,
+        "kept_float_runs_int8": result.runs_int8,
         "blocks": result.table(),
     }
     return {**info, "excluded_nodes": result.kept_float, "auto": fields}

@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # annotations only
 
 INT8_FILE = "model_int8.onnx"
 QAD_FILE = "qad.onnx"
-REVISION = 1
+REVISION = 2  # in the stage key (2: float convs after an INT8 activation run as onnxruntime quantizes them)
 
 
 @register_stage
