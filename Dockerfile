@@ -14,8 +14,8 @@ WORKDIR /app
 COPY setup.cfg pyproject.toml constraints.txt README.md Makefile ./
 COPY toolchain/__init__.py toolchain/__init__.py
 RUN python -m venv .venv \
-    && .venv/bin/pip install --no-cache-dir --upgrade pip \
-    && .venv/bin/pip install --no-cache-dir -c constraints.txt -e ".[dev]" \
+    && .venv/bin/pip install --no-cache-dir -c constraints.txt uv \
+    && .venv/bin/uv pip install --python .venv/bin/python --no-cache --compile-bytecode -c constraints.txt -e ".[dev]" \
     && touch .venv/.installed
 
 COPY . .
