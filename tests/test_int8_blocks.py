@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from conftest import tiny_dw_model
 
 from toolchain.cli import run
+from toolchain.onnx.graph import runtime_int8
 from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize
 from toolchain.onnx.sensitivity import Block, BlockSearch, blocks, divergence, priority
 
@@ -147,6 +149,10 @@ def test_the_auto_candidate_runs_in_the_stage_and_the_card_says_why(tiny_recipe,
     assert set(auto["kept_float"]) == {b["name"] for b in auto["blocks"] if b["kept_float"]}
     assert row["timed"] and "auto" in quantize_entry["info"]["reason"]  # judged by the gate like any candidate
     assert all(b["cost"] is not None for b in auto["blocks"] if b["kept_float"])  # measured before chosen
+    # the kept-float blocks onnxruntime runs in INT8 are named from the shipped file itself
+    auto_file = next((tmp_path / "export" / ".cache").glob("quantize-*/candidates/auto.onnx"))
+    runs = {n.name for n in runtime_int8(onnx.load(str(auto_file)).graph)}
+    assert auto["kept_float_runs_int8"] == [n for n in auto["kept_float"] if n in runs]
     card = json.loads((run_dir / "model_card.json").read_text())
     assert next(r for r in card["int8"]["candidates"] if r["name"] == "auto")["auto"]["line"] == auto["line"]
     assert f"INT8 {auto['line']}" in capsys.readouterr().out

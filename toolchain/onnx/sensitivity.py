@@ -71,9 +71,8 @@ class SearchResult:
     val_accuracy: float
     within_gate: bool
     blocks: List[Block]  # every ranked block, most sensitive first
-    runs_int8: List[str] = field(
-        default_factory=list
-    )  # kept float in the file, INT8 in onnxruntime (graph.runtime_int8)
+    # kept float in the file, run in INT8 by onnxruntime all the same (graph.runtime_int8)
+    runs_int8: List[str] = field(default_factory=list)
 
     def table(self) -> List[Dict[str, object]]:
         return [b.as_dict() for b in self.blocks]
@@ -300,7 +299,9 @@ def search(
         "kept_float_runs_int8": result.runs_int8,
         "blocks": result.table(),
     }
-    return {**info, "excluded_nodes": result.kept_float, "auto": fields}
+    # info is the last file built; these two describe the chosen one
+    chosen_fields = {"excluded_nodes": result.kept_float, "float_nodes_run_int8": result.runs_int8}
+    return {**info, **chosen_fields, "auto": fields}
 
 
 def first_images(reader, n: int) -> List[np.ndarray]:
