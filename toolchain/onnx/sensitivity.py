@@ -254,20 +254,17 @@ def search(
     batch_sizes, max_accuracy_drop, auto.*); settings, plan: how bench/compare.py times (the section's)."""
     import shutil
 
-    import onnx
-
     from ..bench.ort import create_session
-    from .graph import runtime_int8
     from .quantize import quantize
 
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "calibration.json"
     cache.unlink(missing_ok=True)  # the ranges of this calibration only
     images = first_images(reader, cfg.auto.images)
-    info: Dict[str, object] = {}
+    built: Dict[Path, Dict[str, object]] = {}  # each file's quantize() info, as last built
 
     def build(float_blocks: Sequence[str], out: Path) -> None:
-        info.update(quantize(pre, out, candidate, reader, reduce_range, float_blocks, cache))
+        built[out] = quantize(pre, out, candidate, reader, reduce_range, float_blocks, cache)
 
     def logits_of(path: Path) -> np.ndarray:
         session = create_session(path, "cpu")
@@ -284,8 +281,8 @@ def search(
         profile=lambda base: profiled_gains(pre, base, cfg.batch_sizes, settings),
     )
     result, chosen = searcher.run(blocks(pre), logits_of(pre), float_val, cfg.max_accuracy_drop, cfg.auto.timed_blocks)
-    graph = onnx.load(str(chosen), load_external_data=False).graph
-    result.runs_int8 = [n.name for n in runtime_int8(graph) if n.name in result.kept_float]
+    info = built[chosen]
+    result.runs_int8 = [n for n in result.kept_float if n in info["float_nodes_run_int8"]]
     progress(result.line().removeprefix("auto: "))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(chosen, out_path)
@@ -299,9 +296,7 @@ def search(
         "kept_float_runs_int8": result.runs_int8,
         "blocks": result.table(),
     }
-    # info is the last file built; these two describe the chosen one
-    chosen_fields = {"excluded_nodes": result.kept_float, "float_nodes_run_int8": result.runs_int8}
-    return {**info, **chosen_fields, "auto": fields}
+    return {**info, "excluded_nodes": result.kept_float, "auto": fields}
 
 
 def first_images(reader, n: int) -> List[np.ndarray]:
