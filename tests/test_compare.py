@@ -169,6 +169,67 @@ def test_stops_on_budget_and_says_so():
     assert c.stopped == "budget" and 2 <= len(c.replicates) < 100
 
 
+def _per_pair_feeder(ratio_of, specs):
+    """A replicate function: ratio_of(candidate, batch_size, i) for the i-th replicate, with stats rows
+    for every file in the spec; records each spec it was handed."""
+
+    def replicate(spec):
+        i = len(specs)
+        specs.append(spec)
+        ratios = {f"{b}|{c}@{bs}": ratio_of(c, bs, i) for b, c in spec["pairs"] for bs in spec["batch_sizes"]}
+        keys = [f"{n}@{bs}" for n in spec["files"] for bs in spec["batch_sizes"]]
+        return {
+            "ratios": ratios,
+            "medians_ms": {k: 1.0 + i for k in keys},
+            "times": {k: [(1.0 + i) / 1e3] * 3 for k in keys},
+            "shapes": {k: [int(k.split("@")[1]), 3] for k in keys},
+        }
+
+    return replicate
+
+
+def test_a_settled_comparison_leaves_the_later_replicates():
+    # "slow" is below the gate at batch 32 after 3 replicates: it cannot clear at every batch size, so
+    # the later replicates time only float and "noisy", whose batch-1 interval keeps straddling 1.1
+    noisy = [0.97, 1.80, 1.04, 1.00, 1.57, 1.03]
+    ratio_of = lambda cand, bs, i: (1.5 if bs == 1 else 0.92 + 0.01 * i) if cand == "slow" else noisy[i]  # noqa: E731
+    specs = []
+    c = compare(
+        {"float": "f.onnx", "slow": "s.onnx", "noisy": "n.onnx"},
+        [("float", "slow"), ("float", "noisy")],
+        [1, 32],
+        plan=Plan(min_replicates=3, max_replicates=6, budget_s=600),
+        replicate=_per_pair_feeder(ratio_of, specs),
+        decide_at=1.1,
+    )
+    assert c.stopped == "max_replicates" and len(c.replicates) == 6
+    assert [sorted(s["files"]) for s in specs[3:]] == [["float", "noisy"]] * 3
+    assert all(s["pairs"] == [["float", "noisy"]] for s in specs[3:])
+    assert c.ratio("float", "slow", 32).replicates == 3 and gate(c.ratio("float", "slow", 32), 1.1) == "below"
+    assert c.ratio("float", "noisy", 1).replicates == 6
+    slow, floats = c.stats("slow"), c.stats("float")
+    assert [r["p50_ms"] for r in slow] == [2.0, 2.0]  # the median of its own 3 replicates (1, 2, 3 ms)
+    assert [r["p50_ms"] for r in floats] == [3.5, 3.5]  # float stayed in all 6
+    assert {r["ratio"] for r in c.summary()["ratios"] if r["candidate"] == "slow"} and all(
+        r["replicates"] == (3 if r["candidate"] == "slow" else 6) for r in c.summary()["ratios"]
+    )
+
+
+def test_one_batch_size_below_the_gate_resolves_the_comparison():
+    # batch 1 straddles, batch 32 is below: the candidate cannot ship whatever batch 1 does
+    ratio_of = lambda cand, bs, i: [0.97, 1.80, 1.04, 5.0][i] if bs == 1 else 0.9  # noqa: E731
+    c = compare(
+        FILES,
+        [("float", "int8")],
+        [1, 32],
+        plan=Plan(min_replicates=3, max_replicates=20, budget_s=600),
+        replicate=_per_pair_feeder(ratio_of, []),
+        decide_at=1.1,
+    )
+    assert c.stopped == "resolved" and len(c.replicates) == 3
+    assert gate(c.ratio("float", "int8", 1), 1.1) == "undecided"
+
+
 def test_unknown_name_in_a_pair_is_one_line():
     with pytest.raises(BenchError, match="only float, int8 have files"):
         compare(FILES, [("float", "teacher")], [1], replicate=_feeder([1.0]))

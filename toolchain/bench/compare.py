@@ -10,8 +10,10 @@ Why it is built this way (docs/latency.md has the measurements):
   isolation="session", fresh sessions): one replicate = fresh sessions of every model, its own
   blocks, one ratio of medians per comparison and batch size.
 - The result is the median of the replicates' ratios with a 95% t-interval on their logarithms
-  (widened to contain the median); replicates are added until every interval is narrower than
-  `target_width`, or is clear of `decide_at` on one side, or the time budget is spent.
+  (widened to contain the median); replicates are added until every comparison is settled (its
+  intervals narrower than `target_width`, or its gate decided against `decide_at`), or the time
+  budget is spent. A settled comparison leaves the later replicates, so they time only the
+  undecided ones: each interval carries its own replicate count.
 
 API:
     compare(files, pairs, batch_sizes, settings=Settings(), plan=Plan(), decide_at=None) -> Comparison
@@ -163,7 +165,7 @@ class Comparison:
 
     def ratio(self, base: str, cand: str, batch_size: int) -> Interval:
         key = _pair_key((base, cand), batch_size)
-        return interval([r["ratios"][key] for r in self.replicates])
+        return interval([r["ratios"][key] for r in self.replicates if key in r["ratios"]])
 
     def intervals(self) -> Dict[Tuple[str, str, int], Interval]:
         return {(b, c, bs): self.ratio(b, c, bs) for b, c in self.pairs for bs in self.batch_sizes}
@@ -173,14 +175,15 @@ class Comparison:
         rows = []
         for bs in self.batch_sizes:
             key = f"{name}@{bs}"
-            calls = [t for r in self.replicates for t in r["times"][key]]
+            timed = [r for r in self.replicates if key in r["times"]]  # a settled comparison left the later ones
+            calls = [t for r in timed for t in r["times"][key]]
             row = {
                 "provider": self.settings.provider,
                 "batch_size": bs,
-                "input_shape": self.replicates[0]["shapes"][key],
+                "input_shape": timed[0]["shapes"][key],
                 **latency_stats(calls, bs),
             }
-            row["p50_ms"] = float(statistics.median(r["medians_ms"][key] for r in self.replicates))
+            row["p50_ms"] = float(statistics.median(r["medians_ms"][key] for r in timed))
             rows.append(row)
         return rows
 
@@ -332,8 +335,9 @@ def compare(
     replicate: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> Comparison:
-    """Replicates until every interval is narrower than plan.target_width (converged), or every
-    interval is on one side of decide_at (resolved), or the budget or max_replicates ends it.
+    """Replicates until every comparison is settled (_settled: its intervals narrower than
+    plan.target_width, or its gate decided against decide_at), or the budget or max_replicates ends
+    it. A settled comparison is not timed again (its files leave the later replicates' specs).
     `replicate` replaces the timing (tests feed it known ratios)."""
     pairs = [tuple(p) for p in pairs]
     unknown = sorted({n for p in pairs for n in p} - set(files))
@@ -341,7 +345,6 @@ def compare(
         raise BenchError(f"comparison names {', '.join(unknown)} but only {', '.join(files)} have files")
     if replicate is None:
         replicate = _replicate_in_subprocess if plan.isolation == "process" else _replicate_in_process
-    spec = _spec(files, pairs, batch_sizes, settings, input_shape)
     out = Comparison(
         pairs,
         [int(b) for b in batch_sizes],
@@ -350,11 +353,18 @@ def compare(
         environment=environment(settings.intra_op_threads, settings.inter_op_threads, settings.graph_optimization),
     )
     load_start, start = _load_average(), time.perf_counter()
+    unpaired = [n for n in files if not any(n in p for p in pairs)]  # stats only: timed in every replicate
+    active = list(pairs)
     while True:
         began = time.perf_counter()
-        out.replicates.append(replicate(spec))
+        in_play = [n for n in files if n in unpaired or any(n in p for p in active)]
+        out.replicates.append(
+            replicate(_spec({n: files[n] for n in in_play}, active, batch_sizes, settings, input_shape))
+        )
         now = time.perf_counter()
-        out.stopped = _stop_reason(out, decide_at, now - start, now - began)
+        if len(out.replicates) >= plan.min_replicates:
+            active = [p for p in active if not _settled(out, p, decide_at)]
+        out.stopped = _stop_reason(out, active, now - start, now - began)
         if progress:
             progress(_progress_line(out))
         if out.stopped:
@@ -372,16 +382,24 @@ def _load_average() -> Optional[float]:
         return None
 
 
-def _stop_reason(out: Comparison, decide_at: Optional[float], elapsed: float, last: float) -> str:
+def _settled(out: Comparison, pair: Pair, decide_at: Optional[float]) -> bool:
+    """Nothing more to learn for this comparison: every interval is narrow, or its gate is decided.
+    The gate (quantize, prune budgets) asks for the lower end to clear decide_at at EVERY batch size,
+    so one interval below it decides as well as all of them clearing does."""
+    ivs = [out.ratio(*pair, bs) for bs in out.batch_sizes]
+    if all(iv.width <= out.plan.target_width for iv in ivs):
+        return True
+    if decide_at is None:
+        return False
+    verdicts = {gate(iv, decide_at) for iv in ivs}
+    return "below" in verdicts or verdicts == {"clears"}
+
+
+def _stop_reason(out: Comparison, active: Sequence[Pair], elapsed: float, last: float) -> str:
     n, plan = len(out.replicates), out.plan
-    if n >= plan.min_replicates and out.pairs:
-        ivs = out.intervals().values()
-        if all(iv.width <= plan.target_width for iv in ivs):
-            return "converged"
-        if decide_at is not None and all(gate(iv, decide_at) != "undecided" for iv in ivs):
-            return "resolved"
-    if n >= plan.min_replicates and not out.pairs:
-        return "converged"  # stats only: nothing to narrow
+    if n >= plan.min_replicates and not active:
+        narrow = all(iv.width <= plan.target_width for iv in out.intervals().values())
+        return "converged" if narrow else "resolved"  # no pairs at all (stats only): converged
     if n >= plan.max_replicates:
         return "max_replicates"
     if n >= max(2, plan.min_replicates) and elapsed + last > plan.budget_s:
