@@ -52,7 +52,8 @@ def test_the_block_made_fragile_on_purpose_ranks_first(tmp_path):
     auto, cache = CANDIDATES.get("auto"), tmp_path / "calibration.json"
 
     def build(float_blocks, out):
-        quantize(pre, out, auto, reader, float_nodes=float_blocks, calibration_cache=cache)
+        info = quantize(pre, out, auto, reader, float_nodes=float_blocks, calibration_cache=cache)
+        return [n for n in float_blocks if n in info["float_nodes_run_int8"]]
 
     search = BlockSearch(build, lambda p: _session_logits(p, x), None, None, tmp_path)
     found = blocks(pre)
@@ -62,6 +63,8 @@ def test_the_block_made_fragile_on_purpose_ranks_first(tmp_path):
     # measured: pw1 0.14 of the base's 0.23, the next block (pw2) 0.005
     assert ranked[0].sensitivity > 0.5 * base_div and ranked[0].sensitivity > 10 * ranked[1].sensitivity
     assert cache.is_file()  # one calibration for every file
+    # pw1 follows the INT8 depthwise activation: float in its file, INT8 in onnxruntime; the stem reads the image
+    assert {b.name: b.runs_int8 for b in ranked if b.name in ("stem", "pw1")} == {"stem": False, "pw1": True}
 
 
 class Synthetic:
@@ -69,9 +72,11 @@ class Synthetic:
 
     damage = {"a": 0.20, "b": 0.003, "c": 0.004, "d": 0.0}
     cost = {"a": 0.30, "b": -0.05, "c": 0.20, "d": 0.02}
+    runs_int8: frozenset = frozenset()  # float in the file, INT8 in onnxruntime all the same
 
     def build(self, float_blocks, out: Path):
         out.write_text(json.dumps(sorted(float_blocks)))
+        return [b for b in float_blocks if b in self.runs_int8]
 
     def logits_of(self, path: Path):
         kept = set(json.loads(path.read_text())) if path.name != "float.onnx" else set(self.damage)
@@ -170,6 +175,25 @@ def test_a_fallback_measured_faster_is_kept_even_within_the_gate_and_a_slower_on
     timed = {b.name: b.cost for b in result.blocks if b.cost is not None}
     assert timed == {"b": -0.10, "c": 0.05}
     assert {b.name: b.profile_gain for b in result.blocks} == {"a": None, "b": 0.08, "c": 0.02}
+
+
+def test_a_block_onnxruntime_runs_in_int8_anyway_is_not_timed_for_a_faster_float_kernel(tmp_path):
+    # b's INT8 kernel profiles slower than its float one, but b is fed by an INT8 activation: kept float
+    # in the file, onnxruntime quantizes it all the same, so no float kernel exists to gain from. a is
+    # sensitive and runs INT8 anyway too: its file is still a measured alternative, timed and kept.
+    s = Synthetic()
+    s.damage = {"a": 0.05, "b": 0.0, "c": 0.0}
+    s.cost = {"a": 0.01, "b": -0.10, "c": -0.10}
+    s.runs_int8 = frozenset({"a", "b"})
+    profile = {"b": 0.08, "c": 0.05}
+    search = BlockSearch(s.build, s.logits_of, s.accuracy_of, s.time_fallbacks, tmp_path, profile=lambda base: profile)
+    (tmp_path / "float.onnx").write_text("[]")
+    result, _ = search.run([Block(n, "Conv") for n in "abc"], s.logits_of(tmp_path / "float.onnx"), 0.90, 0.01, 2)
+    flags = {b.name: b.runs_int8 for b in result.blocks}
+    assert flags == {"a": True, "b": True, "c": False}
+    timed = {b.name for b in result.blocks if b.cost is not None}
+    assert timed == {"a", "c"}  # b's profile gain is void; a is timed as the sensitive block it is
+    assert sorted(result.kept_float) == ["a", "c"]
 
 
 def test_profiles_map_back_to_the_blocks_they_ran(tmp_path):

@@ -17,9 +17,14 @@ What the `auto` quantization candidate does (issue 32), on the real runtime:
    the float one (MLAS's depthwise, the 3-channel stem), so the cost can be of either sign. Two
    sets of blocks are timed: the most sensitive ones (when all-INT8 misses the accuracy gate) and
    the ones whose INT8 kernels onnxruntime's per-node profile shows slower than their float kernels
-   (bench/profile.py; names mapped back by profile_gains). bench/compare.py times all-INT8 against
-   all-INT8-with-that-block-float, paired blocks in fresh processes; cost = p50(with the block
-   float) / p50(all-INT8) - 1, the geometric mean over the batch sizes.
+   (bench/profile.py; names mapped back by profile_gains). A block fed by an INT8 activation has no
+   float kernel: onnxruntime quantizes a float Conv/Gemm after a DequantizeLinear (its own per-tensor
+   weights) and runs it in INT8 anyway (graph.runtime_int8). Such a block is never timed for the
+   profile's promise of a faster float kernel; as a sensitive block its file is a real alternative
+   (onnxruntime's weights instead of the candidate's), measured like any other and labelled runs_int8.
+   bench/compare.py times all-INT8 against all-INT8-with-that-block-float, paired blocks in fresh
+   processes; cost = p50(with the block float) / p50(all-INT8) - 1, the geometric mean over the
+   batch sizes.
 3. Choice: every timed block whose fallback is measured faster at some batch size and slower at
    none (intervals) is kept float (it only adds accuracy). Then, while validation accuracy is outside max_drop of float, the timed
    sensitive blocks are added in order of sensitivity per unit of cost (a free one first), checking
@@ -41,9 +46,9 @@ import numpy as np
 
 BLOCK_OPS = ("Conv", "Gemm", "MatMul", "Add")
 ACCURACY_CHECKED = 3  # the most sensitive blocks whose only-it-float file also gets its validation accuracy
-REVISION = 4  # in the quantize stage key: a changed search rebuilds cached `auto` candidates (2: free = faster
+REVISION = 5  # in the quantize stage key: a changed search rebuilds cached `auto` candidates (2: free = faster
 # somewhere, slower nowhere; 3: the top blocks' validation accuracy alone in float; 4: names the kept-float
-# blocks onnxruntime runs in INT8 all the same)
+# blocks onnxruntime runs in INT8 all the same; 5: does not time those for a faster float kernel)
 
 
 @dataclass
@@ -58,6 +63,9 @@ class Block:
     alone_val_accuracy: Optional[float] = None  # with only this block in float (the ACCURACY_CHECKED most sensitive)
     profile_gain: Optional[float] = None  # profiled INT8 minus float kernel time, as a share of the INT8 model's
     kept_float: bool = False
+    # float in its file, but fed by an INT8 activation, so onnxruntime quantizes its weights and runs it
+    # in INT8 all the same (graph.runtime_int8): no float kernel to gain speed from
+    runs_int8: bool = False
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -150,11 +158,12 @@ def priority(block: Block) -> float:
 @dataclass
 class BlockSearch:
     """The three steps of the module doc, over callables the quantize stage supplies:
-    build(float_blocks, path) writes the candidate with those blocks in float; logits_of(path)
+    build(float_blocks, path) writes the candidate with those blocks in float and returns the ones
+    onnxruntime runs in INT8 all the same (None: none); logits_of(path)
     runs the calibration images; accuracy_of(path) is validation accuracy; time_fallbacks(base,
     {name: path}) returns {name: (cost, {batch: [ratio, low, high]})} from one comparison."""
 
-    build: Callable[[Sequence[str], Path], None]
+    build: Callable[[Sequence[str], Path], Optional[Sequence[str]]]
     logits_of: Callable[[Path], np.ndarray]
     accuracy_of: Callable[[Path], float]
     time_fallbacks: Callable[[Path, Dict[str, Path]], Dict[str, Tuple[float, Dict[str, List[float]]]]]
@@ -169,7 +178,7 @@ class BlockSearch:
         base_div = divergence(float_logits, self.logits_of(base))
         for i, block in enumerate(found, 1):
             path = self._path(block)
-            self.build([block.name], path)
+            block.runs_int8 = block.name in (self.build([block.name], path) or ())
             block.divergence = divergence(float_logits, self.logits_of(path))
             block.sensitivity = base_div - block.divergence
             path.unlink()  # one model file per block would stay in the stage cache; the few used later are rebuilt
@@ -190,7 +199,9 @@ class BlockSearch:
         gains = self.profile(base) if self.profile is not None else {}
         for block in ranked:
             block.profile_gain = gains.get(block.name)
-        slow = sorted((b for b in ranked if gains.get(b.name, 0.0) > 0), key=lambda b: -gains[b.name])[:timed]
+        # a block onnxruntime runs in INT8 anyway has no float kernel to gain: the profile's promise is void
+        faster = (b for b in ranked if gains.get(b.name, 0.0) > 0 and not b.runs_int8)
+        slow = sorted(faster, key=lambda b: -gains[b.name])[:timed]
         to_time = list({b.name: b for b in [*sensitive, *slow]}.values())
         if to_time:
             self.progress(
@@ -263,8 +274,9 @@ def search(
     images = first_images(reader, cfg.auto.images)
     built: Dict[Path, Dict[str, object]] = {}  # each file's quantize() info, as last built
 
-    def build(float_blocks: Sequence[str], out: Path) -> None:
+    def build(float_blocks: Sequence[str], out: Path) -> List[str]:
         built[out] = quantize(pre, out, candidate, reader, reduce_range, float_blocks, cache)
+        return [n for n in float_blocks if n in built[out]["float_nodes_run_int8"]]
 
     def logits_of(path: Path) -> np.ndarray:
         session = create_session(path, "cpu")

@@ -292,7 +292,8 @@ def int8_block_sections(searches: Dict[str, Dict[str, Any]], top: int = 8) -> Li
                     for bs, (r, lo, hi) in (b.get("cost_interval") or {}).items()
                 )
                 or "-",
-                "kept float": "yes" if b.get("kept_float") else "",
+                "kept float": ("yes" if b.get("kept_float") else "")
+                + (" (runs INT8 anyway)" if b.get("runs_int8") else ""),
             }
             for b in shown
         ]
