@@ -51,9 +51,12 @@ def _cached_model(cache: Path, stage: str) -> Path:
     return found[-1]
 
 
-def _demo_recipe(base: dict, cache: Path, work: Path, kind, value, batch, allocation, seed, pruner=None) -> dict:
+def _demo_recipe(
+    base: dict, cache: Path, work: Path, kind, value, batch, allocation, seed, pruner=None, min_keep=None
+) -> dict:
     r = {k: v for k, v in base.items() if k not in ("bench", "quantize", "package", "export")}
-    tag = f"-{pruner}" if pruner else ""
+    floor = min_keep if allocation == "latency_aware" else None  # uniform keeps one ratio everywhere: no floor
+    tag = (f"-{pruner}" if pruner else "") + (f"-mk{floor:g}" if floor else "")
     r["name"] = f"{kind}{value:g}-b{batch}-{allocation}{tag}-s{seed}"
     r["seed"] = seed
     r["output_dir"] = str(work / "export")
@@ -66,6 +69,7 @@ def _demo_recipe(base: dict, cache: Path, work: Path, kind, value, batch, alloca
         "allocation": allocation,
         "budget": {kind: value, "batch_size": batch, "threads": 1},
         **({"pruner": pruner} if pruner else {}),
+        **({"min_keep": floor} if floor else {}),
     }
     return r
 
@@ -86,7 +90,9 @@ def demo(a) -> None:
     for kind, value, batch in _budgets(a.budgets):
         for seed in a.seeds:
             for allocation in a.allocations:
-                recipe = _demo_recipe(base, Path(a.cache), work, kind, value, batch, allocation, seed, a.pruner)
+                recipe = _demo_recipe(
+                    base, Path(a.cache), work, kind, value, batch, allocation, seed, a.pruner, a.min_keep
+                )
                 path = work / f"{recipe['name']}.yaml"
                 path.write_text(yaml.safe_dump(recipe, sort_keys=False))
                 started = time.perf_counter()
@@ -291,6 +297,7 @@ def main() -> None:
     d.add_argument("--allocations", type=lambda t: t.split(","), default=["uniform", "latency_aware"])
     d.add_argument("--work", default="/tmp/budget-benchmark")
     d.add_argument("--pruner", default=None, help="prune.pruner for every run (default: recipes/budget.yaml's, taylor)")
+    d.add_argument("--min-keep", type=float, default=None, help="prune.min_keep for the latency_aware runs")
     z = sub.add_parser("zoo", help="224x224 random weights, latency only")
     z.add_argument("--models", type=lambda t: t.split(","), default=["mobilenet_v2", "resnet18", "efficientnet_b0"])
     z.add_argument("--budgets", default="speedup=1.5@1,speedup=2@1")

@@ -141,6 +141,35 @@ def test_a_macs_budget_allocated_latency_aware_is_met_and_predicted_exactly(engi
     assert "(latency_aware, 1 trials, cost model predicted 0." in d.line()
 
 
+def test_min_keep_floors_every_group_and_the_narrowest_allocation(one_thread):
+    """prune.min_keep: no group of the allocation goes below that fraction of its channels (rounded up
+    to align), where without it some do; a floor the budget cannot live with fails in the preflight."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def kept_at(**extra):
+        cfg = PruneConfig(method="channel", pruner="l1", align=16, budget={"macs": 0.3}, **extra)
+        graph = layer_graph(model, x, cfg)
+        _, d = L.choose(
+            model, cfg, B.make_meter(cfg.budget, x), lambda m, c, kept=None: prune_model(m, c, x, kept=kept), x, None
+        )
+        assert d.met
+        return {g.name: (d.cost_model["kept"][g.name], g.full) for g in graph.groups}, graph
+
+    floor = lambda full: min(full, -(-full // 64) * 16)  # noqa: E731  (a quarter, rounded up to 16)
+    free, _ = kept_at()
+    floored, graph = kept_at(min_keep=0.25)
+    assert any(k < floor(full) for k, full in free.values())  # without a floor, some groups go below it
+    assert all(k >= floor(full) for k, full in floored.values())
+    assert graph.narrowest() == [floor(g.full) for g in graph.groups]
+    cfg = PruneConfig(method="channel", pruner="l1", align=16, budget={"macs": 0.3}, min_keep=0.9)
+    graph = layer_graph(model, x, cfg)
+    cost, student, _ = L.cost_model(model, graph, cfg.budget, B.make_meter(cfg.budget, x), None)
+    with pytest.raises(PruneError, match="lower prune.align \\(or prune.min_keep\\)"):
+        L.predicted_narrowest(cfg.budget, cost, graph, student)
+
+
 def _choose_fed(slow_calls, max_retries=2, fed=()):
     """latency_aware on mobilenet_v2 with fed comparisons: the candidate's 'latency' is its file size,
     except the first `slow_calls` replicates, which are measured no faster than the student, and the

@@ -52,6 +52,18 @@ def recipe(prune, **sections):
             {"method": "channel", "allocation": "uniform", "budget": {"speedup": 2, "device_table": "t.json"}},
             "prune.budget.device_table is what latency_aware allocates on",
         ),
+        (
+            {"method": "channel", "sparsity": 0.3, "min_keep": 0.25},
+            "prune: prune.min_keep bounds the per-group widths latency_aware allocates",
+        ),
+        (
+            {"method": "channel", "allocation": "uniform", "budget": {"macs": 0.5}, "min_keep": 0.25},
+            "prune: prune.min_keep bounds the per-group widths latency_aware allocates",
+        ),
+        (
+            {"method": "channel", "budget": {"macs": 0.5}, "min_keep": 1.0},
+            "prune.min_keep: Input should be less than 1",
+        ),
     ],
 )
 def test_budget_schema_errors_are_one_line(prune, message):

@@ -45,14 +45,15 @@ class Group:
     members: Tuple[str, ...]
     full: int
     step: int  # kept counts are multiples of this (align, and a grouped conv's block count)
+    least: int = 0  # the narrowest kept count allowed (prune.min_keep, a multiple of step); 0: step
 
     @property
     def name(self) -> str:
         return self.members[0]
 
     def options(self) -> List[int]:
-        """Kept counts, ascending: the multiples of step below full, and full."""
-        return list(range(self.step, self.full, self.step)) + [self.full]
+        """Kept counts, ascending: the multiples of step from `least` (or step) below full, and full."""
+        return list(range(max(self.least, self.step), self.full, self.step)) + [self.full]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ class LayerGraph:
     def full(self) -> List[int]:
         return [g.full for g in self.groups]
 
+    def narrowest(self) -> List[int]:
+        return [g.options()[0] for g in self.groups]
+
     def touching(self) -> List[List[int]]:
         """Per group, the indices of the layers whose widths follow it."""
         out: List[List[int]] = [[] for _ in self.groups]
@@ -142,7 +146,7 @@ def layer_graph(model: nn.Module, example: torch.Tensor, cfg) -> LayerGraph:
         full = out_channels(targets[names[0]])
         step = math.lcm(cfg.align, *(group_blocks.get(n, 1) for n in names))
         if full > cfg.align:  # the engines leave a layer of align channels or fewer alone
-            groups.append(Group(tuple(names), full, step))
+            groups.append(Group(tuple(names), full, step, _least(full, step, getattr(cfg, "min_keep", None))))
     group_of = {n: i for i, g in enumerate(groups) for n in g.members}
     set_of = {n: i for i, s in enumerate(sets) for n in s}
     shapes, norms = _input_shapes(model, example[:1])
@@ -154,6 +158,11 @@ def layer_graph(model: nn.Module, example: torch.Tensor, cfg) -> LayerGraph:
                 bias = 1 if getattr(module, "bias", None) is not None else 0
                 graph.layers.append(replace(layer, out_params=bias + norms.get(name, 0)))
     return graph
+
+
+def _least(full: int, step: int, min_keep: Optional[float]) -> int:
+    """The floor prune.min_keep puts on a group: that fraction of its channels, rounded up to the step."""
+    return 0 if not min_keep else min(full, math.ceil(min_keep * full / step) * step)
 
 
 NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm, nn.InstanceNorm2d)

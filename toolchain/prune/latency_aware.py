@@ -59,7 +59,7 @@ def choose(
     search, refit = TargetSearch(target), Refit(cost, student)
     best = None  # the met allocation that keeps the most importance: (importance, result, reading, predicted, kept)
     closest = None  # while none is met: the one whose decisive end came nearest the budget (slack, ...)
-    narrowest = [g.step for g in graph.groups]
+    narrowest = graph.narrowest()
     while True:
         kept = allocate(cost, scores, search.target)
         if kept is None and b.device_table:  # the prediction is all there is (the preflight checked it)
@@ -318,14 +318,15 @@ def _error_pct(b, predicted: float, reading: Reading) -> Optional[float]:
 
 
 def _narrowest(b, cost: CostModel, graph: LayerGraph, student: float) -> float:
-    """The cost model's value, in the budget's units, of every group at its narrowest aligned width."""
-    return _in_budget_units(b, cost.cost([g.step for g in graph.groups]), student)
+    """The cost model's value, in the budget's units, of every group at its narrowest aligned width
+    (prune.min_keep's floor where set)."""
+    return _in_budget_units(b, cost.cost(graph.narrowest()), student)
 
 
 def _unreachable(b, narrowest: float) -> str:
     return (
         f"prune.budget.{b.kind} {b.target:g}: the cost model predicts {narrowest:.4g} for the narrowest aligned "
-        "allocation, which misses it; relax the budget, or lower prune.align / shrink prune.exclude"
+        "allocation, which misses it; relax the budget, or lower prune.align (or prune.min_keep) / shrink prune.exclude"
     )
 
 

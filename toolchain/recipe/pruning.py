@@ -177,6 +177,15 @@ class PruneConfig(Section):
         description="How a budget is spread over the layers (default latency_aware when a budget is set). uniform: one aligned sparsity in every layer, the least one that meets the budget. latency_aware: kept channels per dependency group from a cost model of the budget's quantity (latency: single layers timed with onnxruntime; macs/params/bytes: counted), a greedy that loses the least importance per unit of cost, then measured (either engine; torch_pruning refuses, in one line, a model where it cannot prune the allocated counts exactly).",
     )
 
+    min_keep: Optional[float] = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="latency_aware only: the least fraction of its channels a dependency group keeps (rounded up to "
+        "align). None: a group may go down to align channels (at 2x on the demo at batch 1, taylor scores kept 16 of "
+        "the last conv's 1280: docs/pruning.md).",
+    )
+
     @field_validator("pruner")
     @classmethod
     def _known_pruner(cls, v: str) -> str:
@@ -219,6 +228,11 @@ class PruneConfig(Section):
 
     @model_validator(mode="after")
     def _budget_fits(self) -> "PruneConfig":
+        if self.min_keep is not None and self.allocation != "latency_aware":
+            raise ValueError(
+                "prune.min_keep bounds the per-group widths latency_aware allocates: set prune.budget with "
+                "allocation latency_aware, or drop min_keep"
+            )
         if self.budget is None:
             if self.allocation != "uniform":
                 raise ValueError(
@@ -242,6 +256,9 @@ class PruneConfig(Section):
     def _no_sparsity_under_a_budget(self, handler):
         # the budget chooses the sparsity: a dumped recipe (export/<run>/recipe.yaml) must load again
         data = handler(self)
-        if self.budget is not None and isinstance(data, dict):
-            data.pop("sparsity", None)
+        if isinstance(data, dict):
+            if self.budget is not None:
+                data.pop("sparsity", None)
+            if self.min_keep is None:  # added after recipes were cached: their prune keys stay as they were
+                data.pop("min_keep", None)
         return data
