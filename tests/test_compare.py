@@ -230,6 +230,36 @@ def test_one_batch_size_below_the_gate_resolves_the_comparison():
     assert gate(c.ratio("float", "int8", 1), 1.1) == "undecided"
 
 
+def test_other_cpu_load_is_the_machines_busy_time_less_this_process_trees():
+    from toolchain.bench.compare import other_cpu_load
+
+    # 4 busy CPU-seconds on the machine in 2 s, 2 of them this process's (or its replicates'): 1 CPU other
+    assert other_cpu_load((10.0, 1.0), (14.0, 3.0), 2.0) == 1.0
+    assert other_cpu_load((10.0, 1.0), (11.0, 2.5), 2.0) == 0.0  # clock granularity: never negative
+    assert other_cpu_load(None, (14.0, 3.0), 2.0) is None
+
+
+def test_a_busy_process_beside_the_comparison_is_measured_as_other_load():
+    from toolchain.bench.compare import cpu_clock
+
+    if cpu_clock() is None:
+        pytest.skip("no /proc/stat")
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    try:
+        time.sleep(0.2)
+        fed = _feeder([1.5, 1.5, 1.5])
+
+        def idle(spec):  # this process sleeps: the CPU time in these 1.2 s is someone else's
+            time.sleep(0.4)
+            return fed(spec)
+
+        c = compare(FILES, [("float", "int8")], [1], plan=Plan(min_replicates=3, max_replicates=3), replicate=idle)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert c.environment["other_cpu_load"] >= 0.5, c.environment  # one spinning process: about one CPU
+
+
 def test_unknown_name_in_a_pair_is_one_line():
     with pytest.raises(BenchError, match="only float, int8 have files"):
         compare(FILES, [("float", "teacher")], [1], replicate=_feeder([1.0]))
@@ -284,6 +314,7 @@ def test_replicate_in_a_fresh_process(chains):
     summary = c.summary()
     json.dumps(summary)  # recorded as is in candidates.json / bench.json
     assert summary["environment"]["load_average"]["start"] is not None  # recorded: a loaded machine distorts ratios
+    assert summary["environment"]["other_cpu_load"] is not None  # Linux: what other processes ran meanwhile
     assert summary["settings"]["intra_op_threads"] == 1 and summary["stopped"] in ("converged", "max_replicates")
 
 

@@ -352,7 +352,7 @@ def compare(
         plan,
         environment=environment(settings.intra_op_threads, settings.inter_op_threads, settings.graph_optimization),
     )
-    load_start, start = _load_average(), time.perf_counter()
+    load_start, clock_start, start = _load_average(), cpu_clock(), time.perf_counter()
     unpaired = [n for n in files if not any(n in p for p in pairs)]  # stats only: timed in every replicate
     active = list(pairs)
     while True:
@@ -370,7 +370,32 @@ def compare(
         if out.stopped:
             out.elapsed_s = now - start
             out.environment["load_average"] = {"start": load_start, "end": _load_average()}
+            out.environment["other_cpu_load"] = other_cpu_load(clock_start, cpu_clock(), out.elapsed_s)
             return out
+
+
+def cpu_clock() -> Optional[Tuple[float, float]]:
+    """(busy CPU-seconds of the whole machine, CPU-seconds of this process and its finished children),
+    from /proc/stat (Linux; None elsewhere). The replicates are this process's children, so the
+    difference of the two is what *other* processes ran during a comparison."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    return busy, own.user + own.system + own.children_user + own.children_system
+
+
+def other_cpu_load(start: Optional[Tuple[float, float]], end: Optional[Tuple[float, float]], elapsed: float):
+    """CPUs kept busy by other processes during the comparison, on average (0.5: half a core). The
+    1-minute load average cannot say this: a comparison's own threads (the session timed, the idle
+    ones still spinning) pushed it to 2.8 on 2 cores with nothing else running."""
+    if start is None or end is None or elapsed <= 0:
+        return None
+    other = (end[0] - start[0]) - (end[1] - start[1])
+    return round(max(0.0, other) / elapsed, 3)
 
 
 def _load_average() -> Optional[float]:

@@ -183,8 +183,21 @@ def bench_metrics(results: Dict[str, Any], eager, comparisons: Dict[str, Compari
     return out
 
 
+OTHER_LOAD_NOTE = 0.25  # CPUs kept busy by other processes, on average, above which the table says so
+
+
 def _load_note(c: Comparison) -> str:
-    """A loaded machine distorts wall-clock ratios: say so where the numbers are read."""
+    """Other processes distort wall-clock ratios: say so where the numbers are read. Measured as the CPU
+    time other processes used during the comparison (bench/compare.py other_cpu_load); where that is not
+    available (not Linux), the 1-minute load average above the core count, which counts the
+    comparison's own threads too."""
+    other = c.environment.get("other_cpu_load")
+    if other is not None:
+        return (
+            f"; machine shared (other processes kept {other:.2f} CPUs busy on average): re-measure on a quiet one"
+            if other > OTHER_LOAD_NOTE
+            else ""
+        )
     load, cores = c.environment.get("load_average", {}), c.environment.get("cpu_affinity") or 1
     peak = max((v for v in load.values() if v is not None), default=None)
     return (
