@@ -213,7 +213,7 @@ class BlockSearch:
                 block.cost, block.cost_interval = cost, interval
         out = self.work / "auto.onnx"
         chosen = [b for b in sorted(to_time, key=lambda b: b.cost or 0.0) if faster_in_float(b)]  # free: take all
-        self.build([b.name for b in chosen], out)
+        runs = self.build([b.name for b in chosen], out)
         val = self.accuracy_of(out) if chosen else base_val
         for block in chosen:
             block.kept_float = True
@@ -223,13 +223,13 @@ class BlockSearch:
             if within(val) or block.cost is None:
                 break
             chosen.append(block)
-            self.build([b.name for b in chosen], out)
+            runs = self.build([b.name for b in chosen], out)
             val = block.val_accuracy = self.accuracy_of(out)
             block.kept_float = True
             self.progress(f"kept {block.name} in float: val acc {val:.4f}")
         for block in ranked:
             self._path(block).unlink(missing_ok=True)
-        result = SearchResult(base_div, base_val, [b.name for b in chosen], val, within(val), ranked)
+        result = SearchResult(base_div, base_val, [b.name for b in chosen], val, within(val), ranked, list(runs or ()))
         return result, out
 
     def _file(self, block: Block) -> Path:
@@ -294,7 +294,6 @@ def search(
     )
     result, chosen = searcher.run(blocks(pre), logits_of(pre), float_val, cfg.max_accuracy_drop, cfg.auto.timed_blocks)
     info = built[chosen]
-    result.runs_int8 = [n for n in result.kept_float if n in info["float_nodes_run_int8"]]
     progress(result.line().removeprefix("auto: "))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(chosen, out_path)

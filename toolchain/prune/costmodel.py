@@ -146,7 +146,7 @@ def layer_graph(model: nn.Module, example: torch.Tensor, cfg) -> LayerGraph:
         full = out_channels(targets[names[0]])
         step = math.lcm(cfg.align, *(group_blocks.get(n, 1) for n in names))
         if full > cfg.align:  # the engines leave a layer of align channels or fewer alone
-            groups.append(Group(tuple(names), full, step, _least(full, step, getattr(cfg, "min_keep", None))))
+            groups.append(Group(tuple(names), full, step, _least(full, step, cfg.min_keep)))
     group_of = {n: i for i, g in enumerate(groups) for n in g.members}
     set_of = {n: i for i, s in enumerate(sets) for n in s}
     shapes, norms = _input_shapes(model, example[:1])
