@@ -26,9 +26,10 @@ What the `auto` quantization candidate does (issue 32), on the real runtime:
    processes; cost = p50(with the block float) / p50(all-INT8) - 1, the geometric mean over the
    batch sizes.
 3. Choice: every timed block whose fallback is measured faster at some batch size and slower at
-   none (intervals) is kept float (it only adds accuracy). Then, while validation accuracy is outside max_drop of float, the timed
-   sensitive blocks are added in order of sensitivity per unit of cost (a free one first), checking
-   accuracy after each. When they run out first, the last set is the candidate and the stage's gate
+   none (intervals) is kept float (it only adds accuracy). Then, while validation accuracy is outside
+   max_drop of float, the shared greedy (toolchain/greedy.py, the allocator `prune.budget` runs too)
+   keeps the timed sensitive block with the least measured cost per unit of sensitivity float (a
+   free one first), checking accuracy after each. When they run out first, the last set is the candidate and the stage's gate
    rejects it for its accuracy.
 The file chosen is then one candidate among the whole-model ones: the stage measures it against
 float like any other, and it ships only if it wins there.
@@ -36,13 +37,14 @@ float like any other, and it ships only if it wins there.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ..greedy import Move, greedy
 
 BLOCK_OPS = ("Conv", "Gemm", "MatMul", "Add")
 ACCURACY_CHECKED = 3  # the most sensitive blocks whose only-it-float file also gets its validation accuracy
@@ -145,16 +147,6 @@ def faster_in_float(block: Block) -> bool:
     return any(low > 1.0 for _, low, _ in intervals) and all(high >= 1.0 for _, _, high in intervals)
 
 
-def priority(block: Block) -> float:
-    """Sensitivity per unit of measured cost; a free (or speeding-up) fallback first, by sensitivity."""
-    sens = max(block.sensitivity or 0.0, 0.0)
-    if block.cost is None:
-        return -math.inf  # not timed: not a choice
-    if block.cost <= 0:
-        return 1e12 + sens
-    return sens / block.cost
-
-
 @dataclass
 class BlockSearch:
     """The three steps of the module doc, over callables the quantize stage supplies:
@@ -219,14 +211,21 @@ class BlockSearch:
             block.kept_float = True
         if chosen:
             self.progress(f"kept {len(chosen)} blocks float that run faster in float: val acc {val:.4f}")
-        for block in sorted((b for b in sensitive if not b.kept_float), key=priority, reverse=True):
-            if within(val) or block.cost is None:
-                break
+        state = {"val": val, "runs": runs}
+
+        def moves():  # only a timed block is a choice: its price is its measured cost
+            return (Move(b, b.sensitivity, b.cost) for b in sensitive if not b.kept_float and b.cost is not None)
+
+        def take(move: Move) -> None:
+            block = move.key
             chosen.append(block)
-            runs = self.build([b.name for b in chosen], out)
-            val = block.val_accuracy = self.accuracy_of(out)
+            state["runs"] = self.build([b.name for b in chosen], out)
+            state["val"] = block.val_accuracy = self.accuracy_of(out)
             block.kept_float = True
-            self.progress(f"kept {block.name} in float: val acc {val:.4f}")
+            self.progress(f"kept {block.name} in float: val acc {state['val']:.4f}")
+
+        greedy(moves, take, lambda: within(state["val"]))
+        val, runs = state["val"], state["runs"]
         for block in ranked:
             self._path(block).unlink(missing_ok=True)
         result = SearchResult(base_div, base_val, [b.name for b in chosen], val, within(val), ranked, list(runs or ()))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..greedy import Move, greedy
 from .dependency import structure, target_groups
 from .pinned import pinned_layers
 from .targets import in_channels, out_channels, select_targets
@@ -400,27 +401,27 @@ def _taylor(model: nn.Module, graph: LayerGraph, gradients) -> List[np.ndarray]:
 
 def allocate(model: CostModel, scores: List[np.ndarray], target: float) -> Optional[List[int]]:
     """Kept channels per group whose predicted cost is at most `target`, or None if even the narrowest
-    allocation costs more. NetAdapt-style greedy on the cost model: from full width, repeatedly take one
-    step off the group that loses the least importance per unit of cost saved (its next lowest-scored
-    channels), until the prediction meets the target. Exact costs, no separability assumed: each step
-    re-prices the layers the group touches at the current widths of their other groups."""
+    allocation costs more. The shared greedy (toolchain/greedy.py) on the cost model: from full width,
+    repeatedly take one step off the group that loses the least importance per unit of cost saved (its
+    next lowest-scored channels), until the prediction meets the target. Exact costs, no separability
+    assumed: each step re-prices the layers the group touches at the current widths of their other groups."""
     kept = model.graph.full()
-    cost = model.cost(kept)
+    cost = [model.cost(kept)]
     cumulative = [np.concatenate([[0.0], np.cumsum(s)]) for s in scores]
-    while cost > target:
-        best = None
+
+    def moves():
         for g, group in enumerate(model.graph.groups):
             # the next narrower option that saves anything: a measured table is not monotone
             # everywhere (a kernel's tile boundary, noise), so a step that saves nothing is jumped
             for to in reversed([k for k in group.options() if k < kept[g]]):
                 saved = -model.delta(kept, g, to)
                 if saved > 0:
-                    lost = cumulative[g][kept[g]] - cumulative[g][to]
-                    if best is None or lost / saved < best[0]:
-                        best = (lost / saved, g, to, saved)
+                    yield Move((g, to), saved, cumulative[g][kept[g]] - cumulative[g][to])
                     break
-        if best is None:
-            return None
-        _, g, to, saved = best
-        kept[g], cost = to, cost - saved
-    return kept
+
+    def take(move: Move) -> None:
+        g, to = move.key
+        kept[g] = to
+        cost[0] -= move.gain
+
+    return kept if greedy(moves, take, lambda: cost[0] <= target) else None
