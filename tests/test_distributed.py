@@ -202,10 +202,10 @@ def test_torchrun_a_latency_budget_is_allocated_and_measured_on_rank_0(tiny_reci
         prune={
             "method": "channel",
             "align": 8,
-            # one measured allocation: what this test checks is that rank 0 alone measures. A rank-0
-            # error after a missed 2-replicate allocation was seen once in CI and not reproduced
-            # (the note of that stop); the retry path is covered in tests/test_latency_aware.py.
-            "budget": {"speedup": 1.1, "batch_size": 1, "threads": 1, "latency": FAST_LATENCY, "max_retries": 0},
+            # 1.4x: the first allocation usually misses or is undecided on 2 replicates, so the retry
+            # path runs under torchrun too (3 allocations in each of 3 runs where it was tried; a
+            # rank-0 error after a missed allocation was seen once in CI and not reproduced since)
+            "budget": {"speedup": 1.4, "batch_size": 1, "threads": 1, "latency": FAST_LATENCY, "max_retries": 2},
         },
         export={"exporter": "torchscript", "opset": 17, "references": False},
     )
@@ -216,9 +216,11 @@ def test_torchrun_a_latency_budget_is_allocated_and_measured_on_rank_0(tiny_reci
     assert summary["status"] == "FINISHED" and summary["distributed"]["world_size"] == 2
     m = summary["stages"]["prune"]["metrics"]
     assert (
-        m["prune.budget.target"] == 1.1
+        m["prune.budget.target"] == 1.4
         and "prune.budget.met" in m
         and m["params"] < summary["stages"]["distill"]["metrics"]["params"]
     )
     assert proc.stdout.count("latency table: timing") == 1  # rank 0 alone measured
-    assert any(line.startswith("Budget: speedup >= 1.1 at batch 1") for line in proc.stdout.splitlines())
+    assert any(line.startswith("Budget: speedup >= 1.4 at batch 1") for line in proc.stdout.splitlines())
+    allocations = [line for line in proc.stdout.splitlines() if line.startswith("[prune] budget allocation")]
+    assert len({line.split(":")[0] for line in allocations}) == m["prune.budget.trials"]  # rank 0's, once each
