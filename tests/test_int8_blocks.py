@@ -63,8 +63,9 @@ def test_the_block_made_fragile_on_purpose_ranks_first(tmp_path):
     # measured: pw1 0.14 of the base's 0.23, the next block (pw2) 0.005
     assert ranked[0].sensitivity > 0.5 * base_div and ranked[0].sensitivity > 10 * ranked[1].sensitivity
     assert cache.is_file()  # one calibration for every file
-    # pw1 follows the INT8 depthwise activation: float in its file, INT8 in onnxruntime; the stem reads the image
-    assert {b.name: b.runs_int8 for b in ranked if b.name in ("stem", "pw1")} == {"stem": False, "pw1": True}
+    # pw1 follows the INT8 depthwise activation: its own per-axis DequantizeLinear keeps it float in
+    # onnxruntime too (float_fallback.py), so no ranked block runs in INT8 behind the file's back
+    assert not any(b.runs_int8 for b in ranked)
 
 
 class Synthetic:

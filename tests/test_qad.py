@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import FAST_LATENCY, fast_bench, tiny_dw_model
+from conftest import FAST_LATENCY, REDUCE_RANGE, fast_bench, tiny_dw_model
 from pydantic import ValidationError
 
 from toolchain.bench.compare import Interval
@@ -30,9 +30,8 @@ def tiny_files(tmp_path_factory):
     rng = np.random.default_rng(1)
     batches = [(rng.standard_normal((16, 3, 16, 16)).astype(np.float32), np.zeros(16)) for _ in range(2)]
     for name in PLAIN:
-        quantize(
-            work / "pre.onnx", work / f"{name}.onnx", CANDIDATES.get(name), CalibrationReader(batches, "input", 32)
-        )
+        reader = CalibrationReader(batches, "input", 32)
+        quantize(work / "pre.onnx", work / f"{name}.onnx", CANDIDATES.get(name), reader, REDUCE_RANGE)
     return work
 
 
@@ -59,16 +58,20 @@ def test_fake_quant_forward_equals_onnxruntime_on_the_qdq_file(tiny_files, name,
 
 
 @pytest.mark.parametrize("scales", ["learned", "frozen"])
-def test_a_float_conv_after_an_int8_activation_runs_as_onnxruntime_quantizes_it(tiny_files, tmp_path, scales):
-    """onnxruntime quantizes the weight and bias of a Conv kept float whose input is dequantized
-    (WeightBiasQuantization); the fake-quant forward must do the same, or it trains another model."""
+def test_a_float_conv_after_an_int8_activation_runs_in_float_in_both(tiny_files, tmp_path, scales):
+    """A Conv kept float whose input is an INT8 activation gets its own per-axis DequantizeLinear
+    (float_fallback.py) so onnxruntime runs it in float; the fake-quant forward must run it in float
+    too and follow the shared scale through that copy, or it trains another model than onnxruntime runs."""
     rng = np.random.default_rng(1)
     batches = [(rng.standard_normal((16, 3, 16, 16)).astype(np.float32), np.zeros(16)) for _ in range(2)]
     path = tmp_path / "pw1_float.onnx"
     candidate = CANDIDATES.get("qdq_u8s8_dw_per_channel")
-    quantize(tiny_files / "pre.onnx", path, candidate, CalibrationReader(batches, "input", 32), float_nodes=["pw1"])
+    reader = CalibrationReader(batches, "input", 32)
+    quantize(tiny_files / "pre.onnx", path, candidate, reader, REDUCE_RANGE, float_nodes=["pw1"])
     module = load_qdq(path, tiny_files / "pre.onnx", scales).eval()
-    assert module.runtime_int8 == {"p1"}  # pw1's output: its input comes from the depthwise conv's INT8 output
+    assert module.runtime_int8 == set()  # pw1 reads the depthwise conv's INT8 output through its own DequantizeLinear
+    own = [n for n in module.nodes if n.op_type == "DequantizeLinear" and "_per_axis" in n.input[1]]
+    assert len(own) == 1 and module.act_scales[own[0].input[1]] in module.act_scales.values()
     x = _images()
     with torch.no_grad():
         ours = module(x).numpy()

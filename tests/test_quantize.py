@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import fast_bench, tiny_dw_model
+from conftest import REDUCE_RANGE, fast_bench, tiny_dw_model
 
 from toolchain.bench.compare import interval
 from toolchain.cli import run
@@ -572,12 +572,15 @@ def test_wide_convs_get_a_zero_point_of_minus_one_and_compute_the_same(tiny_pre,
 
     from toolchain.onnx.quantize import Candidate, quantize
 
-    plain = quantize(tiny_pre, tmp_path / "plain.onnx", Candidate("p", per_channel_only=("depthwise",)), _reader())
+    plain = quantize(
+        tiny_pre, tmp_path / "plain.onnx", Candidate("p", per_channel_only=("depthwise",)), _reader(), REDUCE_RANGE
+    )
     wide = quantize(
         tiny_pre,
         tmp_path / "gemm.onnx",
         Candidate("g", per_channel_only=("depthwise",), gemm_min_weights=16),
         _reader(),
+        REDUCE_RANGE,
     )
     assert plain["gemm_convs"] == 0 and wide["gemm_convs"] == 2
     before, after = _weights_and_zero_points(tmp_path / "plain.onnx"), _weights_and_zero_points(tmp_path / "gemm.onnx")
@@ -714,25 +717,73 @@ def test_quantize_benchmark_trains_a_model_at_the_asked_size_and_exports_it(tmp_
     assert sum(len(y) for _, y in test) == 1000 and sum(len(y) for _, y in val) == 20
 
 
-def test_quantize_names_the_float_nodes_onnxruntime_runs_in_int8_all_the_same(tiny_pre, tmp_path):
-    """A Conv kept float whose input is an INT8 activation gets INT8 weights from onnxruntime's
-    WeightBiasQuantization; the stem, fed by the float image, stays float. The candidate's info says which."""
+def _optimized_weight_feeds(path, tmp_path):
+    """Conv / Gemm name -> the node that feeds its weight after onnxruntime's basic optimizations (None: an initializer)."""
     import onnx
     import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    producers = {o: n for n in optimized.node for o in n.output}
+    return {n.name: producers.get(n.input[1]) for n in optimized.node if n.op_type in ("Conv", "Gemm")}
+
+
+def test_a_float_block_after_an_int8_activation_runs_in_float_in_onnxruntime(tiny_pre, tmp_path):
+    """A Conv kept float whose input is an INT8 activation would get INT8 weights from onnxruntime's
+    WeightBiasQuantization; with its own per-axis DequantizeLinear (float_fallback.py) it keeps its
+    float weights. Without the rewrite, onnxruntime quantizes it (what graph.runtime_int8 predicts)."""
+    import onnx
+
+    from toolchain.onnx.float_fallback import run_in_float
+    from toolchain.onnx.graph import runtime_int8
+    from toolchain.onnx.quantize import quantize
+
+    candidate = CANDIDATES.get("qdq_u8s8_dw_per_channel")
+    info = quantize(tiny_pre, tmp_path / "q.onnx", candidate, _reader(), float_nodes=["stem", "pw1"])
+    assert info["float_nodes_own_dequantize"] == ["pw1"] and info["float_nodes_run_int8"] == []
+    feeds = _optimized_weight_feeds(tmp_path / "q.onnx", tmp_path)
+    assert feeds["pw1"] is None and feeds["stem"] is None  # both run their float kernels
+    assert feeds["pw2"] is not None and feeds["pw2"].op_type == "DequantizeLinear"  # an INT8 neighbour stays INT8
+
+    # the same file without the rewrite: onnxruntime gives pw1 INT8 weights, as runtime_int8 says
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    own = {n.output[0]: n for n in model.graph.node if n.name.endswith("_dq") and "_per_axis" in n.name}
+    for node in model.graph.node:
+        if node.input and node.input[0] in own:
+            shared = next(
+                n
+                for n in model.graph.node
+                if n.op_type == "DequantizeLinear"
+                and n.input[0] == own[node.input[0]].input[0]
+                and n not in own.values()
+            )
+            node.input[0] = shared.output[0]
+    for dq in own.values():
+        model.graph.node.remove(dq)
+    assert [n.name for n in runtime_int8(model.graph)] == ["pw1"]
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    feeds = _optimized_weight_feeds(tmp_path / "plain.onnx", tmp_path)
+    assert feeds["pw1"] is not None and feeds["pw1"].op_type == "DequantizeLinear"
+    assert run_in_float(model) == ["pw1"] and runtime_int8(model.graph) == []
+
+
+def test_runtime_int8_leaves_a_float_classifier_whose_logits_are_the_output(tiny_pre, tmp_path):
+    """onnxruntime re-quantizes a float Conv / Gemm only where its output leads to a QuantizeLinear;
+    the classifier's logits are the graph's output, so a classifier kept float stays float."""
+    import onnx
 
     from toolchain.onnx.quantize import quantize
 
     info = quantize(
-        tiny_pre, tmp_path / "q.onnx", CANDIDATES.get("qdq_u8s8_dw_per_channel"), _reader(), float_nodes=["stem", "pw1"]
+        tiny_pre, tmp_path / "q.onnx", CANDIDATES.get("qdq_u8s8_dw_per_channel"), _reader(), float_nodes=["fc"]
     )
-    assert info["float_nodes_run_int8"] == ["pw1"]
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph
-    producers = {o: n for n in optimized.node for o in n.output}
-    weight_feed = {n.name: producers.get(n.input[1]) for n in optimized.node if n.op_type == "Conv"}
-    # what onnxruntime did to the file: pw1's weight now comes from a DequantizeLinear, the stem's does not
-    assert weight_feed["pw1"] is not None and weight_feed["pw1"].op_type == "DequantizeLinear"
-    assert weight_feed["stem"] is None
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    fc = next(n for n in graph.node if n.name == "fc")
+    assert producers[fc.input[0]].op_type == "DequantizeLinear"  # fed by an INT8 activation all the same
+    feeds = _optimized_weight_feeds(tmp_path / "q.onnx", tmp_path)
+    assert info["float_nodes_run_int8"] == [] and info["float_nodes_own_dequantize"] == []
+    assert feeds["fc"] is None

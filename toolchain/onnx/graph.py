@@ -25,10 +25,17 @@ def runtime_int8(graph) -> list:
     onnxruntime's WeightBiasQuantization (graph optimization level basic and above: on by default)
     gives every Conv or Gemm whose input comes from a per-tensor DequantizeLinear per-tensor int8
     weights (with a zero point, over [min(w, 0), max(w, 0)]) and an int32 bias at input scale x
-    weight scale, when its weight is a float initializer (and its bias, if any, a 1-D initializer).
-    So a block "kept float" after an INT8 activation is not float at run time (docs/int8.md)."""
+    weight scale, when its weight is a float initializer (and its bias, if any, a 1-D initializer)
+    and its output leads, without branching, through Relu / Clip only, to a QuantizeLinear. So a
+    block "kept float" between INT8 activations is not float at run time unless its input is
+    dequantized per axis (float_fallback.py, docs/int8.md); a classifier whose logits are the graph's
+    output is left float."""
     inits = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
     found = []
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
@@ -40,5 +47,18 @@ def runtime_int8(graph) -> list:
         bias = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if len(node.input) > 2 and node.input[2] and (bias is None or len(bias.dims) != 1):
             continue
-        found.append(node)
+        if _leads_to_quantize(node, consumers):
+            found.append(node)
     return found
+
+
+def _leads_to_quantize(node, consumers) -> bool:
+    """onnxruntime's IsNoBranchPathToQuantizeLinear: one consuming node at each step, Relu / Clip
+    allowed, ending at a QuantizeLinear."""
+    while len(node.output) == 1 and len(consumers[node.output[0]]) == 1:
+        node = consumers[node.output[0]][0]
+        if node.op_type == "QuantizeLinear":
+            return True
+        if node.op_type not in ("Relu", "Clip"):
+            return False
+    return False

@@ -121,6 +121,11 @@ class QdqModule(nn.Module):
         for node in self.nodes:
             if node.op_type == "QuantizeLinear":
                 self._activation_scale(node.input[1], inits)
+        producers = {o: n for n in self.nodes for o in n.output}
+        for node in self.nodes:  # a float block's own per-axis DequantizeLinear (float_fallback.py): its Q's scale
+            q = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and node.input[1] not in self.act_scales:
+                self.act_scales[node.input[1]] = self.act_scales[q.input[1]]
         for name, value in inits.items():  # everything else: constants (shapes, clip bounds, zero points)
             if name not in self._names and name not in self.act_scales:
                 self._buffer(name, torch.from_numpy(np.array(value)))
@@ -301,8 +306,10 @@ def write_qdq(module: QdqModule, qdq_path: Path, out_path: Path) -> Dict[str, in
         new[node_input] = q.numpy().astype(np.int8)
         new[spec.scale_name] = s.numpy().astype(np.float32)
         weight_scales[out] = s
-    for scale_name in module.act_scales:
-        new[scale_name] = module.activation_scale(scale_name).numpy().astype(np.float32)
+    dims = {init.name: tuple(init.dims) for init in proto.graph.initializer}
+    for scale_name in module.act_scales:  # a per-axis copy (float_fallback.py) repeats its Q's scale
+        scale = module.activation_scale(scale_name).numpy().astype(np.float32)
+        new[scale_name] = np.broadcast_to(scale, dims[scale_name]).copy()
     for out, (key, scale_name) in module.biases.items():
         conv = next(n for n in module.nodes if n.op_type in ("Conv", "Gemm") and list(n.input)[2:3] == [out])
         in_scale = module.activation_scale(_dq_node(module, conv.input[0]).input[1])

@@ -32,6 +32,7 @@ from ..bench.device import cpu_features, needs_reduce_range  # noqa: F401  (impo
 from ..errors import ToolchainError, first_line
 from ..fsutil import atomic_path
 from ..registry import Registry
+from .float_fallback import run_in_float
 from .fold import fold_batch
 from .gemm_route import route_wide_convs_to_gemm
 from .graph import int_attr, runtime_int8
@@ -298,7 +299,11 @@ def quantize(
             raise QuantizeError(
                 f"{candidate.name}: moving wide convs to the general QGEMM failed ({first_line(exc)})"
             ) from None
-        runs_int8 = [n.name for n in runtime_int8(onnx.load(str(tmp), load_external_data=False).graph)]
+        model = onnx.load(str(tmp))
+        own_dq = run_in_float(model)
+        if own_dq:
+            onnx.save_model(model, str(tmp))
+        runs_int8 = [n.name for n in runtime_int8(model.graph)]
     return {
         "candidate": candidate.name,
         "excluded_nodes": excluded,
@@ -306,7 +311,9 @@ def quantize(
         "calibration_images": reader.images_read,
         "folded_regions": regions,
         "gemm_convs": gemm_convs,
-        # excluded, yet onnxruntime runs them in INT8 (per-tensor weights): their input is an INT8 activation
+        # excluded, fed by an INT8 activation: given a per-axis DequantizeLinear so they run in float
+        # (float_fallback.py); those it cannot help (one input channel) onnxruntime runs in INT8 all the same
+        "float_nodes_own_dequantize": own_dq,
         "float_nodes_run_int8": [n for n in runs_int8 if n in excluded],
     }
 

@@ -17,11 +17,12 @@ What the `auto` quantization candidate does (issue 32), on the real runtime:
    the float one (MLAS's depthwise, the 3-channel stem), so the cost can be of either sign. Two
    sets of blocks are timed: the most sensitive ones (when all-INT8 misses the accuracy gate) and
    the ones whose INT8 kernels onnxruntime's per-node profile shows slower than their float kernels
-   (bench/profile.py; names mapped back by profile_gains). A block fed by an INT8 activation has no
-   float kernel: onnxruntime quantizes a float Conv/Gemm after a DequantizeLinear (its own per-tensor
-   weights) and runs it in INT8 anyway (graph.runtime_int8). Such a block is never timed for the
-   profile's promise of a faster float kernel; as a sensitive block its file is a real alternative
-   (onnxruntime's weights instead of the candidate's), measured like any other and labelled runs_int8.
+   (bench/profile.py; names mapped back by profile_gains). A float block fed by an INT8 activation
+   gets its own per-axis DequantizeLinear (float_fallback.py) so onnxruntime runs its float kernel;
+   where that cannot be done (one input channel) onnxruntime quantizes it anyway (graph.runtime_int8)
+   and it has no float kernel: it is never timed for the profile's promise of a faster one; as a
+   sensitive block its file is a real alternative (onnxruntime's weights instead of the candidate's),
+   measured like any other and labelled runs_int8.
    bench/compare.py times all-INT8 against all-INT8-with-that-block-float, paired blocks in fresh
    processes; cost = p50(with the block float) / p50(all-INT8) - 1, the geometric mean over the
    batch sizes.

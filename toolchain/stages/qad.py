@@ -54,7 +54,8 @@ if TYPE_CHECKING:  # annotations only
 
 INT8_FILE = "model_int8.onnx"
 QAD_FILE = "qad.onnx"
-REVISION = 2  # in the stage key (2: float convs after an INT8 activation run as onnxruntime quantizes them)
+REVISION = 3  # in the stage key (2: float convs after an INT8 activation run as onnxruntime quantizes them;
+# 3: such convs get a per-axis DequantizeLinear and run in float, onnx/float_fallback.py)
 
 
 @register_stage

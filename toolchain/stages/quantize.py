@@ -22,6 +22,7 @@ from ..bench.device import physical_cores
 from ..engine.artifacts import OnnxArtifact, StageResult
 from ..engine.stage import MODELS, Job, Sections, Stage, StageOutput, register_stage
 from ..fsutil import atomic_write_json, ensure_dir, file_sha256, file_sizes
+from ..onnx.float_fallback import REVISION as FLOAT_FALLBACK_REVISION
 from ..onnx.fold import REVISION as FOLD_REVISION
 from ..onnx.gemm_route import REVISION as GEMM_REVISION
 from ..onnx.quantize import (
@@ -71,6 +72,7 @@ class Quantize(Stage):
     revision = {
         "fold_revision": FOLD_REVISION,
         "gemm_revision": GEMM_REVISION,
+        "float_fallback_revision": FLOAT_FALLBACK_REVISION,
         "calibration_revision": CALIBRATION_REVISION,
         "latency_revision": LATENCY_REVISION,
         "search_revision": SEARCH_REVISION,
