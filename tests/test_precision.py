@@ -142,6 +142,23 @@ def test_a_resumed_stage_keeps_the_precision_its_first_epochs_trained_in(tmp_pat
     assert len(resumed.history) == 2 and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in resumed.history)
 
 
+def test_a_resume_checkpoint_keeps_the_best_accuracy_and_history_exactly(tmp_path):
+    """The best validation accuracy decides which epoch's weights a stage keeps (ties go to the later
+    epoch). Stored in float32, 0.1 came back as 0.10000000149, later epochs that tied it lost, and a
+    resumed run shipped other weights than an uninterrupted one (seen as the SIGKILL test's failure on
+    a tiny model stuck at chance)."""
+    from toolchain.train.loop import FitResult, _restore, _save, make_optimizer, make_scheduler
+
+    model, task, config = tiny(), ClassificationTask(), cfg(3, "fp32")
+    optimizer = make_optimizer(model, config, None)
+    scheduler = make_scheduler(optimizer, config, 12)
+    saved = FitResult(history=[{"val_accuracy": 0.1, "train_loss": 2.302585}], best_val_accuracy=0.1, best_epoch=0)
+    _save(tmp_path / "state.pt", model, task, optimizer, scheduler, 0, saved, model.state_dict())
+    restored = FitResult()
+    _restore(tmp_path / "state.pt", model, task, optimizer, scheduler, restored)
+    assert restored.best_val_accuracy == 0.1 and restored.history == saved.history
+
+
 def test_bf16_with_feature_terms_is_a_recipe_error(tiny_recipe):
     path = tiny_recipe(
         distill={"epochs": 1, "loss": "kd", "precision": "bf16", "features": [{"student": "a", "teacher": "b"}]}

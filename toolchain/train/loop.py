@@ -241,10 +241,13 @@ def _save(path, model, task, optimizer, scheduler, epoch, result: FitResult, bes
             "scheduler": scheduler.state_dict(),
             "epoch": torch.tensor(epoch),
             "torch_rng": torch.get_rng_state(),
-            "history": [{k: torch.tensor(v) for k, v in h.items()} for h in result.history],
+            # float64, as the values are: in float32 a best accuracy of 0.1 came back as 0.10000000149,
+            # so after a resume an epoch that tied it no longer counted as best (`>=`) and the resumed
+            # run kept another epoch's weights than the uninterrupted one
+            "history": [{k: torch.tensor(v, dtype=torch.float64) for k, v in h.items()} for h in result.history],
             "best": best_state or {},
             "best_epoch": torch.tensor(result.best_epoch),
-            "best_val_accuracy": torch.tensor(result.best_val_accuracy),
+            "best_val_accuracy": torch.tensor(result.best_val_accuracy, dtype=torch.float64),
             "precision": {"student": result.precision.student, "teacher": result.precision.teacher}
             if result.precision
             else {},
