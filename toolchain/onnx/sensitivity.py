@@ -30,8 +30,8 @@ What the `auto` quantization candidate does (issue 32), on the real runtime:
    none (intervals) is kept float (it only adds accuracy). Then, while validation accuracy is outside
    max_drop of float, the shared greedy (toolchain/greedy.py, the allocator `prune.budget` runs too)
    keeps the timed sensitive block with the least measured cost per unit of sensitivity float (a
-   free one first), checking accuracy after each. When they run out first, the last set is the candidate and the stage's gate
-   rejects it for its accuracy.
+   free one first), checking accuracy after each. When they run out first, the last set is the
+   candidate and the stage's gate rejects it for its accuracy.
 The file chosen is then one candidate among the whole-model ones: the stage measures it against
 float like any other, and it ships only if it wins there.
 """
