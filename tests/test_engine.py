@@ -346,6 +346,7 @@ def test_a_stage_revision_is_in_its_key_and_a_bump_changes_it(monkeypatch):
     assert set(quantize.revision) == {
         "fold_revision",
         "gemm_revision",
+        "float_fallback_revision",
         "calibration_revision",
         "latency_revision",
         "search_revision",
