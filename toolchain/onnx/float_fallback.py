@@ -42,6 +42,8 @@ def run_in_float(model) -> List[str]:
         if channels < 2:
             continue
         dq = producers[node.input[0]]
+        if any(n not in inits for n in dq.input[1:3] if n):  # a computed zero point: nothing to repeat
+            continue
         inputs = [dq.input[0]]
         for name in [n for n in dq.input[1:3] if n]:  # scale, and the zero point where the file has one
             wide = f"{name}{SUFFIX}{channels}"
