@@ -27,27 +27,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.quantize import export_random, random_batches  # noqa: E402
 from toolchain.bench.compare import Plan, Settings, compare  # noqa: E402
 from toolchain.bench.device import cpu_features, needs_reduce_range  # noqa: E402
+from toolchain.onnx.float_fallback import undo  # noqa: E402
 from toolchain.onnx.quantize import CANDIDATES, CalibrationReader, preprocess, quantize  # noqa: E402
-
-
-def without_own_dequantize(path: Path, out: Path) -> None:
-    """The file with every per-axis DequantizeLinear of float_fallback.py removed: each kept-float
-    node reads the shared per-tensor DequantizeLinear again, as before the rewrite."""
-    import onnx
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    own = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and "_per_axis" in n.input[1]}
-    shared = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in own}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in own:
-                node.input[i] = shared[own[name].input[0]]
-    for node in own.values():
-        graph.node.remove(node)
-    for init in [i for i in graph.initializer if "_per_axis" in i.name]:  # now unused
-        graph.initializer.remove(init)
-    onnx.save(model, str(out))
 
 
 def float_weights(path: Path, names: List[str], work: Path) -> List[str]:
@@ -74,6 +55,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: physical cores)")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds for the paired comparison")
     args = parser.parse_args(argv)
+    import onnx
+
     batches = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -83,7 +66,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         own = work / "own_dq.onnx"
         info = quantize(pre, own, CANDIDATES.get(args.candidate), reader, needs_reduce_range(cpu_features()))
         requantized = work / "requantized.onnx"
-        without_own_dequantize(own, requantized)
+        model = onnx.load(str(own))
+        undo(model)
+        onnx.save(model, str(requantized))
         changed = info["float_nodes_own_dequantize"]
         print(f"{args.model} at {args.size}, {args.candidate}: kept float {len(info['excluded_nodes'])} nodes")
         print(f"  fed by an INT8 activation (given their own DequantizeLinear): {changed or 'none'}")

@@ -737,7 +737,7 @@ def test_a_float_block_after_an_int8_activation_runs_in_float_in_onnxruntime(tin
     float weights. Without the rewrite, onnxruntime quantizes it (what graph.runtime_int8 predicts)."""
     import onnx
 
-    from toolchain.onnx.float_fallback import run_in_float
+    from toolchain.onnx.float_fallback import run_in_float, undo
     from toolchain.onnx.graph import runtime_int8
     from toolchain.onnx.quantize import quantize
 
@@ -750,19 +750,7 @@ def test_a_float_block_after_an_int8_activation_runs_in_float_in_onnxruntime(tin
 
     # the same file without the rewrite: onnxruntime gives pw1 INT8 weights, as runtime_int8 says
     model = onnx.load(str(tmp_path / "q.onnx"))
-    own = {n.output[0]: n for n in model.graph.node if n.name.endswith("_dq") and "_per_axis" in n.name}
-    for node in model.graph.node:
-        if node.input and node.input[0] in own:
-            shared = next(
-                n
-                for n in model.graph.node
-                if n.op_type == "DequantizeLinear"
-                and n.input[0] == own[node.input[0]].input[0]
-                and n not in own.values()
-            )
-            node.input[0] = shared.output[0]
-    for dq in own.values():
-        model.graph.node.remove(dq)
+    undo(model)
     assert [n.name for n in runtime_int8(model.graph)] == ["pw1"]
     onnx.save(model, str(tmp_path / "plain.onnx"))
     feeds = _optimized_weight_feeds(tmp_path / "plain.onnx", tmp_path)

@@ -1,6 +1,8 @@
 """Blocks a QDQ candidate keeps in float run in float: each gets a DequantizeLinear of its own, per axis.
 
     changed = run_in_float(model)     the ModelProto, changed in place; returns the node names it changed
+    undo(model)                       back to the shared DequantizeLinear (what onnxruntime re-quantizes;
+                                      benchmarks/float_fallback.py and the tests compare the two)
 
 A Conv / Gemm the quantizer left float (keep_stem, the classifier rule, `auto`'s fallbacks) but whose
 input is an INT8 activation is re-quantized by onnxruntime at session start (graph.runtime_int8:
@@ -67,3 +69,19 @@ def _input_channels(node, inits) -> int:
     if node.op_type == "Conv":
         return dims[1] * int_attr(node, "group", 1)
     return dims[1] if int_attr(node, "transB", 0) else dims[0]
+
+
+def undo(model) -> None:
+    """Remove every DequantizeLinear run_in_float added (and its now unused initializers): each node
+    reads the shared per-tensor DequantizeLinear again, as before the rewrite."""
+    graph = model.graph
+    own = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and SUFFIX in n.input[1]}
+    shared = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in own}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in own:
+                node.input[i] = shared[own[name].input[0]]
+    for node in own.values():
+        graph.node.remove(node)
+    for init in [i for i in graph.initializer if SUFFIX in i.name]:
+        graph.initializer.remove(init)
