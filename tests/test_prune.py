@@ -228,6 +228,47 @@ def test_dependency_groups_are_what_remove_residual_channels():
     assert unaligned.report["unaligned_layers"] > 0  # alignment needs the groups
 
 
+class _MaybeResidual(nn.Module):
+    """conv a -> conv b (+ a's output when self.skip) -> conv c: the flag alone decides whether a and
+    b are one coupled set."""
+
+    def __init__(self, skip: bool):
+        super().__init__()
+        self.skip = skip
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(y)
+        return self.c(z + y if self.skip else z)
+
+
+def test_the_traced_structure_is_remembered_per_architecture_and_its_flags(monkeypatch):
+    """dependency.structure traces once per architecture (fresh copies of one model hit the memo), a
+    plain attribute the forward branches on is part of the key, and a caller that changes its copy
+    does not change the next answer."""
+    from toolchain.prune import dependency
+
+    traced = []
+    trace = dependency._trace_structure
+    monkeypatch.setattr(dependency, "_trace_structure", lambda m, x: traced.append(m) or trace(m, x))
+    monkeypatch.setattr(dependency, "_STRUCTURES", type(dependency._STRUCTURES)())
+    x = torch.randn(2, 3, 8, 8)
+
+    def coupled(model):
+        sets, _, parents = dependency.structure(model, x)
+        found = sorted(sorted(s) for s in sets if len(s) > 1)
+        sets.clear(), parents.clear()  # a caller's own copy
+        return found
+
+    assert coupled(_MaybeResidual(skip=True)) == [["a", "b"]]
+    assert coupled(_MaybeResidual(skip=True)) == [["a", "b"]] and len(traced) == 1
+    assert coupled(_MaybeResidual(skip=False)) == [] and len(traced) == 2
+    assert coupled(_MaybeResidual(skip=True)) == [["a", "b"]] and len(traced) == 2
+    dependency.structure(_MaybeResidual(skip=True), torch.randn(2, 3, 16, 16))
+    assert len(traced) == 3  # another input size is another trace
+
+
 def test_exclude_and_small_layers_are_left_whole():
     x = example()
     result = prune_model(model_of("cifar_resnet20"), PruneConfig(method="channel", exclude=["layer3.*"], align=16), x)

@@ -13,6 +13,7 @@ the same number of channels in every group.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, List, Tuple
 
 import torch
@@ -62,10 +63,45 @@ def coupled_sets(model: nn.Module, example_input: torch.Tensor) -> Tuple[List[se
     return sets, blocks
 
 
+# The trace's answers for the last few architectures: a budget search prunes fresh copies of one
+# student many times (preflight, cost model, every allocation), and each trace costs a torch.jit
+# trace plus NNI's graph build (about 1 s for mobilenet_v2 at 32x32 on 2 cores, more at 224).
+_STRUCTURES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_STRUCTURES_KEPT = 8
+
+
+def architecture_key(model: nn.Module, example_input: torch.Tensor) -> tuple:
+    """What the traced graph depends on, weights aside: every module's class and configuration
+    (repr), the plain attributes a forward may branch on (torchvision's use_res_connect, a user
+    flag), the hooks registered, and the input's shape and dtype."""
+    modules = []
+    for name, m in model.named_modules():
+        flags = sorted(
+            (k, v)
+            for k, v in vars(m).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple, type(None)))
+        )
+        hooks = (len(m._forward_hooks), len(m._forward_pre_hooks))
+        modules.append((name, type(m).__module__, type(m).__qualname__, repr(flags), hooks))
+    return (repr(model), tuple(modules), tuple(example_input.shape), str(example_input.dtype))
+
+
 def structure(model: nn.Module, example_input: torch.Tensor) -> Tuple[List[set], Dict[str, int], Dict[str, List[str]]]:
     """coupled_sets' two answers and, from the same trace, each Conv2d/Linear layer's parents: the
     nearest such layers whose outputs make its input (one coupled set through an add, several
-    through a concat; none for the first layer). The cost model derives input widths from them."""
+    through a concat; none for the first layer). The cost model derives input widths from them.
+    Remembered per architecture_key (copies out, so a caller may change what it gets)."""
+    key = architecture_key(model, example_input)
+    if key not in _STRUCTURES:
+        _STRUCTURES[key] = _trace_structure(model, example_input)
+        while len(_STRUCTURES) > _STRUCTURES_KEPT:
+            _STRUCTURES.popitem(last=False)
+    _STRUCTURES.move_to_end(key)
+    sets, blocks, parents = _STRUCTURES[key]
+    return [set(s) for s in sets], dict(blocks), {name: list(p) for name, p in parents.items()}
+
+
+def _trace_structure(model: nn.Module, example_input: torch.Tensor) -> tuple:
     nni_compat.import_nni_quietly()
     channels, groups = _dependencies()
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dis as _dis
+import functools
 import io
 import logging
 import sys
@@ -68,12 +69,19 @@ class _CodeUnitDis:
 
     @staticmethod
     def get_instructions(code, *args, **kwargs):
-        table = []
-        for inst in _dis.get_instructions(code):
-            while len(table) < inst.offset // 2:  # cache slots of the previous instruction
-                table.append(inst)
+        return _instruction_table(code)
+
+
+# NNI's proxy disassembles the calling frame's code each time a proxy is unpacked, iterated or
+# tested for truth: thousands of times per trace for the same few forward functions.
+@functools.lru_cache(maxsize=1024)
+def _instruction_table(code) -> tuple:
+    table = []
+    for inst in _dis.get_instructions(code):
+        while len(table) < inst.offset // 2:  # cache slots of the previous instruction
             table.append(inst)
-        return table
+        table.append(inst)
+    return tuple(table)
 
 
 def _proxy_module():
