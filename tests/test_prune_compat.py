@@ -66,6 +66,7 @@ def test_unpatched_speedup_still_breaks():
 
 def test_patch_is_reversible_and_nests():
     from nni.common.concrete_trace_utils import concrete_proxy, concrete_tracer
+    from nni.compression.speedup.replacement import replace_module
 
     nni_compat.import_nni_quietly()
     table = concrete_tracer.ConcreteTracer.default_autowrap_leaf_function
@@ -74,12 +75,14 @@ def test_patch_is_reversible_and_nests():
         concrete_tracer.node_is_impure_wrapper,
         concrete_proxy.dis,
         concrete_proxy.ConcreteProxy.jump_opcodes,
+        replace_module["Conv2d"],
     )
     with nni_compat.patched():
         patched_state = (len(table), concrete_tracer.node_is_impure_wrapper)
         with nni_compat.patched():  # nested: no double patching
             assert (len(table), concrete_tracer.node_is_impure_wrapper) == patched_state
         assert nni_compat.is_patched() and patched_state[0] < before[0]
+        assert replace_module["Conv2d"] is not before[-1]  # conv_replace's, while patched
         # torch 2.14 calls Node.is_impure(impure_random); the wrapper must accept it
         assert patched_state[1].__code__.co_flags & 0x04  # *args
     assert not nni_compat.is_patched()
@@ -88,6 +91,7 @@ def test_patch_is_reversible_and_nests():
         concrete_tracer.node_is_impure_wrapper,
         concrete_proxy.dis,
         concrete_proxy.ConcreteProxy.jump_opcodes,
+        replace_module["Conv2d"],
     )
     assert after == before
 
@@ -182,3 +186,58 @@ def test_speedup_computes_exactly_what_the_masks_say(name):
         got = model(x)
     assert sum(p.numel() for p in model.parameters()) < 0.5 * sum(p.numel() for p in masked.parameters())
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def _conv_masks(conv, kept_in, kept_out):
+    """NNI's replacer arguments for a conv keeping these input / output channels."""
+    in_mask = torch.zeros(2, conv.in_channels, 5, 5)
+    in_mask[:, kept_in] = 1
+    out_mask = torch.zeros(2, conv.out_channels, 5, 5)
+    out_mask[:, kept_out] = 1
+    weight_mask = torch.zeros_like(conv.weight)
+    weight_mask[kept_out] = 1
+    return [in_mask], out_mask, {"weight": weight_mask}
+
+
+@pytest.mark.parametrize(
+    "cin, cout, groups, kept_in, kept_out",
+    [
+        (16, 24, 1, [0, 3, 4, 9, 15], [1, 2, 5, 7, 20, 23]),  # plain: any channels
+        (16, 16, 16, [0, 2, 3, 8, 15], [0, 2, 3, 8, 15]),  # depthwise: the same channels
+        (8, 16, 4, [0, 5, 6], [0, 2, 9, 11, 12, 15]),  # grouped (2 -> 4 per group), group 1 gone
+        (8, 16, 4, [0, 2, 4, 7], [0, 5, 9, 13]),  # grouped: one of each per group
+    ],
+)
+def test_the_loop_free_conv_replacement_builds_what_nnis_builds(cin, cout, groups, kept_in, kept_out):
+    from nni.compression.speedup import replacement
+
+    from toolchain.prune.conv_replace import replace_conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1, groups=groups, bias=True)
+    masks = _conv_masks(conv, kept_in, kept_out)
+    with torch.no_grad():
+        expected, got = replacement.replace_conv2d(conv, masks), replace_conv2d(conv, masks)
+    assert repr(got) == repr(expected) and got.groups == expected.groups
+    assert torch.equal(got.weight, expected.weight) and torch.equal(got.bias, expected.bias)
+
+
+@pytest.mark.parametrize(
+    "kept_in, kept_out, error",
+    [
+        ([0, 2, 3, 4], [0, 1, 4, 5, 6, 8], "UnBalancedGroupError"),  # 2 inputs kept in group 1, 1 elsewhere
+        ([], [0, 1], "EmptyLayerError"),
+        ([0, 2], [], "EmptyLayerError"),
+    ],
+)
+def test_the_loop_free_conv_replacement_refuses_what_nni_refuses(kept_in, kept_out, error):
+    from nni.compression.speedup import replacement
+
+    from toolchain.prune.conv_replace import replace_conv2d
+
+    conv = nn.Conv2d(8, 16, 3, groups=4)
+    masks = _conv_masks(conv, kept_in, kept_out)
+    for replace in (replacement.replace_conv2d, replace_conv2d):
+        with pytest.raises(Exception) as caught, torch.no_grad():
+            replace(conv, masks)
+        assert type(caught.value).__name__ == error, replace

@@ -26,6 +26,9 @@ the calling instruction as `dis.get_instructions(code)[f_lasti // 2]`.
    `ConcreteProxy.jump_opcodes` misses them and `if proxy:` returns a proxy from
    `__bool__` (TypeError). We add the 3.11 names.
 
+5. Not a breakage but a cost: NNI's replace_conv2d loops over a conv's groups in Python, seconds
+   per depthwise-heavy model; conv_replace.replace_conv2d builds the same module without the loop.
+
 `patched()` applies all of them for the duration of a `with` block and restores NNI exactly
 as it was afterwards. It nests (a depth counter) so that callers need not care
 whether an outer block already patched. Only toolchain.prune uses it, and only around
@@ -125,6 +128,12 @@ def _apply() -> None:
     ct.node_is_impure_wrapper = _make_is_impure(ct.node_is_impure_wrapper)
     if sys.version_info >= (3, 11):
         _apply_bytecode_fixes()
+    from nni.compression.speedup import replacement
+
+    from .conv_replace import replace_conv2d
+
+    _saved["conv2d"] = replacement.replace_module["Conv2d"]
+    replacement.replace_module["Conv2d"] = replace_conv2d
 
 
 def _apply_bytecode_fixes() -> None:
@@ -140,6 +149,9 @@ def _restore() -> None:
     ct = _tracer_module()
     ct.ConcreteTracer.default_autowrap_leaf_function.update(_saved.pop("leaf"))
     ct.node_is_impure_wrapper = _saved.pop("impure")
+    from nni.compression.speedup import replacement
+
+    replacement.replace_module["Conv2d"] = _saved.pop("conv2d")
     if "dis" in _saved:
         cp = _proxy_module()
         cp.dis = _saved.pop("dis")
