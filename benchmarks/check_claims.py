@@ -10,7 +10,12 @@ onnxruntime: each of `--processes` fresh Python processes creates its own two se
 median over rounds of the per-round ratio of medians (the harness of issue 29). Across processes
 it takes the median and a bootstrap 95% interval. A claim holds when this interval reaches its
 interval or lies above it (found faster is no refutation); it FAILS when it lies wholly below.
-Exit code 1 if any claim fails.
+An INT8 file also shipped on a decision: its interval's lower end cleared `quantize.min_speedup`
+(the card's int8.min_speedup). That decision is reproduced when the re-measured lower end clears
+the gate too, marginal when only the median does, NOT reproduced when the median falls below it,
+and refuted when the whole re-measured interval does. Overlapping intervals alone do not say a
+second measurement would have shipped the file, so the decision has its own column.
+Exit code 1 if any claim fails or any decision is refuted.
 """
 
 from __future__ import annotations
@@ -73,8 +78,25 @@ def measure(a: Path, b: Path, batch: int, processes: int, rounds: int, threads: 
     return float(np.median(out)), float(low), float(high), out
 
 
+def verdicts(low: float, med: float, lo: float, hi: float, gate) -> tuple:
+    """(claim verdict, decision verdict, failed) for a claim whose interval starts at `low`, re-measured
+    as med [lo, hi]; gate: the min_speedup the shipping decision cleared, None for a plain claim."""
+    claim = "holds" if hi >= low else "FAILS (re-measured below the claimed interval)"
+    if gate is None:
+        return claim, "", hi < low
+    if lo >= gate:
+        decision = f"reproduced (lower end >= {gate:.2f}x)"
+    elif med >= gate:
+        decision = f"marginal (median >= {gate:.2f}x, lower end below)"
+    elif hi >= gate:
+        decision = f"NOT reproduced (median below the {gate:.2f}x gate)"
+    else:
+        decision = f"REFUTED (whole interval below the {gate:.2f}x gate)"
+    return claim, decision, hi < low or hi < gate
+
+
 def claims(run_dir: Path) -> list:
-    """(label, baseline file, candidate file, batch, claimed ratio, low, high)."""
+    """(label, baseline file, candidate file, batch, claimed ratio, low, high, gate or None)."""
     card = json.loads((run_dir / "model_card.json").read_text())
     found = []
     int8 = card.get("int8", {})
@@ -89,6 +111,7 @@ def claims(run_dir: Path) -> list:
                     s["ratio"],
                     s["low"],
                     s["high"],
+                    int8.get("min_speedup"),  # None on a card written before it was recorded
                 )
             )
     bench = json.loads((run_dir / "bench.json").read_text())
@@ -103,6 +126,7 @@ def claims(run_dir: Path) -> list:
                 row["ratio"],
                 row["low"],
                 row["high"],
+                None,
             )
         )
     return found
@@ -120,15 +144,18 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=THREADS_DEFAULT, help="intra-op threads (0: onnxruntime's default)")
     args = p.parse_args()
     failed = 0
-    print("| claim | batch | claimed | re-measured (median of processes, bootstrap 95%) | per process | verdict |")
-    print("|---|---|---|---|---|---|")
-    for label, a, b, bs, ratio, low, high in claims(args.run_dir):
+    print(
+        "| claim | batch | claimed | re-measured (median of processes, bootstrap 95%) | per process | verdict "
+        "| shipping decision |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for label, a, b, bs, ratio, low, high, gate in claims(args.run_dir):
         med, lo, hi, per = measure(a, b, bs, args.processes, args.rounds, args.threads)
-        verdict = "holds" if hi >= low else "FAILS (re-measured below the claimed interval)"
-        failed += hi < low
+        claim, decision, bad = verdicts(low, med, lo, hi, gate)
+        failed += bad
         print(
             f"| {label} | {bs} | {ratio:.2f}x [{low:.2f}, {high:.2f}] | {med:.2f}x [{lo:.2f}, {hi:.2f}] | "
-            f"{', '.join(f'{x:.2f}' for x in per)} | {verdict} |",
+            f"{', '.join(f'{x:.2f}' for x in per)} | {claim} | {decision} |",
             flush=True,
         )
     return 1 if failed else 0

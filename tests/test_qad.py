@@ -221,6 +221,7 @@ def test_qad_stage_trains_the_candidate_and_ships_it_through_the_gate(tiny_recip
     assert m["qad.parity.top1_agreement"] >= 0.98 and 0 < qad["info"]["parity"]["images"] <= 64
     assert card["int8"]["path"] == "qad" and card["int8"]["candidate"] == "qdq_u8s8_dw_per_channel_keep_stem_fold"
     assert card["qad"]["shipped"] and card["int8"]["why"].startswith("QAD ")
+    assert card["int8"]["min_speedup"] == QuantizeConfig().min_speedup  # the gate it cleared, for check_claims
     shipped = onnx.load(str(run_dir / "model_int8.onnx"))
     meta = {p.key: p.value for p in shipped.metadata_props}
     assert json.loads(meta["quantization"])["path"] == "qad"

@@ -169,7 +169,7 @@ def test_quantize_stage_builds_measures_and_ships_or_keeps_float(tiny_recipe, tm
         assert "int8.vs_student.pe_params" not in quantize["metrics"]  # the student is the final model: no reference
     else:
         assert not card["int8"]["shipped"] and not (run_dir / "model_int8.onnx").exists() and "int8" not in bench_models
-    assert card["int8"]["cpu_features"]["machine"]
+    assert card["int8"]["cpu_features"]["machine"] and card["int8"]["min_speedup"] == 1.0  # the gate it faced
     assert (
         quantize["info"]["intra_op_threads"] == card["int8"]["intra_op_threads"] == 1
     )  # the device's thread count, as the recipe says
@@ -775,3 +775,31 @@ def test_runtime_int8_leaves_a_float_classifier_whose_logits_are_the_output(tiny
     feeds = _optimized_weight_feeds(tmp_path / "q.onnx", tmp_path)
     assert info["float_nodes_run_int8"] == [] and info["float_nodes_own_dequantize"] == []
     assert feeds["fc"] is None
+
+
+@pytest.mark.parametrize(
+    "remeasured, gate, claim, decision, failed",
+    [
+        ((1.30, 1.20, 1.45), 1.10, "holds", "reproduced", False),
+        ((1.15, 1.02, 1.30), 1.10, "holds", "marginal", False),
+        # the demo's batch-1 INT8 claim on the AVX2 machine: 1.27x [1.10, 1.45] shipped at a 1.10x gate,
+        # re-measured 1.04x [0.75, 1.69]: the intervals overlap, but a second measurement would not ship it
+        ((1.04, 0.75, 1.69), 1.10, "holds", "NOT reproduced", False),
+        ((1.02, 0.98, 1.06), 1.10, "FAILS", "REFUTED", True),
+        ((1.02, 0.98, 1.06), None, "FAILS", "", True),
+        ((1.50, 1.40, 1.60), None, "holds", "", False),
+    ],
+)
+def test_check_claims_judges_the_shipping_decision_not_only_the_overlap(remeasured, gate, claim, decision, failed):
+    """benchmarks/check_claims.py: an INT8 claim 1.27x [1.10, 1.45] against its re-measurement, and the
+    decision (lower end >= quantize.min_speedup) against the same re-measurement."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "check_claims", Path(__file__).resolve().parents[1] / "benchmarks" / "check_claims.py"
+    )
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    said_claim, said_decision, bad = check.verdicts(1.10, *remeasured, gate)
+    assert said_claim.startswith(claim) and said_decision.startswith(decision) and bad == failed

@@ -178,6 +178,7 @@ class Qad(Stage):
             "epochs": qat.epochs,
             "shipped": ships,
             "reason": reason,
+            "min_speedup": cfg.min_speedup,
             "val_accuracy": val,
             "parity": parity,
             "written": written,
@@ -261,6 +262,7 @@ class Qad(Stage):
                     "path": "qad",
                     "candidate": info["candidate"],
                     "why": info["reason"],
+                    "min_speedup": info.get("min_speedup"),  # the gate it cleared (check_claims re-tests it)
                     "speedup_vs_float": speedup,
                     "latency": info.get("latency"),
                 },

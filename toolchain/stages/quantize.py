@@ -145,6 +145,7 @@ class Quantize(Stage):
         info = {
             "chosen": chosen.name if chosen else None,
             "reason": reason,
+            "min_speedup": job.cfg.quantize.min_speedup,
             "candidates": table,
             "cpu_features": features,
             "float_val_accuracy": float_val,
@@ -341,6 +342,7 @@ def _card_fields(output: StageOutput) -> Dict[str, Any]:
         "candidate": info["chosen"],
         "path": "ptq_per_block" if info["chosen"] == "auto" else "ptq",  # qad: the qad stage's card entry
         "why": info["reason"],
+        "min_speedup": info.get("min_speedup"),  # the gate (check_claims re-tests the decision against it)
         "cpu_features": info["cpu_features"],
         "intra_op_threads": info["intra_op_threads"],
         "float_val_accuracy": info["float_val_accuracy"],
