@@ -272,6 +272,18 @@ def _reduce_range() -> bool:
 REDUCE_RANGE = _reduce_range()
 
 
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (the scripts are not a package), for tests of their parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # The latency comparison at its cheapest (one short block per side, two in-process replicates):
 # pipeline tests check what is measured and recorded, not how fast this machine is.
 FAST_LATENCY = {"block_s": 0.005, "blocks": 2, "min_replicates": 2, "max_replicates": 2, "isolation": "session"}

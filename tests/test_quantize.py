@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REDUCE_RANGE, fast_bench, tiny_dw_model
+from conftest import REDUCE_RANGE, benchmark_module, fast_bench, tiny_dw_model
 
 from toolchain.bench.compare import interval
 from toolchain.cli import run
@@ -634,16 +634,9 @@ def test_gemm_candidates_are_qdq_int8_weights_only():
 def test_gemm_route_benchmark_times_two_kernels_of_the_same_function():
     """benchmarks/gemm_route.py compares kernels, so its zero point 0 and -1 models must compute the same
     outputs, for the dense and the depthwise rows alike."""
-    import importlib.util
-    from pathlib import Path
-
     import onnxruntime as ort
 
-    spec = importlib.util.spec_from_file_location(
-        "gemm_route_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "gemm_route.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_module("gemm_route")
     for cin, cout, k, depthwise in ((16, 8, 1, False), (8, 8, 3, False), (16, 16, 3, True)):
         x = {"x": np.random.default_rng(2).integers(0, 256, (1, 6, 6, cin)).astype(np.uint8)}
         y = [
@@ -696,16 +689,9 @@ def test_a_spatial_reduce_mean_quantizes_only_once_it_is_a_global_average_pool(t
 def test_quantize_benchmark_trains_a_model_at_the_asked_size_and_exports_it(tmp_path):
     """benchmarks/quantize.py --trained: the model is trained on Fashion-MNIST at the asked input size (real
     accuracy for the INT8 gate) and its ONNX file, calibration, validation and test batches all have that size."""
-    import importlib.util
-    from pathlib import Path
-
     import onnxruntime as ort
 
-    spec = importlib.util.spec_from_file_location(
-        "quantize_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "quantize.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_module("quantize")
     path, calib, val, test = bench.train_fmnist("cifar_resnet20", 40, 200, 1, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "input"
@@ -793,13 +779,5 @@ def test_runtime_int8_leaves_a_float_classifier_whose_logits_are_the_output(tiny
 def test_check_claims_judges_the_shipping_decision_not_only_the_overlap(remeasured, gate, claim, decision, failed):
     """benchmarks/check_claims.py: an INT8 claim 1.27x [1.10, 1.45] against its re-measurement, and the
     decision (lower end >= quantize.min_speedup) against the same re-measurement."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "check_claims", Path(__file__).resolve().parents[1] / "benchmarks" / "check_claims.py"
-    )
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
-    said_claim, said_decision, bad = check.verdicts(1.10, *remeasured, gate)
+    said_claim, said_decision, bad = benchmark_module("check_claims").verdicts(1.10, *remeasured, gate)
     assert said_claim.startswith(claim) and said_decision.startswith(decision) and bad == failed

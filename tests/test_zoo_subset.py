@@ -3,16 +3,10 @@ speedup -> ONNX export -> parity path, at 32x32 with 10 classes, one model per s
 family the engines gained or differ on (depthwise + SE: tests/test_prune_compat.py; both
 engines on ShuffleNetV2 and ViT: tests/test_prune_pinned.py)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import benchmark_module
 
-_spec = importlib.util.spec_from_file_location(
-    "zoo_prune", Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_prune.py"
-)
-zoo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(zoo)
+zoo = benchmark_module("zoo_prune")
 
 
 @pytest.mark.parametrize(
