@@ -217,3 +217,23 @@ def test_cli_table_errors_are_one_line(no_torch_env, tmp_path, case, args, expec
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "t.json").exists()
+
+
+def test_the_remainder_benchmark_reads_every_layer_of_an_exported_file_as_the_table_spec(tmp_path):
+    """benchmarks/table_remainder.py times an exported file's layers with this table: every Conv and the
+    Gemm become spec entries the checks accept, each with the shape the file has (the strided,
+    depthwise and 1x1 convs of a thin mobilenet_v2 at 16x16)."""
+    from conftest import benchmark_module
+
+    bench = benchmark_module("table_remainder")
+    model = bench.export(0.25, 16, 10, tmp_path / "thin.onnx")
+    layers = bench.layer_shapes(model, 16)
+    proto = onnx.load_from_string(model)
+    assert [layer["name"] for layer in layers] == [n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    checked = lt.check_spec({"version": 1, "batch_size": 2, "threads": 1, "layers": layers})["layers"]
+    stem, first_dw, gemm = checked[0], checked[1], checked[-1]
+    assert (stem["cin"], stem["height"], stem["kernel"], stem["stride"], stem["groups"]) == (3, 16, [3, 3], [2, 2], 1)
+    assert first_dw["groups"] == first_dw["cin"] == first_dw["cout"] and first_dw["height"] == 8
+    assert (gemm["op"], gemm["cout"]) == ("linear", 10)
+    session = ort.InferenceSession(lt._model_bytes(stem, 2), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((2, 3, 16, 16), np.float32)})[0].shape == (2, stem["cout"], 8, 8)

@@ -202,7 +202,11 @@ def test_qad_stage_trains_the_candidate_and_ships_it_through_the_gate(tiny_recip
     ships as model_int8.onnx, the card says which path shipped and why, the bench times it."""
     _fed(monkeypatch, 1.5)
     path = tiny_recipe(
-        export={"exporter": "dynamo", "opset": 18, "references": False},  # the teacher and student files are not under test
+        export={
+            "exporter": "dynamo",
+            "opset": 18,
+            "references": False,
+        },  # the teacher and student files are not under test
         quantize={
             "candidates": ["qdq_u8s8_dw_per_channel"],
             "calibration_images": 64,
