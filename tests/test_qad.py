@@ -201,12 +201,8 @@ def test_qad_stage_trains_the_candidate_and_ships_it_through_the_gate(tiny_recip
     """The warm teacher and student, one QAD epoch with the teacher, fed latency ratios: the QAD file
     ships as model_int8.onnx, the card says which path shipped and why, the bench times it."""
     _fed(monkeypatch, 1.5)
-    path = tiny_recipe(
-        export={
-            "exporter": "dynamo",
-            "opset": 18,
-            "references": False,
-        },  # the teacher and student files are not under test
+    path = tiny_recipe(  # without references: the teacher's and student's ONNX files are not under test
+        export={"exporter": "dynamo", "opset": 18, "references": False},
         quantize={
             "candidates": ["qdq_u8s8_dw_per_channel"],
             "calibration_images": 64,
