@@ -244,6 +244,37 @@ def packaged_run(tmp: Path, fmnist_root: Path, golden: int) -> Path:
     return tmp / "export" / "tiny"
 
 
+def shared_across_workers(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test session, by whichever pytest-xdist worker asks first (the others
+    wait on a lock and get the same folder). For results the tests only read: a test that changes
+    one works on a copy."""
+    from toolchain.fsutil import file_lock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's folder, under xdist
+    folder, done = root / name, root / f"{name}.done"
+    with file_lock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+PACKAGED_GOLDEN = 4
+
+
+@pytest.fixture(scope="session")
+def packaged_tiny(tmp_path_factory, fmnist_root) -> Path:
+    """export/tiny/ of packaged_run with PACKAGED_GOLDEN golden images, built once per session for
+    the package and publish tests (read-only: copy before changing anything)."""
+    folder = shared_across_workers(
+        tmp_path_factory, "packaged", lambda f: packaged_run(f, fmnist_root, PACKAGED_GOLDEN)
+    )
+    return folder / "export" / "tiny"
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path, fmnist_root):
     """A recipe dict that runs the whole pipeline in seconds on the tiny Fashion-MNIST files."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import packaged_run
+from conftest import PACKAGED_GOLDEN
 
 from toolchain.cli import run
 from toolchain.engine.runner import plan
@@ -22,13 +22,14 @@ from toolchain.package.build import PackageError, build_package
 from toolchain.package.verify import damaged_files, verify_package
 from toolchain.recipe import validate_dict
 
-GOLDEN = 4
+GOLDEN = PACKAGED_GOLDEN
 
 
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory, fmnist_root):
-    """One tiny run (no teacher, 1 epoch ce, export without references, no bench) with a package."""
-    run_dir = packaged_run(tmp_path_factory.mktemp("package"), fmnist_root, GOLDEN)
+def packaged(packaged_tiny):
+    """One tiny run (no teacher, 1 epoch ce, export without references, no bench) with a package,
+    shared with the publish tests: read it, or change a copy."""
+    run_dir = packaged_tiny
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "recipe": run_dir.parents[1] / "recipe.yaml",
@@ -210,17 +211,30 @@ def test_package_files_are_mlflow_artifacts_of_the_run(packaged):
 # ---------------------------------------------------------------- integrity
 
 
-def test_an_altered_cached_package_file_is_detected_and_rebuilt(packaged, capsys):
-    cached = next(packaged["cache"].glob("package-*/package"))
+def test_an_altered_cached_package_file_is_detected_and_rebuilt(packaged, tmp_path, capsys):
+    # the run again from a copy of its stage cache: the other package and publish tests read the original
+    import shutil
+
+    import yaml
+
+    recipe = yaml.safe_load(packaged["recipe"].read_text())
+    recipe["output_dir"] = str(tmp_path / "export")
+    recipe["tracking"]["uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    shutil.copytree(packaged["cache"], tmp_path / "export" / ".cache")
+    cached = next((tmp_path / "export" / ".cache").glob("package-*/package"))
     (cached / "labels.txt").write_text("not the classes\n")
     assert damaged_files(cached) == ["labels.txt"]
     capsys.readouterr()
-    assert run(["compress", str(packaged["recipe"])]) == 0
+    assert run(["compress", str(path)]) == 0
     out = capsys.readouterr().out
     assert "[package] warning: cache entry" in out and "(package/labels.txt); recomputing the stage" in out
-    assert damaged_files(cached) == [] and damaged_files(packaged["package"]) == []
-    published = (packaged["package"] / "labels.txt").read_text().splitlines()
-    assert published == json.loads((packaged["package"] / "preprocess.json").read_text())["class_names"]
+    package = tmp_path / "export" / "tiny" / "package"
+    assert damaged_files(cached) == [] and damaged_files(package) == []
+    published = (package / "labels.txt").read_text().splitlines()
+    assert published == json.loads((package / "preprocess.json").read_text())["class_names"]
+    assert "epoch" not in out  # the trained stages came from the copied cache
 
 
 def test_a_package_that_does_not_match_its_manifest_fails_verification(packaged, tmp_path):

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import packaged_run
 
 from toolchain.cli import run
 
-GOLDEN = 2
+GOLDEN = 2  # of the package's PACKAGED_GOLDEN images, the ones infer.py is run on
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory, fmnist_root):
-    """One tiny run (no teacher, 1 epoch ce, export without references, no bench) with a package."""
-    return packaged_run(tmp_path_factory.mktemp("publish"), fmnist_root, GOLDEN) / "package"
+def package(packaged_tiny):
+    """The package of the session's tiny packaged run (conftest.packaged_tiny, shared with
+    tests/test_package.py; each test changes a copy: device_copy)."""
+    return packaged_tiny / "package"
 
 
 @pytest.fixture
