@@ -179,6 +179,7 @@ def zoo(a) -> None:
                         "distill": {"loss": "ce"},
                         "prune": {
                             "method": "channel",
+                            "pruner": a.pruner,
                             "align": a.align,
                             "allocation": allocation,
                             "budget": {kind: value, "batch_size": batch, "threads": a.threads},
@@ -306,6 +307,8 @@ def main() -> None:
     z.add_argument("--classes", type=int, default=1000, help="the classifier's outputs (10: the demo's)")
     z.add_argument("--align", type=int, default=16)
     z.add_argument("--threads", type=int, default=1)
+    # l1: random weights have no training batches for taylor, latency_aware's default with engine nni
+    z.add_argument("--pruner", default="l1", help="prune.pruner (l1, l2, fpgm; taylor needs training data)")
     z.add_argument("--work", default="/tmp/budget-benchmark")
     k = sub.add_parser("allocators", help="greedy vs knapsack on the counted MACs model (no timing)")
     k.add_argument("--models", type=lambda t: t.split(","), default=["mobilenet_v2", "resnet18", "efficientnet_b0"])

@@ -85,6 +85,24 @@ def test_the_cost_model_counts_exactly_what_the_engine_prunes(name, engine, one_
         assert cost.cost(kept) == pytest.approx(count(pruned), rel=1e-9), kind
 
 
+def test_a_width_the_engine_did_not_prune_as_allocated_is_one_line_with_a_fix_for_that_engine(one_thread):
+    """Seen once with engine nni (mobilenet_v2, 32x32, a 3x budget at batch 32: 959 of 960 channels):
+    the error names the layer and tells an nni user what they can change (not to switch to nni)."""
+    torch.manual_seed(0)
+    model = MODELS["mobilenet_v3_small"]().eval()
+    graph = layer_graph(model, torch.randn(2, 3, 32, 32), PruneConfig(method="channel", align=8))
+    narrower = [g.options()[0] for g in graph.groups]  # what was asked; the unpruned model is what came out
+    fixes = {
+        "nni": "; use prune.allocation: uniform",
+        "torch_pruning": "; use prune.engine: nni, or prune.allocation: uniform",
+    }
+    for engine, fix in fixes.items():
+        with pytest.raises(PruneError) as err:
+            L._check_widths(graph, narrower, model, engine)
+        message = str(err.value)
+        assert f"engine {engine} pruned " in message and message.endswith(fix) and "\n" not in message
+
+
 def _toy_graph(costs_per_channel, full=(32, 32, 32), step=8):
     """Independent groups, one Linear each, whose cost is linear in its output width."""
     groups = [Group((f"g{i}",), f, step) for i, f in enumerate(full)]

@@ -177,10 +177,12 @@ def _check_widths(graph: LayerGraph, kept: List[int], pruned: nn.Module, engine:
         module = pruned.get_submodule(layer.name)
         got, asked = (in_channels(module), out_channels(module)), layer.widths(kept)
         if got != asked:
+            # NNI's own groups are the cost model's, so on nni the only way out is the other allocation
+            fix = "prune.allocation: uniform" if engine == "nni" else "prune.engine: nni, or prune.allocation: uniform"
             raise PruneError(
                 f"prune.allocation latency_aware: engine {engine} pruned {layer.name} to {got[0]} -> {got[1]} "
                 f"channels where the allocation asked {asked[0]} -> {asked[1]} (its dependency groups differ "
-                "from the cost model's here); use prune.engine: nni, or prune.allocation: uniform"
+                f"from the cost model's here); use {fix}"
             )
 
 
