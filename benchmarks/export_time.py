@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toolchain.onnx.export import export_onnx  # noqa: E402
-from toolchain.recipe.deployment import ExportConfig  # noqa: E402
+from toolchain.recipe import ExportConfig  # noqa: E402
 
 VARIANTS = {
     "dynamo, dynamic batch (default)": {"exporter": "dynamo", "opset": 18, "dynamic_batch": True},

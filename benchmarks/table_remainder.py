@@ -20,7 +20,6 @@ The measured interval says which one a cost model should lean to; random weights
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
@@ -32,27 +31,20 @@ sys.path.insert(0, str(ROOT))
 
 from toolchain.bench.compare import Plan, Settings, compare  # noqa: E402
 from toolchain.bench.latency_table import lookup, measure_table  # noqa: E402
+from toolchain.onnx.export import INPUT_NAME, export_onnx  # noqa: E402
+from toolchain.recipe import ExportConfig  # noqa: E402
 
 
 def export(width: float, size: int, classes: int, path: Path) -> bytes:
+    """mobilenet_v2 at `width`, random weights, exported as the export stage does (torchscript, opset 17:
+    the table's single layers are plain Conv/Gemm either way); returns the file's bytes."""
     import torch
     import torchvision
 
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=classes, width_mult=width).eval()
-    buf = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (torch.randn(1, 3, size, size),),
-        buf,
-        dynamo=False,
-        opset_version=17,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )
-    path.write_bytes(buf.getvalue())
-    return buf.getvalue()
+    export_onnx(model, path, torch.randn(2, 3, size, size), ExportConfig(exporter="torchscript", opset=17), {})
+    return path.read_bytes()
 
 
 def layer_shapes(model_bytes: bytes, size: int) -> List[Dict]:
@@ -61,7 +53,7 @@ def layer_shapes(model_bytes: bytes, size: int) -> List[Dict]:
 
     proto = onnx.shape_inference.infer_shapes(onnx.load_from_string(model_bytes))
     dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.value_info}
-    dims["input"] = [0, 3, size, size]
+    dims[INPUT_NAME] = [0, 3, size, size]
     weights = {i.name: list(i.dims) for i in proto.graph.initializer}
     layers = []
     for node in proto.graph.node:
