@@ -12,6 +12,7 @@ from toolchain.data.loaders import tensor_batches
 from toolchain.errors import RecipeError, ToolchainError
 from toolchain.models.registry import FAMILIES, build_model
 from toolchain.prune import GradientSource, PruneError, PruneResult, keep_sparsity, prune_model
+from toolchain.prune import channel as channel_mod
 from toolchain.prune.alignment import kept_channels, nni_sparse_ratio
 from toolchain.prune.channel import channel_masks
 from toolchain.prune.schedule import sparsity_steps
@@ -453,3 +454,50 @@ def test_iterative_schedule_finetunes_between_steps_and_ends_at_target(method):
         assert calls[0][3] > calls[1][3] >= 4  # channels shrink step by step
         assert [r["out_after"] for r in result.layers] == [r["out_after"] for r in one_shot.layers]
     assert result.model.eval()(x).shape == (2, 10)
+
+
+def _three_convs():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)
+    ).eval()
+
+
+def _draws(monkeypatch, narrowed_on):
+    """Stand in for NNI's rare bad probe draw: on the seeds in `narrowed_on` the speedup also drops
+    channel 5 of conv 2, which no mask asked for. Returns the seeds that were drawn."""
+    real, seeds = channel_mod.speedup, []
+
+    def speedup(model, masks, example_input, seed=0):
+        seeds.append(seed)
+        if seed in narrowed_on:
+            masks["2"] = {"weight": torch.ones_like(model[2].weight)}
+            masks["2"]["weight"][5] = 0
+        return real(model, masks, example_input, seed=seed)
+
+    monkeypatch.setattr(channel_mod, "speedup", speedup)
+    return seeds
+
+
+def test_a_speedup_that_drops_a_channel_nobody_masked_is_redone_with_another_probe_draw(monkeypatch):
+    """CI saw NNI's speedup prune 576 -> 575 in a group the allocation kept whole: the step checks
+    every group against its masks and redoes the speedup on the unpruned model with the next seed."""
+    seeds = _draws(monkeypatch, narrowed_on={0})
+    model, groups = _three_convs(), [["0"], ["2"]]
+    masks = {"0": {"weight": torch.ones_like(model[0].weight)}}
+    masks["0"]["weight"][:8] = 0
+    out = channel_mod.checked_speedup(model, masks, torch.randn(2, 3, 8, 8), groups)
+    assert out is model and seeds == [0, 1]
+    assert (model[0].out_channels, model[2].in_channels, model[2].out_channels, model[4].in_channels) == (8, 8, 16, 16)
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 8, 8, 8)
+
+
+def test_a_narrowing_that_every_draw_repeats_is_left_to_the_checks_after_the_step(monkeypatch):
+    """A deterministic narrowing (NNI's own, e.g. a ViT's tokens) is not retried past the draw that
+    repeats it: two draws, then the pruned model as NNI built it, for prune_model's checks."""
+    seeds = _draws(monkeypatch, narrowed_on={0, 1, 2})
+    model = _three_convs()
+    masks = {"0": {"weight": torch.ones_like(model[0].weight)}}
+    masks["0"]["weight"][:8] = 0
+    channel_mod.checked_speedup(model, masks, torch.randn(2, 3, 8, 8), [["0"], ["2"]])
+    assert seeds == [0, 1] and model[2].out_channels == 15

@@ -21,8 +21,11 @@ def dummy_batch(example_input: torch.Tensor) -> torch.Tensor:
     return example_input.expand(2, *example_input.shape[1:]).contiguous()
 
 
-def speedup(model: nn.Module, masks: Dict[str, Dict[str, torch.Tensor]], example_input: torch.Tensor) -> nn.Module:
-    """Replace masked layers by smaller ones, in place; returns the same model object."""
+def speedup(
+    model: nn.Module, masks: Dict[str, Dict[str, torch.Tensor]], example_input: torch.Tensor, seed: int = 0
+) -> nn.Module:
+    """Replace masked layers by smaller ones, in place; returns the same model object. `seed` draws
+    NNI's random probe tensors (from a forked RNG: the caller's random stream is left as it was)."""
     nni_compat.import_nni_quietly()
     from nni.compression.speedup import ModelSpeedup
 
@@ -31,7 +34,8 @@ def speedup(model: nn.Module, masks: Dict[str, Dict[str, torch.Tensor]], example
 
     # enable_grad: speedup propagates masks backwards through autograd, and fails
     # (v.grad is None) when a caller runs it under torch.no_grad().
-    with eval_mode(model), nni_compat.patched(), nni_compat.quiet(), torch.enable_grad():
+    with eval_mode(model), nni_compat.patched(), nni_compat.quiet(), torch.enable_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
         # Without a logger of our own, ModelSpeedup forces its module logger to INFO
         # and logs every node it touches.
         ModelSpeedup(model, dummy_batch(example_input), masks, logger=_LOGGER).speedup_model()
