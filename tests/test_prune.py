@@ -486,7 +486,9 @@ def test_a_speedup_that_drops_a_channel_nobody_masked_is_redone_with_another_pro
     model, groups = _three_convs(), [["0"], ["2"]]
     masks = {"0": {"weight": torch.ones_like(model[0].weight)}}
     masks["0"]["weight"][:8] = 0
-    out = channel_mod.checked_speedup(model, masks, torch.randn(2, 3, 8, 8), groups)
+    x, state = torch.randn(2, 3, 8, 8), torch.get_rng_state()
+    out = channel_mod.checked_speedup(model, masks, x, groups)
+    assert torch.equal(torch.get_rng_state(), state)  # NNI's draws come from a forked, seeded stream
     assert out is model and seeds == [0, 1]
     assert (model[0].out_channels, model[2].in_channels, model[2].out_channels, model[4].in_channels) == (8, 8, 16, 16)
     assert model(torch.randn(1, 3, 8, 8)).shape == (1, 8, 8, 8)

@@ -34,11 +34,16 @@ def speedup(
 
     # enable_grad: speedup propagates masks backwards through autograd, and fails
     # (v.grad is None) when a caller runs it under torch.no_grad().
-    with eval_mode(model), nni_compat.patched(), nni_compat.quiet(), torch.enable_grad(), torch.random.fork_rng():
-        torch.manual_seed(seed)
-        # Without a logger of our own, ModelSpeedup forces its module logger to INFO
-        # and logs every node it touches.
-        ModelSpeedup(model, dummy_batch(example_input), masks, logger=_LOGGER).speedup_model()
+    # the model's own CUDA devices only: fork_rng's default touches (and warns about) every GPU
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with eval_mode(model), nni_compat.patched(), nni_compat.quiet(), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices):
+            torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds every GPU
+            for index in devices:
+                torch.cuda.default_generators[index].manual_seed(seed)
+            # Without a logger of our own, ModelSpeedup forces its module logger to INFO
+            # and logs every node it touches.
+            ModelSpeedup(model, dummy_batch(example_input), masks, logger=_LOGGER).speedup_model()
     if dtype is not None:
         model.to(dtype)  # NNI rebuilds layers in the default dtype (float32); keep the model's
     return model
