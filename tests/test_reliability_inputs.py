@@ -211,6 +211,18 @@ def cli(*args, timeout=120):
     )
 
 
+def cli_here(capsys, *args):
+    """cli() in this process, for a CLI error case where a fresh process adds nothing but ~3 s of
+    imports: `python -m toolchain` is run(argv) (toolchain/__main__.py), so the code and the
+    stderr line are the same."""
+    import types
+
+    capsys.readouterr()
+    code = run([str(a) for a in args])
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 def one_line(proc, expected: str) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and expected in proc.stderr, proc.stderr
@@ -245,12 +257,14 @@ student:
 """
 
 
-def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path):
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "bomb.yaml").write_text(BOMB)
-    one_line(cli("validate", tmp_path / "bomb.yaml"), "expands to more than 100,000 values through aliases")
-    one_line(cli("sweep", tmp_path / "bomb.yaml", "--dry-run"), "expands to more than 100,000 values")
+    one_line(
+        cli_here(capsys, "validate", tmp_path / "bomb.yaml"), "expands to more than 100,000 values through aliases"
+    )
+    one_line(cli_here(capsys, "sweep", tmp_path / "bomb.yaml", "--dry-run"), "expands to more than 100,000 values")
     (tmp_path / "self.yaml").write_text("name: x\nstudent: &s {model: mobilenet_v3_small, kwargs: {me: *s}}\n")
-    one_line(cli("validate", tmp_path / "self.yaml"), "a YAML alias refers to a node that contains it")
+    one_line(cli_here(capsys, "validate", tmp_path / "self.yaml"), "a YAML alias refers to a node that contains it")
 
 
 def test_a_few_aliases_stay_allowed(tiny_recipe, tmp_path):
@@ -326,14 +340,14 @@ def test_sweep_finds_a_user_model_module_next_to_its_recipe(tiny_recipe, tmp_pat
 # ---------------------------------------------------------------- weak: sweeps of 0 or 10^6 variants, Ctrl-C
 
 
-def test_a_sweep_of_no_variant_or_a_million_is_one_line(tiny_recipe):
+def test_a_sweep_of_no_variant_or_a_million_is_one_line(tiny_recipe, capsys):
     none = tiny_recipe(matrix={"axes": {"distill.lr": [0.05]}, "exclude": [{"distill.lr": 0.05}]})
-    one_line(cli("sweep", none, "--dry-run"), "the matrix leaves no variant")
+    one_line(cli_here(capsys, "sweep", none, "--dry-run"), "the matrix leaves no variant")
     axes = {
         f"data.{k}": list(range(20)) for k in ("subset", "test_subset", "batch_size", "eval_batch_size", "num_workers")
     }
     huge = tiny_recipe(matrix={"axes": axes})
-    one_line(cli("sweep", huge, "--dry-run"), "the axes expand to 3,200,000 variants")
+    one_line(cli_here(capsys, "sweep", huge, "--dry-run"), "the axes expand to 3,200,000 variants")
 
 
 def test_a_ctrl_c_sweep_still_writes_its_record(tiny_recipe, tmp_path, monkeypatch, capsys):
